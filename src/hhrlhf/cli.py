@@ -1,0 +1,77 @@
+"""The ``hhrlhf`` command line. Each subcommand lives in ``hhrlhf.commands`` and is imported only
+when it runs, so ``hhrlhf fetch`` does not pay for importing torch."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Any
+
+import click
+
+from hhrlhf.errors import HHRLHFError
+
+# name -> (module, attribute, one-line help). Keep the help here so `hhrlhf --help` imports
+# nothing heavy.
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "fetch": ("hhrlhf.commands.fetch", "fetch", "Download the official files into the cache, verified."),
+    "audit": ("hhrlhf.commands.audit", "audit", "Report rows that break the data's rules."),
+    "stats": ("hhrlhf.commands.stats", "stats", "Describe rows, turns, lengths and length bias."),
+    "export": ("hhrlhf.commands.export", "export", "Export to TRL, OpenAI chat or Parquet."),
+    "pm": ("hhrlhf.commands.pm", "pm", "Train, evaluate and score preference models."),
+    "redteam": ("hhrlhf.commands.redteam", "redteam", "Analyse the red-team attempts."),
+    "report": ("hhrlhf.commands.report", "report", "Write one self-contained HTML report."),
+    "index": ("hhrlhf.commands.explorer", "index", "Build the SQLite search index."),
+    "serve": ("hhrlhf.commands.explorer", "serve", "Browse and search the data in a local web app."),
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module, attr, _ = COMMANDS[name]
+        cmd = getattr(importlib.import_module(module), attr)
+        assert isinstance(cmd, click.Command)
+        return cmd
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, help_) for name, (_, _, help_) in COMMANDS.items()])
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="hhrlhf")
+def cli() -> None:
+    """hhrlhf: Anthropic's HH-RLHF data, fetched verified, read correctly, audited, exported,
+    and modelled."""
+
+
+def main(argv: list[str] | None = None) -> Any:
+    """Entry point: user mistakes become one line on stderr and exit status 2."""
+    try:
+        return cli.main(args=argv, prog_name="hhrlhf", standalone_mode=False)
+    except HHRLHFError as e:
+        click.echo(f"hhrlhf: error: {e}", err=True)
+        sys.exit(2)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        click.echo("hhrlhf: aborted", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("hhrlhf: interrupted", err=True)
+        sys.exit(130)
+    except BrokenPipeError:  # `hhrlhf audit | head`
+        sys.stderr.close()
+        sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,251 @@
+"""Reading: a subset name or a local file in, typed records out, streaming.
+
+Accepted sources: a subset (``harmless-base``), a subset and split (``harmless-base/test``),
+or a path to a ``.jsonl``, ``.jsonl.gz``, ``.json`` or ``.json.gz`` file holding one JSON
+object per line or one JSON array. Bad input raises :class:`HHRLHFError` naming file and line.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+from isal import igzip_threaded
+
+from hhrlhf.errors import HHRLHFError
+from hhrlhf.records import Comparison, RedTeamAttempt
+from hhrlhf.registry import REDTEAM_SUBSET, SPLITS, SUBSETS, DataFile, files_for
+
+_READ_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Source:
+    """One file to read, with the subset and split its rows belong to (None for a plain path)."""
+
+    path: Path
+    subset: str | None
+    split: str | None
+
+    @property
+    def is_redteam(self) -> bool:
+        return self.subset == REDTEAM_SUBSET
+
+
+def resolve(sources: Iterable[str | Path], split: str | None = None) -> list[Source]:
+    """Turn subset names and paths into files. ``split`` filters the subsets' files.
+
+    A subset named without a split gives each of its splits that is in the cache; none being
+    there is an error that says how to fetch them.
+    """
+    from hhrlhf.fetch import local_path
+
+    if split is not None and split not in SPLITS:
+        raise HHRLHFError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
+    out: list[Source] = []
+    for src in sources:
+        name = str(src)
+        subset, _, sub_split = name.partition("/")
+        if subset in SUBSETS and (not sub_split or sub_split in SPLITS) and not Path(name).exists():
+            wanted_split = sub_split or split
+            files: list[DataFile] = files_for([subset], wanted_split)
+            present = [(f, local_path(f)) for f in files]
+            found = [Source(p, f.subset, f.split) for f, p in present if p is not None]
+            missing = [f.name for f, p in present if p is None]
+            if not found:
+                hint = f"hhrlhf fetch {subset}" + (f" --split {wanted_split}" if wanted_split else "")
+                raise HHRLHFError(f"{' and '.join(missing)} not in the cache; run `{hint}`")
+            if missing:
+                print(f"hhrlhf: note: {', '.join(missing)} not in the cache; reading the rest",
+                      file=sys.stderr)
+            out.extend(found)
+        else:
+            path = Path(name)
+            if not path.exists():
+                raise HHRLHFError("no such file, and not a subset name "
+                                  f"(subsets: {', '.join(SUBSETS)})", path)
+            if path.is_dir():
+                raise HHRLHFError("is a directory, not a data file", path)
+            out.append(Source(path, None, None))
+    return out
+
+
+def _open_text(path: Path) -> IO[bytes]:
+    with open(path, "rb") as raw:
+        head = raw.read(2)
+    if head == b"\x1f\x8b":
+        # ISA-L inflates about 3x faster than zlib, and in a thread of its own: reading then
+        # costs the JSON and record work only, decompression runs on the other core.
+        return igzip_threaded.open(path, "rb", threads=1)  # type: ignore[no-any-return]
+    return open(path, "rb")
+
+
+def iter_json_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, decoded value) for each row of a JSON-lines file or a JSON-array file.
+
+    Streams JSON lines; a JSON array is decoded element by element from the decompressed text.
+    """
+    try:
+        with _open_text(path) as fh:
+            first = _peek_first_char(fh)
+            if first == b"[":
+                yield from _iter_array(path, fh.read())
+                return
+            yield from _iter_lines(path, fh)
+    except (OSError, EOFError, gzip.BadGzipFile) as e:  # corrupt or truncated gzip
+        raise HHRLHFError(f"cannot read: {_reason(e)}", path) from None
+
+
+def _reason(e: BaseException) -> str:
+    msg = str(e) or type(e).__name__
+    if isinstance(e, EOFError):
+        return "the file is truncated (" + msg + ")"
+    return msg
+
+
+def _peek_first_char(fh: IO[bytes]) -> bytes:
+    peek = getattr(fh, "peek", None)
+    buf = peek(64) if peek else b""
+    stripped = buf.lstrip()
+    if not stripped:  # all blank so far (or no peek): read and rewind
+        pos = fh.tell()
+        buf = fh.read(4096)
+        fh.seek(pos)
+        stripped = buf.lstrip()
+    return stripped[:1]
+
+
+def _iter_lines(path: Path, fh: IO[bytes]) -> Iterator[tuple[int, Any]]:
+    reader = io.BufferedReader(fh, buffer_size=_READ_CHUNK) if not hasattr(fh, "peek") else fh
+    loads = orjson.loads
+    for lineno, line in enumerate(reader, 1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, loads(line)
+        except orjson.JSONDecodeError as e:
+            raise HHRLHFError(f"not valid JSON: {e}", path, lineno) from None
+
+
+def _iter_array(path: Path, data: bytes) -> Iterator[tuple[int, Any]]:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise HHRLHFError(f"not UTF-8 text: {e}", path) from None
+    decoder = json.JSONDecoder()
+    pos = text.index("[") + 1
+
+    def skip_space(p: int) -> int:
+        while p < len(text) and text[p] in " \t\r\n":
+            p += 1
+        return p
+
+    def line_at(p: int) -> int:
+        return text.count("\n", 0, p) + 1
+
+    pos = skip_space(pos)
+    if text.startswith("]", pos):
+        return
+    line, counted = 1, 0
+    while True:
+        line += text.count("\n", counted, pos)  # counted incrementally: O(n) overall
+        counted = pos
+        try:
+            value, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise HHRLHFError(f"not valid JSON: {e.msg}", path, e.lineno) from None
+        yield line, value
+        pos = skip_space(pos)
+        if pos >= len(text):
+            raise HHRLHFError("the JSON array is not closed (truncated file?)", path,
+                              line_at(pos))
+        if text[pos] == ",":
+            pos = skip_space(pos + 1)
+            continue
+        if text[pos] == "]":
+            if text[pos + 1 :].strip():
+                raise HHRLHFError("unexpected text after the JSON array", path,
+                                  line_at(pos + 1))
+            return
+        raise HHRLHFError(f"expected ',' or ']' in the JSON array, found {text[pos]!r}", path,
+                          line_at(pos))
+
+
+def _rows(source: Source) -> Iterator[tuple[int, Any]]:
+    return iter_json_rows(source.path)
+
+
+def read_source_comparisons(source: Source) -> Iterator[Comparison]:
+    """Every preference row of one file as a :class:`Comparison`, in file order."""
+    from_strings = Comparison.from_strings
+    index = 0
+    for lineno, obj in _rows(source):
+        if type(obj) is not dict:
+            raise HHRLHFError(
+                f"expected an object with 'chosen' and 'rejected', got {_kind(obj)}",
+                source.path, lineno,
+            )
+        chosen = obj.get("chosen")
+        rejected = obj.get("rejected")
+        if type(chosen) is not str or type(rejected) is not str:
+            raise HHRLHFError(_shape_problem(obj), source.path, lineno)
+        yield from_strings(chosen, rejected, subset=source.subset, split=source.split,
+                           index=index, line=lineno)
+        index += 1
+
+
+def read_source_redteam(source: Source) -> Iterator[RedTeamAttempt]:
+    """Every red-team row of one file as a :class:`RedTeamAttempt`, in file order."""
+    for index, (lineno, obj) in enumerate(_rows(source)):
+        try:
+            yield RedTeamAttempt.from_json(obj, index=index, line=lineno)
+        except ValueError as e:
+            raise HHRLHFError(f"not a red-team row: {e}", source.path, lineno) from None
+
+
+def _kind(obj: Any) -> str:
+    return {list: "an array", str: "a string", type(None): "null", bool: "a boolean"}.get(
+        type(obj), "a number" if isinstance(obj, (int, float)) else type(obj).__name__
+    )
+
+
+def _shape_problem(obj: dict[str, Any]) -> str:
+    for key in ("chosen", "rejected"):
+        if key not in obj:
+            if "transcript" in obj:
+                return f"missing key {key!r} (this looks like a red-team row; use `hhrlhf redteam`)"
+            return f"missing key {key!r} (keys: {', '.join(sorted(obj)) or 'none'})"
+        if type(obj[key]) is not str:
+            return f"key {key!r} is {_kind(obj[key])}, not a string"
+    return "bad row"
+
+
+def read_comparisons(sources: str | Path | Iterable[str | Path],
+                     split: str | None = None) -> Iterator[Comparison]:
+    """Stream :class:`Comparison` records from subsets and/or files (red-team files skipped)."""
+    if isinstance(sources, (str, Path)):
+        sources = [sources]
+    for src in resolve(sources, split):
+        if src.is_redteam:
+            continue
+        yield from read_source_comparisons(src)
+
+
+def read_redteam(source: str | Path = REDTEAM_SUBSET) -> Iterator[RedTeamAttempt]:
+    """Stream :class:`RedTeamAttempt` records from the cached red-team file or a path."""
+    for src in resolve([source]):
+        yield from read_source_redteam(src)
+
+
+def is_redteam_file(path: Path) -> bool:
+    """Whether a local file holds red-team rows (its first row has a ``transcript``)."""
+    for _, obj in iter_json_rows(path):
+        return isinstance(obj, dict) and "transcript" in obj
+    return False
