@@ -1,0 +1,84 @@
+"""The small API every preference model (neural or lexical) offers, and loading by folder.
+
+A saved model is a folder with ``hhrlhf_pm.json`` naming its kind; :func:`load` picks the class.
+The RLHF work to come builds on this: keep it small.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from hhrlhf.errors import HHRLHFError
+from hhrlhf.records import Comparison, Dialogue, Turn
+
+MARKER_FILE = "hhrlhf_pm.json"
+
+# kind -> "module:Class"; each class implements PreferenceModel and a classmethod `_load(path)`.
+KINDS: dict[str, str] = {
+    "neural": "hhrlhf.pm.model:NeuralPreferenceModel",
+    "lexical": "hhrlhf.pm.lexical:LexicalPreferenceModel",
+}
+
+
+class PreferenceModel(ABC):
+    """Scores dialogues; higher means more preferred."""
+
+    kind: str = ""
+
+    @abstractmethod
+    def score(self, dialogues: Sequence[Dialogue], batch_size: int = 32) -> np.ndarray:
+        """One float per dialogue (the whole dialogue, final response included)."""
+
+    def score_pairs(
+        self, comparisons: Sequence[Comparison], batch_size: int = 32
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(chosen scores, rejected scores). Models may share work between the two sides."""
+        chosen = self.score([c.chosen_dialogue for c in comparisons], batch_size)
+        rejected = self.score([c.rejected_dialogue for c in comparisons], batch_size)
+        return chosen, rejected
+
+    def compare(self, prompt: Sequence[Turn] | str, a: str, b: str) -> float:
+        """P(response ``a`` is preferred to ``b`` after ``prompt``) = sigmoid(score difference)."""
+        turns = tuple(Dialogue.parse(prompt).turns) if isinstance(prompt, str) else tuple(prompt)
+        da = Dialogue(turns + (Turn("assistant", a),))
+        db = Dialogue(turns + (Turn("assistant", b),))
+        sa, sb = self.score([da, db])
+        return 1.0 / (1.0 + math.exp(-(float(sa) - float(sb))))
+
+    @abstractmethod
+    def save(self, path: str | Path) -> None:
+        """Write the model to a folder (atomically), including ``hhrlhf_pm.json``."""
+
+    @classmethod
+    def load(cls, path: str | Path) -> PreferenceModel:
+        return load(path)
+
+
+def write_marker(folder: Path, kind: str, **extra: object) -> None:
+    (folder / MARKER_FILE).write_text(json.dumps({"kind": kind, **extra}, indent=2) + "\n")
+
+
+def load(path: str | Path) -> PreferenceModel:
+    """Load any saved hhrlhf preference model from its folder."""
+    folder = Path(path)
+    marker = folder / MARKER_FILE
+    if not folder.is_dir():
+        raise HHRLHFError("no such model folder", folder)
+    if not marker.exists():
+        raise HHRLHFError(f"not an hhrlhf preference model (no {MARKER_FILE})", folder)
+    try:
+        kind = json.loads(marker.read_text())["kind"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise HHRLHFError(f"unreadable model marker: {e}", marker) from None
+    if kind not in KINDS:
+        raise HHRLHFError(f"unknown model kind {kind!r}", marker)
+    module, name = KINDS[kind].split(":")
+    model_cls = getattr(importlib.import_module(module), name)
+    return model_cls._load(folder)  # type: ignore[no-any-return]
