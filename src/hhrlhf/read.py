@@ -14,16 +14,18 @@ import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import orjson
-from isal import igzip_threaded
+from isal import igzip_threaded, isal_zlib
 
 from hhrlhf.errors import HHRLHFError
 from hhrlhf.records import Comparison, RedTeamAttempt
 from hhrlhf.registry import REDTEAM_SUBSET, SPLITS, SUBSETS, DataFile, files_for
 
 _READ_CHUNK = 1 << 20
+# ISA-L's "corrupt deflate data" error; not an OSError. (Its stub types it as an instance.)
+_IsalError = cast("type[Exception]", isal_zlib.IsalError)
 
 
 @dataclass(frozen=True)
@@ -99,7 +101,7 @@ def iter_json_rows(path: Path) -> Iterator[tuple[int, Any]]:
                 yield from _iter_array(path, fh.read())
                 return
             yield from _iter_lines(path, fh)
-    except (OSError, EOFError, gzip.BadGzipFile) as e:  # corrupt or truncated gzip
+    except (OSError, EOFError, gzip.BadGzipFile, _IsalError) as e:  # corrupt or truncated gzip
         raise HHRLHFError(f"cannot read: {_reason(e)}", path) from None
 
 
@@ -107,6 +109,8 @@ def _reason(e: BaseException) -> str:
     msg = str(e) or type(e).__name__
     if isinstance(e, EOFError):
         return "the file is truncated (" + msg + ")"
+    if isinstance(e, _IsalError):
+        return "the gzip data is corrupt (" + msg + ")"
     return msg
 
 
@@ -172,7 +176,7 @@ def _iter_array(path: Path, data: bytes) -> Iterator[tuple[int, Any]]:
         if text[pos] == "]":
             if text[pos + 1 :].strip():
                 raise HHRLHFError("unexpected text after the JSON array", path,
-                                  line_at(pos + 1))
+                                  line_at(skip_space(pos + 1)))
             return
         raise HHRLHFError(f"expected ',' or ']' in the JSON array, found {text[pos]!r}", path,
                           line_at(pos))

@@ -1,0 +1,43 @@
+"""`hhrlhf fetch`: download the official files into the cache, verified."""
+
+from __future__ import annotations
+
+import click
+
+from hhrlhf.errors import HHRLHFError
+from hhrlhf.registry import SPLITS, SUBSETS
+
+_HELP = f"""Download SUBSETs (default: all nine files) into the cache, verified against their
+pinned size and SHA-256.
+
+Subsets: {", ".join(SUBSETS)}. Name one split as SUBSET/SPLIT, or
+all of one split with --split.
+
+One file failing does not stop the others; the summary says which failed and why, and the
+exit status is non-zero if any did.
+"""
+
+
+@click.command("fetch", help=_HELP)
+@click.argument("subsets", nargs=-1, metavar="[SUBSET[/SPLIT]]...")
+@click.option("--split", type=click.Choice(SPLITS), default=None,
+              help="Only this split (the red-team file has none and always comes).")
+@click.option("--mirror", metavar="URL|FOLDER", default=None,
+              help="Fetch from this base URL or local folder (same layout as the dataset) "
+                   "instead of Hugging Face + GitHub. Default: $HHRLHF_MIRROR.")
+@click.option("--offline/--online", default=None,
+              help="Use the cache only and report what is missing. Default: $HHRLHF_OFFLINE.")
+@click.option("--progress/--no-progress", default=True, show_default=True,
+              help="Progress bars on stderr.")
+def fetch(subsets: tuple[str, ...], split: str | None, mirror: str | None,
+          offline: bool | None, progress: bool) -> None:
+    from hhrlhf.fetch import fetch as fetch_files
+    from hhrlhf.registry import cache_dir
+
+    report = fetch_files(subsets or None, split=split, mirror=mirror, offline=offline,
+                         progress=progress)
+    for line in report.lines():
+        click.echo(line)
+    click.echo(f"cache: {cache_dir()}")
+    if not report.ok:
+        raise HHRLHFError(report.error_message())

@@ -1,0 +1,114 @@
+"""`hhrlhf pm train`: Bradley-Terry training of a neural preference model.
+
+Settings come from TrainConfig's defaults, then ``--config FILE`` (YAML/TOML/JSON), then the
+options below and ``--set key=value``. Everything is checked before torch is imported.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from hhrlhf.errors import HHRLHFError
+
+# keys that may differ when a run is resumed: they change nothing the run computes
+_RESUME_MAY_CHANGE = {"progress", "keep_checkpoints", "save_every"}
+
+
+@click.command("train")
+@click.argument("sources", nargs=-1)
+@click.option("--config", "config_file", type=click.Path(dir_okay=False),
+              help="YAML, TOML or JSON file of TrainConfig keys.")
+@click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
+              help="Set any TrainConfig key (repeatable), e.g. --set lr=1e-4.")
+@click.option("--out", "out_dir", help="Run folder (checkpoints, metrics, model).")
+@click.option("--backbone", help="Model folder or hub id (default: the packaged MiniLM-L6).")
+@click.option("--eval", "eval_data", multiple=True, help="Evaluation source (repeatable).")
+@click.option("--max-steps", type=int, help="Optimizer steps (default: one epoch).")
+@click.option("--max-pairs", type=int, help="Use the first N training pairs.")
+@click.option("--batch-size", type=int, help="Pairs per step.")
+@click.option("--lr", type=float, help="Peak learning rate.")
+@click.option("--max-length", type=int, help="Tokens per dialogue (the end is kept).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def train(sources: tuple[str, ...], config_file: str | None, assignments: tuple[str, ...],
+          out_dir: str | None, backbone: str | None, eval_data: tuple[str, ...],
+          max_steps: int | None, max_pairs: int | None, batch_size: int | None,
+          lr: float | None, max_length: int | None, resume: bool, quiet: bool) -> None:
+    """Train a preference model on SOURCES (subsets such as harmless-base/train, or files).
+
+    \b
+    Examples:
+      hhrlhf pm train harmless-base/train --eval harmless-base/test --out runs/minilm
+      hhrlhf pm train --config pm.yaml --set lr=1e-4 --set max_steps=2000
+      hhrlhf pm train --out runs/minilm --resume
+    """
+    from hhrlhf.pm.config import (
+        TrainConfig,
+        apply_overrides,
+        load_config,
+        parse_assignments,
+        read_config_file,
+        resolve_backbone,
+    )
+    from hhrlhf.read import resolve
+
+    explicit: dict[str, Any] = {}
+    if config_file:
+        explicit.update(read_config_file(config_file))
+    for key, value in (("data", list(sources) or None), ("out_dir", out_dir),
+                       ("backbone", backbone), ("eval_data", list(eval_data) or None),
+                       ("max_steps", max_steps), ("max_pairs", max_pairs),
+                       ("batch_size", batch_size), ("lr", lr), ("max_length", max_length),
+                       ("progress", False if quiet else None)):
+        if value is not None:
+            explicit[key] = value
+    explicit.update(parse_assignments(assignments))
+    config = load_config(overrides=explicit)
+
+    if resume:
+        saved_file = Path(config.out_dir) / "config.json"
+        if not saved_file.is_file():
+            raise HHRLHFError("no run to resume here (no config.json)", config.out_dir)
+        saved = apply_overrides(TrainConfig(), json.loads(saved_file.read_text()),
+                                str(saved_file))
+        wanted = apply_overrides(saved, explicit).validate()
+        changed = [k for k, v in wanted.to_dict().items()
+                   if v != saved.to_dict()[k] and k not in _RESUME_MAY_CHANGE]
+        if changed:
+            raise HHRLHFError("--resume continues a run with its saved settings; these differ: "
+                              + ", ".join(changed))
+        config = wanted
+
+    # Fail on a bad source or backbone now, not after loading torch.
+    resolve(config.data)
+    if config.eval_data:
+        resolve(config.eval_data)
+    resolve_backbone(config.backbone)
+    if config.tokenizer:
+        resolve_backbone(config.tokenizer)
+
+    from hhrlhf.pm.train import train as run_training
+
+    result = run_training(config, resume=resume)
+    m = result.metrics
+    lines = [f"trained {m['steps']:,} steps on {m['train_pairs']:,} pairs "
+             f"({m['skipped_pairs']:,} skipped), {m['pairs_per_s']:.1f} pairs/s, "
+             f"pooling {m['pooling']}"
+             + (f", shared context saves {m['tokens_saved']:.1%} of tokens"
+                if m["shared_context"] else ""),
+             f"train loss {m['train_loss']:.4f}, accuracy {m['train_accuracy']:.3f} "
+             f"(mean of the last {min(m['steps'], 50)} steps)"]
+    if "eval_accuracy" in m:
+        lines.append(f"eval loss {m['eval_loss']:.4f}, accuracy {m['eval_accuracy']:.3f} "
+                     f"on {m['eval_pairs']:,} pairs")
+    if m["truncated_responses"]:
+        lines.append(f"note: {m['truncated_responses']:,} final responses longer than "
+                     f"max_length={config.max_length} were cut")
+    if config.out_dir:
+        lines.append(f"model: {Path(config.out_dir) / 'model'}  "
+                     f"metrics: {Path(config.out_dir) / 'metrics.jsonl'}")
+    click.echo("\n".join(lines))

@@ -1,0 +1,338 @@
+"""Dialogue -> token ids, the one place where a preference model's input is made.
+
+A dialogue is tokenized turn by turn: each turn is rendered in the HH format
+(:func:`hhrlhf.records.render_turns`, ``"\\n\\nHuman: ..."``) and tokenized on its own, and the
+ids are joined between the tokenizer's own special tokens (``[CLS] ... [SEP]`` for BERT,
+``<s> ...`` for Llama, nothing for GPT-2). Tokenizing per turn lets truncation work on turns.
+
+Truncation keeps the END of the dialogue: the final turn whole, then as many of the most recent
+earlier turns as fit; whole turns are dropped from the start first, then the oldest kept turn is
+cut from its start. Only a final turn that alone exceeds ``max_length`` is cut (its start is kept,
+marker included); that is counted as ``truncated_response``, never done silently.
+
+A pair is stored packed: ``ids = chosen ids + rejected ids[shared:]`` where ``shared`` is the
+number of leading ids the two sides have in common (the shared context, and the
+``"\\n\\nAssistant:"`` marker of the final turns). Both sides keep the SAME context: the context
+budget is what fits beside the longer of the two final turns, so the two scores differ only
+through the responses. Decoders score a packed pair in one row (see :func:`collate_packed`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from hhrlhf.records import Comparison, Dialogue, Turn, render_turns
+
+# Tokenize this many texts per call: big enough for the fast tokenizer's threads, small enough
+# that the intermediate Python lists stay small.
+_TOKENIZE_CHUNK = 4096
+
+
+@dataclass
+class EncodedDialogues:
+    """Token ids of many dialogues, concatenated. ``ids[offsets[i]:offsets[i+1]]`` is row i."""
+
+    ids: np.ndarray  # int32
+    offsets: np.ndarray  # int64, len = rows + 1
+    truncated_response: np.ndarray  # bool: the final turn alone was longer than max_length
+    context_cut: np.ndarray  # bool: some context was dropped to fit
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def row(self, i: int) -> np.ndarray:
+        return self.ids[self.offsets[i] : self.offsets[i + 1]]
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+
+@dataclass
+class EncodedPairs:
+    """Token ids of many pairs, each packed as ``chosen + rejected[shared:]``."""
+
+    ids: np.ndarray  # int32
+    offsets: np.ndarray  # int64, len = pairs + 1
+    chosen_len: np.ndarray  # int32
+    rejected_len: np.ndarray  # int32
+    shared: np.ndarray  # int32: leading ids common to both sides (< both lengths)
+    truncated_response: np.ndarray  # int8: how many of the two final turns were cut (0..2)
+    context_cut: np.ndarray  # bool
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def chosen(self, i: int) -> np.ndarray:
+        o = self.offsets[i]
+        return self.ids[o : o + self.chosen_len[i]]
+
+    def rejected(self, i: int) -> np.ndarray:
+        o, s, c = self.offsets[i], self.shared[i], self.chosen_len[i]
+        return np.concatenate([self.ids[o : o + s], self.ids[o + c : self.offsets[i + 1]]])
+
+    def packed(self, i: int) -> np.ndarray:
+        return self.ids[self.offsets[i] : self.offsets[i + 1]]
+
+    @property
+    def packed_len(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    @property
+    def full_len(self) -> np.ndarray:
+        """Tokens when each side is its own sequence (no sharing)."""
+        return self.chosen_len.astype(np.int64) + self.rejected_len
+
+    def subset(self, index: Sequence[int] | np.ndarray) -> EncodedPairs:
+        index = np.asarray(index, dtype=np.int64)
+        parts = [self.packed(int(i)) for i in index]
+        lens = np.array([len(p) for p in parts], dtype=np.int64)
+        return EncodedPairs(
+            np.concatenate(parts) if parts else np.zeros(0, np.int32),
+            np.concatenate([[0], np.cumsum(lens)]),
+            self.chosen_len[index], self.rejected_len[index], self.shared[index],
+            self.truncated_response[index], self.context_cut[index],
+        )
+
+
+def _segments(d: Dialogue) -> list[str]:
+    """The texts tokenized one by one: the preamble (if any), then each turn in HH format."""
+    segs = [d.preamble] if d.preamble else []
+    segs.extend(render_turns((t,)) for t in d.turns)
+    return segs or [""]
+
+
+def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    n = min(len(a), len(b))
+    diff = np.flatnonzero(a[:n] != b[:n])
+    return int(diff[0]) if len(diff) else n
+
+
+class DialogueEncoder:
+    """Tokenizes and truncates dialogues and pairs for one tokenizer and ``max_length``."""
+
+    def __init__(self, tokenizer: Any, max_length: int):
+        self.tokenizer = tokenizer
+        self.max_length = int(max_length)
+        # Which special tokens the tokenizer puts before and after a text: find "x" in both.
+        with_special = list(tokenizer("x")["input_ids"])
+        plain = list(tokenizer("x", add_special_tokens=False)["input_ids"])
+        at = next(i for i in range(len(with_special)) if with_special[i : i + len(plain)] == plain)
+        self.prefix = np.array(with_special[:at], dtype=np.int32)
+        self.suffix = np.array(with_special[at + len(plain) :], dtype=np.int32)
+        self.budget = self.max_length - len(self.prefix) - len(self.suffix)
+        if self.budget < 1:
+            raise ValueError(f"max_length {max_length} leaves no room beside the special tokens")
+
+    # -- tokenizing ------------------------------------------------------------------------
+    def _tokenize(self, texts: list[str]) -> list[np.ndarray]:
+        out: list[np.ndarray] = []
+        for i in range(0, len(texts), _TOKENIZE_CHUNK):
+            chunk = texts[i : i + _TOKENIZE_CHUNK]
+            ids = self.tokenizer(chunk, add_special_tokens=False)["input_ids"]
+            out.extend(np.asarray(x, dtype=np.int32) for x in ids)
+        return out
+
+    def _fit(self, context: list[np.ndarray], final: np.ndarray, room: int) -> tuple[
+        np.ndarray, bool, bool
+    ]:
+        """Context kept (recent end first) + final turn, within ``room`` tokens for the context.
+
+        Returns (ids without special tokens, response truncated, context cut)."""
+        truncated = len(final) > self.budget
+        if truncated:
+            final = final[: self.budget]  # keep the start of the response (and its marker)
+        kept: list[np.ndarray] = []
+        cut = False
+        for seg in reversed(context):
+            if room <= 0:
+                cut = True
+                break
+            if len(seg) <= room:
+                kept.append(seg)
+                room -= len(seg)
+            else:  # the oldest kept turn, cut from its start
+                kept.append(seg[len(seg) - room :])
+                room = 0
+                cut = True
+                break
+        body = np.concatenate(kept[::-1] + [final]) if kept else final
+        return body, truncated, cut
+
+    def _wrap(self, body: np.ndarray) -> np.ndarray:
+        return np.concatenate([self.prefix, body, self.suffix]).astype(np.int32)
+
+    # -- dialogues -------------------------------------------------------------------------
+    def encode_dialogues(self, dialogues: Sequence[Dialogue]) -> EncodedDialogues:
+        segs = [_segments(d) for d in dialogues]
+        flat = self._tokenize([s for ss in segs for s in ss])
+        rows: list[np.ndarray] = []
+        trunc = np.zeros(len(segs), dtype=bool)
+        cut = np.zeros(len(segs), dtype=bool)
+        at = 0
+        for i, ss in enumerate(segs):
+            toks = flat[at : at + len(ss)]
+            at += len(ss)
+            final = toks[-1]
+            body, trunc[i], cut[i] = self._fit(toks[:-1], final, self.budget - min(
+                len(final), self.budget))
+            rows.append(self._wrap(body))
+        lens = np.array([len(r) for r in rows], dtype=np.int64)
+        ids = np.concatenate(rows) if rows else np.zeros(0, np.int32)
+        return EncodedDialogues(ids, np.concatenate([[0], np.cumsum(lens)]), trunc, cut)
+
+    def encode_texts(self, texts: Sequence[str]) -> EncodedDialogues:
+        return self.encode_dialogues([Dialogue.parse(t) for t in texts])
+
+    # -- pairs -----------------------------------------------------------------------------
+    def encode_pairs(self, comparisons: Sequence[Comparison]) -> EncodedPairs:
+        # Per pair: the turns both dialogues share (normally all but the final turn) are
+        # tokenized once; each side's remaining turns follow.
+        plans: list[tuple[int, int, int]] = []  # (shared segments, chosen own, rejected own)
+        texts: list[str] = []
+        for c in comparisons:
+            cd, rd = c.chosen_dialogue, c.rejected_dialogue
+            cs, rs = _segments(cd), _segments(rd)
+            k = 0
+            if cd.preamble == rd.preamble:
+                k = _shared_turns(cd.turns, rd.turns) + (1 if cd.preamble else 0)
+            k = min(k, len(cs) - 1, len(rs) - 1)  # each side keeps at least its final segment
+            plans.append((k, len(cs) - k, len(rs) - k))
+            texts.extend(cs)
+            texts.extend(rs[k:])
+        flat = self._tokenize(texts)
+        n = len(plans)
+        packed: list[np.ndarray] = []
+        c_len = np.zeros(n, np.int32)
+        r_len = np.zeros(n, np.int32)
+        shared = np.zeros(n, np.int32)
+        trunc = np.zeros(n, np.int8)
+        cut = np.zeros(n, bool)
+        at = 0
+        for i, (k, nc, nr) in enumerate(plans):
+            ctx = flat[at : at + k]
+            c_own = flat[at + k : at + k + nc]
+            r_own = flat[at + k + nc : at + k + nc + nr]
+            at += k + nc + nr
+            if nc == 1 and nr == 1:
+                # The usual pair: one context, two final turns. Same context for both sides:
+                # what fits beside the longer final turn.
+                room = self.budget - min(max(len(c_own[0]), len(r_own[0])), self.budget)
+                cb, ct, cc = self._fit(ctx, c_own[0], room)
+                rb, rt, rc = self._fit(ctx, r_own[0], room)
+            else:  # the dialogues diverge before the final turn: each side on its own
+                cb, ct, cc = self._fit(ctx + c_own[:-1], c_own[-1],
+                                       self.budget - min(len(c_own[-1]), self.budget))
+                rb, rt, rc = self._fit(ctx + r_own[:-1], r_own[-1],
+                                       self.budget - min(len(r_own[-1]), self.budget))
+            ci, ri = self._wrap(cb), self._wrap(rb)
+            s = min(_common_prefix(ci, ri), len(ci) - 1, len(ri) - 1)
+            packed.append(np.concatenate([ci, ri[s:]]))
+            c_len[i], r_len[i], shared[i] = len(ci), len(ri), s
+            trunc[i] = int(ct) + int(rt)
+            cut[i] = cc or rc
+        lens = np.array([len(p) for p in packed], dtype=np.int64)
+        ids = np.concatenate(packed) if packed else np.zeros(0, np.int32)
+        return EncodedPairs(ids, np.concatenate([[0], np.cumsum(lens)]), c_len, r_len, shared,
+                            trunc, cut)
+
+
+def _shared_turns(a: tuple[Turn, ...], b: tuple[Turn, ...]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+# -- batches ---------------------------------------------------------------------------------
+def collate_sequences(seqs: Sequence[np.ndarray], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded to the longest in the batch (dynamic padding); ``last`` = final token index."""
+    width = max(len(s) for s in seqs)
+    ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(seqs), width), dtype=np.int64)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = s
+        mask[i, : len(s)] = 1
+    last = np.array([len(s) - 1 for s in seqs], dtype=np.int64)
+    return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask),
+            "last": torch.from_numpy(last)}
+
+
+def collate_pairs_full(pairs: EncodedPairs, index: Sequence[int], pad_id: int) -> dict[
+    str, torch.Tensor
+]:
+    """Each side its own row: rows 0..B-1 chosen, B..2B-1 rejected."""
+    seqs = [pairs.chosen(i) for i in index] + [pairs.rejected(i) for i in index]
+    return collate_sequences(seqs, pad_id)
+
+
+def collate_packed(pairs: EncodedPairs, index: Sequence[int], pad_id: int) -> dict[
+    str, torch.Tensor
+]:
+    """One row per pair: ``[context, chosen, rejected]`` with a block-causal attention mask.
+
+    Every token attends causally to the shared context and to earlier tokens of its own
+    branch; the rejected branch never sees the chosen one. Position ids restart the rejected
+    branch where the context ends, so each branch is computed exactly as its full sequence
+    would be. ``mask`` is boolean (True = attend), shape (B, 1, T, T); padding attends to itself
+    only (a row with nothing to attend to gives NaN in softmax).
+    """
+    rows = [pairs.packed(i) for i in index]
+    width = max(len(r) for r in rows)
+    b = len(rows)
+    ids = np.full((b, width), pad_id, dtype=np.int64)
+    pos = np.zeros((b, width), dtype=np.int64)
+    seg = np.full((b, width), 3, dtype=np.int64)  # 0 context, 1 chosen, 2 rejected, 3 pad
+    idx_c = np.zeros(b, dtype=np.int64)
+    idx_r = np.zeros(b, dtype=np.int64)
+    for j, (i, r) in enumerate(zip(index, rows)):
+        s, c = int(pairs.shared[i]), int(pairs.chosen_len[i])
+        n = len(r)
+        ids[j, :n] = r
+        pos[j, :c] = np.arange(c)
+        pos[j, c:n] = np.arange(s, s + n - c)
+        seg[j, :s], seg[j, s:c], seg[j, c:n] = 0, 1, 2
+        idx_c[j], idx_r[j] = c - 1, n - 1
+    seg_t = torch.from_numpy(seg)
+    q, k = seg_t[:, :, None], seg_t[:, None, :]
+    causal = torch.ones(width, width, dtype=torch.bool).tril_()
+    allowed = causal & (((k == 0) & (q != 3)) | (k == q))
+    allowed |= torch.eye(width, dtype=torch.bool)
+    return {"input_ids": torch.from_numpy(ids), "mask": allowed[:, None],
+            "position_ids": torch.from_numpy(pos), "idx_chosen": torch.from_numpy(idx_c),
+            "idx_rejected": torch.from_numpy(idx_r)}
+
+
+def length_grouped_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int,
+                           group: bool = True, mega: int = 50) -> list[list[int]]:
+    """Batches for one epoch: shuffled, then sorted by length within windows of ``mega``
+    batches (so a batch holds similar lengths and pads little), batches shuffled again.
+
+    Deterministic in (seed, epoch): a resumed run sees the same order."""
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths))
+    if group:
+        window = batch_size * mega
+        parts = []
+        for i in range(0, len(order), window):
+            w = order[i : i + window]
+            parts.append(w[np.argsort(-lengths[w], kind="stable")])
+        order = np.concatenate(parts) if parts else order
+    batches = [order[i : i + batch_size].tolist() for i in range(0, len(order), batch_size)]
+    if group:
+        perm = rng.permutation(len(batches))
+        batches = [batches[p] for p in perm]
+    return batches
+
+
+def sorted_batches(lengths: np.ndarray, batch_size: int) -> list[list[int]]:
+    """For scoring: longest first, so memory peaks at once and padding is minimal."""
+    order = np.argsort(-np.asarray(lengths), kind="stable")
+    return [order[i : i + batch_size].tolist() for i in range(0, len(order), batch_size)]

@@ -1,0 +1,351 @@
+"""The neural preference model: a transformers backbone and a linear value head.
+
+The network is a transformers ``AutoModelForSequenceClassification`` with one label, so a saved
+model is an ordinary transformers folder; hhrlhf only chooses where the reward is read:
+
+- decoders (GPT-2, Llama, Pythia, Qwen shapes): pooling ``last`` - the hidden state of the
+  final token of the dialogue goes through the head (``score``), which is exactly what
+  ``AutoModelForSequenceClassification`` computes for these models on an unpadded input;
+- encoders (BERT shapes): pooling ``mean`` (default; masked mean of the last hidden states, the
+  native pooling of sentence encoders such as MiniLM) through the linear head
+  (``classifier``), or ``cls`` (the model's own sequence-classification output: BERT's pooler
+  over ``[CLS]``), which transformers reproduces alone.
+
+Shared-context scoring (decoders): the two sides of a pair share their context, so a pair is one
+row ``[context, chosen, rejected]`` with a block-causal mask and position ids that restart the
+rejected branch after the context (see :func:`hhrlhf.pm.encode.collate_packed`). The context is
+computed once and each response attends to it and to itself only, so the scores equal those of
+the two full sequences (held equal in the tests), at fewer tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from hhrlhf.errors import HHRLHFError
+from hhrlhf.pm.base import MARKER_FILE, PreferenceModel, write_marker
+from hhrlhf.pm.config import resolve_backbone
+from hhrlhf.pm.encode import (
+    DialogueEncoder,
+    EncodedPairs,
+    collate_packed,
+    collate_pairs_full,
+    collate_sequences,
+    sorted_batches,
+)
+from hhrlhf.records import Comparison, Dialogue
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' load report and weight-loading bar (a fresh value head is expected)."""
+    from transformers.utils import logging as tlog
+
+    level = tlog.get_verbosity()
+    bars = tlog.is_progress_bar_enabled()
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        tlog.set_verbosity(level)
+        if bars:
+            tlog.enable_progress_bar()
+
+
+def is_decoder_config(config: Any) -> bool:
+    """Causal (decoder) models: a causal-LM architecture that is not also a masked-LM one."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    if getattr(config, "is_decoder", False):
+        return True
+    mt = config.model_type
+    return mt in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and mt not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
+def _zero_dropout(config: Any) -> None:
+    # Every float setting named like a dropout (hidden_dropout_prob, attn_pdrop, attention_dropout
+    # ...) to 0, before the model is built: covers attention kernels that read the config value.
+    for key, value in list(vars(config).items()):
+        if isinstance(value, float) and ("dropout" in key or key.endswith("pdrop")):
+            setattr(config, key, 0.0)
+
+
+class RewardNet(nn.Module):
+    """The module that training wraps (DDP/FSDP): ``forward(batch)`` -> one reward per row.
+
+    A batch from :func:`collate_sequences` gives one reward per sequence; a packed batch from
+    :func:`collate_packed` gives ``cat([chosen rewards, rejected rewards])`` - the same layout
+    as :func:`collate_pairs_full`, so the loss code is one line either way.
+    """
+
+    def __init__(self, net: nn.Module, pooling: str):
+        super().__init__()
+        self.net = net
+        self.pooling = pooling
+        if pooling in ("mean", "last") and not isinstance(self.head, nn.Linear):
+            raise HHRLHFError(f"pooling={pooling} needs a linear value head; this backbone's "
+                              f"is {type(self.head).__name__}: use pooling=cls")
+        if pooling in ("mean", "last"):
+            # Parts of the classification model this pooling does not use (BERT's pooler) get
+            # no gradient: freeze them so DDP does not wait for their gradients.
+            used = {id(p) for p in self.backbone.parameters()} | {id(p) for p in
+                                                                   self.head.parameters()}
+            pooler = getattr(self.backbone, "pooler", None)
+            if pooler is not None:
+                for p in pooler.parameters():
+                    p.requires_grad_(False)
+            for p in self.net.parameters():
+                if id(p) not in used:
+                    p.requires_grad_(False)
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.net.base_model  # type: ignore[no-any-return]
+
+    @property
+    def head(self) -> nn.Module:
+        for name in ("score", "classifier"):
+            m = getattr(self.net, name, None)
+            if isinstance(m, nn.Module):
+                return m
+        raise HHRLHFError(f"{type(self.net).__name__} has no value head (score/classifier)")
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if "mask" in batch:  # packed pairs
+            mask = batch["mask"]
+            if getattr(self.net.config, "_attn_implementation", "sdpa") == "eager":
+                dtype = next(self.parameters()).dtype
+                mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
+                    ~mask, torch.finfo(dtype).min)
+            h = self.backbone(input_ids=batch["input_ids"], attention_mask=mask,
+                              position_ids=batch["position_ids"], use_cache=False
+                              ).last_hidden_state
+            rows = torch.arange(h.shape[0], device=h.device)
+            picked = torch.cat([h[rows, batch["idx_chosen"]], h[rows, batch["idx_rejected"]]])
+            return self.head(picked).squeeze(-1).float()
+        if self.pooling == "cls":
+            return self.net(input_ids=batch["input_ids"],  # type: ignore[no-any-return]
+                            attention_mask=batch["attention_mask"]).logits[:, 0].float()
+        extra = {"use_cache": False} if is_decoder_config(self.net.config) else {}
+        h = self.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                          **extra).last_hidden_state
+        if self.pooling == "last":
+            pooled = h[torch.arange(h.shape[0], device=h.device), batch["last"]]
+        else:  # mean over the real tokens
+            m = batch["attention_mask"].unsqueeze(-1).to(h.dtype)
+            pooled = (h * m).sum(1) / m.sum(1).clamp(min=1)
+        return self.head(pooled).squeeze(-1).float()
+
+
+class NeuralPreferenceModel(PreferenceModel):
+    """A preference model on a transformers backbone. Build with :meth:`from_backbone`, or
+    load a saved one with :func:`hhrlhf.pm.load`."""
+
+    kind = "neural"
+
+    def __init__(self, reward_net: RewardNet, tokenizer: Any, max_length: int,
+                 shared_context: bool = True):
+        self.reward_net = reward_net
+        self.tokenizer = tokenizer
+        self.max_length = int(max_length)
+        self.encoder = DialogueEncoder(tokenizer, max_length)
+        self.is_decoder = is_decoder_config(reward_net.net.config)
+        attn = getattr(reward_net.net.config, "_attn_implementation", "sdpa")
+        # Packing needs a custom 4D mask: eager and sdpa accept one, flash kernels do not.
+        self.shared_context = bool(shared_context and self.is_decoder
+                                   and reward_net.pooling == "last" and attn in ("sdpa", "eager"))
+        pad = tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else 0)
+
+    @property
+    def pooling(self) -> str:
+        return self.reward_net.pooling
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.reward_net.parameters()).device
+
+    def to(self, device: str | torch.device) -> NeuralPreferenceModel:
+        self.reward_net.to(device)
+        return self
+
+    # -- building and loading ----------------------------------------------------------------
+    @classmethod
+    def from_backbone(cls, backbone: str, *, tokenizer: str = "", pooling: str = "auto",
+                      max_length: int = 512, attn_implementation: str = "sdpa",
+                      disable_dropout: bool = True, shared_context: bool = True
+                      ) -> NeuralPreferenceModel:
+        """A fresh value head on a pretrained (or randomly initialised, saved) backbone."""
+        from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+        source = resolve_backbone(backbone)
+        tok_source = resolve_backbone(tokenizer) if tokenizer else source
+        try:
+            with quiet_transformers():
+                config = AutoConfig.from_pretrained(source, num_labels=1)
+                tok = AutoTokenizer.from_pretrained(tok_source)
+                if disable_dropout:
+                    _zero_dropout(config)
+                if tok.pad_token is None:  # GPT-2 style tokenizers: pad with EOS (never read)
+                    tok.pad_token = tok.eos_token or tok.unk_token
+                config.pad_token_id = tok.pad_token_id
+                net = AutoModelForSequenceClassification.from_pretrained(
+                    source, config=config, attn_implementation=attn_implementation,
+                    dtype=torch.float32)
+        except (OSError, ValueError, KeyError) as e:
+            msg = " ".join(str(e).split())[:300]
+            raise HHRLHFError(f"cannot load backbone {backbone!r}: {msg}") from None
+        positions = getattr(config, "max_position_embeddings", None) or getattr(
+            config, "n_positions", None)
+        if positions is not None and max_length > positions:
+            raise HHRLHFError(f"max_length {max_length} exceeds the {positions} positions of "
+                              f"backbone {backbone!r}")
+        if len(tok) > net.get_input_embeddings().num_embeddings:
+            raise HHRLHFError(f"tokenizer has {len(tok)} tokens, the backbone's embedding "
+                              f"{net.get_input_embeddings().num_embeddings}")
+        if pooling == "auto":
+            pooling = "last" if is_decoder_config(config) else "mean"
+        if disable_dropout:
+            for m in net.modules():
+                if isinstance(m, nn.Dropout):
+                    m.p = 0.0
+        return cls(RewardNet(net, pooling), tok, max_length, shared_context)
+
+    @classmethod
+    def _load(cls, folder: Path) -> NeuralPreferenceModel:
+        import json
+
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        marker = json.loads((folder / MARKER_FILE).read_text())
+        try:
+            with quiet_transformers():
+                tok = AutoTokenizer.from_pretrained(folder)
+                net = AutoModelForSequenceClassification.from_pretrained(
+                    folder, attn_implementation=marker.get("attn_implementation", "sdpa"),
+                    dtype=torch.float32)
+        except (OSError, ValueError, KeyError) as e:
+            msg = " ".join(str(e).split())[:300]
+            raise HHRLHFError(f"cannot load model: {msg}", folder) from None
+        net.eval()
+        return cls(RewardNet(net, marker["pooling"]), tok, marker["max_length"],
+                   marker.get("shared_context", True))
+
+    def save(self, path: str | Path, state_dict: dict[str, Any] | None = None) -> None:
+        """A transformers folder (config, weights, tokenizer) plus ``hhrlhf_pm.json``; atomic.
+
+        ``state_dict``: the RewardNet's weights when they live elsewhere (gathered from a
+        sharded FSDP/DeepSpeed model); keys start with ``net.``."""
+        folder = Path(path)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        net_state = None
+        if state_dict is not None:
+            net_state = {k[4:]: v for k, v in state_dict.items() if k.startswith("net.")}
+        with quiet_transformers():
+            self.reward_net.net.save_pretrained(tmp, state_dict=net_state)
+            self.tokenizer.save_pretrained(tmp)
+        write_marker(
+            tmp, self.kind, pooling=self.pooling, max_length=self.max_length,
+            shared_context=self.shared_context, decoder=self.is_decoder,
+            attn_implementation=getattr(self.reward_net.net.config, "_attn_implementation",
+                                        "sdpa"),
+            transformers_class="AutoModelForSequenceClassification",
+            reward=_REWARD_DOC[self.pooling],
+        )
+        _replace_dir(tmp, folder)
+
+    # -- scoring -----------------------------------------------------------------------------
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def score(self, dialogues: Sequence[Dialogue], batch_size: int = 32) -> np.ndarray:
+        """One reward per dialogue, in batches sorted by length."""
+        enc = self.encoder.encode_dialogues(dialogues)
+        out = np.zeros(len(enc), dtype=np.float32)
+        with self._eval():
+            for idx in sorted_batches(enc.lengths, batch_size):
+                batch = collate_sequences([enc.row(i) for i in idx], self.pad_id)
+                out[idx] = self._rewards(batch)
+        return out
+
+    def score_texts(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
+        return self.score([Dialogue.parse(t) for t in texts], batch_size)
+
+    def score_pairs(self, comparisons: Sequence[Comparison], batch_size: int = 32
+                    ) -> tuple[np.ndarray, np.ndarray]:
+        """(chosen rewards, rejected rewards); decoders score each pair's context once."""
+        return self.score_encoded_pairs(self.encoder.encode_pairs(comparisons), batch_size)
+
+    def score_encoded_pairs(self, pairs: EncodedPairs, batch_size: int = 32,
+                            shared_context: bool | None = None, net: nn.Module | None = None
+                            ) -> tuple[np.ndarray, np.ndarray]:
+        """Scores of pairs encoded already. ``net``: the same RewardNet as wrapped for
+        training (DDP/FSDP), to score through the wrapper."""
+        packed = self.shared_context if shared_context is None else shared_context
+        n = len(pairs)
+        chosen = np.zeros(n, dtype=np.float32)
+        rejected = np.zeros(n, dtype=np.float32)
+        per_batch = max(1, batch_size // 2)  # two dialogues per pair
+        lengths = pairs.packed_len if packed else np.maximum(pairs.chosen_len,
+                                                              pairs.rejected_len)
+        with self._eval():
+            for idx in sorted_batches(lengths, per_batch):
+                if packed:
+                    batch = collate_packed(pairs, idx, self.pad_id)
+                else:
+                    batch = collate_pairs_full(pairs, idx, self.pad_id)
+                r = self._rewards(batch, net)
+                chosen[idx], rejected[idx] = r[: len(idx)], r[len(idx) :]
+        return chosen, rejected
+
+    @contextlib.contextmanager
+    def _eval(self) -> Iterator[None]:
+        was_training = self.reward_net.training
+        self.reward_net.eval()
+        try:
+            with torch.inference_mode(), self._autocast():
+                yield
+        finally:
+            self.reward_net.train(was_training)
+
+    def _rewards(self, batch: dict[str, torch.Tensor], net: nn.Module | None = None
+                 ) -> np.ndarray:
+        dev = self.device
+        batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
+        return (net or self.reward_net)(batch).float().cpu().numpy()  # type: ignore[no-any-return]
+
+
+_REWARD_DOC = {
+    "last": "AutoModelForSequenceClassification logits of the unpadded dialogue (final token)",
+    "cls": "AutoModelForSequenceClassification logits",
+    "mean": "classifier(mean of AutoModel last_hidden_state over attention_mask)",
+}
+
+
+def _replace_dir(tmp: Path, folder: Path) -> None:
+    """Put ``tmp`` at ``folder`` by rename; an old folder there is moved aside first."""
+    old = None
+    if folder.exists():
+        old = folder.parent / f".{folder.name}.old-{os.getpid()}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(folder, old)
+    os.rename(tmp, folder)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

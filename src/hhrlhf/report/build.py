@@ -1,0 +1,212 @@
+"""One self-contained HTML report of whatever data is named or in the cache.
+
+- preference subsets: the statistics (:mod:`hhrlhf.stats`) and the audit (:mod:`hhrlhf.audit`),
+  computed in one streaming pass over the rows;
+- red-team attempts: every analysis of :mod:`hhrlhf.redteam`.
+
+Self-contained: figures are inlined as base64 PNG, the CSS is inline, nothing is fetched, and
+the page has no script at all (its Content-Security-Policy forbids scripts, as a second line of
+defence behind escaping). Every piece of data text (transcripts, task descriptions, file
+names) goes through Jinja2 with autoescape on. The file is written to a temporary file beside
+the target and renamed into place.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import math
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hhrlhf.errors import HHRLHFError
+from hhrlhf.read import Source, is_redteam_file, read_source_comparisons, resolve
+from hhrlhf.registry import PREFERENCE_SUBSETS, REDTEAM_SUBSET, files_for
+
+TEMPLATE = "report.html"
+EXAMPLES_PER_CHECK = 1  # rows shown (escaped) per per-row audit check that fired
+REFS_PER_CHECK = 8  # row references listed per check
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """Settings of the report."""
+
+    threshold: float = 3.0  # red-team success: rating >= threshold
+    top_k: int = 3  # most harmful transcripts shown per model type
+    progress: bool = True
+
+
+@dataclass
+class PreferencePart:
+    sources: list[str]
+    stats: dict[str, Any]
+    audit: dict[str, Any]
+    checks: list[dict[str, Any]]  # name, description, count, share, refs, examples
+    figure: str | None  # data: URI
+
+
+@dataclass
+class RedTeamPart:
+    source: str
+    analysis: Any  # RedTeamAnalysis
+    figures: dict[str, str] = field(default_factory=dict)  # file name -> data: URI
+
+
+def _label(src: Source) -> str:
+    name = src.subset if src.subset is not None else str(src.path)
+    return name + (f"/{src.split}" if src.split else "")
+
+
+def collect_sources(names: Sequence[str]) -> tuple[list[Source], list[Source]]:
+    """(preference sources, red-team sources): the named ones, or all of the cache."""
+    from hhrlhf.fetch import local_path
+
+    if names:
+        srcs = resolve(names)
+    else:
+        srcs = [Source(p, f.subset, f.split)
+                for f in files_for(list(PREFERENCE_SUBSETS) + [REDTEAM_SUBSET])
+                if (p := local_path(f)) is not None]
+        if not srcs:
+            raise HHRLHFError("nothing in the cache to report on; run `hhrlhf fetch` or name "
+                              "subsets or files")
+    pref: list[Source] = []
+    red: list[Source] = []
+    for s in srcs:
+        is_red = s.is_redteam or (s.subset is None and is_redteam_file(s.path))
+        (red if is_red else pref).append(s)
+    return pref, red
+
+
+def _data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def preference_part(sources: list[Source], tmp: Path, cfg: ReportConfig) -> PreferencePart:
+    from tqdm import tqdm
+
+    from hhrlhf.audit import DESCRIPTIONS, Auditor
+    from hhrlhf.stats import StatsBuilder, plot_stats
+
+    stats_b = StatsBuilder()
+    auditor = Auditor()
+    examples: dict[str, list[dict[str, Any]]] = {}
+    with tqdm(desc="report: preference rows", unit=" rows", disable=None if cfg.progress else True,
+              leave=False, file=sys.stderr) as bar:
+        for src in sources:
+            subset = src.subset if src.subset is not None else str(src.path)
+            for c in read_source_comparisons(src):
+                stats_b.add(c, subset, src.split)
+                auditor.add(c, subset, src.split)
+                for flag in c.flags:
+                    got = examples.setdefault(flag, [])
+                    if len(got) < EXAMPLES_PER_CHECK:
+                        got.append({
+                            "where": f"{subset}{'/' + src.split if src.split else ''} "
+                                     f"row {c.index} (line {c.line})",
+                            "chosen": c.chosen, "rejected": c.rejected,
+                        })
+                bar.update()
+    stats = stats_b.result()
+    audit = auditor.result()
+    fig_path = tmp / "stats.png"
+    figure = None
+    if stats.rows:
+        plot_stats(stats, fig_path)
+        figure = _data_uri(fig_path)
+    audit_json = audit.to_json()
+    checks = []
+    for name, info in audit_json["checks"].items():
+        checks.append({
+            "name": name,
+            "description": DESCRIPTIONS.get(name, ""),
+            "count": info["count"],
+            "share": info["count"] / audit_json["rows"] if audit_json["rows"] else math.nan,
+            "refs": info["rows"][:REFS_PER_CHECK],
+            "more": max(0, info["count"] - REFS_PER_CHECK),
+            "examples": examples.get(name, []),
+        })
+    return PreferencePart([_label(s) for s in sources], stats.to_json(), audit_json, checks,
+                          figure)
+
+
+def redteam_part(source: Source, tmp: Path, cfg: ReportConfig, n: int = 0) -> RedTeamPart:
+    from hhrlhf.read import read_source_redteam
+    from hhrlhf.redteam.analysis import RedTeamConfig, analyse
+    from hhrlhf.redteam.plots import write_figures
+
+    name = _label(source)
+    records = list(read_source_redteam(source))
+    a = analyse(records, RedTeamConfig(threshold=cfg.threshold, top_k=cfg.top_k), source=name)
+    out = tmp / f"redteam-{n}"
+    figs = {p.name: _data_uri(p) for p in write_figures(a, out)}
+    return RedTeamPart(name, a, figs)
+
+
+def _pct(x: float | None, digits: int = 1) -> str:
+    return "n/a" if x is None or math.isnan(x) else f"{100 * x:.{digits}f}%"
+
+
+def _num(x: float | None, fmt: str = "+.3f") -> str:
+    return "n/a" if x is None or math.isnan(x) else format(x, fmt)
+
+
+def render(pref: PreferencePart | None, red: list[RedTeamPart], cfg: ReportConfig) -> str:
+    import jinja2
+
+    from hhrlhf.redteam.analysis import MODEL_TYPE_LABELS
+
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(Path(__file__).parent),
+        autoescape=True,  # every value is escaped unless marked safe; nothing here is
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True, lstrip_blocks=True,
+    )
+    env.filters["pct"] = _pct
+    env.filters["num"] = _num
+    env.filters["thousands"] = lambda n: "n/a" if n is None else f"{n:,}"
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        ver = version("hhrlhf")
+    except PackageNotFoundError:  # run from a source tree, not installed
+        ver = "?"
+    return env.get_template(TEMPLATE).render(
+        pref=pref, red=red, cfg=cfg, version=ver, type_labels=MODEL_TYPE_LABELS,
+        generated=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    )
+
+
+def write_atomic(text: str, out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out
+
+
+def build_report(sources: Sequence[str] = (), out: str | Path = "report.html",
+                 config: ReportConfig | None = None) -> Path:
+    """Write the report of the named sources (or of the cache) to ``out``; returns its path."""
+    cfg = config or ReportConfig()
+    out = Path(out)
+    if out.is_dir():
+        raise HHRLHFError("is a directory; name the HTML file to write", out)
+    pref_srcs, red_srcs = collect_sources(list(sources))
+    with tempfile.TemporaryDirectory(prefix="hhrlhf-report-") as tmpdir:
+        tmp = Path(tmpdir)
+        pref = preference_part(pref_srcs, tmp, cfg) if pref_srcs else None
+        red = [redteam_part(s, tmp, cfg, i) for i, s in enumerate(red_srcs)]
+        html = render(pref, red, cfg)
+    return write_atomic(html, out)
