@@ -261,9 +261,9 @@ def make_rows(n: int = 2000, seed: int = 0) -> tuple[list[dict[str, Any]], dict[
         if j % 40 == 7:
             rows[i]["tags"] = []  # tagged, but no tag given
             continue
-        k = rng.choices((1, 1, 1, 2, 2, 3, 4, 5, 6))[0]
+        n_tags = rng.choice((1, 1, 1, 2, 2, 3, 4, 5, 6))
         chosen: list[str] = []
-        while len(chosen) < k:
+        while len(chosen) < n_tags:
             t = rng.choices(TAGS, weights=TAG_WEIGHTS)[0]
             if t not in chosen:
                 chosen.append(t)

@@ -34,7 +34,8 @@ def write_rows(path: Path, rows: list[tuple[str, str]]) -> Path:
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([HHRLHF, *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([HHRLHF, *args], capture_output=True, text=True, timeout=120,
+                          check=False)
 
 
 # --- the real file -------------------------------------------------------------------------

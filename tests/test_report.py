@@ -50,7 +50,7 @@ def test_report_in_a_browser(full_cache: tuple[Path, GroundTruth], tmp_path: Pat
     assert "Content-Security-Policy" in html
     assert html.count('src="data:image/png;base64,') == 6
 
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import Dialog, sync_playwright
 
     errors: list[str] = []
     dialogs: list[str] = []
@@ -62,7 +62,11 @@ def test_report_in_a_browser(full_cache: tuple[Path, GroundTruth], tmp_path: Pat
             page.on("pageerror", lambda e: errors.append(f"pageerror: {e}"))
             page.on("console", lambda m: errors.append(f"console: {m.text}")
                     if m.type == "error" else None)
-            page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+            def on_dialog(d: Dialog) -> None:  # an alert() would land here
+                dialogs.append(d.message)
+                d.dismiss()
+
+            page.on("dialog", on_dialog)
             page.on("request", lambda r: requests.append(r.url))
             page.goto(out.as_uri(), wait_until="load")
 

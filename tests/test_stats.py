@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from hhrlhf.errors import HHRLHFError
 from hhrlhf.read import read_comparisons
 from hhrlhf.records import render_turns
 from hhrlhf.stats import IntDist, describe, load_tokenizer, plot_stats
@@ -26,7 +27,8 @@ def minilm_dir() -> Path:
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([HHRLHF, *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([HHRLHF, *args], capture_output=True, text=True, timeout=120,
+                          check=False)
 
 
 # Three rows: chosen longer (2 turns), rejected longer (4 turns), a tie (2 turns).
@@ -118,7 +120,7 @@ def test_intdist_quantiles_match_numpy() -> None:
     assert IntDist().quantile(0.5) is None and math.isnan(IntDist().mean)
 
 
-def test_tokens_with_a_local_tokenizer(tiny: Path) -> None:
+def test_tokens_with_a_local_tokenizer(tiny: Path, tmp_path: Path) -> None:
     tok = load_tokenizer(minilm_dir())
     stats = describe(read_comparisons(tiny), tokenizer=tok, tokenizer_name="minilm")
     out = stats.to_json()
@@ -130,6 +132,11 @@ def test_tokens_with_a_local_tokenizer(tiny: Path) -> None:
     records = list(read_comparisons(tiny))
     assert out["tokens"]["chosen"]["max"] == max(n(c.chosen) for c in records)
     assert out["tokens"]["prompt"]["max"] == max(n(render_turns(c.prompt)) for c in records)
+    broken = tmp_path / "broken-tokenizer"
+    broken.mkdir()
+    (broken / "tokenizer.json").write_text("{not json")
+    with pytest.raises(HHRLHFError, match="cannot load a tokenizer"):
+        load_tokenizer(broken)
     expected = [(n(c.chosen) > n(c.rejected)) - (n(c.chosen) < n(c.rejected)) for c in records]
     b = out["length_bias"]["tokens"]
     assert (b["chosen_longer"], b["rejected_longer"], b["ties"]) == (
@@ -146,7 +153,7 @@ def test_plot_is_a_png(tmp_path: Path, real_file: Path, tiny: Path) -> None:
     img = matplotlib.image.imread(str(out))
     assert img.shape[0] > 400 and img.shape[1] > 600
     assert img.std() > 0.05  # not a blank canvas
-    assert [p.name for p in tmp_path.iterdir()] == ["real.png"]  # no temp file left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["real.png", "tiny.jsonl"]  # no temp
 
     proc = run("stats", str(tiny), "--plot", str(tmp_path / "tiny.png"), "--json")
     assert proc.returncode == 0, proc.stderr
@@ -161,7 +168,7 @@ def test_bad_input_is_one_line(tmp_path: Path, tiny: Path, cache: Path) -> None:
     broken.write_bytes(b"\x1f\x8b\x08\x00garbage")
     cases = {
         (str(tiny), "--tokenizer", str(tmp_path / "nope")): "no such tokenizer directory",
-        (str(tiny), "--tokenizer", str(not_a_tokenizer)): "cannot load a tokenizer",
+        (str(tiny), "--tokenizer", str(not_a_tokenizer)): "not a tokenizer directory",
         (str(tiny), "--plot", str(tmp_path / "plot.txt")): "name a .png file",
         (str(tiny), "--plot", str(tmp_path / "no" / "dir" / "p.png")): "no such directory",
         (str(tmp_path / "missing.jsonl"),): "no such file",

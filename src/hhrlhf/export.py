@@ -268,6 +268,17 @@ def export(sources: Sequence[str | Path], fmt: str, out: str | Path, *,
             for batch in table.to_batches(max_chunksize=BATCH_ROWS):
                 keep: list[bool] = []
                 rows: list[dict[str, Any]] = []
+                if build is None and flags_of is None:  # every field: the flags column suffices
+                    for flag_list in batch.column("flags").to_pylist():
+                        hit = next((name for name in checks if name in flag_list), None)
+                        if hit:
+                            dropped[hit] += 1
+                        keep.append(not hit)
+                    result.rows_read += len(keep)
+                    result.rows_written += sum(keep)
+                    sink.write(batch.filter(pa.array(keep, pa.bool_())))
+                    bar.update(len(keep))
+                    continue
                 for c in arrow_to_comparisons(batch):
                     flags = flags_of(c) if flags_of is not None else c.flags
                     hit = next((name for name in checks if name in flags), None)
@@ -281,7 +292,7 @@ def export(sources: Sequence[str | Path], fmt: str, out: str | Path, *,
                     keep.append(not hit and not why)
                 result.rows_read += len(keep)
                 result.rows_written += sum(keep)
-                sink.write(rows if build is not None else batch.filter(pa.array(keep)))
+                sink.write(rows if build is not None else batch.filter(pa.array(keep, pa.bool_())))
                 bar.update(len(keep))
 
     tmp: Path | None = None

@@ -226,11 +226,18 @@ def describe(records: Iterable[Comparison], tokenizer: Tokenizer | None = None,
     return builder.result()
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """A Hugging Face tokenizer from a local directory (nothing is fetched from a hub)."""
     p = Path(path)
     if not p.is_dir():
         raise HHRLHFError("no such tokenizer directory", p)
+    if not any((p / name).is_file() for name in _TOKENIZER_FILES):
+        # Checked before importing transformers (seconds) so that a wrong path fails at once.
+        raise HHRLHFError(f"not a tokenizer directory (none of {', '.join(_TOKENIZER_FILES)})",
+                          p)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers
     from transformers import AutoTokenizer
@@ -348,8 +355,8 @@ def format_text(stats: Stats, sources: list[str]) -> str:
     for g in stats.groups.values():
         lines.append(f"  {g.name:<{width}} {g.rows:>9,}")
     t = stats.turns
-    lines += ["", f"turns per dialogue: mean {t.mean:.2f}, median {t.quantile(0.5)}, "
-                  f"p90 {t.quantile(0.9)}, max {max(t.counts, default=0)}"]
+    lines += ["", (f"turns per dialogue: mean {t.mean:.2f}, median {t.quantile(0.5)}, "
+                   f"p90 {t.quantile(0.9)}, max {max(t.counts, default=0)}")]
     hist = "  ".join(f"{v}: {n:,}" for v, n in sorted(t.counts.items()))
     lines.append(f"  {hist}")
     tables = [("characters", stats.chars)]
@@ -357,8 +364,8 @@ def format_text(stats: Stats, sources: list[str]) -> str:
         tables.append((f"tokens ({stats.tokenizer})", stats.tokens))
     for unit, dists in tables:
         lines += ["", f"lengths, {unit}",
-                  f"  {'':<9} {'mean':>8} {'p10':>7} {'median':>7} {'p90':>7} {'p99':>7} "
-                  f"{'max':>7}"]
+                  (f"  {'':<9} {'mean':>8} {'p10':>7} {'median':>7} {'p90':>7} {'p99':>7} "
+                   f"{'max':>7}")]
         for name, d in dists.items():
             if not d.n:
                 continue

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 import orjson
 
-from hhrlhf.audit import CHECKS, DESCRIPTIONS, AuditResult, Auditor, parse_check_names
+from hhrlhf.audit import CHECKS, DESCRIPTIONS, Auditor, AuditResult, parse_check_names
 from hhrlhf.commands._sources import iter_labelled, label, preference_sources
 from hhrlhf.registry import SPLITS
 

@@ -45,6 +45,20 @@ def read_labelled(
     return rows, labels
 
 
+def _write_text_atomically(path: Path, text: str) -> None:
+    import os
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def _emit_json(obj: object) -> None:
     click.echo(json.dumps(obj, indent=2, allow_nan=False))
 
@@ -139,10 +153,12 @@ def eval_(model: str, data: tuple[str, ...], split: str, as_json: bool, plot: st
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Keep each fold's neural run in OUT/fold-<k> (default: train in memory; "
                    "this replaces the configuration's out_dir).")
+@click.option("--save-json", type=click.Path(dir_okay=False), default=None,
+              help="Also write the JSON results to this file (a long run keeps its numbers).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def cv(data: tuple[str, ...], split: str, folds: int, seed: int, config_file: str | None,
        assignments: tuple[str, ...], as_json: bool, plot: str | None, bins: int,
-       max_pairs: int, out_dir: str | None, quiet: bool) -> None:
+       max_pairs: int, out_dir: str | None, save_json: str | None, quiet: bool) -> None:
     """K-fold cross-validation of the neural PM against the baselines.
 
     Each fold is scored by a neural PM and a lexical PM both trained on the other folds, and by
@@ -158,8 +174,9 @@ def cv(data: tuple[str, ...], split: str, folds: int, seed: int, config_file: st
     overrides = parse_assignments(assignments)
     # Validated here: a bad key or value fails before any data is read or torch is loaded.
     config = load_config(config_file, overrides)
-    if plot is not None and not Path(plot).parent.is_dir():
-        raise HHRLHFError("the folder for the plot does not exist", Path(plot).parent)
+    for path in (plot, save_json):
+        if path is not None and not Path(path).parent.is_dir():
+            raise HHRLHFError("the folder to write in does not exist", Path(path).parent)
     rows, labels = read_labelled(data, split, max_pairs)
 
     def fit_neural(k: int, train_rows: list[Comparison]) -> PreferenceModel:
@@ -185,6 +202,8 @@ def cv(data: tuple[str, ...], split: str, folds: int, seed: int, config_file: st
         cal = result.pooled.calibration
         plot_reliability({m: cal[m] for m in ("model", "lexical")}, plot,
                          title=f"{folds}-fold CV, out-of-fold predictions ({len(rows):,} pairs)")
+    if save_json is not None:
+        _write_text_atomically(Path(save_json), json.dumps(result.to_json(), indent=2) + "\n")
     if as_json:
         _emit_json(result.to_json())
     else:

@@ -18,12 +18,16 @@ def tokens(text: str) -> list[str]:
 
 
 def _merge(segments: list[Segment]) -> list[Segment]:
+    segments = [s for s in segments if s[0]]
+    # White space is highlighted only between two highlighted words (one highlight then).
+    marked = []
+    for i, (text, changed) in enumerate(segments):
+        if not text.strip():
+            changed = (0 < i < len(segments) - 1 and segments[i - 1][1]
+                       and segments[i + 1][1])
+        marked.append((text, changed))
     out: list[Segment] = []
-    for text, changed in segments:
-        if not text:
-            continue
-        if changed and not text.strip():
-            changed = False  # white space alone is not worth a highlight
+    for text, changed in marked:
         if out and out[-1][1] == changed:
             out[-1] = (out[-1][0] + text, changed)
         else:

@@ -92,6 +92,7 @@ class IndexConfig:
     batch_rows: int = 2000  # rows per executemany
     progress: bool = True  # tqdm bars on stderr
     optimize: bool = True  # merge the FTS5 segments after a build (faster queries)
+    stats_plot: bool = True  # describe the pairs (hhrlhf.stats) and keep the plot for the app
 
 
 @dataclass
@@ -382,13 +383,13 @@ def build_index(config: IndexConfig | None = None) -> BuildReport:
         if fresh:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
-            con = sqlite3.connect(tmp)
+            con = _connect_for_build(tmp)
             con.executescript(_SCHEMA)
             con.execute("INSERT INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
             con.execute("INSERT INTO meta VALUES ('tokenizer', ?)", (TOKENIZER,))
         else:
             shutil.copyfile(db, tmp)  # the database is never written in place: a plain copy
-            con = sqlite3.connect(tmp)
+            con = _connect_for_build(tmp)
         try:
             _build_into(con, config, planned, to_index, removed, old, fresh, report)
             con.commit()
@@ -412,12 +413,17 @@ def build_index(config: IndexConfig | None = None) -> BuildReport:
     return report
 
 
-def _build_into(con: sqlite3.Connection, config: IndexConfig, planned: list[_Planned],
-                to_index: list[_Planned], removed: list[dict[str, Any]],
-                old: dict[str, dict[str, Any]], fresh: bool, report: BuildReport) -> None:
+def _connect_for_build(path: Path) -> sqlite3.Connection:
+    con = sqlite3.connect(path)
     con.execute("PRAGMA journal_mode=OFF")  # a private copy: a crash discards it anyway
     con.execute("PRAGMA synchronous=OFF")
     con.execute("PRAGMA cache_size=-262144")
+    return con
+
+
+def _build_into(con: sqlite3.Connection, config: IndexConfig, planned: list[_Planned],
+                to_index: list[_Planned], removed: list[dict[str, Any]],
+                old: dict[str, dict[str, Any]], fresh: bool, report: BuildReport) -> None:
     flag_bits = {name: bit for name, bit in con.execute("SELECT name, bit FROM flag_bits")}
     for name in CHECKS:
         if name not in flag_bits:
@@ -454,6 +460,7 @@ def _build_into(con: sqlite3.Connection, config: IndexConfig, planned: list[_Pla
     # Pairs: one pass over every preference file when any of them changed, indexing the
     # changed ones and feeding all to the audit (cross-row flags depend on the whole corpus).
     auditor = Auditor() if pairs_touched else None
+    describer = _stats_builder() if pairs_touched and config.stats_plot else None
     labels: dict[tuple[str | None, str | None], int] = {}
     for p in planned:
         if kinds[p.name] != PAIRS or (auditor is None and p.name not in reindex):
@@ -469,6 +476,8 @@ def _build_into(con: sqlite3.Connection, config: IndexConfig, planned: list[_Pla
                 writer.add_pair(sid, c)
             if auditor is not None:
                 auditor.add(c, subset=label[0], split=label[1])
+            if describer is not None:
+                describer.add(c, subset=label[0], split=label[1])
             n += 1
         writer.flush()
         if index_it:
@@ -492,6 +501,10 @@ def _build_into(con: sqlite3.Connection, config: IndexConfig, planned: list[_Pla
     if auditor is not None:
         _apply_cross_row_flags(con, auditor, flag_bits, labels)
         report.audited = True
+    if describer is not None:
+        _store_stats(con, describer)
+    elif pairs_touched:
+        con.execute("DELETE FROM meta WHERE key IN ('stats', 'stats_png')")  # out of date
     if config.optimize:
         con.execute("INSERT INTO fts(fts) VALUES ('optimize')")
     con.execute("INSERT OR REPLACE INTO meta VALUES ('built_at', ?)", (_now(),))
@@ -511,6 +524,29 @@ def _finish_source(con: sqlite3.Connection, sid: int, n: int, p: _Planned,
     action = "rebuilt" if fresh and prev else ("changed" if prev else "new")
     kind = con.execute("SELECT kind FROM sources WHERE id = ?", (sid,)).fetchone()[0]
     report.changes.append(SourceChange(p.name, kind, action, n))
+
+
+def _stats_builder() -> Any:
+    from hhrlhf.stats import StatsBuilder
+
+    return StatsBuilder()
+
+
+def _store_stats(con: sqlite3.Connection, describer: Any) -> None:
+    """Keep hhrlhf.stats' description of the pairs and its plot (PNG bytes) in ``meta``."""
+    import tempfile
+
+    from hhrlhf.stats import plot_stats
+
+    stats = describer.result()
+    con.execute("INSERT OR REPLACE INTO meta VALUES ('stats', ?)",
+                (json.dumps(stats.to_json()),))
+    if stats.rows == 0:
+        con.execute("DELETE FROM meta WHERE key = 'stats_png'")
+        return
+    with tempfile.TemporaryDirectory() as d:
+        png = plot_stats(stats, Path(d) / "stats.png").read_bytes()
+    con.execute("INSERT OR REPLACE INTO meta VALUES ('stats_png', ?)", (png,))
 
 
 def _apply_cross_row_flags(con: sqlite3.Connection, auditor: Auditor,

@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-from scipy import stats as sps
 
 from hhrlhf.errors import HHRLHFError
 from hhrlhf.records import RedTeamAttempt
@@ -201,6 +200,8 @@ def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> Interva
     """The Wilson score interval of a binomial proportion (via scipy); NaN when n == 0."""
     if n == 0:
         return Interval(math.nan, math.nan)
+    from scipy import stats as sps  # imported when needed: a bad file fails fast without it
+
     ci = sps.binomtest(int(successes), int(n)).proportion_ci(
         confidence_level=confidence, method="wilson"
     )
@@ -212,6 +213,8 @@ def mean_interval(values: np.ndarray, confidence: float = 0.95) -> Interval:
     n = len(values)
     if n < 2:
         return Interval(math.nan, math.nan)
+    from scipy import stats as sps
+
     half = float(sps.t.ppf(0.5 + confidence / 2, n - 1) * values.std(ddof=1) / math.sqrt(n))
     m = float(values.mean())
     return Interval(m - half, m + half)
@@ -291,6 +294,8 @@ def _spearman(x: np.ndarray, y: np.ndarray, xname: str, yname: str, group: str) 
     n = len(x)
     if n < 3 or np.all(x == x[0]) or np.all(y == y[0]):
         return Correlation(xname, yname, group, n, None, None)
+    from scipy import stats as sps
+
     res = sps.spearmanr(x, y)
     return Correlation(xname, yname, group, n, float(res.statistic), float(res.pvalue))
 

