@@ -25,12 +25,14 @@ import collections
 import gzip
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,15 +54,30 @@ def build_corpus(path: Path, rows: int) -> None:
         gz.write(body)
 
 
-def timed(fn: Callable[[], object]) -> tuple[float, object]:
-    t = time.perf_counter()
+@dataclass(frozen=True)
+class Timing:
+    """Wall-clock seconds, and CPU seconds of this process and its children (all threads):
+    the CPU figure moves less than the wall clock when other work shares the cores."""
+
+    wall: float
+    cpu: float
+
+
+def _cpu() -> float:
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
+def timed(fn: Callable[[], object]) -> tuple[Timing, object]:
+    t, c = time.perf_counter(), _cpu()
     out = fn()
-    return time.perf_counter() - t, out
+    return Timing(time.perf_counter() - t, _cpu() - c), out
 
 
-def best_of(repeats: int, fn: Callable[[], object]) -> tuple[float, object]:
+def best_of(repeats: int, fn: Callable[[], object]) -> tuple[Timing, object]:
+    """The fastest of ``repeats`` runs (by wall clock)."""
     runs = [timed(fn) for _ in range(repeats)]
-    return min(r[0] for r in runs), runs[-1][1]
+    return min((r[0] for r in runs), key=lambda t: t.wall), runs[-1][1]
 
 
 def zcat(path: Path) -> int:
@@ -139,7 +156,7 @@ def datasets_load_and_split(path: Path, cache_dir: Path,
     return len(out)
 
 
-def read_table_twice(path: Path, cache: Path) -> tuple[float, float, int]:
+def read_table_twice(path: Path, cache: Path) -> tuple[Timing, Timing, int]:
     os.environ["HHRLHF_CACHE"] = str(cache)
     from hhrlhf.table import read_table
 
@@ -149,18 +166,19 @@ def read_table_twice(path: Path, cache: Path) -> tuple[float, float, int]:
     return first, second, t2.num_rows  # type: ignore[attr-defined]
 
 
-def stats_peak_rss(path: Path) -> tuple[float, float]:
-    """(seconds, peak RSS in MB) of `hhrlhf stats PATH`, measured in a wrapper process so
-    that RUSAGE_CHILDREN there covers that command alone."""
+def stats_peak_rss(path: Path) -> tuple[Timing, float]:
+    """(time, peak RSS in MB) of `hhrlhf stats PATH`, measured in a wrapper process so that
+    RUSAGE_CHILDREN there covers that command alone."""
     wrapper = (
         "import resource, subprocess, sys, time\n"
         "t = time.perf_counter()\n"
         "subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL)\n"
-        "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+        "r = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+        "print(time.perf_counter() - t, r.ru_utime + r.ru_stime, r.ru_maxrss)\n"
     )
     out = subprocess.run([sys.executable, "-c", wrapper, str(HHRLHF), "stats", str(path)],
                          check=True, capture_output=True, text=True).stdout.split()
-    return float(out[0]), int(out[1]) / 1024  # ru_maxrss is in KiB on Linux
+    return Timing(float(out[0]), float(out[1])), int(out[2]) / 1024  # ru_maxrss: KiB
 
 
 def main() -> None:
@@ -184,7 +202,7 @@ def main() -> None:
         if corpus is None:
             corpus = tmp / "corpus.jsonl.gz"
             t, _ = timed(lambda: build_corpus(corpus, args.rows))
-            print(f"built {corpus} ({args.rows:,} rows) in {t:.1f} s")
+            print(f"built {corpus} ({args.rows:,} rows) in {t.wall:.1f} s")
         size = corpus.stat().st_size
         print("settings:")
         print(f"  machine: {platform.machine()}, {os.cpu_count()} cores, Python "
@@ -207,7 +225,7 @@ def main() -> None:
             for i, cand in enumerate(DATASETS_CANDIDATES):
                 t, _ = timed(lambda i=i, cand=cand: datasets_load_and_split(  # type: ignore[misc]
                     corpus, tmp / f"hf-candidate-{i}", cand))
-                print(f"      {t:7.3f} s  keep_in_memory={cand['keep_in_memory']}, "
+                print(f"      {t.wall:7.3f} s  keep_in_memory={cand['keep_in_memory']}, "
                       f"{_SPLIT_DESCRIPTION[str(cand['split'])]}")
                 shutil.rmtree(tmp / f"hf-candidate-{i}", ignore_errors=True)
         t_zcat, _ = best_of(args.repeats, lambda: zcat(corpus))
@@ -222,7 +240,7 @@ def main() -> None:
                                                                      n_table)
 
         print()
-        print(f"{'what':<48} {'seconds':>8} {'rows/s':>10}")
+        print(f"{'what':<48} {'wall s':>8} {'CPU s':>7} {'rows/s':>10}")
         rows = [
             ("(a) zcat > /dev/null (floor)", t_zcat),
             ("(b) datasets load_dataset + rfind split", t_ds),
@@ -233,16 +251,16 @@ def main() -> None:
             ("(e) hhrlhf stats (subprocess)", t_stats),
         ]
         for name, t in rows:
-            print(f"{name:<48} {t:>8.3f} {args.rows / t:>10,.0f}")
+            print(f"{name:<48} {t.wall:>8.3f} {t.cpu:>7.2f} {args.rows / t.wall:>10,.0f}")
         print(f"(e) hhrlhf stats peak RSS: {rss_mb:.0f} MB")
         print(f"load average now {os.getloadavg()[0]:.2f} (2 cores shared: other work "
-              "inflates every figure)")
+              "inflates every wall figure)")
         print()
-        print(f"ratios: read/zcat {t_read / t_zcat:.2f}x (goal <= 2), "
-              f"read+prompt/zcat {t_prompt / t_zcat:.2f}x, "
-              f"datasets/read {t_ds / t_read:.2f}x (goal >= 4), "
-              f"datasets/read+prompt {t_ds / t_prompt:.2f}x, "
-              f"table second/first {t_second / t_first:.3f} (goal <= 0.2), "
+        print(f"ratios (wall): read/zcat {t_read.wall / t_zcat.wall:.2f}x (goal <= 2), "
+              f"read+prompt/zcat {t_prompt.wall / t_zcat.wall:.2f}x, "
+              f"datasets/read {t_ds.wall / t_read.wall:.2f}x (goal >= 4), "
+              f"datasets/read+prompt {t_ds.wall / t_prompt.wall:.2f}x, "
+              f"table second/first {t_second.wall / t_first.wall:.3f} (goal <= 0.2), "
               f"stats peak RSS {rss_mb:.0f} MB (goal <= 400)")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

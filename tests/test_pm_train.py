@@ -298,17 +298,21 @@ def test_cli_errors_are_one_line(real_file: Path, args: list[str], needle: str) 
     assert needle in r.stderr
 
 
-def test_score_command(tiny: dict[str, Path], real_file: Path, tmp_path: Path) -> None:
+def test_score_command(tiny: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                       capsys: pytest.CaptureFixture[str]) -> None:
+    import io
+
+    from hhrlhf.cli import main
+
     pm = NeuralPreferenceModel.from_backbone(str(tiny["gpt2"]), max_length=128)
     pm.save(tmp_path / "m")
     rows = [json.dumps({"text": "\n\nHuman: hi\n\nAssistant: hello", "id": "a"}),
             "Human: hi\\n\\nAssistant: hello",  # a plain line: \n escapes
             json.dumps({"chosen": "\n\nHuman: hi\n\nAssistant: hello",
                         "rejected": "\n\nHuman: hi\n\nAssistant: go away"})]
-    r = subprocess.run([sys.executable, "-m", "hhrlhf.cli", "pm", "score", str(tmp_path / "m")],
-                       input="\n".join(rows) + "\n", env=ENV, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    out = [json.loads(x) for x in r.stdout.splitlines()]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(rows) + "\n"))
+    main(["pm", "score", str(tmp_path / "m")])
+    out = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert [o["line"] for o in out] == [1, 2, 3] and out[0]["id"] == "a"
     want = pm.score_texts(["\n\nHuman: hi\n\nAssistant: hello"])[0]
     assert abs(out[0]["score"] - want) < 1e-5
@@ -317,6 +321,9 @@ def test_score_command(tiny: dict[str, Path], real_file: Path, tmp_path: Path) -
     c, rj = out[2]["chosen"], out[2]["rejected"]
     assert abs(c - want) < 1e-5 and abs(out[2]["p_chosen"] - 1 / (1 + np.exp(rj - c))) < 1e-5
 
-    bad = subprocess.run([sys.executable, "-m", "hhrlhf.cli", "pm", "score", str(tmp_path / "m")],
-                         input='{"prompt": "x"}\n', env=ENV, capture_output=True, text=True)
-    assert bad.returncode == 2 and bad.stderr.startswith("hhrlhf: error: <stdin>:1: ")
+    monkeypatch.setattr(sys, "stdin", io.StringIO('{"prompt": "x"}\n'))
+    with pytest.raises(SystemExit) as e:
+        main(["pm", "score", str(tmp_path / "m")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("hhrlhf: error: <stdin>:1: ") and \
+        err.count("\n") == 1

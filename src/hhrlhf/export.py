@@ -228,7 +228,7 @@ def _cross_row_flagger(sources: Sequence[Source]) -> Callable[[Comparison], set[
     return auditor.result().flags_of
 
 
-def export(sources: Sequence[str | Path], fmt: str, out: str | Path, *,
+def export(sources: str | Path | Sequence[str | Path], fmt: str, out: str | Path, *,
            split: str | None = None, drop: Iterable[str] = ()) -> ExportResult:
     """Write the rows of ``sources`` (subsets, ``subset/split``, paths; none: every preference
     file in the cache) in ``fmt`` to ``out``, leaving out rows flagged by a ``drop`` check.
@@ -249,7 +249,7 @@ def export(sources: Sequence[str | Path], fmt: str, out: str | Path, *,
     if out.is_dir():
         raise HHRLHFError("is a directory; give a file name", out)
     checks = parse_drop(drop)
-    names = [str(s) for s in sources]
+    names = [str(sources)] if isinstance(sources, (str, Path)) else [str(s) for s in sources]
     srcs = preference_sources(names, split)
     flags_of = (_cross_row_flagger(preference_sources(names, None))
                 if any(c in CROSS_ROW_CHECKS for c in checks) else None)

@@ -83,7 +83,12 @@ def train(sources: tuple[str, ...], config_file: str | None, assignments: tuple[
                               + ", ".join(changed))
         config = wanted
 
-    # Fail on a bad source or backbone now, not after loading torch.
+    # Fail on a bad source, backbone or run folder now, not after loading torch.
+    out = Path(config.out_dir) if config.out_dir else None
+    if out is not None and not resume and ((out / "model").exists() or any(
+            (out / "checkpoints").glob("step-*"))):
+        raise HHRLHFError("holds a run already; resume it (--resume) or choose another --out",
+                          out)
     resolve(config.data)
     if config.eval_data:
         resolve(config.eval_data)

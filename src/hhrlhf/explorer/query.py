@@ -31,7 +31,7 @@ MAX_TERMS = 32
 # Ranking by relevance (bm25) costs a little per matching row; past this many matches the
 # results come in corpus order instead (a word that common ranks nothing anyway). Said in the
 # response ("ranked": false, and a note).
-RANK_LIMIT = 10_000
+RANK_LIMIT = 5_000
 SNIPPET_TOKENS = 24
 PREVIEW_CHARS = 240
 _HIT_START, _HIT_END = "\x02", "\x03"
@@ -357,10 +357,22 @@ class ExplorerDB:
         else:
             source = "facets f"
         cond = " AND ".join(where) or "1"
+        offset = (p.page - 1) * p.per_page
         try:
-            if fts and len(where) == 1:
-                total = con.execute("SELECT count(*) FROM fts WHERE fts MATCH ?",
-                                    (fts,)).fetchone()[0]
+            ids: list[int] | None = None
+            fts_total = None
+            if fts:  # cheap: the doclists alone, no row is read
+                fts_total = con.execute("SELECT count(*) FROM fts WHERE fts MATCH ?",
+                                        (fts,)).fetchone()[0]
+            if sort == "relevance" and len(where) > 1 and fts_total <= RANK_LIMIT:
+                # Few enough matches: score the filtered ones in the same pass that counts them.
+                scored = con.execute(f"SELECT f.id, bm25(fts) FROM {source} WHERE {cond}",
+                                     args).fetchall()
+                total = len(scored)
+                scored.sort(key=lambda r: (r[1], r[0]))
+                ids = [r[0] for r in scored[offset : offset + p.per_page]]
+            elif fts and len(where) == 1:
+                total = fts_total
             else:
                 total = con.execute(f"SELECT count(*) FROM {source} WHERE {cond}",
                                     args).fetchone()[0]
@@ -377,9 +389,10 @@ class ExplorerDB:
                             "in corpus order, not ranked; add words or filters to rank them")
             else:
                 order = _ORDER_SQL[sort]
-            ids = [r[0] for r in con.execute(
-                f"SELECT f.id FROM {source} WHERE {cond} ORDER BY {order} LIMIT ? OFFSET ?",
-                [*args, p.per_page, (p.page - 1) * p.per_page])]
+            if ids is None:
+                ids = [r[0] for r in con.execute(
+                    f"SELECT f.id FROM {source} WHERE {cond} ORDER BY {order} LIMIT ? OFFSET ?",
+                    [*args, p.per_page, offset])]
             results = self._hits(con, st, ids, fts)
         except sqlite3.OperationalError as e:  # should not happen: the query is all strings
             raise QueryError(f"the search engine refused the query: {e}") from None
