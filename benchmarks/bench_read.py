@@ -119,9 +119,9 @@ def split_at_last_assistant(chosen: list[str], rejected: list[str]) -> dict[str,
 
 # The peer's settings. load_dataset's JSON reader is pyarrow's, already multithreaded; what is
 # left to choose is keep_in_memory and how to run the split. `--compare-datasets` times the
-# candidates; on 2 cores keep_in_memory=True with a batched loop over ds.iter was fastest (see
-# docs/readme/60-bench-read.md), so that is the peer.
-DATASETS_SETTINGS = {"keep_in_memory": True, "split": "iter"}
+# candidates; on 2 cores keep_in_memory=False with a batched loop over ds.iter was fastest in
+# every run (see docs/readme/60-bench-read.md), so that is the peer.
+DATASETS_SETTINGS = {"keep_in_memory": False, "split": "iter"}
 DATASETS_CANDIDATES = [
     {"keep_in_memory": True, "split": "iter"},
     {"keep_in_memory": False, "split": "iter"},
@@ -261,7 +261,8 @@ def main() -> None:
               f"datasets/read {t_ds.wall / t_read.wall:.2f}x (goal >= 4), "
               f"datasets/read+prompt {t_ds.wall / t_prompt.wall:.2f}x, "
               f"table second/first {t_second.wall / t_first.wall:.3f} (goal <= 0.2), "
-              f"stats peak RSS {rss_mb:.0f} MB (goal <= 400)")
+              f"stats peak RSS {rss_mb:.0f} MB (goal <= 400); CPU: read/zcat "
+              f"{t_read.cpu / t_zcat.cpu:.2f}x, datasets/read {t_ds.cpu / t_read.cpu:.2f}x")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -118,9 +118,11 @@ def eval_(model: str, data: tuple[str, ...], split: str, as_json: bool, plot: st
         on_baseline=(lambda b: b.save(save_baseline)) if save_baseline else None,
     )
     if plot is not None:
-        from hhrlhf.pm.calibration import plot_reliability
+        from hhrlhf.pm.calibration import Reliability, plot_reliability
 
-        curves = {m: report.calibration[m] for m in ("model", "lexical") if m in report.calibration}
+        curves: dict[str, Reliability] = {
+            m: report.calibration[m] for m in ("model", "lexical") if m in report.calibration
+        }
         plot_reliability(curves, plot, title=f"Calibration: {Path(model).name} on "
                          f"{report.pairs:,} pairs")
     if as_json:
@@ -200,7 +202,7 @@ def cv(data: tuple[str, ...], split: str, folds: int, seed: int, config_file: st
         from hhrlhf.pm.calibration import plot_reliability
 
         cal = result.pooled.calibration
-        plot_reliability({m: cal[m] for m in ("model", "lexical")}, plot,
+        plot_reliability({m: cal[m] for m in ["model", "lexical"]}, plot,
                          title=f"{folds}-fold CV, out-of-fold predictions ({len(rows):,} pairs)")
     if save_json is not None:
         _write_text_atomically(Path(save_json), json.dumps(result.to_json(), indent=2) + "\n")

@@ -34,9 +34,9 @@ WARNING_COOKIE = "hhrlhf_content_warning"
 MAX_PAGE = 100_000
 # No inline script or style anywhere: even a text that escaped escaping could not run.
 SECURITY_HEADERS = [
-    (b"content-security-policy",
-     b"default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-     b"object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'"),
+    (b"content-security-policy", (
+        b"default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        b"object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'")),
     (b"x-content-type-options", b"nosniff"),
     (b"referrer-policy", b"no-referrer"),
     (b"x-frame-options", b"DENY"),
@@ -347,7 +347,7 @@ def create_app(db_path: str | Path | None = None) -> FastAPI:
                     permalink=str(request.base_url).rstrip("/") + rt["url"])
 
     @app.get("/warning", response_class=HTMLResponse, include_in_schema=False)
-    def warning_get(request: Request, next: str = "/") -> HTMLResponse:  # noqa: A002
+    def warning_get(request: Request, next: str = "/") -> HTMLResponse:
         return page(request, "warning.html", next=_safe_next(next))
 
     @app.post("/warning", include_in_schema=False)

@@ -117,7 +117,8 @@ class BuildReport:
     audited: bool = False  # cross-row audit flags recomputed
 
     def lines(self) -> list[str]:
-        out = [f"{c.action:>9}  {c.name}  ({c.kind}, {c.rows:,} rows)" for c in self.changes]
+        out = [f"{c.action:>9}  {c.name}  ({c.kind}, {c.rows:,} row{'s' * (c.rows != 1)})"
+               for c in self.changes]
         size = self.db_path.stat().st_size if self.db_path.exists() else 0
         verb = "built" if self.wrote else "up to date"
         out.append(f"{verb}: {self.db_path} ({self.rows:,} rows, {size / 1e6:.1f} MB) "
@@ -221,11 +222,11 @@ def _plan_sources(paths: Iterable[Path], old: dict[str, dict[str, Any]]) -> list
             continue
         seen.add(key)
         prev = old.get(key)
-        name = prev["name"] if prev else _unique_name(p.name, names | _old_names(old, key))
+        name = str(prev["name"]) if prev else _unique_name(p.name, names | _old_names(old, key))
         names.add(name)
         sha = file_sha256(p)
-        kind = prev["kind"] if prev and prev["sha256"] == sha else None
-        planned.append(_Planned(name, p, None, None, kind, True, sha, p.stat().st_size))
+        known: str | None = prev["kind"] if prev and prev["sha256"] == sha else None
+        planned.append(_Planned(name, p, None, None, known, True, sha, p.stat().st_size))
     return planned
 
 

