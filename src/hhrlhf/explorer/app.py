@@ -333,8 +333,7 @@ def create_app(db_path: str | Path | None = None) -> FastAPI:
         if not warned(request):
             return warning_page(request)
         pair = db.pair(source, index)
-        return page(request, "pair.html", pair=pair,
-                    permalink=str(request.base_url).rstrip("/") + pair["url"])
+        return page(request, "pair.html", pair=pair)
 
     @app.get("/redteam/{source:path}/{index}", response_class=HTMLResponse,
              include_in_schema=False)
@@ -343,8 +342,7 @@ def create_app(db_path: str | Path | None = None) -> FastAPI:
         if not warned(request):
             return warning_page(request)
         rt = db.redteam(source, index)
-        return page(request, "redteam.html", rt=rt,
-                    permalink=str(request.base_url).rstrip("/") + rt["url"])
+        return page(request, "redteam.html", rt=rt)
 
     @app.get("/warning", response_class=HTMLResponse, include_in_schema=False)
     def warning_get(request: Request, next: str = "/") -> HTMLResponse:
