@@ -11,6 +11,7 @@ import pyarrow as pa
 import pytest
 
 from hhrlhf.errors import HHRLHFError
+from hhrlhf.fetch import file_sha256
 from hhrlhf.read import read_comparisons, resolve
 from hhrlhf.records import ROW_CHECKS, Comparison
 from hhrlhf.table import (
@@ -19,7 +20,6 @@ from hhrlhf.table import (
     arrow_to_comparisons,
     cache_path,
     comparisons_to_arrow,
-    file_sha256,
     read_table,
     tables_dir,
     to_dataset,

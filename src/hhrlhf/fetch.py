@@ -223,7 +223,8 @@ def _stamp_matches(f: DataFile, path: Path, sha: str) -> bool:
     return all(stamp.get(k) == v for k, v in _stat_key(path.stat()).items())
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes, hex: the one hash the project keys files by."""
     import pooch  # imported here: reading a verified file needs no pooch/requests import
 
     return str(pooch.file_hash(str(path), alg="sha256"))
@@ -254,7 +255,7 @@ def local_path(f: DataFile) -> Path | None:
         except ValueError as e:
             raise HHRLHFError(f"cached copy of {f.name} is damaged: {e}; delete it and run "
                               f"`{_fetch_hint(f)}`", p) from None
-        size, sha = p.stat().st_size, _sha256(p)
+        size, sha = p.stat().st_size, file_sha256(p)
         _record(f, size, sha, source=f"found in the cache at {p}")
         _stamp(f, p, sha)
         print(f"hhrlhf: note: {f.name} had no recorded hash; recorded sha256 {sha} now",
@@ -288,7 +289,7 @@ def _mismatch(path: Path, expected: tuple[int, str]) -> str | None:
     actual_size = path.stat().st_size
     if actual_size != size:
         return f"size is {actual_size:,} bytes, expected {size:,}"
-    actual = _sha256(path)
+    actual = file_sha256(path)
     if actual != sha:
         return f"SHA-256 is {actual}, expected {sha}"
     return None
@@ -494,7 +495,7 @@ def _fetch_from(f: DataFile, base: str, dest: Path, expected: tuple[int, str] | 
                 _check_gzip_whole(tmp)
             except ValueError as e:
                 raise _SourceError(f"{e} from {where}") from None
-            size, sha = tmp.stat().st_size, _sha256(tmp)
+            size, sha = tmp.stat().st_size, file_sha256(tmp)
         os.replace(tmp, dest)
         done = True
         return size, sha

@@ -30,6 +30,7 @@ import pyarrow as pa
 
 from hhrlhf import records
 from hhrlhf.errors import HHRLHFError
+from hhrlhf.fetch import file_sha256
 from hhrlhf.read import Source, read_source_comparisons, resolve
 from hhrlhf.records import ROW_CHECKS, Comparison
 from hhrlhf.registry import cache_dir
@@ -175,14 +176,6 @@ def arrow_to_comparisons(table: pa.Table | pa.RecordBatch) -> Iterator[Compariso
 
 def tables_dir() -> Path:
     return cache_dir() / "tables"
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def cache_path(source: Source, sha256: str | None = None) -> Path:

@@ -23,7 +23,6 @@ Layout (one row per pair or red-team attempt, the same ``id`` in every table):
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -37,6 +36,7 @@ from typing import Any
 
 from hhrlhf.audit import CHECKS, CROSS_ROW_CHECKS, DESCRIPTIONS, Auditor
 from hhrlhf.errors import HHRLHFError
+from hhrlhf.fetch import file_sha256
 from hhrlhf.read import Source, is_redteam_file, read_source_comparisons, read_source_redteam
 from hhrlhf.records import Comparison, RedTeamAttempt, Turn
 from hhrlhf.registry import FILES, REDTEAM_SUBSET, cache_dir
@@ -136,14 +136,6 @@ class _Planned:
     explicit: bool
     sha256: str
     size: int
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _now() -> str:
