@@ -10,11 +10,14 @@ run, for two backbones:
   decoder: a small randomly initialised Llama-shape model built here (both: reward at the
            final token; hhrlhf scores each pair's shared context once).
 
-TRL runs with its best settings for this CPU: fp32 (bf16 off), gradient checkpointing off
-(TRL turns it on by default; it only saves memory), no logging integrations, no saving, the
-data loader in the main process. It runs twice: as shipped (random order) and with the
-transformers Trainer's ``train_sampling_strategy="group_by_length"`` (length-grouped batches,
-as hhrlhf does); the speedups are against the FASTER of the two.
+TRL runs with its best settings for this CPU: fp32 (bf16 off), activation (gradient)
+checkpointing off (TRL turns it on by default; it only saves memory), no logging integrations,
+no saving, the data loader in the main process. It runs twice: as shipped (random order), and
+fed hhrlhf's own length-grouped batches in hhrlhf's order (a sequential sampler over the pairs
+laid out batch by batch): then both systems train on exactly the same pairs in the same steps,
+so the comparison isolates the implementation. (The transformers Trainer's own
+``group_by_length`` sampler pads as little, but puts the longest batch first, which biases a
+short run.) The speedups are against the FASTER of the two TRL runs.
 
 Reported per backbone: training pairs/s (wall and per CPU-second: the machine is shared, and
 CPU time moves less than wall time when other work competes), eval pairs/s and eval accuracy;
@@ -49,14 +52,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from hhrlhf.pm.config import DEFAULT_BACKBONE, TrainConfig, resolve_backbone  # noqa: E402
-from hhrlhf.pm.model import NeuralPreferenceModel, quiet_transformers  # noqa: E402
-from hhrlhf.pm.train import filter_rows, train  # noqa: E402
-from hhrlhf.read import read_comparisons  # noqa: E402
-from hhrlhf.records import Comparison  # noqa: E402
+from hhrlhf.pm.config import DEFAULT_BACKBONE, TrainConfig, resolve_backbone
+from hhrlhf.pm.model import NeuralPreferenceModel, quiet_transformers
+from hhrlhf.pm.train import filter_rows, train
+from hhrlhf.read import read_comparisons
+from hhrlhf.records import Comparison
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_FILE = ROOT.parent / "shared" / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
@@ -101,7 +104,7 @@ def run_hhrlhf(backbone: str, train_rows: list[Comparison], eval_rows: list[Comp
             "loss": m["train_loss"], "tokens_saved": m["tokens_saved"]}
 
 
-def trl_settings(args: argparse.Namespace, out: str, grouped: bool) -> Any:
+def trl_settings(args: argparse.Namespace, out: str, same_batches: bool) -> Any:
     from trl import RewardConfig
 
     return RewardConfig(
@@ -110,35 +113,44 @@ def trl_settings(args: argparse.Namespace, out: str, grouped: bool) -> Any:
         learning_rate=args.lr, lr_scheduler_type="linear", warmup_steps=args.warmup,  # dialogues
         weight_decay=0.0, max_grad_norm=1.0, seed=args.seed, data_seed=args.seed,
         bf16=False, fp16=False, use_cpu=not torch.cuda.is_available(),
-        gradient_checkpointing=False, dataloader_num_workers=0, dataloader_pin_memory=False,
+        activation_checkpointing=False, dataloader_num_workers=0, dataloader_pin_memory=False,
         report_to="none", save_strategy="no", eval_strategy="no", logging_steps=10,
         disable_tqdm=True, max_length=None,  # rows arrive tokenized and truncated already
-        train_sampling_strategy="group_by_length" if grouped else "random",
-        remove_unused_columns=not grouped,  # keep the "length" column for the sampler
+        train_sampling_strategy="sequential" if same_batches else "random",
         optim="adamw_torch_fused",
     )
 
 
+def hhrlhf_batches(pm: NeuralPreferenceModel, train_rows: list[Comparison],
+                   args: argparse.Namespace) -> list[int]:
+    """The pairs hhrlhf's train() trains on, in its order (its first epoch's batches)."""
+    from hhrlhf.pm.encode import length_grouped_batches
+
+    p = pm.encoder.encode_pairs(train_rows)
+    lengths = p.packed_len if pm.shared_context else np.maximum(p.chosen_len, p.rejected_len)
+    batches = length_grouped_batches(lengths, args.batch_size, args.seed, 0)
+    return [i for b in batches[: args.steps] for i in b]
+
+
 def run_trl(pm: NeuralPreferenceModel, train_rows: list[Comparison],
-            eval_rows: list[Comparison], args: argparse.Namespace, grouped: bool
+            eval_rows: list[Comparison], args: argparse.Namespace, same_batches: bool
             ) -> dict[str, Any]:
     from datasets import Dataset
     from trl import RewardTrainer
 
     enc = pm.encoder
+    if same_batches:
+        train_rows = [train_rows[i] for i in hhrlhf_batches(pm, train_rows, args)]
     tr, ev = enc.encode_pairs(train_rows), enc.encode_pairs(eval_rows)
 
     def dataset(p: Any) -> Any:
         c = [p.chosen(i).tolist() for i in range(len(p))]
         r = [p.rejected(i).tolist() for i in range(len(p))]
-        cols: dict[str, Any] = {"chosen_ids": c, "rejected_ids": r}
-        if grouped:
-            cols["length"] = [max(len(a), len(b)) for a, b in zip(c, r)]
-        return Dataset.from_dict(cols)
+        return Dataset.from_dict({"chosen_ids": c, "rejected_ids": r})
 
     model = copy.deepcopy(pm.reward_net.net)  # same initial weights as hhrlhf's run
     with tempfile.TemporaryDirectory() as out, quiet_transformers():
-        trainer = RewardTrainer(model=model, args=trl_settings(args, out, grouped),
+        trainer = RewardTrainer(model=model, args=trl_settings(args, out, same_batches),
                                 train_dataset=dataset(tr), eval_dataset=dataset(ev),
                                 processing_class=pm.tokenizer)
         t0, c0 = time.perf_counter(), time.process_time()
@@ -204,7 +216,7 @@ def main() -> None:
                     help="torch threads for both (1: see the module docstring)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    quick = {"steps": 8, "batch_size": 8, "max_length": 256, "eval_rows": 64, "loop_rows": 24}
+    quick = {"steps": 8, "batch_size": 8, "max_length": 256, "eval_rows": 64, "loop_rows": 48}
     full = {"steps": 40, "batch_size": 16, "max_length": 256, "eval_rows": 512,
             "loop_rows": 128}
     for k, v in (quick if args.quick else full).items():
@@ -229,12 +241,13 @@ def main() -> None:
           f"{args.max_length} (hhrlhf's truncation; TRL gets the same token ids), lr {args.lr}, "
           f"linear schedule, warm-up {args.warmup} steps, fused AdamW, fp32, dropout off, "
           f"seed {args.seed}, eval batch {args.eval_batch_size} dialogues")
-    s = trl_settings(args, tempfile.gettempdir(), grouped=True)
-    print(f"TRL {trl.__version__} RewardTrainer: bf16={s.bf16} gradient_checkpointing="
-          f"{s.gradient_checkpointing} optim={s.optim} dataloader_num_workers="
-          f"{s.dataloader_num_workers} train_sampling_strategy=random|group_by_length "
-          f"report_to={s.report_to} (both runs printed; ratios against the faster)")
-    print(f"hhrlhf: length-grouped batches, dynamic padding; decoders: shared-context packing")
+    s = trl_settings(args, tempfile.gettempdir(), same_batches=True)
+    print(f"TRL {trl.__version__} RewardTrainer: bf16={s.bf16} activation_checkpointing="
+          f"{s.activation_checkpointing} optim={s.optim.value} dataloader_num_workers="
+          f"{s.dataloader_num_workers} train_sampling_strategy=random (as shipped) | "
+          f"sequential over hhrlhf's batches; report_to={s.report_to}; ratios against the "
+          f"faster run")
+    print("hhrlhf: length-grouped batches, dynamic padding; decoders: shared-context packing")
 
     saved = token_savings(all_rows, sorted({args.max_length, 512}))
     for n, share, mean_len in saved:
@@ -252,7 +265,7 @@ def main() -> None:
                 continue
             hh = run_hhrlhf(backbone, train_rows, eval_rows, args)
             pm0 = fresh_model(backbone, args)
-            trl_runs = {g: run_trl(pm0, train_rows, eval_rows, args, grouped=g)
+            trl_runs = {g: run_trl(pm0, train_rows, eval_rows, args, same_batches=g)
                         for g in (False, True)}
             batched, single, diff = eval_loop(hh["model"], eval_rows[: args.loop_rows],
                                               args.eval_batch_size)
@@ -261,8 +274,8 @@ def main() -> None:
                   f"{hh['model'].pooling}, shared context {hh['model'].shared_context})")
             print(f"  {'':26}{'train pairs/s':>14}{'per CPU-s':>11}{'eval pairs/s':>14}"
                   f"{'eval acc':>10}")
-            rows = [("hhrlhf", hh), ("TRL (random order)", trl_runs[False]),
-                    ("TRL (group_by_length)", trl_runs[True])]
+            rows = [("hhrlhf", hh), ("TRL (as shipped)", trl_runs[False]),
+                    ("TRL (hhrlhf's batches)", trl_runs[True])]
             for label, r in rows:
                 print(f"  {label:26}{r['train_pps']:>14.2f}{r['train_ppcpu']:>11.2f}"
                       f"{r['eval_pps']:>14.2f}{r['eval_acc']:>10.3f}")

@@ -89,7 +89,8 @@ def _sigmoid(x: float) -> float:
               help="Write here (atomically) instead of stdout.")
 @click.option("--batch-size", type=int, default=32, show_default=True,
               help="Dialogues per forward pass.")
-def score(model: str, file: str, output: str | None, batch_size: int) -> None:
+@click.option("--threads", type=int, default=0, help="torch CPU threads (0: torch's default).")
+def score(model: str, file: str, output: str | None, batch_size: int, threads: int) -> None:
     """Score dialogues from FILE (or stdin) with the preference model in folder MODEL."""
     from hhrlhf.pm.base import MARKER_FILE
 
@@ -106,13 +107,13 @@ def score(model: str, file: str, output: str | None, batch_size: int) -> None:
     from hhrlhf.records import Comparison, Dialogue
 
     pm = load(folder)
-    try:
+    if getattr(pm, "kind", "") == "neural":
         import torch
 
-        if torch.cuda.is_available() and hasattr(pm, "to"):
-            pm.to("cuda")
-    except ImportError:  # a lexical model needs no torch
-        pass
+        if threads > 0:
+            torch.set_num_threads(threads)
+        if torch.cuda.is_available():
+            pm.to("cuda")  # type: ignore[attr-defined]
     where = "<stdin>" if file == "-" else file
 
     def chunks() -> Iterator[list[tuple[int, dict[str, Any]]]]:

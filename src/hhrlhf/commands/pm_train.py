@@ -15,7 +15,7 @@ import click
 from hhrlhf.errors import HHRLHFError
 
 # keys that may differ when a run is resumed: they change nothing the run computes
-_RESUME_MAY_CHANGE = {"progress", "keep_checkpoints", "save_every"}
+_RESUME_MAY_CHANGE = {"progress", "keep_checkpoints", "save_every", "threads"}
 
 
 @click.command("train")
@@ -100,13 +100,15 @@ def train(sources: tuple[str, ...], config_file: str | None, assignments: tuple[
 
     result = run_training(config, resume=resume)
     m = result.metrics
+    if not m.get("main_process", True):  # under accelerate launch / torchrun: one summary
+        return
     lines = [f"trained {m['steps']:,} steps on {m['train_pairs']:,} pairs "
              f"({m['skipped_pairs']:,} skipped), {m['pairs_per_s']:.1f} pairs/s, "
              f"pooling {m['pooling']}"
              + (f", shared context saves {m['tokens_saved']:.1%} of tokens"
                 if m["shared_context"] else ""),
-             f"train loss {m['train_loss']:.4f}, accuracy {m['train_accuracy']:.3f} "
-             f"(mean of the last {min(m['steps'], 50)} steps)"]
+             (f"train loss {m['train_loss']:.4f}, accuracy {m['train_accuracy']:.3f} "
+              f"(mean of the last {min(m['steps'], 50)} steps)")]
     if "eval_accuracy" in m:
         lines.append(f"eval loss {m['eval_loss']:.4f}, accuracy {m['eval_accuracy']:.3f} "
                      f"on {m['eval_pairs']:,} pairs")

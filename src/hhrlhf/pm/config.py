@@ -61,6 +61,7 @@ class TrainConfig:
     group_by_length: bool = True
     seed: int = 0
     mixed_precision: str = "auto"  # auto = bf16 on GPU, fp32 on CPU
+    threads: int = 0  # torch CPU threads; 0 = torch's default (one per core)
 
     # run folder, checkpoints, logging
     out_dir: str = "runs/pm"  # "" = keep nothing on disk (in-memory training)
@@ -77,7 +78,8 @@ class TrainConfig:
         for key in ("max_length", "batch_size", "grad_accum", "eval_batch_size"):
             if getattr(self, key) < 1:
                 raise bad(key, "must be at least 1")
-        for key in ("max_pairs", "eval_max_pairs", "max_steps", "save_every", "eval_every"):
+        for key in ("max_pairs", "eval_max_pairs", "max_steps", "save_every", "eval_every",
+                    "threads"):
             if getattr(self, key) < 0:
                 raise bad(key, "must be 0 or more")
         if self.keep_checkpoints < 1:
@@ -186,25 +188,23 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise HHRLHFError("no such config file", p)
-    text = p.read_text()
-    try:
-        if p.suffix in (".yaml", ".yml"):
-            import yaml
+    if p.suffix not in (".yaml", ".yml", ".toml", ".json"):
+        raise HHRLHFError("config file must end in .yaml, .yml, .toml or .json", p)
+    import yaml
 
-            data = yaml.safe_load(text)
-        elif p.suffix == ".toml":
-            try:
-                import tomllib
-            except ModuleNotFoundError:  # Python 3.10
-                import tomli as tomllib  # type: ignore[no-redef]
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+    try:
+        text = p.read_text(encoding="utf-8")
+        if p.suffix == ".toml":
             data = tomllib.loads(text)
         elif p.suffix == ".json":
             data = json.loads(text)
         else:
-            raise HHRLHFError("config file must end in .yaml, .yml, .toml or .json", p)
-    except HHRLHFError:
-        raise
-    except Exception as e:  # each parser has its own error type; all mean "not parseable"
+            data = yaml.safe_load(text)
+    except (UnicodeDecodeError, ValueError, yaml.YAMLError) as e:  # TOMLDecodeError: ValueError
         msg = " ".join(str(e).split())
         raise HHRLHFError(f"unreadable config file: {msg}", p) from None
     if data is None:

@@ -134,7 +134,8 @@ class DialogueEncoder:
         out: list[np.ndarray] = []
         for i in range(0, len(texts), _TOKENIZE_CHUNK):
             chunk = texts[i : i + _TOKENIZE_CHUNK]
-            ids = self.tokenizer(chunk, add_special_tokens=False)["input_ids"]
+            # verbose=False: turns longer than the model are expected here (truncation follows)
+            ids = self.tokenizer(chunk, add_special_tokens=False, verbose=False)["input_ids"]
             out.extend(np.asarray(x, dtype=np.int32) for x in ids)
         return out
 

@@ -91,7 +91,7 @@ class RewardNet(nn.Module):
     as :func:`collate_pairs_full`, so the loss code is one line either way.
     """
 
-    def __init__(self, net: nn.Module, pooling: str):
+    def __init__(self, net: Any, pooling: str):  # net: an AutoModelForSequenceClassification
         super().__init__()
         self.net = net
         self.pooling = pooling
@@ -113,7 +113,8 @@ class RewardNet(nn.Module):
 
     @property
     def backbone(self) -> nn.Module:
-        return self.net.base_model  # type: ignore[no-any-return]
+        base: nn.Module = self.net.base_model
+        return base
 
     @property
     def head(self) -> nn.Module:
@@ -257,7 +258,8 @@ class NeuralPreferenceModel(PreferenceModel):
         if state_dict is not None:
             net_state = {k[4:]: v for k, v in state_dict.items() if k.startswith("net.")}
         with quiet_transformers():
-            self.reward_net.net.save_pretrained(tmp, state_dict=net_state)
+            net: Any = self.reward_net.net
+            net.save_pretrained(tmp, state_dict=net_state)
             self.tokenizer.save_pretrained(tmp)
         write_marker(
             tmp, self.kind, pooling=self.pooling, max_length=self.max_length,

@@ -102,6 +102,8 @@ def train(config: TrainConfig, comparisons: Sequence[Comparison] | None = None, 
 
     config = config.validate()
     t_start = time.perf_counter()
+    if config.threads:
+        torch.set_num_threads(config.threads)
 
     # ---- run folder ------------------------------------------------------------------------
     out = Path(config.out_dir) if config.out_dir else None
@@ -119,7 +121,9 @@ def train(config: TrainConfig, comparisons: Sequence[Comparison] | None = None, 
     mixed = config.mixed_precision
     if mixed == "auto":
         mixed = "bf16" if torch.cuda.is_available() else "no"
-    accelerator = Accelerator(mixed_precision=mixed)
+    # cpu=True on a machine without a GPU: lets `accelerate launch`/torchrun run DDP over CPU
+    # processes (gloo); a single process is unaffected.
+    accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
     is_main = accelerator.is_main_process
     set_seed(config.seed)
     if out is not None and is_main:
@@ -166,8 +170,9 @@ def train(config: TrainConfig, comparisons: Sequence[Comparison] | None = None, 
             return len(self.batches)
 
     def loader(epoch: int) -> Any:
-        dl = DataLoader(range(len(pairs)), batch_sampler=EpochBatches(epoch),
-                        collate_fn=lambda idx: collate(pairs, idx, pm.pad_id))
+        dl: Any = DataLoader(range(len(pairs)),  # type: ignore[arg-type]  # indices are the data
+                             batch_sampler=EpochBatches(epoch),
+                             collate_fn=lambda idx: collate(pairs, idx, pm.pad_id))
         return accelerator.prepare(dl)
 
     batches_per_epoch = len(loader(0))  # per process, after accelerate shards the batches
@@ -292,12 +297,16 @@ def train(config: TrainConfig, comparisons: Sequence[Comparison] | None = None, 
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            if accelerator.num_processes > 1:  # the step's loss and accuracy over all processes
+                totals = accelerator.reduce(torch.tensor(
+                    [loss_sum, correct, n_pairs], dtype=torch.float64,
+                    device=accelerator.device), reduction="sum").tolist()
+                loss_sum, correct, n_pairs = totals[0], totals[1], int(totals[2])
             pairs_seen += n_pairs
             elapsed = time.perf_counter() - t_loop - paused
             record = {"step": step, "epoch": epoch, "loss": loss_sum / n_pairs,
                       "accuracy": correct / n_pairs, "lr": scheduler.get_last_lr()[0],
-                      "pairs": n_pairs * accelerator.num_processes,
-                      "pairs_per_s": pairs_seen * accelerator.num_processes / elapsed}
+                      "pairs": n_pairs, "pairs_per_s": pairs_seen / elapsed}
             log(record)
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.2f}",
@@ -338,7 +347,7 @@ def train(config: TrainConfig, comparisons: Sequence[Comparison] | None = None, 
         else 0.0,
         "pooling": pm.pooling,
         "processes": accelerator.num_processes,
-        "pairs_per_s": pairs_seen * accelerator.num_processes / max(train_seconds, 1e-9),
+        "pairs_per_s": pairs_seen / max(train_seconds, 1e-9),
         "train_seconds": train_seconds,
         "train_cpu_seconds": train_cpu_seconds,  # CPU time of this process, all threads
         "seconds": time.perf_counter() - t_start,
@@ -352,6 +361,7 @@ def train(config: TrainConfig, comparisons: Sequence[Comparison] | None = None, 
     if out is not None and is_main:
         pm.save(out / "model", state_dict=weights)
         _write_json(out / "result.json", metrics)
+    metrics["main_process"] = is_main
     pm.reward_net = accelerator.unwrap_model(model)
     pm.reward_net.eval()
     accelerator.free_memory()
