@@ -218,11 +218,10 @@ class _Sink:
 def _cross_row_flagger(sources: Sequence[Source]) -> Callable[[Comparison], set[str]]:
     """``flags_of`` of an audit of ``sources``, labelled as ``hhrlhf audit`` labels them."""
     from hhrlhf.audit import Auditor
-    from hhrlhf.commands._sources import label
 
     auditor = Auditor()
     for src in sources:
-        name = label(src)
+        name = src.label
         for c in arrow_to_comparisons(source_table(src)[0]):
             auditor.add(c, name, src.split)
     return auditor.result().flags_of
@@ -241,7 +240,7 @@ def export(sources: str | Path | Sequence[str | Path], fmt: str, out: str | Path
     from tqdm import tqdm
 
     from hhrlhf.audit import CROSS_ROW_CHECKS
-    from hhrlhf.commands._sources import preference_sources
+    from hhrlhf.read import preference_sources
 
     fmt = check_format(fmt)
     out = Path(out)

@@ -21,7 +21,14 @@ from isal import igzip_threaded, isal_zlib
 
 from hhrlhf.errors import HHRLHFError
 from hhrlhf.records import Comparison, RedTeamAttempt
-from hhrlhf.registry import REDTEAM_SUBSET, SPLITS, SUBSETS, DataFile, files_for
+from hhrlhf.registry import (
+    PREFERENCE_SUBSETS,
+    REDTEAM_SUBSET,
+    SPLITS,
+    SUBSETS,
+    DataFile,
+    files_for,
+)
 
 _READ_CHUNK = 1 << 20
 # ISA-L's "corrupt deflate data" error; not an OSError. (Its stub types it as an instance.)
@@ -39,6 +46,16 @@ class Source:
     @property
     def is_redteam(self) -> bool:
         return self.subset == REDTEAM_SUBSET
+
+    @property
+    def label(self) -> str:
+        """How this file's rows are named in reports: its subset, or for a plain file its path."""
+        return self.subset if self.subset is not None else str(self.path)
+
+    @property
+    def name(self) -> str:
+        """The label with the split: ``harmless-base/test``, or the path of a plain file."""
+        return f"{self.label}/{self.split}" if self.split else self.label
 
 
 def resolve(sources: Iterable[str | Path], split: str | None = None) -> list[Source]:
@@ -229,6 +246,32 @@ def _shape_problem(obj: dict[str, Any]) -> str:
         if type(obj[key]) is not str:
             return f"key {key!r} is {_kind(obj[key])}, not a string"
     return "bad row"
+
+
+def preference_sources(names: str | Path | Iterable[str | Path],
+                       split: str | None = None) -> list[Source]:
+    """The preference files to read: the named subsets/paths, or every one in the cache."""
+    from hhrlhf.fetch import local_path
+
+    names = [str(names)] if isinstance(names, (str, Path)) else [str(n) for n in names]
+    if not names:
+        found = [Source(p, f.subset, f.split) for f in files_for(PREFERENCE_SUBSETS, split)
+                 if (p := local_path(f)) is not None]
+        if not found:
+            raise HHRLHFError("no preference file in the cache; run `hhrlhf fetch` or name "
+                              "a subset or a file")
+        return found
+    if any(n.partition("/")[0] == REDTEAM_SUBSET for n in names):
+        raise HHRLHFError(f"{REDTEAM_SUBSET} holds no preference rows; use `hhrlhf redteam`")
+    return resolve(names, split)
+
+
+def iter_labelled(sources: Iterable[Source]) -> Iterator[tuple[Comparison, str, str | None]]:
+    """(record, subset label, split) for every row of every source, streamed."""
+    for src in sources:
+        name = src.label
+        for c in read_source_comparisons(src):
+            yield c, name, src.split
 
 
 def read_comparisons(sources: str | Path | Iterable[str | Path],

@@ -31,7 +31,7 @@ import pyarrow as pa
 from hhrlhf import records
 from hhrlhf.errors import HHRLHFError
 from hhrlhf.fetch import file_sha256
-from hhrlhf.read import Source, read_source_comparisons, resolve
+from hhrlhf.read import Source, preference_sources, read_source_comparisons
 from hhrlhf.records import ROW_CHECKS, Comparison
 from hhrlhf.registry import cache_dir
 
@@ -249,14 +249,6 @@ def _remove_stale(current: Path) -> None:
     for p in current.parent.glob(f"{stem}.v*.arrow"):
         if p != current:
             p.unlink(missing_ok=True)
-
-
-def preference_sources(sources: str | Path | Iterable[str | Path],
-                       split: str | None = None) -> list[Source]:
-    """The preference files behind subset names and paths (red-team files are skipped)."""
-    if isinstance(sources, (str, Path)):
-        sources = [sources]
-    return [s for s in resolve(sources, split) if not s.is_redteam]
 
 
 def read_table(sources: str | Path | Iterable[str | Path], split: str | None = None, *,

@@ -6,7 +6,7 @@ import click
 import orjson
 
 from hhrlhf.audit import CHECKS, DESCRIPTIONS, Auditor, AuditResult, parse_check_names
-from hhrlhf.commands._sources import iter_labelled, label, preference_sources
+from hhrlhf.read import iter_labelled, preference_sources
 from hhrlhf.registry import SPLITS
 
 
@@ -63,7 +63,7 @@ def audit(sources: tuple[str, ...], split: str | None, as_json: bool,
             auditor.add(c, subset, sp)
             bar.update()
     result = auditor.result()
-    names = [label(s) + (f"/{s.split}" if s.split else "") for s in srcs]
+    names = [s.name for s in srcs]
     if as_json:
         click.echo(orjson.dumps(result.to_json()).decode())
     else:

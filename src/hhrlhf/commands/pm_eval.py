@@ -10,17 +10,9 @@ from pathlib import Path
 import click
 
 from hhrlhf.errors import HHRLHFError
-from hhrlhf.read import Source
 from hhrlhf.records import Comparison
 
 SPLIT_CHOICES = ("test", "train", "all")
-
-
-def _source_label(src: Source) -> str:
-    """"subset/split" for a cached file, else the path as given."""
-    if src.subset is not None:
-        return f"{src.subset}/{src.split}" if src.split else src.subset
-    return str(src.path)
 
 
 def read_labelled(
@@ -28,13 +20,12 @@ def read_labelled(
 ) -> tuple[list[Comparison], list[str]]:
     """Rows of the named subsets/files (default: every cached preference file of ``split``),
     each with the label of its source; at most ``max_pairs`` in all when > 0."""
-    from hhrlhf.commands._sources import preference_sources
-    from hhrlhf.read import read_source_comparisons
+    from hhrlhf.read import preference_sources, read_source_comparisons
 
     rows: list[Comparison] = []
     labels: list[str] = []
     for src in preference_sources(list(names), None if split == "all" else split):
-        name = _source_label(src)
+        name = src.name
         for c in read_source_comparisons(src):
             if max_pairs and len(rows) >= max_pairs:
                 break

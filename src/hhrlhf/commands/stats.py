@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 import orjson
 
-from hhrlhf.commands._sources import iter_labelled, label, preference_sources
+from hhrlhf.read import iter_labelled, preference_sources
 from hhrlhf.registry import SPLITS
 
 
@@ -49,7 +49,7 @@ def stats(sources: tuple[str, ...], split: str | None, as_json: bool, plot_path:
     if as_json:
         click.echo(orjson.dumps(result.to_json()).decode())
     else:
-        names = [label(s) + (f"/{s.split}" if s.split else "") for s in srcs]
+        names = [s.name for s in srcs]
         click.echo(format_text(result, names))
         if plot_path is not None:
             click.echo(f"\nplot: {plot_path}")

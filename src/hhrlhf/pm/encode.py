@@ -315,6 +315,7 @@ def length_grouped_batches(lengths: np.ndarray, batch_size: int, seed: int, epoc
                            group: bool = True, mega: int = 50) -> list[list[int]]:
     """Batches for one epoch: shuffled, then sorted by length within windows of ``mega``
     batches (so a batch holds similar lengths and pads little), batches shuffled again.
+    Every batch is full but the last one of the epoch.
 
     Deterministic in (seed, epoch): a resumed run sees the same order."""
     rng = np.random.default_rng([seed, epoch])
@@ -328,8 +329,9 @@ def length_grouped_batches(lengths: np.ndarray, batch_size: int, seed: int, epoc
         order = np.concatenate(parts) if parts else order
     batches = [order[i : i + batch_size].tolist() for i in range(0, len(order), batch_size)]
     if group:
-        perm = rng.permutation(len(batches))
-        batches = [batches[p] for p in perm]
+        full = len(batches) - (1 if len(order) % batch_size else 0)
+        perm = rng.permutation(full)
+        batches = [batches[p] for p in perm] + batches[full:]
     return batches
 
 

@@ -397,9 +397,7 @@ def evaluate(
         pm = LexicalPreferenceModel.fit(train, lexical_config)
         if on_baseline is not None:
             on_baseline(pm)
-        scores["lexical"] = from_scores(
-            "lexical", *pm.score_pairs(rows)
-        )
+        scores["lexical"] = from_scores("lexical", *pm.score_pairs(rows))
         descriptions["lexical"] = (f"lexical PM trained on {baseline_name or 'the given set'} "
                                    f"({len(train):,} pairs)")
     else:

@@ -58,11 +58,6 @@ class RedTeamPart:
     figures: dict[str, str] = field(default_factory=dict)  # file name -> data: URI
 
 
-def _label(src: Source) -> str:
-    name = src.subset if src.subset is not None else str(src.path)
-    return name + (f"/{src.split}" if src.split else "")
-
-
 def collect_sources(names: Sequence[str]) -> tuple[list[Source], list[Source]]:
     """(preference sources, red-team sources): the named ones, or all of the cache."""
     from hhrlhf.fetch import local_path
@@ -132,7 +127,7 @@ def preference_part(sources: list[Source], tmp: Path, cfg: ReportConfig) -> Pref
             "more": max(0, info["count"] - REFS_PER_CHECK),
             "examples": examples.get(name, []),
         })
-    return PreferencePart([_label(s) for s in sources], stats.to_json(), audit_json, checks,
+    return PreferencePart([s.name for s in sources], stats.to_json(), audit_json, checks,
                           figure)
 
 
@@ -141,7 +136,7 @@ def redteam_part(source: Source, tmp: Path, cfg: ReportConfig, n: int = 0) -> Re
     from hhrlhf.redteam.analysis import RedTeamConfig, analyse
     from hhrlhf.redteam.plots import write_figures
 
-    name = _label(source)
+    name = source.name
     records = list(read_source_redteam(source))
     a = analyse(records, RedTeamConfig(threshold=cfg.threshold, top_k=cfg.top_k), source=name)
     out = tmp / f"redteam-{n}"
