@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
-
 import click
+
+from hhrlhf.cli import LazyGroup
 
 SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "train": ("hhrlhf.commands.pm_train", "train", "Train a preference model (Bradley-Terry)."),
@@ -14,21 +14,6 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
 }
 
 
-class _LazyPM(click.Group):
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        return list(SUBCOMMANDS)
-
-    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        if name not in SUBCOMMANDS:
-            return None
-        module, attr, _ = SUBCOMMANDS[name]
-        return getattr(importlib.import_module(module), attr)  # type: ignore[no-any-return]
-
-    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        with formatter.section("Commands"):
-            formatter.write_dl([(n, h) for n, (_, _, h) in SUBCOMMANDS.items()])
-
-
-@click.group(cls=_LazyPM)
+@click.group(cls=LazyGroup, lazy=SUBCOMMANDS)
 def pm() -> None:
     """Train, evaluate and score preference models."""
