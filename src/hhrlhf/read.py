@@ -8,7 +8,6 @@ object per line or one JSON array. Bad input raises :class:`HHRLHFError` naming 
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import sys
 from collections.abc import Iterable, Iterator
@@ -30,7 +29,6 @@ from hhrlhf.registry import (
     files_for,
 )
 
-_READ_CHUNK = 1 << 20
 # ISA-L's "corrupt deflate data" error; not an OSError. (Its stub types it as an instance.)
 _IsalError = cast("type[Exception]", isal_zlib.IsalError)
 
@@ -144,9 +142,8 @@ def _peek_first_char(fh: IO[bytes]) -> bytes:
 
 
 def _iter_lines(path: Path, fh: IO[bytes]) -> Iterator[tuple[int, Any]]:
-    reader = io.BufferedReader(fh, buffer_size=_READ_CHUNK) if not hasattr(fh, "peek") else fh
     loads = orjson.loads
-    for lineno, line in enumerate(reader, 1):
+    for lineno, line in enumerate(fh, 1):  # both openers give buffered binary readers
         if not line.strip():
             continue
         try:
@@ -199,15 +196,10 @@ def _iter_array(path: Path, data: bytes) -> Iterator[tuple[int, Any]]:
                           line_at(pos))
 
 
-def _rows(source: Source) -> Iterator[tuple[int, Any]]:
-    return iter_json_rows(source.path)
-
-
 def read_source_comparisons(source: Source) -> Iterator[Comparison]:
     """Every preference row of one file as a :class:`Comparison`, in file order."""
     from_strings = Comparison.from_strings
-    index = 0
-    for lineno, obj in _rows(source):
+    for index, (lineno, obj) in enumerate(iter_json_rows(source.path)):
         if type(obj) is not dict:
             raise HHRLHFError(
                 f"expected an object with 'chosen' and 'rejected', got {_kind(obj)}",
@@ -219,12 +211,11 @@ def read_source_comparisons(source: Source) -> Iterator[Comparison]:
             raise HHRLHFError(_shape_problem(obj), source.path, lineno)
         yield from_strings(chosen, rejected, subset=source.subset, split=source.split,
                            index=index, line=lineno)
-        index += 1
 
 
 def read_source_redteam(source: Source) -> Iterator[RedTeamAttempt]:
     """Every red-team row of one file as a :class:`RedTeamAttempt`, in file order."""
-    for index, (lineno, obj) in enumerate(_rows(source)):
+    for index, (lineno, obj) in enumerate(iter_json_rows(source.path)):
         try:
             yield RedTeamAttempt.from_json(obj, index=index, line=lineno)
         except ValueError as e:
@@ -253,17 +244,17 @@ def preference_sources(names: str | Path | Iterable[str | Path],
     """The preference files to read: the named subsets/paths, or every one in the cache."""
     from hhrlhf.fetch import local_path
 
-    names = [str(names)] if isinstance(names, (str, Path)) else [str(n) for n in names]
-    if not names:
+    wanted = [str(names)] if isinstance(names, (str, Path)) else [str(n) for n in names]
+    if not wanted:
         found = [Source(p, f.subset, f.split) for f in files_for(PREFERENCE_SUBSETS, split)
                  if (p := local_path(f)) is not None]
         if not found:
             raise HHRLHFError("no preference file in the cache; run `hhrlhf fetch` or name "
                               "a subset or a file")
         return found
-    if any(n.partition("/")[0] == REDTEAM_SUBSET for n in names):
+    if any(n.partition("/")[0] == REDTEAM_SUBSET for n in wanted):
         raise HHRLHFError(f"{REDTEAM_SUBSET} holds no preference rows; use `hhrlhf redteam`")
-    return resolve(names, split)
+    return resolve(wanted, split)
 
 
 def iter_labelled(sources: Iterable[Source]) -> Iterator[tuple[Comparison, str, str | None]]:
