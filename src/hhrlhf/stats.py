@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from hhrlhf.atomic import save_figure
 from hhrlhf.audit import prompt_text
 from hhrlhf.errors import HHRLHFError
 from hhrlhf.records import Comparison
@@ -332,16 +332,7 @@ def plot_stats(stats: Stats, path: str | Path) -> Path:
     ax.set_xlabel("% of rows with a longer response")
 
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=".stats-", suffix=".png", dir=out.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, out)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out
+    return save_figure(fig, out, dpi=100)
 
 
 def _short(name: str, width: int = 32) -> str:

@@ -19,9 +19,7 @@ per source file in ``registry.cache_dir()/tables/``:
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from hhrlhf import records
+from hhrlhf.atomic import atomic_path
 from hhrlhf.errors import HHRLHFError
 from hhrlhf.fetch import file_sha256
 from hhrlhf.read import Source, preference_sources, read_source_comparisons
@@ -192,16 +191,9 @@ def _read_ipc(path: Path) -> pa.Table:
 
 
 def _write_ipc_atomic(table: pa.Table, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh, pa.ipc.new_stream(fh, SCHEMA) as writer:
-            writer.write_table(table, max_chunksize=BATCH_ROWS)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache is a plain shared file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh, \
+            pa.ipc.new_stream(fh, SCHEMA) as writer:
+        writer.write_table(table, max_chunksize=BATCH_ROWS)
 
 
 def _parse_source(source: Source) -> pa.Table:

@@ -6,8 +6,6 @@ reader never sees half a PNG.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
+from hhrlhf.atomic import save_figure
 from hhrlhf.redteam.analysis import MODEL_TYPE_LABELS, RedTeamAnalysis
 
 # One colour and marker per model type, kept across figures.
@@ -46,18 +45,7 @@ def _label(mt: str) -> str:
 
 
 def _save(fig: Figure, path: Path, dpi: int = 110) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name, suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=dpi, format="png", bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    finally:
-        plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=dpi, bbox_inches="tight")
 
 
 def _by_size(a: RedTeamAnalysis, value: str, path: Path, ylabel: str, title: str) -> Path:

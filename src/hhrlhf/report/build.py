@@ -16,7 +16,6 @@ from __future__ import annotations
 import base64
 import datetime as _dt
 import math
-import os
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -24,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hhrlhf.atomic import write_text
 from hhrlhf.errors import HHRLHFError
 from hhrlhf.read import Source, is_redteam_file, read_source_comparisons, resolve
 from hhrlhf.registry import PREFERENCE_SUBSETS, REDTEAM_SUBSET, files_for
@@ -178,19 +178,6 @@ def render(pref: PreferencePart | None, red: list[RedTeamPart], cfg: ReportConfi
     )
 
 
-def write_atomic(text: str, out: Path) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
-
-
 def build_report(sources: Sequence[str] = (), out: str | Path = "report.html",
                  config: ReportConfig | None = None) -> Path:
     """Write the report of the named sources (or of the cache) to ``out``; returns its path."""
@@ -204,4 +191,4 @@ def build_report(sources: Sequence[str] = (), out: str | Path = "report.html",
         pref = preference_part(pref_srcs, tmp, cfg) if pref_srcs else None
         red = [redteam_part(s, tmp, cfg, i) for i, s in enumerate(red_srcs)]
         html = render(pref, red, cfg)
-    return write_atomic(html, out)
+    return write_text(out, html)
