@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from hhrlhf.atomic import write_text
 from hhrlhf.errors import HHRLHFError
 from hhrlhf.records import Comparison
 
@@ -34,20 +35,6 @@ def read_labelled(
     if not rows:
         raise HHRLHFError("no preference pairs in " + (", ".join(names) or "the cache"))
     return rows, labels
-
-
-def _write_text_atomically(path: Path, text: str) -> None:
-    import os
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _emit_json(obj: object) -> None:
@@ -196,7 +183,7 @@ def cv(data: tuple[str, ...], split: str, folds: int, seed: int, config_file: st
         plot_reliability({m: cal[m] for m in ["model", "lexical"]}, plot,
                          title=f"{folds}-fold CV, out-of-fold predictions ({len(rows):,} pairs)")
     if save_json is not None:
-        _write_text_atomically(Path(save_json), json.dumps(result.to_json(), indent=2) + "\n")
+        write_text(Path(save_json), json.dumps(result.to_json(), indent=2) + "\n")
     if as_json:
         _emit_json(result.to_json())
     else:

@@ -12,14 +12,13 @@ diagram is the paper's ("P(the higher-scored response is preferred)" on 0.5..1) 
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from hhrlhf.atomic import save_figure
 from hhrlhf.errors import HHRLHFError
 
 DEFAULT_BINS = 10
@@ -174,14 +173,4 @@ def plot_reliability(
     hax.set_ylabel("predictions")
     hax.grid(alpha=0.3)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".png", dir=out.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=110)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    finally:
-        plt.close(fig)
-    return out
+    return save_figure(fig, out, dpi=110)

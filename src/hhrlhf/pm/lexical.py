@@ -48,7 +48,7 @@ _LENGTH_SCALE = 10.0
 @dataclass(frozen=True)
 class LexicalConfig:
     """How to featurise and fit. The defaults were chosen by 2-fold cross-fitting on
-    harmless-base/test (see docs/readme/42-pm-eval.md)."""
+    harmless-base/test (see the README, "Evaluating preference models")."""
 
     n_features: int = 2**18  # hashed n-gram buckets per block
     ngram_max: int = 2  # word n-grams of 1..ngram_max
