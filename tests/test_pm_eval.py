@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from hhrlhf.audit import prompt_text
 from hhrlhf.errors import HHRLHFError
 from hhrlhf.pm import base
 from hhrlhf.pm.calibration import (
@@ -29,7 +30,6 @@ from hhrlhf.pm.eval import (
     longer_wins,
     pair_outcomes,
     prompt_folds,
-    prompt_key,
     without_prompts_of,
 )
 from hhrlhf.pm.lexical import LexicalConfig, LexicalPreferenceModel
@@ -166,7 +166,7 @@ def test_prompt_folds_keep_a_prompt_in_one_fold(real_rows: list[Comparison]) -> 
     fold = prompt_folds(rows, 5, seed=0)
     by_prompt: dict[str, set[int]] = {}
     for c, f in zip(rows, fold):
-        by_prompt.setdefault(prompt_key(c), set()).add(int(f))
+        by_prompt.setdefault(prompt_text(c), set()).add(int(f))
     assert all(len(s) == 1 for s in by_prompt.values())
     sizes = np.bincount(fold, minlength=5)
     assert sizes.sum() == 340 and sizes.min() >= 60
@@ -182,7 +182,7 @@ def test_baseline_training_rows_never_share_a_prompt_with_evaluated_rows(
     evaluated = real_rows[:100]
     kept, dropped = without_prompts_of(real_rows[50:400], evaluated)
     assert dropped == 50 and len(kept) == 300
-    assert not {prompt_key(c) for c in kept} & {prompt_key(c) for c in evaluated}
+    assert not {prompt_text(c) for c in kept} & {prompt_text(c) for c in evaluated}
 
 
 # -- the lexical PM -------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from hhrlhf.audit import prompt_text  # the one definition of "the same prompt"
 from hhrlhf.errors import HHRLHFError
 from hhrlhf.pm.base import PreferenceModel
 from hhrlhf.pm.calibration import (
@@ -29,7 +30,7 @@ from hhrlhf.pm.calibration import (
     pair_reliability,
     sigmoid,
 )
-from hhrlhf.records import HUMAN, Comparison, render_turns
+from hhrlhf.records import HUMAN, Comparison
 
 METHODS: tuple[str, ...] = ("model", "lexical", "longer", "chance")
 TURN_BUCKETS: tuple[str, ...] = ("1", "2", "3", "4", "5+")
@@ -128,11 +129,6 @@ def chance(comparisons: Sequence[Comparison]) -> MethodScores:
 # -- folds grouped by prompt, and the lexical baseline --------------------------------------
 
 
-def prompt_key(c: Comparison) -> str:
-    """What makes two rows "the same prompt": the chosen side's turns before the final one."""
-    return c.chosen_dialogue.preamble + render_turns(c.prompt)
-
-
 def prompt_folds(comparisons: Sequence[Comparison], folds: int, seed: int = 0) -> np.ndarray:
     """Fold number (0..folds-1) per row; rows sharing a prompt always share a fold.
 
@@ -142,7 +138,7 @@ def prompt_folds(comparisons: Sequence[Comparison], folds: int, seed: int = 0) -
 
     if folds < 2:
         raise HHRLHFError(f"need at least 2 folds, got {folds}")
-    keys = [prompt_key(c) for c in comparisons]
+    keys = [prompt_text(c) for c in comparisons]
     n_groups = len(set(keys))
     if n_groups < folds:
         raise HHRLHFError(
@@ -180,11 +176,11 @@ def without_prompts_of(
     train: Iterable[Comparison], evaluated: Sequence[Comparison]
 ) -> tuple[list[Comparison], int]:
     """Training rows minus those sharing a prompt with an evaluated row; and how many went."""
-    seen = {prompt_key(c) for c in evaluated}
+    seen = {prompt_text(c) for c in evaluated}
     kept: list[Comparison] = []
     dropped = 0
     for c in train:
-        if prompt_key(c) in seen:
+        if prompt_text(c) in seen:
             dropped += 1
         else:
             kept.append(c)
