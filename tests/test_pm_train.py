@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from hhrlhf.errors import HHRLHFError
+from hhrlhf.pm import load
 from hhrlhf.pm.config import TrainConfig, load_config, resolve_backbone
 from hhrlhf.pm.encode import collate_packed, collate_pairs_full
 from hhrlhf.pm.model import NeuralPreferenceModel
@@ -40,13 +41,18 @@ def _one_thread() -> object:
 
 
 def _tiny_configs() -> dict[str, object]:
-    from transformers import BertConfig, GPT2Config, LlamaConfig
+    from transformers import BertConfig, GPT2Config, LlamaConfig, Qwen2Config
 
     vocab = 30522  # the MiniLM tokenizer's
     return {
         "gpt2": GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=2, n_positions=512),
         "llama": LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
                              num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                             max_position_embeddings=512),
+        # grouped-query attention (4 query heads share 2 key/value heads); a larger vocabulary
+        # since transformers loads a Qwen2 tokenizer class on the MiniLM vocabulary (+1 token)
+        "qwen2": Qwen2Config(vocab_size=30600, hidden_size=32, intermediate_size=64,
+                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                              max_position_embeddings=512),
         "bert": BertConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
                            num_hidden_layers=2, num_attention_heads=2,
@@ -150,6 +156,55 @@ def test_shared_context_scores_equal_full_sequences(tiny: dict[str, Path],
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
 
 
+def _loss_grads(pm: NeuralPreferenceModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    net = pm.reward_net
+    net.train()
+    net.zero_grad()
+    c, r = net(batch).chunk(2)
+    torch.nn.functional.logsigmoid(c - r).mean().neg().backward()
+    return torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None])
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_last_layer_readout_changes_nothing_but_speed(tiny: dict[str, Path],
+                                                      real_rows: list[Comparison], arch: str,
+                                                      attn: str) -> None:
+    """The last layer run only at the read-out positions gives the scores and gradients of
+    the whole last layer, packed or not."""
+    fast = NeuralPreferenceModel.from_backbone(str(tiny[arch]), max_length=192,
+                                               attn_implementation=attn)
+    full = NeuralPreferenceModel.from_backbone(str(tiny[arch]), max_length=192,
+                                               attn_implementation=attn,
+                                               last_layer_readout=False)
+    full.reward_net.load_state_dict(fast.reward_net.state_dict())  # same value head
+    assert fast.reward_net.readout == ("gpt2" if arch == "gpt2" else "llama")
+    assert full.reward_net.readout is None
+    pairs = fast.encoder.encode_pairs(real_rows[:32])
+    for packed in (True, False):
+        a = fast.score_encoded_pairs(pairs, batch_size=16, shared_context=packed)
+        b = full.score_encoded_pairs(pairs, batch_size=16, shared_context=packed)
+        np.testing.assert_allclose(a[0], b[0], rtol=0, atol=2e-6)
+        np.testing.assert_allclose(a[1], b[1], rtol=0, atol=2e-6)
+        assert np.std(b[0]) > 1e-4
+        collate = collate_packed if packed else collate_pairs_full
+        grads = [_loss_grads(m, collate(pairs, list(range(8)), m.pad_id)) for m in (fast, full)]
+        assert grads[0].shape == grads[1].shape
+        torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+        assert grads[1].abs().max() > 1e-3  # the gradients are not all zero
+
+
+def test_last_layer_readout_is_off_where_it_cannot_apply(tiny: dict[str, Path]) -> None:
+    bert = NeuralPreferenceModel.from_backbone(str(tiny["bert"]), max_length=64,
+                                               pooling="cls")
+    assert bert.reward_net.readout is None  # an encoder: every position feeds the pooling
+    mean = NeuralPreferenceModel.from_backbone(str(tiny["gpt2"]), max_length=64,
+                                               pooling="mean")
+    assert mean.reward_net.readout is None  # mean pooling reads every position
+    c, r = mean.score_pairs(_toy_pairs(4, seed=0))
+    assert np.isfinite(c).all() and np.isfinite(r).all()
+
+
 def test_truncation_keeps_the_end_and_never_cuts_a_response_silently(tiny: dict[str, Path]
                                                                       ) -> None:
     pm = NeuralPreferenceModel.from_backbone(str(tiny["bert"]), max_length=30)
@@ -225,6 +280,27 @@ def test_resume_after_sigkill_ends_with_the_same_metrics(tiny: dict[str, Path],
     for (ka, va), (kb, vb) in zip(sa.reward_net.state_dict().items(),
                                   sb.reward_net.state_dict().items()):
         assert ka == kb and torch.equal(va, vb)
+
+
+def test_two_processes_train_with_ddp_on_cpu(tiny: dict[str, Path], real_file: Path,
+                                            tmp_path: Path) -> None:
+    """torchrun, 2 CPU processes (gloo): accelerate wraps the model in DDP. Shared context and
+    the last-layer readout must leave no parameter without a gradient (DDP would fail)."""
+    out = tmp_path / "ddp"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "hhrlhf.cli", "pm", "train", str(real_file), "--backbone", str(tiny["llama"]),
+         "--eval", str(real_file), "--max-pairs", "64", "--set", "eval_max_pairs=16",
+         "--max-steps", "3", "--batch-size", "4", "--max-length", "96", "--out", str(out),
+         "--quiet"], env=ENV, capture_output=True, text=True, check=False, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "result.json").read_text())
+    assert result["processes"] == 2 and result["steps"] == 3
+    assert result["eval_pairs"] == 16 and result["shared_context"] is True
+    steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["pairs"] for r in steps if "loss" in r] == [8, 8, 8]  # 4 per process
+    c, r = load(out / "model").score_pairs(_toy_pairs(4, seed=0))
+    assert np.isfinite(c).all() and np.isfinite(r).all()
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "bert"])

@@ -47,6 +47,7 @@ class TrainConfig:
     attn_implementation: str = "sdpa"
     disable_dropout: bool = True
     shared_context: bool = True  # decoders: score both responses of a pair in one packed row
+    last_layer_readout: bool = True  # decoders: the last layer only where the reward is read
 
     # optimisation
     batch_size: int = 16  # pairs per process per step (before gradient accumulation)

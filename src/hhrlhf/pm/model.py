@@ -16,6 +16,9 @@ row ``[context, chosen, rejected]`` with a block-causal mask and position ids th
 rejected branch after the context (see :func:`hhrlhf.pm.encode.collate_packed`). The context is
 computed once and each response attends to it and to itself only, so the scores equal those of
 the two full sequences (held equal in the tests), at fewer tokens.
+
+Read-out-only last layer (decoders): the last layer runs in full only for its keys and values;
+the rest of it runs at the read-out positions alone (see :mod:`hhrlhf.pm.readout`).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from hhrlhf.pm.encode import (
     collate_sequences,
     sorted_batches,
 )
+from hhrlhf.pm.readout import readout, readout_family
 from hhrlhf.records import Comparison, Dialogue
 
 
@@ -91,10 +95,15 @@ class RewardNet(nn.Module):
     as :func:`collate_pairs_full`, so the loss code is one line either way.
     """
 
-    def __init__(self, net: Any, pooling: str):  # net: an AutoModelForSequenceClassification
+    def __init__(self, net: Any, pooling: str, last_layer_readout: bool = True):
+        # net: an AutoModelForSequenceClassification
         super().__init__()
         self.net = net
         self.pooling = pooling
+        # the readout family, or None: the last layer runs in full at every position
+        self.readout = readout_family(self.backbone) if (
+            last_layer_readout and pooling == "last") else None
+        self._no_cache = {"use_cache": False} if is_decoder_config(net.config) else {}
         if pooling in ("mean", "last") and not isinstance(self.head, nn.Linear):
             raise HHRLHFError(f"pooling={pooling} needs a linear value head; this backbone's "
                               f"is {type(self.head).__name__}: use pooling=cls")
@@ -125,30 +134,49 @@ class RewardNet(nn.Module):
         raise HHRLHFError(f"{type(self.net).__name__} has no value head (score/classifier)")
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        if "mask" in batch:  # packed pairs
+        if "mask" in batch:  # packed pairs: read at the chosen and the rejected final token
             mask = batch["mask"]
-            if getattr(self.net.config, "_attn_implementation", "sdpa") == "eager":
-                dtype = next(self.parameters()).dtype
-                mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
-                    ~mask, torch.finfo(dtype).min)
-            h = self.backbone(input_ids=batch["input_ids"], attention_mask=mask,
-                              position_ids=batch["position_ids"], use_cache=False
-                              ).last_hidden_state
-            rows = torch.arange(h.shape[0], device=h.device)
-            picked = torch.cat([h[rows, batch["idx_chosen"]], h[rows, batch["idx_rejected"]]])
-            return self.head(picked).squeeze(-1).float()
+            select = torch.stack([batch["idx_chosen"], batch["idx_rejected"]], dim=1)  # (B, 2)
+            rows = torch.arange(mask.shape[0], device=mask.device)[:, None]
+            h = self._read(select, mask[rows, 0, select][:, None], input_ids=batch["input_ids"],
+                           attention_mask=self._backbone_mask(mask),
+                           position_ids=batch["position_ids"])
+            return self.head(torch.cat([h[:, 0], h[:, 1]])).squeeze(-1).float()
         if self.pooling == "cls":
             return self.net(input_ids=batch["input_ids"],  # type: ignore[no-any-return]
                             attention_mask=batch["attention_mask"]).logits[:, 0].float()
-        extra = {"use_cache": False} if is_decoder_config(self.net.config) else {}
-        h = self.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                          **extra).last_hidden_state
-        if self.pooling == "last":
-            pooled = h[torch.arange(h.shape[0], device=h.device), batch["last"]]
+        if self.pooling == "last":  # right-padded rows: the final token sees every real one
+            last = batch["last"]
+            width = batch["input_ids"].shape[1]
+            keys = torch.arange(width, device=last.device)[None, :] <= last[:, None]
+            pooled = self._read(last[:, None], keys[:, None, None, :],
+                                input_ids=batch["input_ids"],
+                                attention_mask=batch["attention_mask"])[:, 0]
         else:  # mean over the real tokens
+            h = self.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                              **self._no_cache).last_hidden_state
             m = batch["attention_mask"].unsqueeze(-1).to(h.dtype)
             pooled = (h * m).sum(1) / m.sum(1).clamp(min=1)
         return self.head(pooled).squeeze(-1).float()
+
+    def _read(self, select: torch.Tensor, keys: torch.Tensor, **inputs: torch.Tensor
+              ) -> torch.Tensor:
+        """Final hidden states at ``select`` (B, S) -> (B, S, d); ``keys`` (B, 1, S, T) bool:
+        what each of those positions attends to. The last layer runs only there when the
+        backbone allows it (:mod:`hhrlhf.pm.readout`)."""
+        if self.readout is not None:
+            return readout(self.backbone, self.readout, select=select, keys=keys, **inputs)
+        h = self.backbone(**inputs, **self._no_cache).last_hidden_state
+        rows = torch.arange(h.shape[0], device=h.device)[:, None]
+        return h[rows, select]  # type: ignore[no-any-return]
+
+    def _backbone_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """A boolean 4D mask as the backbone's attention takes it (eager: additive floats)."""
+        if getattr(self.net.config, "_attn_implementation", "sdpa") != "eager":
+            return mask
+        dtype = next(self.parameters()).dtype
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
+            ~mask, torch.finfo(dtype).min)
 
 
 class NeuralPreferenceModel(PreferenceModel):
@@ -187,8 +215,8 @@ class NeuralPreferenceModel(PreferenceModel):
     @classmethod
     def from_backbone(cls, backbone: str, *, tokenizer: str = "", pooling: str = "auto",
                       max_length: int = 512, attn_implementation: str = "sdpa",
-                      disable_dropout: bool = True, shared_context: bool = True
-                      ) -> NeuralPreferenceModel:
+                      disable_dropout: bool = True, shared_context: bool = True,
+                      last_layer_readout: bool = True) -> NeuralPreferenceModel:
         """A fresh value head on a pretrained (or randomly initialised, saved) backbone."""
         from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -223,7 +251,8 @@ class NeuralPreferenceModel(PreferenceModel):
             for m in net.modules():
                 if isinstance(m, nn.Dropout):
                     m.p = 0.0
-        return cls(RewardNet(net, pooling), tok, max_length, shared_context)
+        return cls(RewardNet(net, pooling, last_layer_readout), tok, max_length,
+                   shared_context)
 
     @classmethod
     def _load(cls, folder: Path) -> NeuralPreferenceModel:

@@ -92,7 +92,7 @@ def train(config: TrainConfig, comparisons: Sequence[Comparison] | None = None, 
     import torch
     import torch.nn.functional as F
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedType, set_seed
     from torch.utils.data import DataLoader, Sampler
     from tqdm import tqdm
     from transformers import get_scheduler
@@ -148,7 +148,12 @@ def train(config: TrainConfig, comparisons: Sequence[Comparison] | None = None, 
     pm = NeuralPreferenceModel.from_backbone(
         config.backbone, tokenizer=config.tokenizer, pooling=config.pooling,
         max_length=config.max_length, attn_implementation=config.attn_implementation,
-        disable_dropout=config.disable_dropout, shared_context=config.shared_context)
+        disable_dropout=config.disable_dropout, shared_context=config.shared_context,
+        last_layer_readout=config.last_layer_readout)
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        # Sharded weights are gathered only inside each layer's own forward; the read-out
+        # calls the last layer's parts directly, so it runs in full there.
+        pm.reward_net.readout = None
     pm.to(accelerator.device)
     pairs = pm.encoder.encode_pairs(train_rows)
     eval_pairs = pm.encoder.encode_pairs(eval_rows) if eval_rows else None
