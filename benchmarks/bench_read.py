@@ -120,7 +120,7 @@ def split_at_last_assistant(chosen: list[str], rejected: list[str]) -> dict[str,
 # The peer's settings. load_dataset's JSON reader is pyarrow's, already multithreaded; what is
 # left to choose is keep_in_memory and how to run the split. `--compare-datasets` times the
 # candidates; on 2 cores keep_in_memory=False with a batched loop over ds.iter was fastest in
-# every run (see docs/readme/60-bench-read.md), so that is the peer.
+# every run (see the README, "Benchmark: reading"), so that is the peer.
 DATASETS_SETTINGS = {"keep_in_memory": False, "split": "iter"}
 DATASETS_CANDIDATES = [
     {"keep_in_memory": True, "split": "iter"},
