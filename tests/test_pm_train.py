@@ -119,6 +119,15 @@ def test_loss_decreases_on_a_learnable_set(tiny: dict[str, Path]) -> None:
     assert (c > r).mean() >= 0.95
 
 
+def _loss_grads(pm: NeuralPreferenceModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    net = pm.reward_net
+    net.train()
+    net.zero_grad()
+    c, r = net(batch).chunk(2)
+    torch.nn.functional.logsigmoid(c - r).mean().neg().backward()
+    return torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None])
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_shared_context_scores_equal_full_sequences(tiny: dict[str, Path],
@@ -143,26 +152,9 @@ def test_shared_context_scores_equal_full_sequences(tiny: dict[str, Path],
     np.testing.assert_allclose(alone[whole], full[0][whole], rtol=0, atol=2e-5)
 
     # gradients through the packed row equal those through the two full rows
-    net = pm.reward_net
-    net.train()
-    grads = []
-    for batch in (collate_packed(pairs, list(range(8)), pm.pad_id),
-                  collate_pairs_full(pairs, list(range(8)), pm.pad_id)):
-        net.zero_grad()
-        c, r = net(batch).chunk(2)
-        torch.nn.functional.logsigmoid(c - r).mean().neg().backward()
-        grads.append(torch.cat([p.grad.flatten() for p in net.parameters()
-                                if p.grad is not None]))
+    grads = [_loss_grads(pm, collate(pairs, list(range(8)), pm.pad_id))
+             for collate in (collate_packed, collate_pairs_full)]
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
-
-
-def _loss_grads(pm: NeuralPreferenceModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    net = pm.reward_net
-    net.train()
-    net.zero_grad()
-    c, r = net(batch).chunk(2)
-    torch.nn.functional.logsigmoid(c - r).mean().neg().backward()
-    return torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None])
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2"])

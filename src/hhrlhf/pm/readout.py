@@ -95,7 +95,8 @@ def readout(backbone: nn.Module, family: str, *, select: torch.Tensor, keys: tor
     backbone is called with (``input_ids``, ``attention_mask``, ``position_ids``...).
     """
     layers, final_norm = _layers(backbone, family)
-    handle = layers[-1].register_forward_pre_hook(_stop, with_kwargs=True)
+    last = layers[-1]
+    handle = last.register_forward_pre_hook(_stop, with_kwargs=True)
     try:
         backbone(**inputs, use_cache=False)
         raise AssertionError("the backbone never reached its last layer")
@@ -103,7 +104,6 @@ def readout(backbone: nn.Module, family: str, *, select: torch.Tensor, keys: tor
         hidden, kwargs = reached.hidden, reached.kwargs
     finally:
         handle.remove()
-    last = layers[-1]
     if family == "llama":
         out = _llama_layer(last, hidden, kwargs["position_embeddings"], select, keys)
     else:

@@ -149,11 +149,10 @@ def train(config: TrainConfig, comparisons: Sequence[Comparison] | None = None, 
         config.backbone, tokenizer=config.tokenizer, pooling=config.pooling,
         max_length=config.max_length, attn_implementation=config.attn_implementation,
         disable_dropout=config.disable_dropout, shared_context=config.shared_context,
-        last_layer_readout=config.last_layer_readout)
-    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        # Sharded weights are gathered only inside each layer's own forward; the read-out
-        # calls the last layer's parts directly, so it runs in full there.
-        pm.reward_net.readout = None
+        # Sharded weights (FSDP, DeepSpeed) are gathered only inside each layer's own forward;
+        # the read-out calls the last layer's parts directly, so it runs in full there.
+        last_layer_readout=config.last_layer_readout and accelerator.distributed_type not in (
+            DistributedType.FSDP, DistributedType.DEEPSPEED))
     pm.to(accelerator.device)
     pairs = pm.encoder.encode_pairs(train_rows)
     eval_pairs = pm.encoder.encode_pairs(eval_rows) if eval_rows else None
