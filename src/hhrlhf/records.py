@@ -282,6 +282,13 @@ def parse_num_params(text: str) -> int:
     return round(float(t[:-1]) * _PARAM_SUFFIX[t[-1].upper()])
 
 
+class MalformedRow(ValueError):
+    """A row whose fields break the file's schema (a field missing or of the wrong type).
+
+    A ValueError, not a TypeError: it is bad data in a file, not a programming mistake, and
+    the readers turn it into a one-line error naming the file and line."""
+
+
 REDTEAM_FIELDS: tuple[str, ...] = (
     "transcript",
     "min_harmlessness_score_transcript",
@@ -316,23 +323,23 @@ class RedTeamAttempt:
 
     @classmethod
     def from_json(cls, obj: Any, *, index: int = 0, line: int = 0) -> RedTeamAttempt:
-        """Build from one decoded JSON object; raises ValueError naming what is wrong."""
+        """Build from one decoded JSON object; raises MalformedRow naming what is wrong."""
         if not isinstance(obj, dict):
-            raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+            raise MalformedRow(f"expected a JSON object, got {type(obj).__name__}")
         missing = [k for k in REDTEAM_FIELDS if k not in obj]
         if missing:
-            raise ValueError(f"missing field(s): {', '.join(missing)}")
+            raise MalformedRow(f"missing field(s): {', '.join(missing)}")
         transcript = obj["transcript"]
         if not isinstance(transcript, str):
-            raise ValueError("field 'transcript' is not a string")
+            raise MalformedRow("field 'transcript' is not a string")
         tags = obj["tags"]
         if tags is not None:
             if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
-                raise ValueError("field 'tags' is neither null nor a list of strings")
+                raise MalformedRow("field 'tags' is neither null nor a list of strings")
             tags = tuple(tags)
         num_params = obj["num_params"]
         if not isinstance(num_params, str):
-            raise ValueError("field 'num_params' is not a string")
+            raise MalformedRow("field 'num_params' is not a string")
         return cls(
             index=index,
             transcript=Dialogue.parse(transcript),
@@ -370,25 +377,25 @@ class RedTeamAttempt:
 def _number(obj: dict[str, Any], key: str) -> float:
     v = obj[key]
     if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise ValueError(f"field {key!r} is not a number: {v!r}")
+        raise MalformedRow(f"field {key!r} is not a number: {v!r}")
     return float(v)
 
 
 def _string(obj: dict[str, Any], key: str) -> str:
     v = obj[key]
     if not isinstance(v, str):
-        raise ValueError(f"field {key!r} is not a string: {v!r}")
+        raise MalformedRow(f"field {key!r} is not a string: {v!r}")
     return v
 
 
 def _bool(obj: dict[str, Any], key: str) -> bool:
     v = obj[key]
     if not isinstance(v, bool):
-        raise ValueError(f"field {key!r} is not true/false: {v!r}")
+        raise MalformedRow(f"field {key!r} is not true/false: {v!r}")
     return v
 
 
 def _member_id(v: Any) -> int | str:
     if isinstance(v, bool) or not isinstance(v, (int, str)):
-        raise ValueError(f"field 'red_team_member_id' is neither a number nor a string: {v!r}")
+        raise MalformedRow(f"field 'red_team_member_id' is neither a number nor a string: {v!r}")
     return v

@@ -33,7 +33,7 @@ _RESUME_MAY_CHANGE = {"progress", "keep_checkpoints", "save_every", "threads"}
 @click.option("--lr", type=float, help="Peak learning rate.")
 @click.option("--max-length", type=int, help="Tokens per dialogue (the end is kept).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def train(sources: tuple[str, ...], config_file: str | None, assignments: tuple[str, ...],
           out_dir: str | None, backbone: str | None, eval_data: tuple[str, ...],
           max_steps: int | None, max_pairs: int | None, batch_size: int | None,
@@ -112,6 +112,9 @@ def train(sources: tuple[str, ...], config_file: str | None, assignments: tuple[
     if "eval_accuracy" in m:
         lines.append(f"eval loss {m['eval_loss']:.4f}, accuracy {m['eval_accuracy']:.3f} "
                      f"on {m['eval_pairs']:,} pairs")
+    if m.get("shared_context_off"):
+        lines.append(f"note: shared-context scoring is off, {m['shared_context_off']}: each "
+                     "pair is scored as two full rows")
     if m["truncated_responses"]:
         lines.append(f"note: {m['truncated_responses']:,} final responses longer than "
                      f"max_length={config.max_length} were cut")

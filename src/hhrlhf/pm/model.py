@@ -79,6 +79,39 @@ def is_decoder_config(config: Any) -> bool:
     return mt in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and mt not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 
+# Decoder families whose attention takes a packed row's 4D mask and position ids as given, so
+# that a packed [context, chosen, rejected] row scores exactly as the two full rows (each one
+# checked in tests/test_pm_train.py). Others place tokens by their index in the row instead:
+# ALiBi biases (bloom, mpt, falcon with alibi) or a local window inside the layer (gpt_neo);
+# packing would change their scores, so they, and families not checked yet, score full rows.
+PACKABLE = frozenset({
+    "gpt2", "gpt_bigcode", "gptj", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "gemma",
+    "gemma2", "gemma3_text", "phi", "phi3", "stablelm", "olmo2", "opt", "falcon",
+})
+
+
+def packing_problem(config: Any, max_length: int) -> str | None:
+    """Why packing would change this decoder's scores (so pairs score as two full rows), or
+    None when a packed row is exact."""
+    mt = config.model_type
+    if mt not in PACKABLE:
+        return f"{mt} is not among the families checked to take a packed row's mask as given"
+    if getattr(config, "alibi", False):
+        return f"{mt} with ALiBi places tokens by their index in the row"
+    attn = getattr(config, "_attn_implementation", "sdpa")
+    if attn not in ("sdpa", "eager"):
+        return f"attention {attn} takes no custom 4D mask"
+    # A sliding window is not applied to a custom 4D mask. It never bites in the full rows when
+    # it spans max_length tokens, and then the packed row (no window) scores the same.
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    used = getattr(config, "use_sliding_window", True) is not False and (
+        types is None or any("sliding" in str(t) for t in types))
+    if window and used and int(window) < max_length:
+        return f"its sliding window ({window} tokens) is shorter than max_length {max_length}"
+    return None
+
+
 def _zero_dropout(config: Any) -> None:
     # Every float setting named like a dropout (hidden_dropout_prob, attn_pdrop, attention_dropout
     # ...) to 0, before the model is built: covers attention kernels that read the config value.
@@ -192,10 +225,12 @@ class NeuralPreferenceModel(PreferenceModel):
         self.max_length = int(max_length)
         self.encoder = DialogueEncoder(tokenizer, max_length)
         self.is_decoder = is_decoder_config(reward_net.net.config)
-        attn = getattr(reward_net.net.config, "_attn_implementation", "sdpa")
-        # Packing needs a custom 4D mask: eager and sdpa accept one, flash kernels do not.
-        self.shared_context = bool(shared_context and self.is_decoder
-                                   and reward_net.pooling == "last" and attn in ("sdpa", "eager"))
+        # Why a decoder's pairs cannot be packed exactly (None: they can). Encoders never pack:
+        # they attend both ways, so the two sides of a pair share nothing.
+        self.packing_problem = packing_problem(reward_net.net.config, self.max_length) if (
+            self.is_decoder and reward_net.pooling == "last") else None
+        self.shared_context = bool(shared_context and self.is_decoder and reward_net.pooling
+                                   == "last" and self.packing_problem is None)
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else 0)
 
@@ -214,7 +249,7 @@ class NeuralPreferenceModel(PreferenceModel):
     # -- building and loading ----------------------------------------------------------------
     @classmethod
     def from_backbone(cls, backbone: str, *, tokenizer: str = "", pooling: str = "auto",
-                      max_length: int = 512, attn_implementation: str = "sdpa",
+                      max_length: int = 512, attn_implementation: str = "auto",
                       disable_dropout: bool = True, shared_context: bool = True,
                       last_layer_readout: bool = True) -> NeuralPreferenceModel:
         """A fresh value head on a pretrained (or randomly initialised, saved) backbone."""
@@ -231,9 +266,11 @@ class NeuralPreferenceModel(PreferenceModel):
                 if tok.pad_token is None:  # GPT-2 style tokenizers: pad with EOS (never read)
                     tok.pad_token = tok.eos_token or tok.unk_token
                 config.pad_token_id = tok.pad_token_id
+                # "auto": transformers' choice, sdpa where the model has it, else eager
                 net = AutoModelForSequenceClassification.from_pretrained(
-                    source, config=config, attn_implementation=attn_implementation,
-                    dtype=torch.float32)
+                    source, config=config, dtype=torch.float32,
+                    attn_implementation=None if attn_implementation == "auto"
+                    else attn_implementation)
         except (OSError, ValueError, KeyError) as e:
             msg = " ".join(str(e).split())[:300]
             raise HHRLHFError(f"cannot load backbone {backbone!r}: {msg}") from None
@@ -330,6 +367,11 @@ class NeuralPreferenceModel(PreferenceModel):
         """Scores of pairs encoded already. ``net``: the same RewardNet as wrapped for
         training (DDP/FSDP), to score through the wrapper."""
         packed = self.shared_context if shared_context is None else shared_context
+        if packed and not (self.is_decoder and self.pooling == "last"
+                           and self.packing_problem is None):
+            raise HHRLHFError("shared-context scoring would change this model's scores: "
+                              + (self.packing_problem or "it is not a decoder read at the "
+                                 "final token"))
         n = len(pairs)
         chosen = np.zeros(n, dtype=np.float32)
         rejected = np.zeros(n, dtype=np.float32)

@@ -347,6 +347,8 @@ def train(config: TrainConfig, comparisons: Sequence[Comparison] | None = None, 
         "truncated_responses": int(pairs.truncated_response.sum()),
         "context_cut_pairs": int(pairs.context_cut.sum()),
         "shared_context": packed,
+        # why a decoder asked to pack scores full rows instead (packing would change its scores)
+        "shared_context_off": pm.packing_problem if config.shared_context else None,
         "tokens_saved": float(1 - pairs.packed_len.sum() / pairs.full_len.sum()) if packed
         else 0.0,
         "pooling": pm.pooling,
