@@ -11,7 +11,9 @@ run, for two backbones:
            final token; hhrlhf scores each pair's shared context once and runs the last layer
            only where the reward is read; ``--no-readout`` turns the latter off).
 
-TRL runs with its best settings for this CPU: fp32 (bf16 off), activation (gradient)
+Precision is the same for both: fp32 on a CPU (TRL's bf16 off: bf16 autocast is slow on CPUs
+without bf16 units), bf16 autocast on a GPU (TRL's bf16 on, hhrlhf's mixed_precision bf16; the
+scoring loops too). TRL runs with its best settings otherwise: activation (gradient)
 checkpointing off (TRL turns it on by default; it only saves memory), no logging integrations,
 no saving, the data loader in the main process. It runs twice: as shipped (random order), and
 fed hhrlhf's own length-grouped batches in hhrlhf's order (a sequential sampler over the pairs
@@ -65,6 +67,9 @@ from hhrlhf.read import read_comparisons
 from hhrlhf.records import Comparison
 
 ROOT = Path(__file__).resolve().parents[1]
+# One precision for both systems: bf16 autocast on a GPU, fp32 on a CPU.
+ON_GPU = torch.cuda.is_available()
+PRECISION = "bf16" if ON_GPU else "fp32"
 REAL_FILE = ROOT.parent / "shared" / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
 
 
@@ -97,6 +102,7 @@ def run_hhrlhf(backbone: str, train_rows: list[Comparison], eval_rows: list[Comp
                       batch_size=args.batch_size, lr=args.lr, max_length=args.max_length,
                       warmup_ratio=args.warmup / args.steps, eval_batch_size=args.eval_batch_size,
                       seed=args.seed, progress=False, skip_flags=[],
+                      mixed_precision="bf16" if PRECISION == "bf16" else "no",
                       last_layer_readout=not args.no_readout)
     t0 = time.perf_counter()
     res = train(cfg, train_rows, eval_comparisons=eval_rows)
@@ -116,7 +122,7 @@ def trl_settings(args: argparse.Namespace, out: str, same_batches: bool) -> Any:
         per_device_eval_batch_size=args.eval_batch_size // 2,  # hhrlhf: eval_batch_size
         learning_rate=args.lr, lr_scheduler_type="linear", warmup_steps=args.warmup,  # dialogues
         weight_decay=0.0, max_grad_norm=1.0, seed=args.seed, data_seed=args.seed,
-        bf16=False, fp16=False, use_cpu=not torch.cuda.is_available(),
+        bf16=PRECISION == "bf16", fp16=False, use_cpu=not ON_GPU,
         activation_checkpointing=False, dataloader_num_workers=0, dataloader_pin_memory=False,
         report_to="none", save_strategy="no", eval_strategy="no", logging_steps=10,
         disable_tqdm=True, max_length=None,  # rows arrive tokenized and truncated already
@@ -185,9 +191,10 @@ def eval_loop(pm: NeuralPreferenceModel, rows: list[Comparison], batch_size: int
     net, base = pm.reward_net.net, pm.reward_net.net.base_model
     t0 = time.perf_counter()
     plain = []
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=ON_GPU):
         for d in dialogues:
-            ids = torch.from_numpy(pm.encoder.encode_dialogues([d]).row(0).astype(np.int64))[None]
+            ids = torch.from_numpy(pm.encoder.encode_dialogues([d]).row(0).astype(np.int64))
+            ids = ids[None].to(pm.device)
             if pm.pooling == "mean":  # the documented transformers recipe for pooling "mean"
                 s = net.classifier(base(input_ids=ids).last_hidden_state.mean(1))[0, 0]
             else:
@@ -298,13 +305,14 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers "
           f"{transformers.__version__}, trl {trl.__version__}; load average at start "
-          f"{os.getloadavg()[0]:.1f} (the machine is shared with other work)")
+          f"{os.getloadavg()[0]:.1f} (the machine is shared with other work)"
+          + (f"; GPU {torch.cuda.get_device_name(0)}" if ON_GPU else ""))
     print(f"data: {args.data}: {len(all_rows):,} pairs ({skipped} with identical responses "
           f"dropped); train on {len(train_rows):,}, evaluate on {len(eval_rows):,} others")
     print(f"both: steps {args.steps}, batch {args.batch_size} pairs, max_length "
           f"{args.max_length} (hhrlhf's truncation; TRL gets the same token ids), lr {args.lr}, "
-          f"linear schedule, warm-up {args.warmup} steps, fused AdamW, fp32, dropout off, "
-          f"seed {args.seed}, eval batch {args.eval_batch_size} dialogues")
+          f"linear schedule, warm-up {args.warmup} steps, fused AdamW, {PRECISION}, dropout "
+          f"off, seed {args.seed}, eval batch {args.eval_batch_size} dialogues")
     s = trl_settings(args, tempfile.gettempdir(), same_batches=True)
     print(f"TRL {trl.__version__} RewardTrainer: bf16={s.bf16} activation_checkpointing="
           f"{s.activation_checkpointing} optim={s.optim.value} dataloader_num_workers="
