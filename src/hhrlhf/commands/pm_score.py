@@ -107,13 +107,10 @@ def score(model: str, file: str, output: str | None, batch_size: int, threads: i
     from hhrlhf.records import Comparison, Dialogue
 
     pm = load(folder)
-    if getattr(pm, "kind", "") == "neural":
+    if getattr(pm, "kind", "") == "neural" and threads > 0:
         import torch
 
-        if threads > 0:
-            torch.set_num_threads(threads)
-        if torch.cuda.is_available():
-            pm.to("cuda")  # type: ignore[attr-defined]
+        torch.set_num_threads(threads)
     where = "<stdin>" if file == "-" else file
 
     def chunks() -> Iterator[list[tuple[int, dict[str, Any]]]]:

@@ -308,8 +308,10 @@ class NeuralPreferenceModel(PreferenceModel):
             msg = " ".join(str(e).split())[:300]
             raise HHRLHFError(f"cannot load model: {msg}", folder) from None
         net.eval()
-        return cls(RewardNet(net, marker["pooling"]), tok, marker["max_length"],
-                   marker.get("shared_context", True))
+        pm = cls(RewardNet(net, marker["pooling"]), tok, marker["max_length"],
+                 marker.get("shared_context", True))
+        # scoring where it is fastest: `hhrlhf pm score`, `pm eval` and the API alike
+        return pm.to("cuda") if torch.cuda.is_available() else pm
 
     def save(self, path: str | Path, state_dict: dict[str, Any] | None = None) -> None:
         """A transformers folder (config, weights, tokenizer) plus ``hhrlhf_pm.json``; atomic.
