@@ -169,15 +169,14 @@ def _family_configs() -> dict[str, tuple[object, bool]]:
     c = {"vocab_size": v, "num_hidden_layers": 2, "max_position_embeddings": 512}
     gqa = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
            "num_key_value_heads": 1, **c}
+    tiny = _tiny_configs()
     return {
-        "gpt2": (T.GPT2Config(vocab_size=v, n_embd=32, n_layer=2, n_head=2), True),
+        **{name: (tiny[name], True) for name in ("gpt2", "llama", "qwen2")},
         "gpt_bigcode": (T.GPTBigCodeConfig(vocab_size=v, n_embd=32, n_layer=2, n_head=2), True),
         "gptj": (T.GPTJConfig(vocab_size=v, n_embd=32, n_layer=2, n_head=2, rotary_dim=8), True),
         "gpt_neox": (T.GPTNeoXConfig(hidden_size=32, intermediate_size=64,
                                      num_attention_heads=2, **c), True),  # Pythia
-        "llama": (T.LlamaConfig(**gqa), True),
         "mistral": (T.MistralConfig(sliding_window=128, **gqa), True),  # window = max_length
-        "qwen2": (T.Qwen2Config(**gqa), True),
         "qwen3": (T.Qwen3Config(head_dim=16, **gqa), True),
         "gemma": (T.GemmaConfig(head_dim=16, **gqa), True),
         "gemma2": (T.Gemma2Config(head_dim=16, sliding_window=512, **gqa), True),

@@ -225,18 +225,23 @@ class NeuralPreferenceModel(PreferenceModel):
         self.max_length = int(max_length)
         self.encoder = DialogueEncoder(tokenizer, max_length)
         self.is_decoder = is_decoder_config(reward_net.net.config)
-        # Why a decoder's pairs cannot be packed exactly (None: they can). Encoders never pack:
-        # they attend both ways, so the two sides of a pair share nothing.
+        # Why a decoder read at the final token cannot pack its pairs exactly (None: it can, or
+        # the model is no such decoder).
         self.packing_problem = packing_problem(reward_net.net.config, self.max_length) if (
             self.is_decoder and reward_net.pooling == "last") else None
-        self.shared_context = bool(shared_context and self.is_decoder and reward_net.pooling
-                                   == "last" and self.packing_problem is None)
+        self.shared_context = bool(shared_context and self.packs_exactly)
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else 0)
 
     @property
     def pooling(self) -> str:
         return self.reward_net.pooling
+
+    @property
+    def packs_exactly(self) -> bool:
+        """Whether a packed pair scores as its two full rows. Only a decoder read at the final
+        token can pack: an encoder attends both ways, so the two sides share nothing."""
+        return self.is_decoder and self.pooling == "last" and self.packing_problem is None
 
     @property
     def device(self) -> torch.device:
@@ -373,8 +378,7 @@ class NeuralPreferenceModel(PreferenceModel):
         """Scores of pairs encoded already. ``net``: the same RewardNet as wrapped for
         training (DDP/FSDP), to score through the wrapper."""
         packed = self.shared_context if shared_context is None else shared_context
-        if packed and not (self.is_decoder and self.pooling == "last"
-                           and self.packing_problem is None):
+        if packed and not self.packs_exactly:
             raise HHRLHFError("shared-context scoring would change this model's scores: "
                               + (self.packing_problem or "it is not a decoder read at the "
                                  "final token"))
