@@ -484,6 +484,11 @@ def test_an_encoder_decoder_backbone_is_refused_clearly(tmp_path: Path) -> None:
         tmp_path)
     with pytest.raises(HHRLHFError, match=r"is an encoder-decoder \(t5\)"):
         NeuralPreferenceModel.from_backbone(str(tmp_path))
+    # and a run refused so leaves no run folder behind
+    with pytest.raises(HHRLHFError, match="encoder-decoder"):
+        train(TrainConfig(backbone=str(tmp_path), out_dir=str(tmp_path / "run"),
+                          progress=False), _toy_pairs(4, seed=0))
+    assert not (tmp_path / "run").exists()
 
 
 def test_score_command(tiny: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

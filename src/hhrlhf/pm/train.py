@@ -126,9 +126,6 @@ def train(config: TrainConfig, comparisons: Sequence[Comparison] | None = None, 
     accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
     is_main = accelerator.is_main_process
     set_seed(config.seed)
-    if out is not None and is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        _write_json(out / "config.json", config.to_dict())
 
     # ---- data ----------------------------------------------------------------------------
     if comparisons is None:
@@ -156,6 +153,10 @@ def train(config: TrainConfig, comparisons: Sequence[Comparison] | None = None, 
     pm.to(accelerator.device)
     pairs = pm.encoder.encode_pairs(train_rows)
     eval_pairs = pm.encoder.encode_pairs(eval_rows) if eval_rows else None
+    # The run folder appears once data and model have loaded: a bad row or backbone leaves none.
+    if out is not None and is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(out / "config.json", config.to_dict())
     packed = pm.shared_context
     lengths = pairs.packed_len if packed else np.maximum(pairs.chosen_len, pairs.rejected_len)
     collate = collate_packed if packed else collate_pairs_full
