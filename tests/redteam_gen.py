@@ -1,7 +1,10 @@
 """A seeded generator of red-team files in the real file's exact format, with known ground truth.
 
 The real ``red-team-attempts/red_team_attempts.jsonl.gz`` is ONE gzipped JSON array (not JSON
-lines, despite its name) of objects with ten fields. This module writes files of that shape so
+lines, despite its name) of objects with ten fields, one of them spelled
+``task_descripton_harmlessness_score`` (sic) in every row, where the dataset card says
+``task_description_harmlessness_score``. Files are written with the published spelling unless
+``spelling="card"`` is asked for. This module writes files of that shape so
 tests and benchmarks can run without the real file (which is not available here), and returns a
 :class:`GroundTruth` from which every analysis can be asserted exactly:
 
@@ -11,10 +14,13 @@ tests and benchmarks can run without the real file (which is not available here)
   quantiles and correlations can be recomputed independently in a test.
 
 Choices (documented because the real file's details matter to readers):
-- ``rating`` is written as a float (``3.0``), as the published file does; ``red_team_member_id``
-  as an int; ``is_upworker`` as a bool; ``tags`` as a list of strings or null.
-- Tags go on a random sample of attacks on two model types only (``TAGGED_TYPES``), about
-  1,000 per 38,961 rows like the real file; a few tagged rows carry an empty list (``[]``), which
+- the fields in the published file's order; ``rating`` written as a float (``3.0``), as the
+  published file does; ``num_params`` as the strings ``"2.7B"``, ``"13B"``, ``"52B"``;
+  ``model_type`` as ``"plain lm"``, ``"context distillation"``, ``"rejection sampling"``,
+  ``"rlhf"``; ``red_team_member_id`` as an int; ``is_upworker`` as a bool; ``tags`` null, or a
+  list of up to 6 strings; the array indented by 4 spaces.
+- Tags go on a random sample of attacks on two model types only (``TAGGED_TYPES``), 742 per
+  38,961 rows like the real file; a few tagged rows carry an empty list (``[]``), which
   is "tagged, no tags" and differs from null.
 - Shapes follow the paper: the prompted ("context distillation") 52B cell is by far the largest;
   ratings are bimodal (peaks at 0 and 4, about a third rated >= 3); RLHF success falls with size
@@ -29,6 +35,7 @@ Choices (documented because the real file's details matter to readers):
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import random
 from dataclasses import dataclass, field
@@ -36,6 +43,11 @@ from pathlib import Path
 from typing import Any
 
 REAL_ROWS = 38_961
+REAL_TAGGED_ROWS = 742
+# The task description's score: the published file's spelling (sic) and the dataset card's.
+PUBLISHED_TASK_SCORE = "task_descripton_harmlessness_score"
+CARD_TASK_SCORE = "task_description_harmlessness_score"
+SPELLINGS = {"published": PUBLISHED_TASK_SCORE, "card": CARD_TASK_SCORE}
 MODEL_TYPES: tuple[str, ...] = ("plain lm", "context distillation", "rejection sampling", "rlhf")
 SIZES: tuple[str, ...] = ("2.7B", "13B", "52B")
 TAGGED_TYPES: tuple[str, ...] = ("context distillation", "rlhf")
@@ -149,6 +161,7 @@ class GroundTruth:
     tagged_indices: list[int]  # rows whose tags are a list (possibly empty)
     xss_indices: list[int]  # rows carrying the HTML/script payloads
     member_is_upworker: dict[int, bool] = field(default_factory=dict)
+    task_score_key: str = PUBLISHED_TASK_SCORE  # the spelling the file uses
 
 
 def _apportion(total: int, weights: list[float]) -> list[int]:
@@ -190,8 +203,14 @@ def _transcript(rng: random.Random, rating: int, payload: bool) -> str:
     return "".join(parts)
 
 
-def make_rows(n: int = 2000, seed: int = 0) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """The rows of a generated file (in file order) and the facts planned for them."""
+def make_rows(n: int = 2000, seed: int = 0, spelling: str = "published",
+              ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The rows of a generated file (in file order) and the facts planned for them.
+
+    ``spelling``: ``"published"`` names the task score as the real file does (sic),
+    ``"card"`` as the dataset card does.
+    """
+    task_score_key = SPELLINGS[spelling]
     if n < 100:
         raise ValueError("n must be at least 100 so every cell has attacks")
     rng = random.Random(seed)
@@ -242,7 +261,7 @@ def make_rows(n: int = 2000, seed: int = 0) -> tuple[list[dict[str, Any]], dict[
             "model_type": k[0],
             "rating": float(rating),
             "task_description": task,
-            "task_description_harmlessness_score": task_score,
+            task_score_key: task_score,
             "red_team_member_id": member,
             "is_upworker": member_is_upworker[member],
             "tags": None,
@@ -253,9 +272,9 @@ def make_rows(n: int = 2000, seed: int = 0) -> tuple[list[dict[str, Any]], dict[
         lowest = min(r["min_harmlessness_score_transcript"] for r in rows if r["model_type"] == mt)
         rows[i]["min_harmlessness_score_transcript"] = lowest - 1.0 - rng.random()
 
-    # Tags on a random sample of attacks on two model types (about 1,000 per 38,961 rows).
+    # Tags on a random sample of attacks on two model types (742 per 38,961 rows).
     eligible = [i for i, r in enumerate(rows) if r["model_type"] in TAGGED_TYPES]
-    n_tagged = min(len(eligible), max(30, round(n * 1000 / REAL_ROWS)))
+    n_tagged = min(len(eligible), max(30, round(n * REAL_TAGGED_ROWS / REAL_ROWS)))
     tagged = sorted(rng.sample(eligible, n_tagged))
     for j, i in enumerate(tagged):
         if j % 40 == 7:
@@ -275,10 +294,11 @@ def make_rows(n: int = 2000, seed: int = 0) -> tuple[list[dict[str, Any]], dict[
     return rows, facts
 
 
-def write_redteam_file(path: str | Path, n: int = 2000, seed: int = 0) -> GroundTruth:
+def write_redteam_file(path: str | Path, n: int = 2000, seed: int = 0,
+                       spelling: str = "published") -> GroundTruth:
     """Write a gzipped JSON array of ``n`` red-team rows to ``path``; return its ground truth."""
     path = Path(path)
-    rows, facts = make_rows(n, seed)
+    rows, facts = make_rows(n, seed, spelling)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(rows, indent=4, ensure_ascii=False)
     with gzip.open(path, "wb", compresslevel=6) as fh:
@@ -288,7 +308,34 @@ def write_redteam_file(path: str | Path, n: int = 2000, seed: int = 0) -> Ground
         path=path, n=n, seed=seed, rows=json.loads(text), cells=facts["cells"],
         tagged_types=TAGGED_TYPES, tagged_indices=facts["tagged_indices"],
         xss_indices=facts["xss_indices"], member_is_upworker=facts["member_is_upworker"],
+        task_score_key=SPELLINGS[spelling],
     )
+
+
+def write_pins(table: str | Path, files: dict[str, Path]) -> Path:
+    """Write a ``$HHRLHF_PINS`` table (the format of the dataset's MANIFEST.tsv) pinning each
+    dataset path (``red-team-attempts/red_team_attempts.jsonl.gz``) to a local file's size and
+    SHA-256: how a test puts a generated file in the cache, where the real file's pins refuse
+    it."""
+    table = Path(table)
+    lines = ["path\tbytes\tsha256\tgit_blob_sha1"]
+    for rel, p in files.items():
+        data = Path(p).read_bytes()
+        lines.append(f"{rel}\t{len(data)}\t{hashlib.sha256(data).hexdigest()}\t-")
+    table.parent.mkdir(parents=True, exist_ok=True)
+    table.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return table
+
+
+REDTEAM_CACHE_PATH = "red-team-attempts/red_team_attempts.jsonl.gz"
+
+
+def write_cached_redteam_file(cache: Path, n: int = 2000, seed: int = 0,
+                              spelling: str = "published") -> tuple[GroundTruth, Path]:
+    """A generated red-team file in ``cache`` where `hhrlhf fetch` puts the real one, and the
+    ``$HHRLHF_PINS`` table (``cache/pins.tsv``) that pins it; set HHRLHF_PINS to that table."""
+    gt = write_redteam_file(cache / "data" / REDTEAM_CACHE_PATH, n, seed, spelling)
+    return gt, write_pins(cache / "pins.tsv", {REDTEAM_CACHE_PATH: gt.path})
 
 
 if __name__ == "__main__":  # python tests/redteam_gen.py OUT.jsonl.gz [N] [SEED]

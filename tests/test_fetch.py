@@ -1,8 +1,9 @@
 """hhrlhf.fetch against real HTTP servers on 127.0.0.1 and real folders.
 
 The shared data folder (only harmless-base/test.jsonl.gz exists there; every other file is a
-404) is served as it is; tampered copies are built in tmp_path. The two files whose hash is
-not pinned (harmless-base/train, red-team-attempts) are generated small in a mirror folder.
+404) is served as it is; tampered copies are built in tmp_path. Every file is pinned
+(harmless-base/train by its git blob id alone); files of other bytes are generated small in a
+mirror folder, and are refused unless a test pins them.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from hhrlhf.fetch import fetch, local_path
 from hhrlhf.read import read_comparisons, read_redteam
 
 TEST_FILE = next(f for f in registry.FILES if f.name == "harmless-base/test")
-TRAIN_FILE = next(f for f in registry.FILES if f.name == "harmless-base/train")  # hash unknown
+TRAIN_FILE = next(f for f in registry.FILES if f.name == "harmless-base/train")  # blob id only
 REDTEAM_FILE = next(f for f in registry.FILES if f.subset == registry.REDTEAM_SUBSET)
 REAL_SHA = TEST_FILE.sha256
 
@@ -304,56 +305,149 @@ def test_offline_reports_missing_and_uses_the_cache(seeded_cache: Path, dead_url
     assert fetch(["harmless-base/test"], progress=False).ok
 
 
-# --------------------------------------------------------------------- unknown-hash files
+# --------------------------------------------------------------------------------- pins
 
 
-def test_unknown_hash_is_recorded_then_enforced(cache: Path, tmp_path: Path) -> None:
-    first = redteam_gz()
-    root = mirror_with(tmp_path, "mirror", {REDTEAM_FILE.path: first})
-    report = fetch(["red-team-attempts"], mirror=root, progress=False)
-    assert [r.status for r in report.results] == ["downloaded"]
-    recorded = json.loads((cache / "hashes.json").read_text())["files"][REDTEAM_FILE.path]
-    assert recorded["size"] == len(first)
-    assert recorded["sha256"] == hashlib.sha256(first).hexdigest()
-    rows = list(read_redteam())
-    assert [r.red_team_member_id for r in rows] == [0, 1, 2] and rows[0].tags == ("tag a", "tag b")
-
-    # a later tampering of the cached copy (same size, stat stamp restored) is caught on read
-    cached = cache / "data" / REDTEAM_FILE.path
-    st = cached.stat()
-    data = bytearray(cached.read_bytes())
-    data[-9] ^= 0x01  # inside the gzip trailer's CRC: still the same size
-    cached.write_bytes(bytes(data))
-    os.utime(cached, ns=(st.st_atime_ns, st.st_mtime_ns))
-    with pytest.raises(HHRLHFError) as e:
-        list(read_redteam())
-    assert e.value.path == str(cached) and "SHA-256 is" in str(e.value)
-
-    # the upstream file changing later is refused against the record, the bad copy stays out
-    (root / REDTEAM_FILE.path).write_bytes(redteam_gz(seed="changed"))
-    cached.unlink()
-    report = fetch(["red-team-attempts"], mirror=root, progress=False)
-    (r,) = report.results
-    assert r.status == "failed" and "(recorded at first download)" in str(r.reason)
-    assert not cached.exists()
+def git_blob_id(path: Path) -> str:
+    """What `git hash-object` prints: computed by git itself, independently of hhrlhf."""
+    out = subprocess.run(["git", "hash-object", "--no-filters", str(path)], check=True,
+                         capture_output=True, text=True)
+    return out.stdout.strip()
 
 
-def test_unknown_hash_download_must_be_whole_gzip(cache: Path, tmp_path: Path) -> None:
-    train = gzip.compress(b'{"chosen": "a", "rejected": "b"}\n' * 50)
+def test_every_file_is_pinned() -> None:
+    for f in registry.FILES:
+        assert f.git_blob_sha1 is not None or (f.size is not None and f.sha256 is not None), f
+    assert TRAIN_FILE.git_blob_sha1 == "df7c90b1bbd6093bda9c996e8aab9a46fa557dcf"
+    assert (REDTEAM_FILE.size, REDTEAM_FILE.sha256, REDTEAM_FILE.git_blob_sha1) == (
+        15_483_307, "4c7b0069991460f0064f279fd400b51f3f0095697d14d7793c49b0925f80814f",
+        "618ca2d1f90bf6c95ae65ea93b90f5a8d013c36c")
+    # the pins agree with the shared manifest, and the real test file with both of its pins
+    manifest = (SHARED / "MANIFEST.tsv").read_text().splitlines()
+    for line in manifest[1:]:
+        path, size, sha, blob, _ = line.split("\t")
+        f = next(f for f in registry.FILES if f.path == path)
+        assert (f.size, f.sha256, f.git_blob_sha1) == (
+            None if size == "unknown" else int(size), None if sha == "unknown" else sha,
+            None if blob == "-" else blob)
+    assert git_blob_id(REAL_TEST_FILE) == TEST_FILE.git_blob_sha1
+
+
+@pytest.fixture
+def blob_pinned_train(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, str]:
+    """harmless-base/train pinned, as in the registry, by its git blob id alone, here the id of
+    a small file made in the test (the real train file is not available)."""
     root = mirror_with(tmp_path, "mirror", {
-        TRAIN_FILE.path: train[:-20],
-        REDTEAM_FILE.path: b"version https://git-lfs.github.com/spec/v1\noid sha256:00\n",
-    })
-    report = fetch(["harmless-base", "red-team-attempts"], split="train", mirror=root,
-                   progress=False)
-    reasons = {r.file.name: r.reason for r in report.results}
-    assert str(reasons["harmless-base/train"]).startswith("not a whole gzip file")
-    assert str(reasons["red-team-attempts"]).startswith("got a git-lfs pointer file")
-    assert cache_files(cache) == []
+        TRAIN_FILE.path: gzip.compress(b'{"chosen": "\\n\\nHuman: a\\n\\nAssistant: b", '
+                                       b'"rejected": "\\n\\nHuman: a\\n\\nAssistant: c"}\n' * 50)})
+    blob = git_blob_id(root / TRAIN_FILE.path)
+    entry = registry.DataFile(TRAIN_FILE.subset, TRAIN_FILE.split, TRAIN_FILE.path, None, None,
+                              blob)
+    monkeypatch.setattr(registry, "FILES", tuple(
+        entry if f.path == TRAIN_FILE.path else f for f in registry.FILES))
+    return root, blob
 
-    (root / TRAIN_FILE.path).write_bytes(train)
-    assert fetch(["harmless-base/train"], mirror=root, progress=False).ok
-    assert len(list(read_comparisons("harmless-base/train"))) == 50
+
+def test_blob_pinned_file_is_accepted_and_one_byte_off_is_refused(
+        cache: Path, blob_pinned_train: tuple[Path, str]) -> None:
+    root, blob = blob_pinned_train
+    served = root / TRAIN_FILE.path
+    with serve_folder(root) as url:
+        report = fetch(["harmless-base/train"], mirror=url, progress=False)
+        (r,) = report.results
+        assert r.status == "downloaded", r.reason
+        assert r.sha256 == sha256(served) and r.size == served.stat().st_size
+        assert len(list(read_comparisons("harmless-base/train"))) == 50
+        assert fetch(["harmless-base/train"], mirror=url, progress=False).results[0].status \
+            == "cached"
+
+        good = served.read_bytes()
+        for bad in (good[:100] + bytes([good[100] ^ 1]) + good[101:], good + b"\0"):
+            served.write_bytes(bad)
+            (cache / "data" / TRAIN_FILE.path).unlink(missing_ok=True)
+            (r,) = fetch(["harmless-base/train"], mirror=url, progress=False).results
+            assert r.status == "failed"
+            assert r.reason == (f"git blob id is {git_blob_id(served)}, expected {blob} "
+                                f"(pinned) from {url}{TRAIN_FILE.path}")
+            assert cache_files(cache) == ["verified.json"]  # nothing cached
+    # a cached copy one byte off (placed by hand) is refused on read too
+    dest = cache / "data" / TRAIN_FILE.path
+    dest.parent.mkdir(parents=True)
+    dest.write_bytes(bad)
+    entry = next(f for f in registry.FILES if f.path == TRAIN_FILE.path)
+    with pytest.raises(HHRLHFError, match=f"verification: git blob id is .*, expected {blob};"):
+        local_path(entry)
+
+
+def test_red_team_file_is_pinned_not_trusted_on_first_use(cache: Path, tmp_path: Path) -> None:
+    other = redteam_gz()  # a well-formed red-team file, but not the published one
+    root = mirror_with(tmp_path, "mirror", {
+        REDTEAM_FILE.path: other,
+        TRAIN_FILE.path: b"version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 9\n"})
+    with serve_folder(root) as url:
+        report = fetch(["harmless-base/train", "red-team-attempts"], mirror=url, progress=False)
+    reasons = {r.file.name: r.reason for r in report.results}
+    assert reasons["red-team-attempts"] == (
+        f"size is {len(other):,} bytes, expected 15,483,307 (pinned) from {url}{REDTEAM_FILE.path}")
+    assert str(reasons["harmless-base/train"]).startswith(
+        "got a git-lfs pointer file, not the data (git blob id is ")
+    assert cache_files(cache) == []  # nothing cached, nothing recorded (no hashes.json)
+
+    # placed in the cache by hand: refused on every read, never recorded
+    dest = cache / "data" / REDTEAM_FILE.path
+    dest.parent.mkdir(parents=True)
+    dest.write_bytes(other)
+    for _ in range(2):
+        with pytest.raises(HHRLHFError, match="cached copy of red-team-attempts fails "
+                                              "verification: size is"):
+            list(read_redteam())
+    offline = fetch(["red-team-attempts"], offline=True, progress=False).results[0]
+    assert offline.status == "failed"
+    assert not (cache / "hashes.json").exists()
+
+
+def test_pins_table_from_the_environment(cache: Path, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """$HHRLHF_PINS pins a mirror's other bytes on purpose; without it they are refused."""
+    from redteam_gen import write_pins
+
+    data = redteam_gz(4)
+    root = mirror_with(tmp_path, "mirror", {REDTEAM_FILE.path: data})
+    table = write_pins(tmp_path / "pins.tsv", {REDTEAM_FILE.path: root / REDTEAM_FILE.path})
+    monkeypatch.setenv("HHRLHF_PINS", str(table))
+    with serve_folder(root) as url:
+        assert fetch(["red-team-attempts"], mirror=url, progress=False).ok
+        assert len(list(read_redteam())) == 4
+        flipped = bytearray(data)
+        flipped[len(data) // 2] ^= 1  # same size, one byte off
+        (root / REDTEAM_FILE.path).write_bytes(bytes(flipped))
+        (cache / "data" / REDTEAM_FILE.path).unlink()
+        (r,) = fetch(["red-team-attempts"], mirror=url, progress=False).results
+    assert r.status == "failed" and r.reason is not None
+    assert "SHA-256 is" in r.reason and "(pinned in $HHRLHF_PINS) from" in r.reason
+
+    # a file verified against the table is not taken for the real one once the table is gone
+    cached = cache / "data" / REDTEAM_FILE.path
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    cached.write_bytes(data)
+    assert len(list(read_redteam())) == 4  # verified and stamped against the table's figures
+    monkeypatch.delenv("HHRLHF_PINS")
+    with pytest.raises(HHRLHFError, match="expected 15,483,307"):
+        local_path(REDTEAM_FILE)
+
+    # a bad table is one error naming its line
+    for text, message in [
+        ("path\tbytes\tsha256\tgit_blob_sha1\nnope.gz\t1\t-\t" + "a" * 40 + "\n",
+         f"{table}:2: 'nope.gz' is not one of the dataset's files"),
+        (f"path\tbytes\tsha256\tgit_blob_sha1\n{REDTEAM_FILE.path}\t12\tabc\t-\n",
+         f"{table}:2: sha256 must be 64 hex digits, not 'abc'"),
+        ("path,bytes\n", f"{table}:1: the $HHRLHF_PINS table needs a tab-separated header"),
+    ]:
+        table.write_text(text)
+        monkeypatch.setenv("HHRLHF_PINS", str(table))
+        with pytest.raises(HHRLHFError) as e:
+            local_path(REDTEAM_FILE)
+        assert str(e.value).startswith(message)
 
 
 def test_stamp_does_not_hide_same_size_tampering(seeded_cache: Path) -> None:
@@ -414,24 +508,3 @@ def test_cli_success_failure_and_one_line_errors(cache: Path, shared_url: str,
     assert bad.returncode == 2
     assert bad.stderr.startswith("hhrlhf: error: unknown subset 'harmless-bass'")
     assert len(bad.stderr.splitlines()) == 1
-
-
-def test_unknown_hash_file_placed_by_hand_is_recorded_once(
-        cache: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    cached = cache / "data" / REDTEAM_FILE.path
-    cached.parent.mkdir(parents=True)
-    cached.write_bytes(redteam_gz(2))
-    report = fetch(["red-team-attempts"], offline=True, progress=False)
-    assert [r.status for r in report.results] == ["cached"]
-    assert "red-team-attempts had no recorded hash; recorded sha256" in capsys.readouterr().err
-    recorded = json.loads((cache / "hashes.json").read_text())["files"][REDTEAM_FILE.path]
-    assert recorded["sha256"] == sha256(cached)
-    assert len(list(read_redteam())) == 2
-    assert capsys.readouterr().err == ""  # recorded once, not on every read
-
-    train = cache / "data" / TRAIN_FILE.path
-    train.parent.mkdir(parents=True)
-    train.write_bytes(b"<html>not the data</html>")
-    with pytest.raises(HHRLHFError, match=r"is damaged: not a gzip file"):
-        local_path(TRAIN_FILE)
-    assert TRAIN_FILE.path not in json.loads((cache / "hashes.json").read_text())["files"]

@@ -5,10 +5,13 @@ Sources, in order: the Hugging Face hub, then GitHub (``registry.HF_BASE_URL`` /
 an ``http(s)://`` base URL or a local folder (plain path or ``file://`` URL) in the same layout.
 Offline (``offline=True`` / ``$HHRLHF_OFFLINE=1``) uses the cache only.
 
-Every file is checked against the size and SHA-256 pinned in ``registry.FILES``. For the files
-whose figures are not pinned (``None``) the first download must at least be a whole gzip stream,
-and its size and SHA-256 are then recorded in ``<cache>/hashes.json`` (trust on first use);
-every later download and read is checked against that record.
+Every file is checked against what ``registry.FILES`` pins for it: its size and SHA-256, its git
+blob id (SHA-1 of ``b"blob <size>\0" + content``), or all three; every figure that is pinned
+must match, on download and on every read. Nothing is trusted on first use. ``$HHRLHF_PINS`` may
+name a table in the format of the dataset's ``MANIFEST.tsv`` (tab-separated, with a header
+row and the columns ``path``, ``bytes``, ``sha256``, ``git_blob_sha1``; ``unknown`` or ``-`` for
+a figure not known) whose rows replace the built-in pins of the files they list: for a mirror
+that serves other bytes on purpose (a test fixture, a re-compressed copy).
 
 Nothing half-written reaches a cached path: a download goes to a hidden ``.<name>.*.part`` file
 beside its destination, is fsynced and verified, then renamed over the destination (atomic on
@@ -29,7 +32,7 @@ is unknown, it has no local-folder source, and its temp files are unmarked ``tmp
 
 from __future__ import annotations
 
-import datetime as _dt
+import hashlib
 import json
 import os
 import re
@@ -49,7 +52,6 @@ from hhrlhf.registry import DataFile, cache_dir, cached_path
 
 Status = Literal["downloaded", "cached", "failed", "missing"]
 
-RECORDED_HASHES = "hashes.json"  # size + sha256 of unknown-hash files, recorded at first download
 VERIFIED_STAMPS = "verified.json"  # stat stamps of files already verified (a disposable cache)
 PART_SUFFIX = ".part"
 STALE_PART_SECONDS = 3600
@@ -130,30 +132,95 @@ class FetchReport:
         return f"{len(bad)} of {len(self.results)} files {verb}: {names}"
 
 
-# --------------------------------------------------------------------------- the cache's records
+# ------------------------------------------------------------------------------- pins and stamps
+
+PINS_ENV = "HHRLHF_PINS"
+_HEX = re.compile(r"[0-9a-f]+")
+_NOT_KNOWN = {"", "-", "unknown"}
+
+
+@dataclass(frozen=True)
+class Pin:
+    """The figures one file must have (None: not pinned) and where they were pinned."""
+
+    size: int | None
+    sha256: str | None
+    git_blob_sha1: str | None
+    origin: str = "pinned"  # shown after a mismatch: "pinned", or "pinned in $HHRLHF_PINS"
+
+    @property
+    def key(self) -> str:
+        """One string naming the figures: a stamp made against other figures is no proof."""
+        return f"{self.size}:{self.sha256}:{self.git_blob_sha1}"
+
+
+def _pins_from_env() -> dict[str, Pin]:
+    """The rows of the ``$HHRLHF_PINS`` table by file path (empty when it is not set)."""
+    name = os.environ.get(PINS_ENV, "").strip()
+    if not name:
+        return {}
+    path = Path(name).expanduser()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise HHRLHFError(f"cannot read the ${PINS_ENV} table: {getattr(e, 'strerror', None) or e}",
+                          path) from None
+    header = lines[0].split("\t") if lines else []
+    if not {"path", "bytes", "sha256", "git_blob_sha1"} <= set(header):
+        raise HHRLHFError(f"the ${PINS_ENV} table needs a tab-separated header with path, bytes, "
+                          "sha256 and git_blob_sha1 (the format of the dataset's MANIFEST.tsv)",
+                          path, 1)
+    col = {c: header.index(c) for c in ("path", "bytes", "sha256", "git_blob_sha1")}
+    known = {f.path for f in registry.FILES}
+    pins: dict[str, Pin] = {}
+    for lineno, line in enumerate(lines[1:], 2):
+        if not line.strip():
+            continue
+        cells = line.split("\t")
+        if len(cells) < len(header):
+            raise HHRLHFError(f"expected {len(header)} tab-separated columns, found {len(cells)}",
+                              path, lineno)
+        rel = cells[col["path"]].strip()
+        if rel not in known:
+            raise HHRLHFError(f"{rel!r} is not one of the dataset's files", path, lineno)
+        size_text, sha, blob = (cells[col[c]].strip().lower()
+                                for c in ("bytes", "sha256", "git_blob_sha1"))
+        if size_text not in _NOT_KNOWN and not size_text.isdigit():
+            raise HHRLHFError(f"bytes must be a whole number, not {size_text!r}", path, lineno)
+        for what, value, length in (("sha256", sha, 64), ("git_blob_sha1", blob, 40)):
+            if value not in _NOT_KNOWN and (len(value) != length or not _HEX.fullmatch(value)):
+                raise HHRLHFError(f"{what} must be {length} hex digits, not {value!r}",
+                                  path, lineno)
+        if sha in _NOT_KNOWN and blob in _NOT_KNOWN:
+            raise HHRLHFError(f"{rel}: neither sha256 nor git_blob_sha1 is given", path, lineno)
+        pins[rel] = Pin(None if size_text in _NOT_KNOWN else int(size_text),
+                        None if sha in _NOT_KNOWN else sha,
+                        None if blob in _NOT_KNOWN else blob, f"pinned in ${PINS_ENV}")
+    return pins
+
+
+def expected_figures(f: DataFile) -> Pin:
+    """What a file must be: its row in ``$HHRLHF_PINS`` if there is one, else the registry's."""
+    override = _pins_from_env().get(f.path)
+    if override is not None:
+        return override
+    if f.sha256 is None and f.git_blob_sha1 is None:  # the registry test keeps this unreachable
+        raise HHRLHFError(f"{f.name} has no pinned hash; it cannot be verified")
+    return Pin(f.size, f.sha256, f.git_blob_sha1)
 
 
 def _cache_root() -> Path:
     return cache_dir()
 
 
-def _read_json(path: Path, *, strict: bool) -> dict[str, Any]:
+def _read_json(path: Path) -> dict[str, Any]:
+    """The ``files`` of a stamps record; an unreadable record is empty (it is a cache: re-hash)."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    except (OSError, ValueError):
         return {}
-    except (OSError, ValueError) as e:
-        if strict:
-            raise HHRLHFError(f"cannot read the recorded hashes ({e}); delete the file to "
-                              "record them again at the next fetch", path) from None
-        return {}  # the stamps are a cache: unreadable means re-hash
     files = data.get("files") if isinstance(data, dict) else None
-    if not isinstance(files, dict):
-        if strict:
-            raise HHRLHFError("the recorded hashes are not in the expected form; delete the "
-                              "file to record them again at the next fetch", path)
-        return {}
-    return files
+    return files if isinstance(files, dict) else {}
 
 
 def _write_json(path: Path, files: dict[str, Any]) -> None:
@@ -162,7 +229,7 @@ def _write_json(path: Path, files: dict[str, Any]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=PART_SUFFIX)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump({"version": 1, "files": files}, fh, indent=2, sort_keys=True)
+            json.dump({"version": 2, "files": files}, fh, indent=2, sort_keys=True)
             fh.write("\n")
         os.replace(tmp, path)
     except BaseException:
@@ -170,57 +237,30 @@ def _write_json(path: Path, files: dict[str, Any]) -> None:
         raise
 
 
-def _recorded(f: DataFile) -> tuple[int, str] | None:
-    rec = _read_json(_cache_root() / RECORDED_HASHES, strict=True).get(f.path)
-    if not isinstance(rec, dict):
-        return None
-    size, sha = rec.get("size"), rec.get("sha256")
-    if not isinstance(size, int) or not isinstance(sha, str):
-        raise HHRLHFError(f"the recorded entry for {f.path} is damaged; delete the file to "
-                          "record it again at the next fetch", _cache_root() / RECORDED_HASHES)
-    return size, sha
-
-
-def _record(f: DataFile, size: int, sha: str, source: str) -> None:
-    path = _cache_root() / RECORDED_HASHES
-    files = _read_json(path, strict=True)
-    files[f.path] = {
-        "size": size,
-        "sha256": sha,
-        "source": source,
-        "recorded_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
-    _write_json(path, files)
-
-
-def expected_figures(f: DataFile) -> tuple[int, str] | None:
-    """(size, sha256) a file must have: pinned in the registry, else recorded at first download;
-    None when neither is known yet."""
-    if f.sha256 is not None and f.size is not None:
-        return f.size, f.sha256
-    return _recorded(f)
-
-
 def _stat_key(st: os.stat_result) -> dict[str, int]:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns,
             "inode": st.st_ino}
 
 
-def _stamp(f: DataFile, path: Path, sha: str) -> None:
+def _stamp(f: DataFile, path: Path, pin: Pin, sha: str) -> None:
     stamps_path = _cache_root() / VERIFIED_STAMPS
-    stamps = _read_json(stamps_path, strict=False)
-    stamps[f.path] = {**_stat_key(path.stat()), "sha256": sha}
+    stamps = _read_json(stamps_path)
+    stamps[f.path] = {**_stat_key(path.stat()), "pin": pin.key, "sha256": sha}
     try:
         _write_json(stamps_path, stamps)
     except OSError:
         pass  # a read-only cache still reads; it only re-hashes next time
 
 
-def _stamp_matches(f: DataFile, path: Path, sha: str) -> bool:
-    stamp = _read_json(_cache_root() / VERIFIED_STAMPS, strict=False).get(f.path)
-    if not isinstance(stamp, dict) or stamp.get("sha256") != sha:
-        return False
-    return all(stamp.get(k) == v for k, v in _stat_key(path.stat()).items())
+def _stamped_sha256(f: DataFile, path: Path, pin: Pin) -> str | None:
+    """The file's SHA-256 from its stamp when the stamp matches its stat and these figures."""
+    stamp = _read_json(_cache_root() / VERIFIED_STAMPS).get(f.path)
+    if not isinstance(stamp, dict) or stamp.get("pin") != pin.key:
+        return None
+    if not all(stamp.get(k) == v for k, v in _stat_key(path.stat()).items()):
+        return None
+    sha = stamp.get("sha256")
+    return sha if isinstance(sha, str) else None
 
 
 def file_sha256(path: Path) -> str:
@@ -240,78 +280,87 @@ def _fetch_hint(f: DataFile) -> str:
 def local_path(f: DataFile) -> Path | None:
     """The cached, verified file, or None when it is not in the cache.
 
-    A cached file that fails its check raises :class:`HHRLHFError` naming it; it is never
-    handed out. A cached unknown-hash file with no record (copied in by hand) is recorded now.
+    A cached file that fails its check, or cannot be read, raises :class:`HHRLHFError` naming
+    it; it is never handed out.
     """
     p = cached_path(f)
     if not p.exists():
         return None
     if not p.is_file():
         raise HHRLHFError("is in the cache's place for a data file but is not a file", p)
-    expected = expected_figures(f)
-    if expected is None:
-        try:
-            _check_gzip_whole(p)
-        except ValueError as e:
-            raise HHRLHFError(f"cached copy of {f.name} is damaged: {e}; delete it and run "
-                              f"`{_fetch_hint(f)}`", p) from None
-        size, sha = p.stat().st_size, file_sha256(p)
-        _record(f, size, sha, source=f"found in the cache at {p}")
-        _stamp(f, p, sha)
-        print(f"hhrlhf: note: {f.name} had no recorded hash; recorded sha256 {sha} now",
-              file=sys.stderr)
-        return p
-    problem = verify_file(f, p, expected, use_stamp=True)
+    try:
+        problem, _ = verify_file(f, p, expected_figures(f), use_stamp=True)
+    except OSError as e:
+        raise HHRLHFError(f"cannot read the cached copy of {f.name}: {e.strerror or e}", p) \
+            from None
     if problem:
         raise HHRLHFError(f"cached copy of {f.name} fails verification: {problem}; "
                           f"run `{_fetch_hint(f)}` to replace it", p)
     return p
 
 
-def verify_file(f: DataFile, path: Path, expected: tuple[int, str], *,
-                use_stamp: bool = False) -> str | None:
-    """Why the cached ``path`` is not the file ``expected`` describes, or None when it is.
+def cached_files(files: Iterable[DataFile]) -> list[tuple[DataFile, Path]]:
+    """(file, verified path) of each of ``files`` that is in the cache.
+
+    For commands that read whatever the cache holds: a cached file that fails its check or
+    cannot be read is reported in one line on stderr, naming it, and left out, so that one bad
+    file never stops the work on the others.
+    """
+    out: list[tuple[DataFile, Path]] = []
+    for f in files:
+        try:
+            p = local_path(f)
+        except HHRLHFError as e:
+            print(f"hhrlhf: warning: {e}; skipped, the other files are used", file=sys.stderr)
+            continue
+        if p is not None:
+            out.append((f, p))
+    return out
+
+
+def verify_file(f: DataFile, path: Path, pin: Pin, *,
+                use_stamp: bool = False) -> tuple[str | None, str | None]:
+    """(why ``path`` is not the file ``pin`` describes or None, its SHA-256 when it is).
 
     With ``use_stamp`` a matching stat stamp stands in for hashing; a success is stamped.
     """
-    size, sha = expected
-    if use_stamp and path.stat().st_size == size and _stamp_matches(f, path, sha):
-        return None
-    problem = _mismatch(path, expected)
-    if problem is None:
-        _stamp(f, path, sha)
-    return problem
+    if use_stamp and (pin.size is None or path.stat().st_size == pin.size):
+        sha = _stamped_sha256(f, path, pin)
+        if sha is not None:
+            return None, sha
+    problem, sha = _mismatch(path, pin)
+    if problem is not None:
+        return problem, None
+    _stamp(f, path, pin, sha)
+    return None, sha
 
 
-def _mismatch(path: Path, expected: tuple[int, str]) -> str | None:
-    """Size first (cheap, and names truncation plainly), then SHA-256."""
-    size, sha = expected
+def _mismatch(path: Path, pin: Pin) -> tuple[str | None, str]:
+    """(what differs from ``pin`` or None, the file's SHA-256): size first (cheap, and names
+    truncation plainly), then SHA-256 and the git blob id, both from one read of the file."""
     actual_size = path.stat().st_size
-    if actual_size != size:
-        return f"size is {actual_size:,} bytes, expected {size:,}"
-    actual = file_sha256(path)
-    if actual != sha:
-        return f"SHA-256 is {actual}, expected {sha}"
-    return None
-
-
-def _check_gzip_whole(path: Path) -> None:
-    """A file with no pinned hash must at least be one whole gzip stream (catches truncation,
-    HTML error pages and git-lfs pointer files)."""
-    from isal import igzip
-
-    with open(path, "rb") as raw:
-        head = raw.read(200)
-    if head.startswith(b"version https://git-lfs"):
-        raise ValueError("got a git-lfs pointer file, not the data")
-    if head[:2] != b"\x1f\x8b":
-        raise ValueError(f"not a gzip file (starts with {head[:16]!r})")
-    try:
-        with igzip.open(path, "rb") as fh:
-            while fh.read(_COPY_CHUNK):
-                pass
-    except (OSError, EOFError) as e:
-        raise ValueError(f"not a whole gzip file ({e or type(e).__name__})") from None
+    problem = None
+    if pin.size is not None and actual_size != pin.size:
+        problem = f"size is {actual_size:,} bytes, expected {pin.size:,}"
+    else:
+        sha256 = hashlib.sha256()
+        blob = hashlib.sha1(f"blob {actual_size}\0".encode(), usedforsecurity=False)
+        with open(path, "rb") as fh:
+            while chunk := fh.read(_COPY_CHUNK):
+                sha256.update(chunk)
+                if pin.git_blob_sha1 is not None:
+                    blob.update(chunk)
+        actual = sha256.hexdigest()
+        if pin.sha256 is not None and actual != pin.sha256:
+            problem = f"SHA-256 is {actual}, expected {pin.sha256}"
+        elif pin.git_blob_sha1 is not None and blob.hexdigest() != pin.git_blob_sha1:
+            problem = f"git blob id is {blob.hexdigest()}, expected {pin.git_blob_sha1}"
+        else:
+            return None, actual
+    with open(path, "rb") as fh:
+        if fh.read(40).startswith(b"version https://git-lfs"):
+            problem = f"got a git-lfs pointer file, not the data ({problem})"
+    return problem, ""
 
 
 # ------------------------------------------------------------------------------------- sources
@@ -459,7 +508,7 @@ def _remove_stale_parts(root: Path) -> None:
             pass
 
 
-def _fetch_from(f: DataFile, base: str, dest: Path, expected: tuple[int, str] | None,
+def _fetch_from(f: DataFile, base: str, dest: Path, pin: Pin,
                 progress: bool, settings: FetchSettings) -> tuple[int, str]:
     """Get one file from one base into ``dest``, verified; returns (size, sha256).
 
@@ -470,7 +519,7 @@ def _fetch_from(f: DataFile, base: str, dest: Path, expected: tuple[int, str] | 
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=PART_SUFFIX)
     tmp = Path(tmp_name)
-    total = expected[0] if expected else None
+    total = pin.size
     bar = tqdm(total=total, desc=f.name, unit="B", unit_scale=True, unit_divisor=1024,
                file=sys.stderr, leave=True, disable=not progress, dynamic_ncols=True)
     done = False
@@ -484,18 +533,10 @@ def _fetch_from(f: DataFile, base: str, dest: Path, expected: tuple[int, str] | 
             fh.flush()
             os.fsync(fh.fileno())  # the bytes are on disk before the rename makes them visible
         where = base + f.path if _is_url(base) else str(Path(base) / f.path)
-        if expected is not None:
-            problem = _mismatch(tmp, expected)
-            if problem:
-                what = "pinned" if f.sha256 else "recorded at first download"
-                raise _SourceError(f"{problem} ({what}) from {where}")
-            size, sha = expected
-        else:
-            try:
-                _check_gzip_whole(tmp)
-            except ValueError as e:
-                raise _SourceError(f"{e} from {where}") from None
-            size, sha = tmp.stat().st_size, file_sha256(tmp)
+        problem, sha = _mismatch(tmp, pin)
+        if problem:
+            raise _SourceError(f"{problem} ({pin.origin}) from {where}")
+        size = tmp.stat().st_size
         os.replace(tmp, dest)
         done = True
         return size, sha
@@ -515,22 +556,18 @@ def _fetch_one(f: DataFile, bases: list[str], offline: bool, progress: bool,
                settings: FetchSettings) -> FileResult:
     dest = cached_path(f)
     try:
-        expected = expected_figures(f)
+        pin = expected_figures(f)
     except HHRLHFError as e:
         return FileResult(f, "failed", reason=str(e))
     replaced_note = None
     problem: str | None = None
     if dest.is_file():
-        if expected is None:  # cached by hand, never recorded: check it and record it
-            try:
-                local_path(f)
-                expected = expected_figures(f)
-            except HHRLHFError as e:
-                problem = str(e)
-        else:
-            problem = verify_file(f, dest, expected)
-        if problem is None and expected is not None:
-            return FileResult(f, "cached", path=dest, size=expected[0], sha256=expected[1])
+        try:
+            problem, sha = verify_file(f, dest, pin)
+        except OSError as e:
+            problem, sha = f"cannot read it: {e.strerror or e}", None
+        if problem is None:
+            return FileResult(f, "cached", path=dest, size=dest.stat().st_size, sha256=sha)
         if offline:
             return FileResult(f, "failed", reason=f"cached copy fails verification: {problem}")
         replaced_note = "replaced a cached copy that failed verification"
@@ -542,16 +579,13 @@ def _fetch_one(f: DataFile, bases: list[str], offline: bool, progress: bool,
     reasons = []
     for base in bases:
         try:
-            size, sha = _fetch_from(f, base, dest, expected, progress, settings)
+            size, sha = _fetch_from(f, base, dest, pin, progress, settings)
         except _SourceError as e:
             reasons.append(str(e) if len(bases) == 1 else f"{_describe(base)}: {e}")
             continue
         except OSError as e:  # the cache itself: disk full, permissions
             return FileResult(f, "failed", reason=f"cannot write the cache: {e}")
-        if expected is None:
-            _record(f, size, sha,
-                    source=base + f.path if _is_url(base) else str(Path(base) / f.path))
-        _stamp(f, dest, sha)
+        _stamp(f, dest, pin, sha)
         return FileResult(f, "downloaded", path=dest, source=base, size=size, sha256=sha,
                           reason=replaced_note)
     reason = "; ".join(reasons)

@@ -9,6 +9,7 @@ A dialogue string is ``preamble + "".join("\\n\\n" + Role + ":" + sep + text)``.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -270,16 +271,9 @@ class Comparison:
                    row_flags(chosen_d, rejected_d), chosen_d, rejected_d)
 
 
-# Sizes in the red-team file's own strings, as numbers of parameters.
+# Sizes in the red-team file's own strings ("52B", "13B", "2.7B"), as numbers of parameters.
 _PARAM_SUFFIX = {"K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
-
-
-def parse_num_params(text: str) -> int:
-    """``"2.7B"`` -> 2_700_000_000. Raises ValueError on anything else."""
-    t = text.strip()
-    if not t or t[-1].upper() not in _PARAM_SUFFIX:
-        raise ValueError(f"not a parameter count: {text!r}")
-    return round(float(t[:-1]) * _PARAM_SUFFIX[t[-1].upper()])
+_PARAM_COUNT = re.compile(r"(\d+(?:\.\d+)?|\.\d+)([KMBT])", re.IGNORECASE)
 
 
 class MalformedRow(ValueError):
@@ -289,6 +283,25 @@ class MalformedRow(ValueError):
     the readers turn it into a one-line error naming the file and line."""
 
 
+def parse_num_params(text: str) -> int:
+    """``"2.7B"`` -> 2_700_000_000: a positive decimal number and one of K, M, B, T.
+
+    Raises :class:`MalformedRow` on anything else (``"infB"``, ``"-2.7B"``, ``""``, ``"abc"``).
+    """
+    m = _PARAM_COUNT.fullmatch(text.strip())
+    count = round(float(m.group(1)) * _PARAM_SUFFIX[m.group(2).upper()]) if m else 0
+    if count <= 0:
+        raise MalformedRow(f"field 'num_params' is not a parameter count such as '52B' or "
+                           f"'2.7B': {text!r}")
+    return count
+
+
+# The published file spells one field "descripton" (sic), in every row; the dataset card and
+# the seed README spell it "description". Both are read; records expose the card's spelling.
+TASK_SCORE = "task_description_harmlessness_score"  # the canonical name
+TASK_SCORE_AS_PUBLISHED = "task_descripton_harmlessness_score"  # (sic) the real file's spelling
+TASK_SCORE_SPELLINGS: tuple[str, ...] = (TASK_SCORE_AS_PUBLISHED, TASK_SCORE)
+
 REDTEAM_FIELDS: tuple[str, ...] = (
     "transcript",
     "min_harmlessness_score_transcript",
@@ -296,16 +309,22 @@ REDTEAM_FIELDS: tuple[str, ...] = (
     "model_type",
     "rating",
     "task_description",
-    "task_description_harmlessness_score",
+    TASK_SCORE,
     "red_team_member_id",
     "is_upworker",
     "tags",
 )
+RATING_RANGE = (0.0, 4.0)  # the red-teamer's own rating of success
 
 
 @dataclass(frozen=True, slots=True)
 class RedTeamAttempt:
-    """One red-team attempt with its ten fields typed and its transcript parsed."""
+    """One red-team attempt with its ten fields typed and its transcript parsed.
+
+    ``task_description_harmlessness_score`` is read from either spelling of that field (the
+    file's ``task_descripton_...`` or the card's); ``task_score_key`` is the one the row used,
+    so :meth:`to_json` gives the row back as it was.
+    """
 
     index: int
     transcript: Dialogue
@@ -320,13 +339,22 @@ class RedTeamAttempt:
     is_upworker: bool
     tags: tuple[str, ...] | None
     line: int = 0
+    task_score_key: str = TASK_SCORE_AS_PUBLISHED
 
     @classmethod
     def from_json(cls, obj: Any, *, index: int = 0, line: int = 0) -> RedTeamAttempt:
         """Build from one decoded JSON object; raises MalformedRow naming what is wrong."""
         if not isinstance(obj, dict):
             raise MalformedRow(f"expected a JSON object, got {type(obj).__name__}")
-        missing = [k for k in REDTEAM_FIELDS if k not in obj]
+        score_keys = [k for k in TASK_SCORE_SPELLINGS if k in obj]
+        if len(score_keys) > 1:
+            raise MalformedRow(f"both {TASK_SCORE_AS_PUBLISHED!r} (the published file's "
+                               f"spelling) and {TASK_SCORE!r} (the dataset card's) are present; "
+                               "a row has one of them")
+        missing = [k for k in REDTEAM_FIELDS if k != TASK_SCORE and k not in obj]
+        if not score_keys:
+            missing.insert(REDTEAM_FIELDS.index(TASK_SCORE),
+                           f"{TASK_SCORE_AS_PUBLISHED} (or {TASK_SCORE})")
         if missing:
             raise MalformedRow(f"missing field(s): {', '.join(missing)}")
         transcript = obj["transcript"]
@@ -340,6 +368,10 @@ class RedTeamAttempt:
         num_params = obj["num_params"]
         if not isinstance(num_params, str):
             raise MalformedRow("field 'num_params' is not a string")
+        rating = _number(obj, "rating")
+        if not RATING_RANGE[0] <= rating <= RATING_RANGE[1]:
+            raise MalformedRow(f"field 'rating' is {rating:g}, outside "
+                               f"{RATING_RANGE[0]:g} to {RATING_RANGE[1]:g}")
         return cls(
             index=index,
             transcript=Dialogue.parse(transcript),
@@ -347,19 +379,20 @@ class RedTeamAttempt:
             num_params=num_params,
             num_parameters=parse_num_params(num_params),
             model_type=_string(obj, "model_type"),
-            rating=_number(obj, "rating"),
+            rating=rating,
             task_description=_string(obj, "task_description"),
-            task_description_harmlessness_score=_number(
-                obj, "task_description_harmlessness_score"
-            ),
+            task_description_harmlessness_score=_number(obj, score_keys[0]),
             red_team_member_id=_member_id(obj["red_team_member_id"]),
             is_upworker=_bool(obj, "is_upworker"),
             tags=tags,
             line=line,
+            task_score_key=score_keys[0],
         )
 
     def to_json(self) -> dict[str, Any]:
-        """The row as in the file (transcript rendered back to its original string)."""
+        """The row as in the file: the transcript rendered back to its original string, the
+        fields in the published file's order, the task score under the spelling it was read
+        from (``task_descripton_harmlessness_score``, sic, for the published file)."""
         return {
             "transcript": self.transcript.render(),
             "min_harmlessness_score_transcript": self.min_harmlessness_score_transcript,
@@ -367,7 +400,7 @@ class RedTeamAttempt:
             "model_type": self.model_type,
             "rating": self.rating,
             "task_description": self.task_description,
-            "task_description_harmlessness_score": self.task_description_harmlessness_score,
+            self.task_score_key: self.task_description_harmlessness_score,
             "red_team_member_id": self.red_team_member_id,
             "is_upworker": self.is_upworker,
             "tags": None if self.tags is None else list(self.tags),
@@ -378,7 +411,13 @@ def _number(obj: dict[str, Any], key: str) -> float:
     v = obj[key]
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise MalformedRow(f"field {key!r} is not a number: {v!r}")
-    return float(v)
+    try:
+        x = float(v)
+    except OverflowError:  # an integer beyond any float
+        raise MalformedRow(f"field {key!r} is not a finite number: {v!r}") from None
+    if not math.isfinite(x):  # NaN and Infinity, which Python's JSON decoder lets through
+        raise MalformedRow(f"field {key!r} is not a finite number: {v!r}")
+    return x
 
 
 def _string(obj: dict[str, Any], key: str) -> str:

@@ -1,8 +1,11 @@
-"""The nine official HH-RLHF files: names, sizes and SHA-256, and where the cache lives.
+"""The nine official HH-RLHF files: names, pinned figures, and where the cache lives.
 
-Pinned here (from the published files), never read from elsewhere at run time. ``None`` means
-the figure is not known in advance: hhrlhf.fetch records the hash of the first download and
-verifies later reads against it.
+Every file is pinned here (from the published files), never read from elsewhere at run time, so
+nothing is trusted on first use. A file is pinned by its size and SHA-256, by its git blob id
+(the SHA-1 of ``b"blob <size>\0" + content``, what ``git hash-object FILE`` prints), or both;
+``None`` marks a figure that is not known. harmless-base/train is known only by its git blob id
+(it is a plain blob in Anthropic's repository); the red-team file by all three.
+hhrlhf.fetch checks every figure that is pinned.
 """
 
 from __future__ import annotations
@@ -34,20 +37,24 @@ class DataFile:
     path: str  # relative to the dataset root, e.g. "harmless-base/test.jsonl.gz"
     size: int | None
     sha256: str | None
+    git_blob_sha1: str | None = None
 
     @property
     def name(self) -> str:
         return self.subset if self.split is None else f"{self.subset}/{self.split}"
 
 
-def _f(subset: str, split: str | None, path: str, size: int | None, sha: str | None) -> DataFile:
-    return DataFile(subset, split, path, size, sha)
+def _f(subset: str, split: str | None, path: str, size: int | None, sha: str | None,
+       blob: str | None = None) -> DataFile:
+    return DataFile(subset, split, path, size, sha, blob)
 
 
 FILES: tuple[DataFile, ...] = (
-    _f("harmless-base", "train", "harmless-base/train.jsonl.gz", None, None),
+    _f("harmless-base", "train", "harmless-base/train.jsonl.gz", None, None,
+       "df7c90b1bbd6093bda9c996e8aab9a46fa557dcf"),
     _f("harmless-base", "test", "harmless-base/test.jsonl.gz", 742801,
-       "ebfaaed21162a4de120ae85366075b34425e2a6303fac59b99555002f7016f03"),
+       "ebfaaed21162a4de120ae85366075b34425e2a6303fac59b99555002f7016f03",
+       "a616e6a27660ded23c5ce0e585a3e4cf0d761f0e"),
     _f("helpful-base", "train", "helpful-base/train.jsonl.gz", 16200131,
        "518a5bf288456fc9f3b7c980c54116fba0c52f274d3f4d344675d83e4058f6f4"),
     _f("helpful-base", "test", "helpful-base/test.jsonl.gz", 875191,
@@ -60,7 +67,9 @@ FILES: tuple[DataFile, ...] = (
        "0cea2d2ab2187624ec1314e8cc6fb579f0fa987b3a33e8102b7556ed4d255f64"),
     _f("helpful-rejection-sampled", "test", "helpful-rejection-sampled/test.jsonl.gz", 1361231,
        "abc35dbc56015db1dae0faa484514ccbc3eee0133bfcd557fc69250619b028bb"),
-    _f(REDTEAM_SUBSET, None, "red-team-attempts/red_team_attempts.jsonl.gz", None, None),
+    _f(REDTEAM_SUBSET, None, "red-team-attempts/red_team_attempts.jsonl.gz", 15483307,
+       "4c7b0069991460f0064f279fd400b51f3f0095697d14d7793c49b0925f80814f",
+       "618ca2d1f90bf6c95ae65ea93b90f5a8d013c36c"),
 )
 
 
