@@ -14,6 +14,7 @@ from hhrlhf.records import (
     ROW_CHECKS,
     Comparison,
     Dialogue,
+    MalformedRow,
     RedTeamAttempt,
     Turn,
     parse_num_params,
@@ -172,3 +173,49 @@ def test_redteam_attempt_rejects_wrong_shapes(bad: dict[str, object]) -> None:
 def test_parse_num_params() -> None:
     assert [parse_num_params(s) for s in ("2.7B", "13B", "52B", "810M")] == [
         2_700_000_000, 13_000_000_000, 52_000_000_000, 810_000_000]
+
+
+@pytest.mark.parametrize("text", ["infB", "-2.7B", "", "abc", "nanB", "1e400B", "0B", "2.7",
+                                  "B", "1_3B", "٣B", "13 B B"])
+def test_parse_num_params_refuses_what_is_not_a_count(text: str) -> None:
+    with pytest.raises(MalformedRow, match="field 'num_params' is not a parameter count"):
+        parse_num_params(text)
+
+
+PUBLISHED = "task_descripton_harmlessness_score"  # (sic) the real file's spelling
+CARD = "task_description_harmlessness_score"
+
+
+def _published_row(**over: object) -> dict[str, object]:
+    """A row as the real file has it: the sic spelling, in its place among the fields."""
+    return {(PUBLISHED if k == CARD else k): v for k, v in _redteam_row(**over).items()}
+
+
+def test_both_spellings_of_the_task_score_give_one_field() -> None:
+    real = RedTeamAttempt.from_json(_published_row(rating=3.0))
+    card = RedTeamAttempt.from_json(_redteam_row(rating=3.0))
+    assert real.task_description_harmlessness_score == card.task_description_harmlessness_score
+    assert real.task_description_harmlessness_score == 0.25
+    # given back as read: the real file's row round-trips key for key, in order
+    assert list(real.to_json().items()) == list(_published_row(rating=3.0).items())
+    assert list(card.to_json().items()) == list(_redteam_row(rating=3.0).items())
+
+
+def test_a_row_with_both_or_neither_spelling_is_refused() -> None:
+    both = {**_published_row(), CARD: 0.25}
+    with pytest.raises(MalformedRow, match="both 'task_descripton_harmlessness_score'"):
+        RedTeamAttempt.from_json(both)
+    neither = {k: v for k, v in _redteam_row().items() if k != CARD}
+    with pytest.raises(MalformedRow) as e:
+        RedTeamAttempt.from_json(neither)
+    assert str(e.value) == ("missing field(s): task_descripton_harmlessness_score "
+                            "(or task_description_harmlessness_score)")
+
+
+@pytest.mark.parametrize("bad", [{"rating": float("nan")}, {"rating": 4.5}, {"rating": -1.0},
+                                 {PUBLISHED: float("inf")},
+                                 {"min_harmlessness_score_transcript": float("-inf")},
+                                 {"min_harmlessness_score_transcript": 10**400}])
+def test_numbers_that_are_not_finite_or_out_of_range_are_refused(bad: dict[str, object]) -> None:
+    with pytest.raises(MalformedRow):
+        RedTeamAttempt.from_json(_published_row(**bad))

@@ -25,12 +25,17 @@ from scipy.stats import t as scipy_t
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from redteam_gen import (
+    CARD_TASK_SCORE,
     MODEL_TYPES,
+    PUBLISHED_TASK_SCORE,
+    REAL_ROWS,
+    REAL_TAGGED_ROWS,
     SIZES,
     TAGGED_TYPES,
     XSS_SCRIPT,
     GroundTruth,
     make_rows,
+    write_cached_redteam_file,
     write_redteam_file,
 )
 
@@ -93,23 +98,53 @@ def quantiles(values: list[float]) -> dict[str, float]:
 
 
 def test_generated_file_has_the_real_format(gt: GroundTruth) -> None:
-    with gzip.open(gt.path, "rb") as fh:
-        raw = fh.read()
-    assert raw.lstrip().startswith(b"[")  # ONE JSON array, not JSON lines
+    raw_gz = gt.path.read_bytes()
+    assert raw_gz[:2] == b"\x1f\x8b"  # gzipped
+    raw = gzip.decompress(raw_gz)
+    assert raw.startswith(b"[\n    {\n        \"transcript\": ")  # ONE JSON array, indented 4
     rows = json.loads(raw)
     assert len(rows) == N and rows == gt.rows
+    # The published file's field names and order, with its spelling (sic) of the task score.
     fields = ["transcript", SCORE, "num_params", "model_type", "rating", "task_description",
-              "task_description_harmlessness_score", "red_team_member_id", "is_upworker", "tags"]
+              "task_descripton_harmlessness_score", "red_team_member_id", "is_upworker", "tags"]
+    assert gt.task_score_key == PUBLISHED_TASK_SCORE == fields[6]
     for r in rows:
         assert list(r) == fields
         assert r["transcript"].startswith("\n\nHuman: ")
         assert type(r["rating"]) is float and r["rating"] in (0.0, 1.0, 2.0, 3.0, 4.0)
+        assert type(r[SCORE]) is float and type(r[PUBLISHED_TASK_SCORE]) is float
         assert type(r["red_team_member_id"]) is int and type(r["is_upworker"]) is bool
         assert r["num_params"] in SIZES and r["model_type"] in MODEL_TYPES
-        assert r["tags"] is None or (isinstance(r["tags"], list) and len(r["tags"]) <= 6)
+        assert r["tags"] is None or (isinstance(r["tags"], list) and len(r["tags"]) <= 6
+                                     and all(type(t) is str for t in r["tags"]))
+    # null tags on most rows; a list on 742 per 38,961 (as in the real file), on two model types
+    tagged = [r for r in rows if r["tags"] is not None]
+    assert len(tagged) == round(N * REAL_TAGGED_ROWS / REAL_ROWS)
+    assert {r["model_type"] for r in tagged} == set(TAGGED_TYPES)
+    assert max(len(r["tags"]) for r in tagged) == 6
+    assert len({r["red_team_member_id"] for r in rows}) > 10
+    assert {r["is_upworker"] for r in rows} == {True, False}
     # Deterministic: the same seed gives the same rows, another seed other rows.
     assert make_rows(N, SEED)[0] == gt.rows
     assert make_rows(N, SEED + 1)[0] != gt.rows
+
+
+def test_both_spellings_of_the_task_score_read_the_same(
+        gt: GroundTruth, records: list[RedTeamAttempt], tmp_path: Path) -> None:
+    card = write_redteam_file(tmp_path / "card.json.gz", n=N, seed=SEED, spelling="card")
+    assert card.task_score_key == CARD_TASK_SCORE
+    assert all(CARD_TASK_SCORE in r and PUBLISHED_TASK_SCORE not in r for r in card.rows)
+    card_records = read_attempts(str(card.path), progress=False)
+    # one canonical field, whichever spelling the file used
+    assert [a.task_description_harmlessness_score for a in card_records] == [
+        a.task_description_harmlessness_score for a in records] == [
+        r[PUBLISHED_TASK_SCORE] for r in gt.rows]
+    # each row is given back as it was read, in its own file's spelling
+    assert [a.to_json() for a in card_records] == card.rows
+    assert [a.to_json() for a in records] == gt.rows
+    a = analyse(card_records, RedTeamConfig(), source="card")
+    assert a.to_json()["correlations"] == analyse(records, RedTeamConfig(),
+                                                  source="x").to_json()["correlations"]
 
 
 def test_records_read_back(gt: GroundTruth, records: list[RedTeamAttempt]) -> None:
@@ -200,13 +235,15 @@ def test_spearman_correlations(gt: GroundTruth, analysis: RedTeamAnalysis) -> No
     assert [(c.x, c.group) for c in analysis.correlations] == (
         [("rating", g) for g in groups]
         + [("task_description_harmlessness_score", g) for g in groups])
-    for x in ("rating", "task_description_harmlessness_score"):
+    # the canonical name, read from the file's own spelling (sic)
+    for x, key in (("rating", "rating"),
+                   ("task_description_harmlessness_score", PUBLISHED_TASK_SCORE)):
         for g in groups:
             rows = [r for r in gt.rows if g == "all" or r["model_type"] == g]
             c = analysis.correlation(x, SCORE, g)
             assert c.n == len(rows)
-            assert c.rho == pytest.approx(spearman([r[x] for r in rows], [r[SCORE] for r in rows]),
-                                          abs=1e-12)
+            assert c.rho == pytest.approx(
+                spearman([r[key] for r in rows], [r[SCORE] for r in rows]), abs=1e-12)
             assert c.p_value is not None and 0 <= c.p_value < 1e-6
     # Successful attacks leave lower (more harmful) scores; task and transcript scores agree.
     rho_rating = analysis.correlation("rating", SCORE).rho
@@ -333,12 +370,13 @@ def test_cli_json_and_figures(gt: GroundTruth, tmp_path: Path) -> None:
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
 
 
-def test_reads_the_cached_file(cache: Path, gt: GroundTruth) -> None:
-    dest = cache / "data" / "red-team-attempts" / "red_team_attempts.jsonl.gz"
-    dest.parent.mkdir(parents=True)
-    dest.write_bytes(gt.path.read_bytes())
+def test_reads_the_cached_file(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _, pins = write_cached_redteam_file(cache, n=300, seed=SEED)
+    with pytest.raises(HHRLHFError, match="fails verification: size is"):  # not the real file
+        load_and_analyse("red-team-attempts", progress=False)
+    monkeypatch.setenv("HHRLHF_PINS", str(pins))
     a = load_and_analyse("red-team-attempts", progress=False)
-    assert a.attacks == N
+    assert a.attacks == 300
 
 
 # --------------------------------------------------------------------------- bad input
@@ -404,3 +442,23 @@ def test_bad_input_via_the_cli(tmp_path: Path, real_file: Path) -> None:
         lines = stderr.strip().splitlines()
         assert len(lines) == 1, stderr  # one line, no traceback
         assert lines[0].startswith("hhrlhf: error: ") and expected in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("value", ["infB", "-2.7B", "", "abc", "NaN"])
+def test_unparseable_numbers_are_one_line_errors_via_the_cli(tmp_path: Path, value: str) -> None:
+    rows, _ = make_rows(100, 3)
+    starts = [i + 1 for i, ln in enumerate(json.dumps(rows, indent=4).split("\n"))
+              if ln == "    {"]
+    if value == "NaN":  # Python's JSON decoder lets NaN through: it must not reach the analysis
+        rows[3]["rating"] = float("nan")
+        expected = "not a red-team row: field 'rating' is not a finite number: nan"
+    else:
+        rows[3]["num_params"] = value
+        expected = (f"not a red-team row: field 'num_params' is not a parameter count such as "
+                    f"'52B' or '2.7B': {value!r}")
+    path = tmp_path / "red_team_attempts.jsonl.gz"
+    path.write_bytes(gzip.compress(json.dumps(rows, indent=4).encode()))
+    p = subprocess.run([str(HHRLHF), "redteam", str(path)], check=False, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 2 and p.stdout == ""
+    assert p.stderr == f"hhrlhf: error: {path}:{starts[3]}: {expected}\n"

@@ -273,7 +273,7 @@ class Comparison:
 
 # Sizes in the red-team file's own strings ("52B", "13B", "2.7B"), as numbers of parameters.
 _PARAM_SUFFIX = {"K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
-_PARAM_COUNT = re.compile(r"(\d+(?:\.\d+)?|\.\d+)([KMBT])", re.IGNORECASE)
+_PARAM_COUNT = re.compile(r"([0-9]+(?:\.[0-9]+)?|\.[0-9]+)([KMBT])", re.IGNORECASE)
 
 
 class MalformedRow(ValueError):
