@@ -10,6 +10,8 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import os
+import re
 import statistics
 import subprocess
 import sys
@@ -462,3 +464,60 @@ def test_unparseable_numbers_are_one_line_errors_via_the_cli(tmp_path: Path, val
                        text=True, timeout=120)
     assert p.returncode == 2 and p.stdout == ""
     assert p.stderr == f"hhrlhf: error: {path}:{starts[3]}: {expected}\n"
+
+
+# ------------------------------------------------------------ a bad file in the cache
+
+
+def _cli(args: list[str], cache: Path, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if k != "HHRLHF_PINS"}
+    full_env.update(HHRLHF_CACHE=str(cache), **env)
+    return subprocess.run([str(HHRLHF), *args], check=False, capture_output=True, text=True,
+                          env=full_env, cwd=cwd, timeout=300)
+
+
+def _warnings(stderr: str) -> list[str]:
+    return [ln for ln in stderr.splitlines() if ln.startswith("hhrlhf: ")]
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "bad_row"])
+def test_a_bad_cached_red_team_file_does_not_stop_the_rest(
+        seeded_cache: Path, tmp_path: Path, damage: str) -> None:
+    """`report`, `index` and `stats` with no arguments: the bad file is named in one line and
+    skipped, the preference data is processed, exit 0."""
+    bad_path = seeded_cache / "data" / "red-team-attempts" / "red_team_attempts.jsonl.gz"
+    env: dict[str, str] = {}
+    if damage == "corrupt":  # not the published file: fails its pinned size and SHA-256
+        bad_path.parent.mkdir(parents=True)
+        bad_path.write_bytes(gzip.compress(b"[{\"transcript\": ")[:-8])
+        expected = (f"hhrlhf: warning: {bad_path}: cached copy of red-team-attempts fails "
+                    "verification: size is")
+    else:  # verifies (pinned on purpose) but a row cannot be read
+        rows, _ = make_rows(100, 3)
+        rows[0]["num_params"] = "infB"
+        bad_path.parent.mkdir(parents=True)
+        bad_path.write_bytes(gzip.compress(json.dumps(rows, indent=4).encode()))
+        from redteam_gen import REDTEAM_CACHE_PATH, write_pins
+
+        env["HHRLHF_PINS"] = str(write_pins(tmp_path / "pins.tsv",
+                                            {REDTEAM_CACHE_PATH: bad_path}))
+        expected = f"hhrlhf: warning: {bad_path}:2: not a red-team row: field 'num_params'"
+
+    report = _cli(["report", "--out", "report.html"], seeded_cache, tmp_path, **env)
+    assert report.returncode == 0, report.stderr
+    (line,) = _warnings(report.stderr)
+    assert line.startswith(expected), line
+    html = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert "harmless-base/test" in html and "2,312" in html
+
+    index = _cli(["index"], seeded_cache, tmp_path, **env)
+    assert index.returncode == 0, index.stderr
+    (line,) = _warnings(index.stderr)
+    assert line.startswith(expected), line
+    assert re.search(r"new +harmless-base/test +\(pairs, 2,312 rows\)", index.stdout)
+    assert "red-team" not in index.stdout
+
+    if damage == "corrupt":
+        stats = _cli(["stats"], seeded_cache, tmp_path, **env)
+        assert stats.returncode == 0, stats.stderr
+        assert "2,312" in stats.stdout or "2312" in stats.stdout

@@ -242,12 +242,12 @@ def _shape_problem(obj: dict[str, Any]) -> str:
 def preference_sources(names: str | Path | Iterable[str | Path],
                        split: str | None = None) -> list[Source]:
     """The preference files to read: the named subsets/paths, or every one in the cache."""
-    from hhrlhf.fetch import local_path
+    from hhrlhf.fetch import cached_files
 
     wanted = [str(names)] if isinstance(names, (str, Path)) else [str(n) for n in names]
-    if not wanted:
-        found = [Source(p, f.subset, f.split) for f in files_for(PREFERENCE_SUBSETS, split)
-                 if (p := local_path(f)) is not None]
+    if not wanted:  # a bad cached file is named on stderr and left out
+        found = [Source(p, f.subset, f.split)
+                 for f, p in cached_files(files_for(PREFERENCE_SUBSETS, split))]
         if not found:
             raise HHRLHFError("no preference file in the cache; run `hhrlhf fetch` or name "
                               "a subset or a file")

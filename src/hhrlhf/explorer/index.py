@@ -27,6 +27,7 @@ import json
 import os
 import shutil
 import sqlite3
+import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -174,15 +175,11 @@ def _read_old_sources(db: Path) -> dict[str, dict[str, Any]] | None:
 
 
 def _cached_files() -> list[tuple[str, Path, str, str | None]]:
-    """(name, path, subset, split) of each registry file present in the cache."""
-    from hhrlhf.fetch import local_path
+    """(name, path, subset, split) of each registry file present in the cache and verified (a
+    bad one is named on stderr and left out: the others are still indexed and served)."""
+    from hhrlhf.fetch import cached_files
 
-    out = []
-    for f in FILES:
-        p = local_path(f)
-        if p is not None:
-            out.append((f.name, p, f.subset, f.split))
-    return out
+    return [(f.name, p, f.subset, f.split) for f, p in cached_files(FILES)]
 
 
 def _plan_sources(paths: Iterable[Path], old: dict[str, dict[str, Any]]) -> list[_Planned]:
@@ -302,6 +299,10 @@ class _Writer:
             self.tags.append((tag, rid))
         if len(self.rows) >= self.batch:
             self.flush()
+
+    def discard(self) -> None:
+        """Forget the rows not yet written (those of a file that turned out bad)."""
+        self.rows, self.facets, self.tags = [], [], []
 
     def flush(self) -> None:
         if not self.rows:
@@ -481,11 +482,21 @@ def _build_into(con: sqlite3.Connection, config: IndexConfig, planned: list[_Pla
             continue
         sid = source_ids[p.name]
         n = 0
-        for a in _progress(read_source_redteam(Source(p.path, p.subset, p.split)), p.name,
-                           config.progress):
-            writer.add_redteam(sid, a)
-            n += 1
-        writer.flush()
+        try:
+            for a in _progress(read_source_redteam(Source(p.path, p.subset, p.split)), p.name,
+                               config.progress):
+                writer.add_redteam(sid, a)
+                n += 1
+            writer.flush()
+        except HHRLHFError as e:
+            if p.explicit:  # named by the user: their file, their error
+                raise
+            # found in the cache: one unreadable file does not stop the index of the rest
+            writer.discard()
+            _delete_source(con, sid)
+            print(f"hhrlhf: warning: {e}; {p.name} skipped, the rest is indexed",
+                  file=sys.stderr)
+            continue
         _finish_source(con, sid, n, p, old, fresh, report)
 
     con.executemany("INSERT OR REPLACE INTO flag_bits VALUES (?,?,?,?)", [

@@ -60,14 +60,13 @@ class RedTeamPart:
 
 def collect_sources(names: Sequence[str]) -> tuple[list[Source], list[Source]]:
     """(preference sources, red-team sources): the named ones, or all of the cache."""
-    from hhrlhf.fetch import local_path
+    from hhrlhf.fetch import cached_files
 
     if names:
         srcs = resolve(names)
-    else:
+    else:  # a bad cached file is named on stderr and left out: the rest is still reported
         srcs = [Source(p, f.subset, f.split)
-                for f in files_for(list(PREFERENCE_SUBSETS) + [REDTEAM_SUBSET])
-                if (p := local_path(f)) is not None]
+                for f, p in cached_files(files_for(list(PREFERENCE_SUBSETS) + [REDTEAM_SUBSET]))]
         if not srcs:
             raise HHRLHFError("nothing in the cache to report on; run `hhrlhf fetch` or name "
                               "subsets or files")
@@ -189,6 +188,17 @@ def build_report(sources: Sequence[str] = (), out: str | Path = "report.html",
     with tempfile.TemporaryDirectory(prefix="hhrlhf-report-") as tmpdir:
         tmp = Path(tmpdir)
         pref = preference_part(pref_srcs, tmp, cfg) if pref_srcs else None
-        red = [redteam_part(s, tmp, cfg, i) for i, s in enumerate(red_srcs)]
+        red = []
+        for i, s in enumerate(red_srcs):
+            try:
+                red.append(redteam_part(s, tmp, cfg, i))
+            except HHRLHFError as e:
+                if sources:  # named by the user: their file, their error
+                    raise
+                # found in the cache: one unreadable file does not stop the report of the rest
+                print(f"hhrlhf: warning: {e}; {s.name} skipped, the rest is reported",
+                      file=sys.stderr)
+        if pref is None and not red:
+            raise HHRLHFError("nothing in the cache could be read; run `hhrlhf fetch` again")
         html = render(pref, red, cfg)
     return write_text(out, html)
