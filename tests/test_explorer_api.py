@@ -23,13 +23,12 @@ from explorer_support import (
     XSS_IMG,
     XSS_SCRIPT,
     free_port,
-    redteam_path,
     seed_cache,
     served,
     wait_until_up,
     write_payload_pairs,
 )
-from redteam_gen import GroundTruth, write_redteam_file
+from redteam_gen import GroundTruth, write_cached_redteam_file
 
 from hhrlhf.audit import run_audit
 from hhrlhf.errors import HHRLHFError
@@ -59,9 +58,10 @@ class Site:
 def site(tmp_path_factory: pytest.TempPathFactory, real_file: Path) -> Any:
     root = tmp_path_factory.mktemp("explorer_api")
     cache = seed_cache(root / "cache", real_file)
-    gt = write_redteam_file(redteam_path(cache), 600, seed=3)
+    gt, pins = write_cached_redteam_file(cache, 600, seed=3)
     evil = write_payload_pairs(root / EVIL_NAME)
-    env = {**os.environ, "HHRLHF_CACHE": str(cache)}
+    # the generated red-team file is pinned on purpose (the real file's pins refuse it)
+    env = {**os.environ, "HHRLHF_CACHE": str(cache), "HHRLHF_PINS": str(pins)}
     built = subprocess.run([HHRLHF, "index", str(evil)], env=env, capture_output=True,
                            text=True, timeout=120, check=False)
     assert built.returncode == 0, built.stderr
@@ -111,7 +111,8 @@ def test_index_and_serve_commands_report_what_they_did(site: Site) -> None:
 
 
 def test_cli_errors_are_one_line_and_exit_2(site: Site, tmp_path: Path) -> None:
-    env = {**os.environ, "HHRLHF_CACHE": str(site.cache)}
+    env = {**os.environ, "HHRLHF_CACHE": str(site.cache),
+           "HHRLHF_PINS": str(site.cache / "pins.tsv")}
     missing = subprocess.run([HHRLHF, "index", str(tmp_path / "nope.jsonl")], env=env,
                              capture_output=True, text=True, timeout=60, check=False)
     assert missing.returncode == 2

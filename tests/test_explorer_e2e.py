@@ -15,9 +15,9 @@ from typing import Any
 
 import httpx
 import pytest
-from explorer_support import redteam_path, seed_cache, served
+from explorer_support import seed_cache, served
 from playwright.sync_api import Browser, Page, expect, sync_playwright
-from redteam_gen import XSS_IMG, XSS_SCRIPT, write_redteam_file
+from redteam_gen import XSS_IMG, XSS_SCRIPT, write_cached_redteam_file
 
 from hhrlhf.explorer import IndexConfig, build_index
 
@@ -32,9 +32,10 @@ README_SHOT = ROOT / "docs" / "img" / "explorer-pair.png"
 def site(tmp_path_factory: pytest.TempPathFactory, real_file: Path) -> Iterator[dict[str, Any]]:
     root = tmp_path_factory.mktemp("explorer_e2e")
     cache = seed_cache(root / "cache", real_file)
-    gt = write_redteam_file(redteam_path(cache), 300, seed=5)
+    gt, pins = write_cached_redteam_file(cache, 300, seed=5)
     mp = pytest.MonkeyPatch()
     mp.setenv("HHRLHF_CACHE", str(cache))
+    mp.setenv("HHRLHF_PINS", str(pins))  # the generated red-team file, pinned on purpose
     try:
         db = build_index(IndexConfig(progress=False, stats_plot=False)).db_path
         with served(db) as base:

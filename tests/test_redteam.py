@@ -521,3 +521,59 @@ def test_a_bad_cached_red_team_file_does_not_stop_the_rest(
         stats = _cli(["stats"], seeded_cache, tmp_path, **env)
         assert stats.returncode == 0, stats.stderr
         assert "2,312" in stats.stdout or "2312" in stats.stdout
+
+
+# --------------------------------------------------------- the real shape at a realistic size
+
+
+def test_a_real_shaped_file_at_realistic_size_through_every_command(
+        seeded_cache: Path, tmp_path: Path) -> None:
+    """4,000 attacks written as the published file is (one gzipped JSON array, the sic
+    spelling, float ratings, size strings, ids, null and list tags) in the cache beside the
+    real harmless-base test file: redteam, report, index and export all work on it, and each
+    shows the task score under the one canonical name."""
+    from hhrlhf.explorer import ExplorerDB
+
+    n = 4000
+    gt, pins = write_cached_redteam_file(seeded_cache, n=n, seed=17)
+    env = {"HHRLHF_PINS": str(pins)}
+    canonical, sic = "task_description_harmlessness_score", PUBLISHED_TASK_SCORE
+
+    red = _cli(["redteam", "--json", "--top", "2"], seeded_cache, tmp_path, **env)
+    assert red.returncode == 0, red.stderr
+    d = json.loads(red.stdout)
+    assert d["attacks"] == n and sum(c["attacks"] for c in d["cells"]) == n
+    assert {c["x"] for c in d["correlations"]} == {"rating", canonical}
+    harmful = [h for items in d["most_harmful"].values() for h in items]
+    assert harmful and all(canonical in h for h in harmful)
+    assert sic not in red.stdout
+    cell = next(c for c in d["cells"] if (c["model_type"], c["num_params"]) == (
+        "context distillation", "52B"))
+    assert cell["attacks"] == gt.cells[("context distillation", "52B")].attacks
+    assert cell["attacks"] == max(c["attacks"] for c in d["cells"])  # the paper's biggest cell
+
+    report = _cli(["report", "--out", "report.html"], seeded_cache, tmp_path, **env)
+    assert report.returncode == 0 and _warnings(report.stderr) == [], report.stderr
+    html = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert "Red-team attempts" in html and f"{n:,}" in html and "harmless-base/test" in html
+
+    index = _cli(["index"], seeded_cache, tmp_path, **env)
+    assert index.returncode == 0 and _warnings(index.stderr) == [], index.stderr
+    assert re.search(rf"new +red-team-attempts +\(redteam, {n:,} rows\)", index.stdout)
+    assert re.search(r"new +harmless-base/test +\(pairs, 2,312 rows\)", index.stdout)
+    db = ExplorerDB(seeded_cache / "explorer.sqlite")
+    for i in (0, n // 2, n - 1):
+        shown = db.redteam("red-team-attempts", i)
+        assert shown[canonical] == gt.rows[i][sic] and sic not in shown
+        assert shown["rating"] == gt.rows[i]["rating"]
+        assert shown["tags"] == gt.rows[i]["tags"]
+
+    out = tmp_path / "pairs.jsonl"
+    export = _cli(["export", "--format", "trl", "--out", str(out)], seeded_cache, tmp_path, **env)
+    assert export.returncode == 0, export.stderr  # the preference files of the cache
+    assert "of 2,312 rows" in export.stderr and out.exists()
+    named = _cli(["export", "red-team-attempts", "--format", "trl", "--out", str(out)],
+                 seeded_cache, tmp_path, **env)
+    assert named.returncode == 2
+    assert named.stderr == ("hhrlhf: error: red-team-attempts holds no preference rows; use "
+                            "`hhrlhf redteam`\n")

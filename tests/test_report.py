@@ -13,7 +13,13 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from redteam_gen import XSS_IMG, XSS_SCRIPT, GroundTruth, write_redteam_file
+from redteam_gen import (
+    XSS_IMG,
+    XSS_SCRIPT,
+    GroundTruth,
+    write_cached_redteam_file,
+    write_redteam_file,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 HHRLHF = ROOT / ".venv" / "bin" / "hhrlhf"
@@ -29,11 +35,11 @@ def run(args: list[str], cache: Path, cwd: Path) -> subprocess.CompletedProcess[
 
 
 @pytest.fixture
-def full_cache(seeded_cache: Path) -> tuple[Path, GroundTruth]:
-    """The cache with the real harmless-base test file and a generated red-team file."""
-    gt = write_redteam_file(
-        seeded_cache / "data" / "red-team-attempts" / "red_team_attempts.jsonl.gz",
-        n=600, seed=11)
+def full_cache(seeded_cache: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, GroundTruth]:
+    """The cache with the real harmless-base test file and a generated red-team file (pinned
+    by $HHRLHF_PINS: the real file's own pins refuse it)."""
+    gt, pins = write_cached_redteam_file(seeded_cache, n=600, seed=11)
+    monkeypatch.setenv("HHRLHF_PINS", str(pins))
     return seeded_cache, gt
 
 

@@ -39,7 +39,7 @@ from hhrlhf.audit import CHECKS, CROSS_ROW_CHECKS, DESCRIPTIONS, Auditor
 from hhrlhf.errors import HHRLHFError
 from hhrlhf.fetch import file_sha256
 from hhrlhf.read import Source, is_redteam_file, read_source_comparisons, read_source_redteam
-from hhrlhf.records import Comparison, RedTeamAttempt, Turn
+from hhrlhf.records import TASK_SCORE, Comparison, RedTeamAttempt, Turn
 from hhrlhf.registry import FILES, REDTEAM_SUBSET, cache_dir
 
 SCHEMA_VERSION = 1
@@ -285,7 +285,7 @@ class _Writer:
         self.next_id += 1
         roles, context = join_turns(a.transcript.turns)
         meta = {
-            "task_description_harmlessness_score": a.task_description_harmlessness_score,
+            TASK_SCORE: a.task_description_harmlessness_score,  # one name, either spelling
             "red_team_member_id": a.red_team_member_id,
             "tags": None if a.tags is None else list(a.tags),
             "preamble": a.transcript.preamble or None,

@@ -25,6 +25,7 @@ from urllib.parse import quote
 from hhrlhf.errors import HHRLHFError
 from hhrlhf.explorer.diff import word_diff
 from hhrlhf.explorer.index import KIND_PAIR, KIND_REDTEAM, PAIRS, REDTEAM, TURN_SEP
+from hhrlhf.records import TASK_SCORE
 
 MAX_QUERY_CHARS = 500
 MAX_TERMS = 32
@@ -589,8 +590,7 @@ class ExplorerDB:
             "num_params": row["num_params"],
             "rating": row["rating"],
             "min_harmlessness_score_transcript": row["score"],
-            "task_description_harmlessness_score": meta.get(
-                "task_description_harmlessness_score"),
+            TASK_SCORE: meta.get(TASK_SCORE),  # the canonical name, whatever the file's
             "red_team_member_id": meta.get("red_team_member_id"),
             "is_upworker": bool(row["upworker"]),
             "tags": meta.get("tags"),
