@@ -8,7 +8,8 @@ from hhrlhf.errors import HHRLHFError
 from hhrlhf.registry import SPLITS, SUBSETS
 
 _HELP = f"""Download SUBSETs (default: all nine files) into the cache, verified against their
-pinned size and SHA-256.
+pinned size and SHA-256 or git blob id (nothing is trusted on first use; $HHRLHF_PINS may name
+a MANIFEST.tsv-style table of other pins, for a mirror that serves other bytes on purpose).
 
 Subsets: {", ".join(SUBSETS)}. Name one split as SUBSET/SPLIT, or
 all of one split with --split.
