@@ -175,16 +175,20 @@ def test_every_check_fires_exactly_where_expected() -> None:
 
 
 @pytest.fixture
-def made_cache(seeded_cache: Path, real_file: Path) -> Path:
-    """The real harmless-base test file, and a hand-made harmless-base train file (no pinned
-    hash: recorded on first sight) holding the real test file's prompt of row 0 (row 12 here)
-    and its whole row 7 (row 13 here)."""
+def made_cache(seeded_cache: Path, real_file: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The real harmless-base test file, and a hand-made harmless-base train file (pinned on
+    purpose by $HHRLHF_PINS: the real file's pin refuses it) holding the real test file's
+    prompt of row 0 (row 12 here) and its whole row 7 (row 13 here)."""
+    from redteam_gen import write_pins
+
     real = list(read_comparisons(real_file))
     made = HARMLESS_TRAIN + [
         (render_turns(real[0].prompt) + "\n\nAssistant: made up", real[0].rejected_raw),
         (real[7].chosen_raw, real[7].rejected_raw),
     ]
-    write_rows(seeded_cache / "data" / "harmless-base" / "train.jsonl.gz", made)
+    train = write_rows(seeded_cache / "data" / "harmless-base" / "train.jsonl.gz", made)
+    pins = write_pins(seeded_cache / "pins.tsv", {"harmless-base/train.jsonl.gz": train})
+    monkeypatch.setenv("HHRLHF_PINS", str(pins))
     return seeded_cache
 
 
