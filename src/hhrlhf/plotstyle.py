@@ -57,7 +57,8 @@ def use() -> None:
     matplotlib.use("Agg")
     from cycler import cycler
 
-    matplotlib.rcParams.update({**RC, "axes.prop_cycle": cycler(color=list(SERIES))})
+    style: Any = {**RC, "axes.prop_cycle": cycler(color=list(SERIES))}
+    matplotlib.rcParams.update(style)
 
 
 def subplots(width: float, height: float, **kwargs: Any) -> tuple[Any, Any]:
