@@ -137,6 +137,7 @@ def test_report_in_a_browser(full_cache: tuple[Path, GroundTruth], tmp_path: Pat
             assert re.fullmatch(r"\d,\d{3}", dist[-1]), dist  # the longest prompt: 1,000+
 
             shot = tmp_path / "report.png"
+            page.set_viewport_size({"width": 1200, "height": 900})
             page.eval_on_selector_all("details", "els => els.forEach(e => e.open = false)")
             page.screenshot(path=str(shot))
         finally:

@@ -79,8 +79,8 @@ def test_tiny_file_numbers_exactly(tiny: Path) -> None:
                                                    max(lengths))
     assert out["groups"] == [{
         "subset": str(tiny), "split": None, "rows": 3, "turns_mean": round(8 / 3, 3),
-        "chars_mean": {"prompt": round(sum(prompt) / 3, 1), "chosen": round(16 / 3, 1),
-                       "rejected": round(13 / 3, 1)},
+        "chars_mean": {"prompt": round(sum(prompt) / 3, 2), "chosen": round(16 / 3, 2),
+                       "rejected": round(13 / 3, 2)},
         "length_bias": bias,
     }]
     text = run("stats", str(tiny))

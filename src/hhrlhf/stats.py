@@ -127,7 +127,7 @@ class GroupStats:
             "split": self.split,
             "rows": self.rows,
             "turns_mean": round(self.turns.total / n, 3),
-            "chars_mean": {k: round(d.total / n, 1) for k, d in self.chars.items()},
+            "chars_mean": {k: round(d.total / n, 2) for k, d in self.chars.items()},
             "length_bias": self.length_bias.to_json(),
         }
 
