@@ -479,3 +479,11 @@ def test_a_failed_build_leaves_the_previous_database_answering(seeded_cache: Pat
         assert _search(base, "zebra") == 1 and _search(base, "quagga") == 0
     assert not list(db.parent.glob(db.name + ".build-*"))  # the failed copy and the stale one
     assert ExplorerDB(db).search(SearchParams(q="zebra")).total == 1
+
+
+def test_api_description_markdown_is_escaped_then_rendered() -> None:
+    from hhrlhf.explorer.app import render_markdown
+
+    html = render_markdown("**Bold** <b>raw</b> `x<y>`\n  and more\n\nSecond **p**.")
+    assert str(html) == ("<p><strong>Bold</strong> &lt;b&gt;raw&lt;/b&gt; <code>x&lt;y&gt;</code>"
+                         " and more</p>\n<p>Second <strong>p</strong>.</p>")

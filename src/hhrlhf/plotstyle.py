@@ -89,6 +89,20 @@ def save(fig: Any, path: str | Path) -> Path:
     return save_figure(fig, path, dpi=DPI)
 
 
+def png_bytes(fig: Any) -> bytes:
+    """``fig`` as PNG bytes at :data:`DPI` (for a server that sends it), and close it."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png", dpi=DPI)
+    finally:
+        plt.close(fig)
+    return buf.getvalue()
+
+
 def percent_axis(axis: Any, decimals: int = 0) -> None:
     """Label an axis of shares (0-1) as percentages, as the tables do."""
     from matplotlib.ticker import PercentFormatter

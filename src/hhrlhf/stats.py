@@ -479,19 +479,9 @@ def plot_stats(stats: Stats, path: str | Path) -> Path:
 
 def stats_png(stats: Stats) -> bytes:
     """The figure of :func:`plot_stats` as PNG bytes (for the explorer, which serves it)."""
-    import io
-
     from hhrlhf import plotstyle
 
-    fig = stats_figure(stats)
-    buf = io.BytesIO()
-    try:
-        fig.savefig(buf, format="png", dpi=plotstyle.DPI)
-    finally:
-        import matplotlib.pyplot as plt
-
-        plt.close(fig)
-    return buf.getvalue()
+    return plotstyle.png_bytes(stats_figure(stats))
 
 
 def format_text(stats: Stats, sources: list[str]) -> str:
