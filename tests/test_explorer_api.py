@@ -7,6 +7,7 @@ Expected counts are computed independently from the records and the ground truth
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -144,6 +145,28 @@ def test_search_counts_match_the_records(site: Site, records: list[Any], q: str,
         assert hit["subset"] == "harmless-base" and hit["kind"] == "pairs"
         matched = " ".join(t for t, is_hit in hit["snippet"] if is_hit).lower()
         assert any(w in matched for w in ("pizza", "burger", "fast", "food")), hit["snippet"]
+        assert hit["snippet_field"] in ("context", "chosen", "rejected")
+
+
+def test_snippets_say_where_the_match_is(site: Site) -> None:
+    # The payload file: row 1 asks "What is a zebra?"; chosen "A striped horse-like animal.",
+    # rejected "A striped cat.". Each word is in one part only; the hit says which.
+    for word, field in (("zebra", "context"), ("horse", "chosen"), ("cat", "rejected")):
+        body = site.get("/api/search", params={"q": word, "subset": EVIL_NAME}).json()
+        assert body["total"] == 1, (word, body)
+        hit = body["results"][0]
+        assert hit["index"] == 1 and hit["snippet_field"] == field, (word, hit)
+        assert any(is_hit for _, is_hit in hit["snippet"])
+    # "striped" is in both responses: the snippet is one of them, and says which.
+    hit = site.get("/api/search", params={"q": "striped", "subset": EVIL_NAME}).json()
+    assert hit["results"][0]["snippet_field"] in ("chosen", "rejected")
+    i = site.gt.xss_indices[0]
+    body = site.get("/api/search", params={"q": "make it print", "kind": "redteam",
+                                           "per_page": 100}).json()
+    assert {h["snippet_field"] for h in body["results"]} == {"task_description"}
+    assert i in {h["index"] for h in body["results"]}
+    body = site.get("/api/search", params={"kind": "redteam", "per_page": 1}).json()
+    assert body["results"][0]["snippet_field"] in ("task_description", "transcript")
 
 
 def test_filters_on_pairs_match_the_records_and_the_audit(site: Site,
@@ -202,6 +225,12 @@ def test_sorting_and_pages(site: Site) -> None:
     assert not {h["id"] for h in first["results"]} & {h["id"] for h in second["results"]}
     last = site.get("/api/search", params={**params, "page": first["pages"]}).json()
     assert len(last["results"]) == first["total"] - 50 * (first["pages"] - 1)
+    # Where each page stands among all the results, for "results 51-100 of 600".
+    assert (first["first"], first["last"]) == (1, 50)
+    assert (second["first"], second["last"]) == (51, 100)
+    assert last["last"] == last["total"] and last["first"] == 50 * (last["pages"] - 1) + 1
+    none = site.get("/api/search", params={"q": "zzzqqqxxy"}).json()
+    assert (none["total"], none["pages"], none["first"], none["last"]) == (0, 1, 0, 0)
 
 
 # --- malformed requests: 4xx with a message, never 500 --------------------------------------
@@ -326,12 +355,65 @@ def test_overview_openapi_and_api_page(site: Site) -> None:
     assert o["stats_plot"] == "/stats.png"
     png = site.get("/stats.png")
     assert png.headers["content-type"] == "image/png" and png.content[:4] == b"\x89PNG"
+    # Drawn by hhrlhf.stats from the counts the index keeps: the index holds no picture.
+    con = sqlite3.connect(f"file:{site.db}?mode=ro", uri=True)
+    try:
+        assert con.execute("SELECT count(*) FROM meta WHERE key = 'stats_png'").fetchone()[0] == 0
+    finally:
+        con.close()
+    # The overview names files, never this machine's folders.
+    text = json.dumps(o)
+    assert str(site.cache) not in text and str(site.db.parent) not in text
+    assert o["database"] == "explorer.sqlite"
+    assert all("path" not in s for s in o["sources"])
+    assert {s["name"] for s in o["sources"]} == {"harmless-base/test", "red-team-attempts",
+                                                 EVIL_NAME}
     schema = site.get("/openapi.json").json()
     params = {p["name"] for p in schema["paths"]["/api/search"]["get"]["parameters"]}
     assert {"q", "subset", "split", "turns_min", "flag", "model_type", "size", "rating_min",
             "score_max", "tag", "worker", "sort", "page", "per_page"} <= params
     page = site.get("/api").text
     assert "/api/search" in page and "turns_min" in page
+    # The description is rendered, not shown as raw Markdown.
+    assert "<strong>Query language</strong>" in page and "**" not in page
+    assert "<code>q</code>" in page
+    # Response shapes are declared once (explorer.schema) and documented in the schema.
+    for path, model in (("/api/overview", "OverviewOut"), ("/api/facets", "FacetsOut"),
+                        ("/api/search", "SearchOut")):
+        ok = schema["paths"][path]["get"]["responses"]["200"]["content"]["application/json"]
+        assert ok["schema"]["$ref"].endswith("/" + model)
+    hit = schema["components"]["schemas"]["SearchHit"]["properties"]
+    assert "snippet_field" in hit
+
+
+def test_docs_page_works_offline(site: Site) -> None:
+    from playwright.sync_api import sync_playwright
+
+    r = site.get("/docs")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    requests: list[str] = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path="/usr/bin/chromium",
+                                     args=["--headless", "--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page()
+            page.on("request", lambda req: requests.append(req.url))
+            page.goto(site.base + "/docs")
+            assert page.locator("h1").inner_text() == "JSON API"
+            assert page.locator("section.endpoint").count() >= 5
+            # Try an endpoint from the page itself: only the filled fields are sent.
+            form = page.locator("#api-search form.try-form")
+            page.locator("#api-search summary").click()
+            form.locator("input[name=q]").fill("pizza")
+            form.locator("select[name=kind]").select_option("pairs")
+            with page.expect_navigation():
+                form.locator("button").click()
+            assert "/api/search?q=pizza&kind=pairs" in page.url, page.url
+            body = json.loads(page.locator("body").inner_text())
+            assert body["total"] > 0 and body["results"][0]["kind"] == "pairs"
+        finally:
+            browser.close()
+    assert all(u.startswith(site.base) for u in requests), requests  # nothing from outside
 
 
 def test_the_database_is_opened_read_only(site: Site) -> None:
@@ -397,4 +479,12 @@ def test_a_failed_build_leaves_the_previous_database_answering(seeded_cache: Pat
         assert db.stat().st_ino == before.st_ino and db.stat().st_size == before.st_size
         assert _search(base, "zebra") == 1 and _search(base, "quagga") == 0
     assert not list(db.parent.glob(db.name + ".build-*"))  # the failed copy and the stale one
-    assert ExplorerDB(db).search(SearchParams(q="zebra"))["total"] == 1
+    assert ExplorerDB(db).search(SearchParams(q="zebra")).total == 1
+
+
+def test_api_description_markdown_is_escaped_then_rendered() -> None:
+    from hhrlhf.explorer.app import render_markdown
+
+    html = render_markdown("**Bold** <b>raw</b> `x<y>`\n  and more\n\nSecond **p**.")
+    assert str(html) == ("<p><strong>Bold</strong> &lt;b&gt;raw&lt;/b&gt; <code>x&lt;y&gt;</code>"
+                         " and more</p>\n<p>Second <strong>p</strong>.</p>")

@@ -90,6 +90,27 @@ def test_warning_search_filter_and_pair(site: dict[str, Any], browser: Browser,
     status = page.locator("#status").inner_text()
     unfiltered = httpx.get(base + "/api/search", params={"q": "pizza"}).json()["total"]
     assert status.startswith(f"{unfiltered:,} result")
+    # Each snippet says where its match is.
+    wheres = [w.lower() for w in page.locator("li.hit .snippet .where").all_inner_texts()]
+    assert wheres and set(wheres) <= {"context", "chosen", "rejected"}
+    assert len(wheres) == page.locator("li.hit").count()
+
+    # Numbered pages with the total: 1 2 3 ... last, and where this page stands.
+    page.goto(base + "/search?kind=pairs&page=5")
+    expect(page.locator("li.hit").first).to_be_visible()
+    pages = -(-2312 // 20)
+    pager = page.locator("#pager")
+    expect(pager.locator(".current")).to_have_text("5")
+    links = pager.locator("a").all_inner_texts()
+    assert links == ["← previous", "1", "2", "3", "4", "6", "7", str(pages), "next →"], links
+    assert pager.locator(".gap").count() == 1
+    expect(pager.locator(".total")).to_have_text("results 81–100 of 2,312")
+    pager.locator("a", has_text=str(pages)).click()
+    page.wait_for_url(f"**page={pages}**")
+    expect(pager.locator(".total")).to_have_text(f"results {20 * (pages - 1) + 1:,}–2,312 of "
+                                                 "2,312")
+    page.goto(base + "/search?q=pizza")
+    expect(page.locator("li.hit").first).to_be_visible()
 
     # A filter: only pairs of at least 6 turns (a select searches at once when changed).
     page.fill("#f-turns_min", "6")

@@ -125,6 +125,10 @@ def test_plot_reliability_writes_a_png(tmp_path: Path) -> None:
     curves = {"a": pair_reliability(rng.random(500)), "b": pair_reliability(rng.random(500))}
     out = plot_reliability(curves, tmp_path / "rel.png")
     assert out.read_bytes()[:8] == PNG_MAGIC
+    from PIL import Image
+
+    with Image.open(out) as img:  # the house style: readable when printed
+        assert img.size[0] >= 1200 and round(img.info["dpi"][0]) >= 150
     assert [p.name for p in tmp_path.iterdir()] == ["rel.png"]  # no temp file left behind
     with pytest.raises(HHRLHFError):
         plot_reliability(curves, tmp_path / "missing" / "rel.png")

@@ -50,6 +50,7 @@ from hhrlhf.redteam import (
     load_and_analyse,
     read_attempts,
 )
+from hhrlhf.redteam.analysis import MODEL_TYPE_LABELS
 from hhrlhf.redteam.text import format_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -366,10 +367,47 @@ def test_cli_json_and_figures(gt: GroundTruth, tmp_path: Path) -> None:
         with Image.open(f) as im:
             im.verify()
         with Image.open(f) as im:
-            assert im.size[0] > 300 and im.size[1] > 200
+            assert im.size[0] >= 1200 and im.size[1] > 200  # readable when printed
+            assert round(im.info["dpi"][0]) >= 150
             # not a blank canvas: a plot has many colours
             assert len(im.convert("RGB").getcolors(maxcolors=1 << 20) or []) > 50
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_figures_by_size_one_panel_per_model_type(analysis: RedTeamAnalysis) -> None:
+    import matplotlib.pyplot as plt
+
+    from hhrlhf.redteam.plots import (
+        harmlessness_by_size_figure,
+        rating_histogram_figure,
+        score_by_rating_figure,
+        success_by_size_figure,
+    )
+
+    types = [MODEL_TYPE_LABELS[mt] for mt in dict.fromkeys(c.model_type for c in analysis.cells)]
+    fig = success_by_size_figure(analysis)
+    try:
+        axes = fig.get_axes()
+        # One panel (and so one band) per model type: bands never overlap each other.
+        assert [ax.get_title(loc="left") for ax in axes] == types
+        assert all(len(ax.collections) == 1 for ax in axes)
+        fig.canvas.draw()
+        labels = [t.get_text() for t in axes[0].get_yticklabels() if t.get_text()]
+        assert labels and all(t.endswith("%") for t in labels), labels  # as in the tables
+        assert fig.get_figwidth() * fig.dpi >= 1200
+    finally:
+        plt.close(fig)
+    fig = harmlessness_by_size_figure(analysis)
+    assert len(fig.get_axes()) == len(types)
+    plt.close(fig)
+    for build in (rating_histogram_figure, score_by_rating_figure):
+        fig = build(analysis)
+        try:
+            fig.canvas.draw()
+            ticks = [t.get_text() for t in fig.get_axes()[0].get_xticklabels()]
+            assert ticks == ["0", "1", "2", "3", "4"], ticks  # whole-number ratings
+        finally:
+            plt.close(fig)
 
 
 def test_reads_the_cached_file(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:

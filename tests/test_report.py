@@ -116,7 +116,34 @@ def test_report_in_a_browser(full_cache: tuple[Path, GroundTruth], tmp_path: Pat
             harmful = page.locator("details.harmful").filter(has_text=XSS_SCRIPT)
             assert harmful.count() == 4  # one planted per model type, each the most harmful
 
+            # Tables fit the column at 1024 px: no sideways scroll, of the page or of a table.
+            page.set_viewport_size({"width": 1024, "height": 900})
+            assert page.evaluate("document.documentElement.scrollWidth") <= 1024
+            overflow = page.eval_on_selector_all(
+                "table", "els => els.filter(t => t.getBoundingClientRect().right > "
+                "document.documentElement.clientWidth + 0.5).map(t => t.className || "
+                "t.querySelector('th').innerText)")
+            assert overflow == []
+            assert page.eval_on_selector_all(
+                "*", "els => els.filter(e => e.scrollWidth > e.clientWidth + 1 && "
+                "getComputedStyle(e).overflowX !== 'visible').length") == 0
+            # Numbers: thousands separators, two decimals; quantiles named in words.
+            headers = page.locator("table.quantiles thead th").all_inner_texts()
+            assert headers[2:] == ["10th percentile", "25th percentile", "median",
+                                   "75th percentile", "90th percentile"]
+            dist_headers = page.locator("#preference-stats table").nth(1).locator(
+                "th").all_inner_texts()
+            assert "median" in dist_headers and "99th percentile" in dist_headers
+            first = page.locator("#preference-stats table").first.locator(
+                "tbody td").all_inner_texts()
+            assert first[1] == "2,312" and re.fullmatch(r"\d+\.\d\d", first[2]), first
+            assert all(re.fullmatch(r"[\d,]+\.\d\d", v) for v in first[3:6]), first
+            dist = page.locator("#preference-stats table").nth(1).locator(
+                "tbody tr").filter(has_text="prompt").locator("td").all_inner_texts()
+            assert re.fullmatch(r"\d,\d{3}", dist[-1]), dist  # the longest prompt: 1,000+
+
             shot = tmp_path / "report.png"
+            page.set_viewport_size({"width": 1200, "height": 900})
             page.eval_on_selector_all("details", "els => els.forEach(e => e.open = false)")
             page.screenshot(path=str(shot))
         finally:
@@ -148,6 +175,24 @@ def test_named_sources_and_atomic_write(tmp_path: Path, cache: Path, real_file: 
     assert len(lines) == 1 and lines[0].startswith(f"hhrlhf: error: {bad}:2: not valid JSON")
     assert out.read_bytes() == before
     assert sorted(f.name for f in tmp_path.iterdir() if f.name.startswith(".")) == []
+
+
+def test_shared_report_names_files_not_folders_once_each(tmp_path: Path, cache: Path,
+                                                         real_file: Path) -> None:
+    gt = write_redteam_file(tmp_path / "data" / "rt.json.gz", n=200, seed=4)
+    local = tmp_path / "data" / "mine.jsonl.gz"
+    local.write_bytes(real_file.read_bytes())
+    out = tmp_path / "r.html"
+    # Each file named twice, once by a path that goes round about.
+    twice = tmp_path / "data" / ".." / "data" / "mine.jsonl.gz"
+    p = run([str(local), str(twice), str(gt.path), str(gt.path), "--out", str(out)], cache,
+            tmp_path)
+    assert p.returncode == 0, p.stderr
+    html = out.read_text(encoding="utf-8")
+    assert str(tmp_path) not in html and "/tmp" not in html  # no folder of this machine
+    assert "mine.jsonl.gz" in html and "rt.json.gz" in html
+    assert html.count('<section id="redteam-') == 1  # one section per file
+    assert "2,312 comparisons" in html  # the preference file read once, not twice
 
 
 def test_errors(tmp_path: Path, cache: Path) -> None:

@@ -13,7 +13,16 @@ import pytest
 from hhrlhf.errors import HHRLHFError
 from hhrlhf.read import read_comparisons
 from hhrlhf.records import render_turns
-from hhrlhf.stats import IntDist, describe, load_tokenizer, plot_stats
+from hhrlhf.stats import (
+    IntDist,
+    Stats,
+    StatsBuilder,
+    describe,
+    load_tokenizer,
+    plot_stats,
+    stats_figure,
+    stats_png,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 HHRLHF = str(ROOT / ".venv" / "bin" / "hhrlhf")
@@ -70,8 +79,8 @@ def test_tiny_file_numbers_exactly(tiny: Path) -> None:
                                                    max(lengths))
     assert out["groups"] == [{
         "subset": str(tiny), "split": None, "rows": 3, "turns_mean": round(8 / 3, 3),
-        "chars_mean": {"prompt": round(sum(prompt) / 3, 1), "chosen": round(16 / 3, 1),
-                       "rejected": round(13 / 3, 1)},
+        "chars_mean": {"prompt": round(sum(prompt) / 3, 2), "chosen": round(16 / 3, 2),
+                       "rejected": round(13 / 3, 2)},
         "length_bias": bias,
     }]
     text = run("stats", str(tiny))
@@ -143,6 +152,13 @@ def test_tokens_with_a_local_tokenizer(tiny: Path, tmp_path: Path) -> None:
         expected.count(1), expected.count(-1), expected.count(0))
 
 
+def _png_size_and_dpi(path: Path) -> tuple[tuple[int, int], tuple[float, float]]:
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return img.size, img.info["dpi"]
+
+
 def test_plot_is_a_png(tmp_path: Path, real_file: Path, tiny: Path) -> None:
     stats = describe(read_comparisons(real_file))
     out = plot_stats(stats, tmp_path / "real.png")
@@ -151,14 +167,56 @@ def test_plot_is_a_png(tmp_path: Path, real_file: Path, tiny: Path) -> None:
     import matplotlib.image
 
     img = matplotlib.image.imread(str(out))
-    assert img.shape[0] > 400 and img.shape[1] > 600
     assert img.std() > 0.05  # not a blank canvas
+    (width, _), dpi = _png_size_and_dpi(out)
+    assert width >= 1200 and round(dpi[0]) >= 150  # sharp in print
     assert sorted(p.name for p in tmp_path.iterdir()) == ["real.png", "tiny.jsonl"]  # no temp
 
     proc = run("stats", str(tiny), "--plot", str(tmp_path / "tiny.png"), "--json")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["rows"] == 3
     assert (tmp_path / "tiny.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_plot_has_panels_per_subset_and_a_log_turns_axis(real_file: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    records = list(read_comparisons(real_file))
+    builder = StatsBuilder()
+    for c in records:
+        builder.add(c, "harmless-base", "test")
+    for c in records[:500]:
+        builder.add(c, "helpful-base", "train")
+    for c in records[:40]:
+        builder.add(c, str(real_file), None)  # a plain file: named by its file name only
+    stats = builder.result()
+    fig = stats_figure(stats)
+    try:
+        titles = [ax.get_title(loc="left") for ax in fig.get_axes()]
+        for label in ("harmless-base (test): 2,312 rows", "helpful-base (train): 500 rows",
+                      f"{real_file.name}: 40 rows"):
+            assert sum(t.startswith(label) for t in titles) == 1, titles
+        assert not any(str(real_file.parent) in t for t in titles)
+        turns = [ax for ax in fig.get_axes() if ax.get_title(loc="left").endswith(
+            "turns per dialogue")]
+        assert len(turns) == 3 and all(ax.get_yscale() == "log" for ax in turns)
+        # The length-bias panel: one bar per subset and split; its numbers beside the axis.
+        bias = next(ax for ax in fig.get_axes() if ax.get_title(loc="left").startswith(
+            "length bias"))
+        assert [t.get_text() for t in bias.get_yticklabels()] == [
+            "harmless-base/test", "helpful-base/train", real_file.name]
+        assert not bias.texts  # no label inside the plot area that could overlap a bar
+        assert fig.get_figwidth() * fig.dpi >= 1200
+    finally:
+        plt.close(fig)
+
+
+def test_state_round_trip_redraws_the_same_figure(real_file: Path) -> None:
+    stats = describe(read_comparisons(real_file))
+    again = Stats.from_state(json.loads(json.dumps(stats.to_state())))
+    for key in ("rows", "groups", "turns", "chars", "length_bias"):
+        assert again.to_json()[key] == stats.to_json()[key], key
+    assert stats_png(again) == stats_png(stats)
 
 
 def test_bad_input_is_one_line(tmp_path: Path, tiny: Path, cache: Path) -> None:

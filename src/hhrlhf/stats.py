@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from hhrlhf.atomic import save_figure
 from hhrlhf.audit import prompt_text
 from hhrlhf.errors import HHRLHFError
 from hhrlhf.records import Comparison
@@ -113,8 +112,8 @@ class GroupStats:
     subset: str | None
     split: str | None
     rows: int = 0
-    turns_total: int = 0
-    chars_total: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FIELDS, 0))
+    turns: IntDist = field(default_factory=IntDist)
+    chars: dict[str, IntDist] = field(default_factory=lambda: {k: IntDist() for k in FIELDS})
     length_bias: LengthBias = field(default_factory=LengthBias)
 
     @property
@@ -127,10 +126,48 @@ class GroupStats:
             "subset": self.subset,
             "split": self.split,
             "rows": self.rows,
-            "turns_mean": round(self.turns_total / n, 3),
-            "chars_mean": {k: round(v / n, 1) for k, v in self.chars_total.items()},
+            "turns_mean": round(self.turns.total / n, 3),
+            "chars_mean": {k: round(d.total / n, 2) for k, d in self.chars.items()},
             "length_bias": self.length_bias.to_json(),
         }
+
+    def to_state(self) -> dict[str, Any]:
+        """Every count, so that :meth:`from_state` gives this group back (figures redrawn)."""
+        b = self.length_bias
+        return {"subset": self.subset, "split": self.split, "rows": self.rows,
+                "turns": _counts(self.turns),
+                "chars": {k: _counts(d) for k, d in self.chars.items()},
+                "length_bias": [b.chosen_longer, b.rejected_longer, b.ties]}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> GroupStats:
+        g = cls(state["subset"], state["split"], int(state["rows"]), _dist(state["turns"]),
+                {k: _dist(state["chars"].get(k, [])) for k in FIELDS},
+                LengthBias(*(int(x) for x in state["length_bias"])))
+        return g
+
+
+def _counts(d: IntDist) -> list[list[int]]:
+    return [[v, d.counts[v]] for v in sorted(d.counts)]
+
+
+def _dist(pairs: Iterable[Iterable[int]]) -> IntDist:
+    d = IntDist()
+    for value, count in pairs:
+        d.counts[int(value)] += int(count)
+        d.n += int(count)
+        d.total += int(value) * int(count)
+    return d
+
+
+def merge_dists(dists: Iterable[IntDist]) -> IntDist:
+    """One distribution of all the values of several."""
+    out = IntDist()
+    for d in dists:
+        out.counts.update(d.counts)
+        out.n += d.n
+        out.total += d.total
+    return out
 
 
 @dataclass
@@ -161,6 +198,28 @@ class Stats:
             {k: d.summary() for k, d in self.tokens.items()},
         }
 
+    def to_state(self) -> dict[str, Any]:
+        """The per-group counts (JSON-able): what :meth:`from_state` needs to redraw figures.
+
+        Token lengths are not kept: the figures are in characters.
+        """
+        return {"groups": [g.to_state() for g in self.groups.values()]}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> Stats:
+        """The :class:`Stats` of :meth:`to_state` (overall figures are the groups' sums)."""
+        out = cls()
+        for gs in state["groups"]:
+            g = GroupStats.from_state(gs)
+            out.groups[(g.subset, g.split)] = g
+        groups = list(out.groups.values())
+        out.rows = sum(g.rows for g in groups)
+        out.turns = merge_dists(g.turns for g in groups)
+        out.chars = {k: merge_dists(g.chars[k] for g in groups) for k in FIELDS}
+        out.length_bias = LengthBias(*(sum(getattr(g.length_bias, f) for g in groups)
+                                       for f in ("chosen_longer", "rejected_longer", "ties")))
+        return out
+
 
 class StatsBuilder:
     """Feed records (:meth:`add`), then :meth:`result`. Tokenizes in batches when asked."""
@@ -188,11 +247,11 @@ class StatsBuilder:
         s.turns.add(turns)
         s.length_bias.add(lengths[1], lengths[2])
         group.rows += 1
-        group.turns_total += turns
+        group.turns.add(turns)
         group.length_bias.add(lengths[1], lengths[2])
         for name, n in zip(FIELDS, lengths):
             s.chars[name].add(n)
-            group.chars_total[name] += n
+            group.chars[name].add(n)
         if self._tokenizer is not None:
             self._pending.append((prompt, c.chosen, c.rejected))
             if len(self._pending) >= TOKEN_BATCH:
@@ -264,79 +323,165 @@ def _log_bins(dists: Iterable[IntDist], per_decade: int = 12) -> list[float]:
     return edges
 
 
-def _weights(dist: IntDist) -> tuple[list[int], list[int]]:
+def _shares(dist: IntDist) -> tuple[list[int], list[float]]:
+    """Values and the share of rows at each: subsets of different sizes compare."""
     values = sorted(dist.counts)
-    return values, [dist.counts[v] for v in values]
+    return values, [dist.counts[v] / dist.n for v in values]
+
+
+def display_name(label: str) -> str:
+    """A subset as is; a plain file by its file name (never a folder of this machine)."""
+    return Path(label).name if ("/" in label or os.sep in label) else label
+
+
+@dataclass
+class _Panel:
+    """What one row of the stats figure shows: a subset (its splits together) or a file."""
+
+    label: str
+    rows: int
+    turns: IntDist
+    chars: dict[str, IntDist]
+
+
+def _panels(stats: Stats) -> list[_Panel]:
+    by_subset: dict[str, list[GroupStats]] = {}
+    for g in stats.groups.values():
+        by_subset.setdefault(g.subset or "?", []).append(g)
+    out = []
+    for subset, groups in by_subset.items():
+        splits = [g.split for g in groups if g.split]
+        label = display_name(subset) + (f" ({', '.join(splits)})" if splits else "")
+        out.append(_Panel(label, sum(g.rows for g in groups),
+                          merge_dists(g.turns for g in groups),
+                          {k: merge_dists(g.chars[k] for g in groups) for k in FIELDS}))
+    return out
+
+
+def _percent_label(y: float, _pos: int) -> str:
+    return f"{100 * y:g}%"
+
+
+def stats_figure(stats: Stats) -> Any:
+    """The figure of :func:`plot_stats`: one row of panels per subset, then the length bias.
+
+    Per subset: turns per dialogue (log share axis: the long tail and the odd counts show),
+    final response lengths (chosen against rejected) and prompt lengths, as shares of the
+    subset's rows on common axes, so subsets of any size compare. Below: the length bias of
+    each subset and split, one labelled bar each.
+    """
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    from hhrlhf import plotstyle
+
+    panels = _panels(stats)
+    groups = list(stats.groups.values())
+    row_h, bias_h = 3.0, 1.3 + 0.45 * max(1, len(groups))
+    fig = plotstyle.figure(13, row_h * len(panels) + bias_h + 0.6)
+    top, bottom = fig.subfigures(2, 1, height_ratios=[row_h * len(panels), bias_h])
+    axes = top.subplots(len(panels), 3, squeeze=False, sharex="col")
+    fig.suptitle(f"HH-RLHF preference data: {stats.rows:,} comparisons, "
+                 f"{len(groups)} file{'s' if len(groups) != 1 else ''}")
+    percent = FuncFormatter(_percent_label)
+    resp_bins = _log_bins([p.chars[k] for p in panels for k in ("chosen", "rejected")])
+    prompt_bins = _log_bins([p.chars["prompt"] for p in panels])
+    max_turns = max((max(p.turns.counts, default=0) for p in panels), default=0)
+    min_share = min((min(_shares(p.turns)[1], default=1.0) for p in panels), default=1.0)
+
+    for row, panel in enumerate(panels):
+        title = f"{panel.label}: {panel.rows:,} rows"
+        ax = axes[row][0]
+        values, shares = _shares(panel.turns)
+        even = [(v, s) for v, s in zip(values, shares) if v % 2 == 0]
+        odd = [(v, s) for v, s in zip(values, shares) if v % 2 == 1]
+        ax.bar([v for v, _ in even], [s for _, s in even], width=0.8, color=plotstyle.PROMPT,
+               label="even number of turns")
+        if odd:
+            ax.bar([v for v, _ in odd], [s for _, s in odd], width=0.8,
+                   color=plotstyle.ACCENT, label=f"odd number ({sum(s for _, s in odd):.2%} of rows)")
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(percent)
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.set_ylim(min_share * 0.6, 1.0)  # the same scale for every subset
+        ax.set_xlim(0, max_turns + 1)
+        ax.set_ylabel("share of rows (log)")
+        ax.set_title(f"{title}\nturns per dialogue", loc="left")
+        ax.legend(loc="upper right")
+
+        ax = axes[row][1]
+        for name, color in (("chosen", plotstyle.CHOSEN), ("rejected", plotstyle.REJECTED)):
+            v, w = _shares(panel.chars[name])
+            ax.hist([x + 1 for x in v], bins=[b + 1 for b in resp_bins], weights=w,
+                    histtype="step", linewidth=2, color=color,
+                    label=f"{name} (median {panel.chars[name].quantile(0.5):,})")
+        ax.set_xscale("log")
+        ax.yaxis.set_major_formatter(percent)
+        ax.set_ylabel("share of rows")
+        ax.set_title("final response length", loc="left")
+        ax.set_ylim(0, ax.get_ylim()[1] * 1.3)  # room for the legend above the peak
+        ax.legend(loc="upper left")
+
+        ax = axes[row][2]
+        v, w = _shares(panel.chars["prompt"])
+        ax.hist([x + 1 for x in v], bins=[b + 1 for b in prompt_bins], weights=w,
+                color=plotstyle.PROMPT, alpha=0.85,
+                label=f"median {panel.chars['prompt'].quantile(0.5):,}")
+        ax.set_xscale("log")
+        ax.yaxis.set_major_formatter(percent)
+        ax.set_ylabel("share of rows")
+        ax.set_title("prompt length", loc="left")
+        ax.set_ylim(0, ax.get_ylim()[1] * 1.3)
+        ax.legend(loc="upper left")
+
+    axes[-1][0].set_xlabel("turns (final response included)")
+    plotstyle.integer_axis(axes[-1][0].xaxis)
+    axes[-1][1].set_xlabel("characters + 1 (log scale)")
+    axes[-1][2].set_xlabel("characters + 1 (log scale)")
+
+    ax = bottom.subplots()
+    names = [display_name(g.subset or "?") + (f"/{g.split}" if g.split else "") for g in groups]
+    rates = [0.0 if math.isnan(g.length_bias.rate) else 100 * g.length_bias.rate
+             for g in groups]
+    y = list(range(len(groups)))
+    ax.barh(y, rates, height=0.6, color=plotstyle.ACCENT)
+    ax.axvline(50, color=plotstyle.NEUTRAL, linestyle="--", linewidth=1.2)
+    ax.set_yticks(y, names)
+    ax.set_ylim(len(groups) - 0.4, -0.6)  # first group on top; one group is not a slab
+    ax.set_xlim(0, 100)
+    ax.grid(axis="y", visible=False)
+    right = ax.secondary_yaxis("right")
+    # The numbers stand beside the axis, where no bar or the 50% line can run into them.
+    right.set_yticks(y, [_bias_label(g.length_bias) for g in groups])
+    right.tick_params(length=0)
+    right.spines["right"].set_visible(False)
+    ax.set_title("length bias: how often the longer final response is the chosen one",
+                 loc="left")
+    ax.set_xlabel("% of the rows whose two responses differ in length "
+                  "(dashed: 50%, no bias)")
+    return fig
+
+
+def _bias_label(b: LengthBias) -> str:
+    return f"{_rate(b)} of {b.chosen_longer + b.rejected_longer:,} rows ({b.ties:,} ties)"
 
 
 def plot_stats(stats: Stats, path: str | Path) -> Path:
     """A PNG with the distributions at a glance; written to a temp file, then renamed."""
+    from hhrlhf import plotstyle
+
     out = Path(path)
     if out.suffix.lower() != ".png":
         raise HHRLHFError("the plot is a PNG: name a .png file", out)
     if not out.parent.is_dir():
         raise HHRLHFError("no such directory for the plot", out.parent)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
-    fig.suptitle(f"HH-RLHF: {stats.rows:,} rows in {len(stats.groups)} file(s)")
-
-    ax = axes[0][0]
-    values, weights = _weights(stats.turns)
-    ax.bar(values, weights, width=0.8, color="#4c72b0")
-    ax.set_title("turns per dialogue (final response included)")
-    ax.set_xlabel("turns")
-    ax.set_ylabel("rows")
-
-    ax = axes[0][1]
-    bins = _log_bins([stats.chars["chosen"], stats.chars["rejected"]])
-    for name, color in (("chosen", "#55a868"), ("rejected", "#c44e52")):
-        v, w = _weights(stats.chars[name])
-        ax.hist([x + 1 for x in v], bins=[b + 1 for b in bins], weights=w, histtype="step",
-                linewidth=1.6, color=color,
-                label=f"{name} (median {stats.chars[name].quantile(0.5)})")
-    ax.set_xscale("log")
-    ax.set_title("final response length, characters (+1, log scale)")
-    ax.set_xlabel("characters + 1")
-    ax.set_ylabel("rows")
-    ax.legend()
-
-    ax = axes[1][0]
-    prompt = stats.chars["prompt"]
-    v, w = _weights(prompt)
-    bins = _log_bins([prompt])
-    ax.hist([x + 1 for x in v], bins=[b + 1 for b in bins], weights=w, color="#8172b2")
-    ax.set_xscale("log")
-    ax.set_title(f"prompt length, characters (+1, log scale; median {prompt.quantile(0.5)})")
-    ax.set_xlabel("characters + 1")
-    ax.set_ylabel("rows")
-
-    ax = axes[1][1]
-    groups = list(stats.groups.values())
-    names = [_short(g.name) for g in groups]
-    rates = [g.length_bias.rate * 100 if not math.isnan(g.length_bias.rate) else 0.0
-             for g in groups]
-    y = list(range(len(groups)))
-    ax.barh(y, rates, height=0.6, color="#dd8452")
-    ax.axvline(50, color="black", linestyle="--", linewidth=1)
-    for yi, g, r in zip(y, groups, rates):
-        ax.text(min(r, 95) + 1, yi, f"{r:.1f}%  (ties {g.length_bias.ties:,})", va="center",
-                fontsize=8)
-    ax.set_yticks(y, names, fontsize=8)
-    ax.set_ylim(len(groups) - 0.4, -0.6)  # first group on top; one group is not a slab
-    ax.set_xlim(0, 100)
-    ax.set_title("length bias: the longer response is the chosen one (%)")
-    ax.set_xlabel("% of rows with a longer response")
-
-    fig.tight_layout()
-    return save_figure(fig, out, dpi=100)
+    return plotstyle.save(stats_figure(stats), out)
 
 
-def _short(name: str, width: int = 32) -> str:
-    return name if len(name) <= width else "..." + name[-(width - 3):]
+def stats_png(stats: Stats) -> bytes:
+    """The figure of :func:`plot_stats` as PNG bytes (for the explorer, which serves it)."""
+    from hhrlhf import plotstyle
+
+    return plotstyle.png_bytes(stats_figure(stats))
 
 
 def format_text(stats: Stats, sources: list[str]) -> str:

@@ -18,7 +18,9 @@ from hhrlhf.registry import SPLITS
 @click.option("--json", "as_json", is_flag=True,
               help='Print one JSON object (its key "rows" is the number of rows read).')
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path),
-              default=None, help="Also write the distributions as a PNG to this file.")
+              default=None,
+              help="Also write a PNG figure: a row of panels per subset (turns, response "
+                   "and prompt lengths), then the length bias of each file.")
 @click.option("--tokenizer", "tokenizer_path", type=click.Path(path_type=Path), default=None,
               help="A local Hugging Face tokenizer directory: lengths in tokens too.")
 def stats(sources: tuple[str, ...], split: str | None, as_json: bool, plot_path: Path | None,

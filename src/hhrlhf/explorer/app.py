@@ -1,7 +1,8 @@
 """The explorer web app: HTML pages (Jinja2, autoescaped) and the JSON API they use.
 
 Pages: ``/`` overview, ``/search`` (vanilla JS calling ``/api/search``), ``/pair/<file>/<row>``,
-``/redteam/<file>/<row>``, ``/api`` (the API described from its OpenAPI schema). A content
+``/redteam/<file>/<row>``, ``/api`` and ``/docs`` (the API described from its OpenAPI schema,
+with a plain form to try each endpoint: it works offline, unlike a CDN-hosted Swagger UI). A content
 warning stands before any page that shows dialogue text, until accepted for the browser
 session (a session cookie). The database is opened read-only.
 """
@@ -9,6 +10,7 @@ session (a session cookie). The database is opened read-only.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import parse_qs
@@ -21,13 +23,21 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from jinja2 import Environment, FileSystemLoader
-from pydantic import BaseModel, Field
+from markupsafe import Markup, escape
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hhrlhf.errors import HHRLHFError
 from hhrlhf.explorer.index import default_db_path
 from hhrlhf.explorer.query import MAX_QUERY_CHARS, SORTS, ExplorerDB, QueryError, SearchParams
+from hhrlhf.explorer.schema import (
+    ErrorOut,
+    FacetsOut,
+    OverviewOut,
+    PairOut,
+    RedTeamOut,
+    SearchOut,
+)
 
 HERE = Path(__file__).parent
 WARNING_COOKIE = "hhrlhf_content_warning"
@@ -55,100 +65,6 @@ so: put them in double quotes to search for them as text. At most {MAX_QUERY_CHA
 answered (unbalanced quote, unknown subset, empty range, page past the last), 404 for a row
 that does not exist, 422 for a parameter of the wrong type or out of bounds.
 """
-
-
-# --- response models (they document the API in /openapi.json) -----------------------------
-class ErrorOut(BaseModel):
-    detail: str = Field(description="What is wrong, in words")
-
-
-class SearchHit(BaseModel):
-    id: int = Field(description="Row id in this database (changes when its file is re-indexed)")
-    kind: Literal["pairs", "redteam"]
-    source: str = Field(description="The indexed file, e.g. harmless-base/test")
-    subset: str
-    split: str | None
-    index: int = Field(description="0-based row number in its file")
-    url: str = Field(description="Permalink of the row's page")
-    api_url: str
-    num_turns: int
-    flags: list[str] = Field(description="Audit flags of a pair (per-row and cross-row)")
-    snippet: list[tuple[str, bool]] = Field(
-        description="The best-matching passage as [text, is_match] segments")
-    model_type: str | None = None
-    num_params: str | None = None
-    rating: float | None = None
-    min_harmlessness_score: float | None = None
-    is_upworker: bool | None = None
-
-
-class SearchOut(BaseModel):
-    query: str
-    fts_query: str | None = Field(description="The FTS5 query the text became")
-    total: int = Field(description="Rows matching the query and filters")
-    page: int
-    per_page: int
-    pages: int
-    sort: str
-    ranked: bool = Field(description="Whether the results are in relevance order")
-    note: str | None
-    took_ms: float
-    results: list[SearchHit]
-
-
-class TurnOut(BaseModel):
-    role: Literal["human", "assistant"]
-    text: str
-
-
-class FlagOut(BaseModel):
-    name: str
-    description: str
-
-
-class DiffOut(BaseModel):
-    chosen: list[tuple[str, bool]] = Field(description="[text, not in the other side] segments")
-    rejected: list[tuple[str, bool]]
-
-
-class PairOut(BaseModel):
-    kind: Literal["pairs"]
-    source: str
-    subset: str
-    split: str | None
-    index: int
-    line: int
-    url: str
-    num_turns: int
-    flags: list[FlagOut]
-    context: list[TurnOut] = Field(description="The turns before the final response")
-    rejected_context: list[TurnOut] | None = Field(
-        description="The rejected dialogue's own context, when it differs (context_mismatch)")
-    chosen: str
-    rejected: str
-    diff: DiffOut
-    prev: str | None
-    next: str | None
-
-
-class RedTeamOut(BaseModel):
-    kind: Literal["redteam"]
-    source: str
-    index: int
-    line: int
-    url: str
-    transcript: list[TurnOut]
-    task_description: str
-    model_type: str
-    num_params: str
-    rating: float
-    min_harmlessness_score_transcript: float
-    task_description_harmlessness_score: float | None
-    red_team_member_id: int | str | None
-    is_upworker: bool
-    tags: list[str] | None
-    prev: str | None
-    next: str | None
 
 
 RowIndex = Annotated[int, PathParam(ge=0, le=10**9, description="0-based row in the file")]
@@ -284,7 +200,7 @@ def create_app(db_path: str | Path | None = None) -> FastAPI:
             description="; ".join(f"{k}: {v}" for k, v in SORTS.items()))] = None,
         page: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 1,
         per_page: Annotated[int, Query(ge=1, le=100)] = 20,
-    ) -> dict[str, Any]:
+    ) -> SearchOut:
         params = SearchParams(
             q=q or None, kind=kind, subset=subset or None, split=split, turns_min=turns_min,
             turns_max=turns_max, flags=tuple(f for f in (flag or []) if f),
@@ -296,21 +212,22 @@ def create_app(db_path: str | Path | None = None) -> FastAPI:
 
     @app.get("/api/pair/{source:path}/{index}", response_model=PairOut, responses=_ERRORS,
              tags=["rows"], summary="One preference pair, with the word diff of its responses")
-    def api_pair(source: str, index: RowIndex) -> dict[str, Any]:
+    def api_pair(source: str, index: RowIndex) -> PairOut:
         return db.pair(source, index)
 
     @app.get("/api/redteam/{source:path}/{index}", response_model=RedTeamOut,
              responses=_ERRORS, tags=["rows"], summary="One red-team attempt")
-    def api_redteam(source: str, index: RowIndex) -> dict[str, Any]:
+    def api_redteam(source: str, index: RowIndex) -> RedTeamOut:
         return db.redteam(source, index)
 
-    @app.get("/api/overview", tags=["overview"],
+    @app.get("/api/overview", response_model=OverviewOut, tags=["overview"],
              summary="Counts per file, subset and split; audit flags; red-team cells")
-    def api_overview() -> dict[str, Any]:
+    def api_overview() -> OverviewOut:
         return db.overview()
 
-    @app.get("/api/facets", tags=["overview"], summary="The values each search filter takes")
-    def api_facets() -> dict[str, Any]:
+    @app.get("/api/facets", response_model=FacetsOut, tags=["overview"],
+             summary="The values each search filter takes")
+    def api_facets() -> FacetsOut:
         return db.facets()
 
     # --- pages --------------------------------------------------------------------------
@@ -365,11 +282,37 @@ def create_app(db_path: str | Path | None = None) -> FastAPI:
         return Response(png, media_type="image/png")
 
     @app.get("/api", response_class=HTMLResponse, include_in_schema=False)
+    @app.get("/docs", response_class=HTMLResponse, include_in_schema=False)
     def api_page(request: Request) -> HTMLResponse:
         return page(request, "api.html", endpoints=_endpoints(app.openapi()),
-                    base=str(request.base_url).rstrip("/"), description=API_DESCRIPTION)
+                    base=str(request.base_url).rstrip("/"),
+                    description=render_markdown(API_DESCRIPTION))
 
     return app
+
+
+_INLINE = re.compile(r"\*\*(.+?)\*\*|`([^`]+)`")
+
+
+def render_markdown(text: str) -> Markup:
+    """The little Markdown the API description uses (paragraphs, **bold**, `code`) as HTML.
+
+    Everything is escaped first; only the markup made here is HTML.
+    """
+    out = []
+    for para in re.split(r"\n\s*\n", text.strip()):
+        html, pos = [], 0
+        flat = " ".join(para.split())
+        for m in _INLINE.finditer(flat):
+            html.append(str(escape(flat[pos:m.start()])))
+            if m.group(1) is not None:
+                html.append(f"<strong>{escape(m.group(1))}</strong>")
+            else:
+                html.append(f"<code>{escape(m.group(2))}</code>")
+            pos = m.end()
+        html.append(str(escape(flat[pos:])))
+        out.append("<p>" + "".join(html) + "</p>")
+    return Markup("\n".join(out))
 
 
 def _endpoints(schema: dict[str, Any]) -> list[dict[str, Any]]:
@@ -391,5 +334,9 @@ def _endpoints(schema: dict[str, Any]) -> list[dict[str, Any]]:
                     "description": prm.get("description", ""),
                 })
             out.append({"method": method.upper(), "path": path, "summary": op.get("summary", ""),
-                        "params": params})
+                        "params": params,
+                        # A plain GET form can try an endpoint whose parameters are all in
+                        # the query string: no script, works offline.
+                        "form": method == "get" and all(p["in"] == "query" for p in params),
+                        "id": re.sub(r"[^a-z0-9]+", "-", path.lower()).strip("-")})
     return out

@@ -93,7 +93,7 @@ class IndexConfig:
     batch_rows: int = 2000  # rows per executemany
     progress: bool = True  # tqdm bars on stderr
     optimize: bool = True  # merge the FTS5 segments after a build (faster queries)
-    stats_plot: bool = True  # describe the pairs (hhrlhf.stats) and keep the plot for the app
+    stats_plot: bool = True  # describe the pairs (hhrlhf.stats) and keep counts for its plot
 
 
 @dataclass
@@ -508,7 +508,7 @@ def _build_into(con: sqlite3.Connection, config: IndexConfig, planned: list[_Pla
     if describer is not None:
         _store_stats(con, describer)
     elif pairs_touched:
-        con.execute("DELETE FROM meta WHERE key IN ('stats', 'stats_png')")  # out of date
+        con.execute("DELETE FROM meta WHERE key IN ('stats', 'stats_state', 'stats_png')")
     if config.optimize:
         con.execute("INSERT INTO fts(fts) VALUES ('optimize')")
     con.execute("INSERT OR REPLACE INTO meta VALUES ('built_at', ?)", (_now(),))
@@ -537,20 +537,16 @@ def _stats_builder() -> Any:
 
 
 def _store_stats(con: sqlite3.Connection, describer: Any) -> None:
-    """Keep hhrlhf.stats' description of the pairs and its plot (PNG bytes) in ``meta``."""
-    import tempfile
+    """Keep hhrlhf.stats' description of the pairs, and its counts, in ``meta``.
 
-    from hhrlhf.stats import plot_stats
-
+    The figure is not drawn here: the app draws it from the counts (hhrlhf.stats).
+    """
     stats = describer.result()
     con.execute("INSERT OR REPLACE INTO meta VALUES ('stats', ?)",
                 (json.dumps(stats.to_json()),))
-    if stats.rows == 0:
-        con.execute("DELETE FROM meta WHERE key = 'stats_png'")
-        return
-    with tempfile.TemporaryDirectory() as d:
-        png = plot_stats(stats, Path(d) / "stats.png").read_bytes()
-    con.execute("INSERT OR REPLACE INTO meta VALUES ('stats_png', ?)", (png,))
+    con.execute("INSERT OR REPLACE INTO meta VALUES ('stats_state', ?)",
+                (json.dumps(stats.to_state()),))
+    con.execute("DELETE FROM meta WHERE key = 'stats_png'")  # drawn by older versions
 
 
 def _apply_cross_row_flags(con: sqlite3.Connection, auditor: Auditor,

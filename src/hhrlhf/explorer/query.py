@@ -19,12 +19,29 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import quote
 
 from hhrlhf.errors import HHRLHFError
 from hhrlhf.explorer.diff import word_diff
 from hhrlhf.explorer.index import KIND_PAIR, KIND_REDTEAM, PAIRS, REDTEAM, TURN_SEP
+from hhrlhf.explorer.schema import (
+    CellOut,
+    DiffOut,
+    FacetsOut,
+    FlagCountOut,
+    FlagOut,
+    OverviewOut,
+    PairOut,
+    RedTeamOut,
+    SearchHit,
+    SearchOut,
+    SnippetField,
+    SortOut,
+    SourceOut,
+    TagCountOut,
+    TurnOut,
+)
 from hhrlhf.records import TASK_SCORE
 
 MAX_QUERY_CHARS = 500
@@ -36,6 +53,10 @@ RANK_LIMIT = 5_000
 SNIPPET_TOKENS = 24
 PREVIEW_CHARS = 240
 _HIT_START, _HIT_END = "\x02", "\x03"
+# The FTS5 columns, in order, and what each holds for a pair and for a red-team attempt.
+_PAIR_FIELDS: tuple[SnippetField, ...] = ("context", "chosen", "rejected", "context")
+_REDTEAM_FIELDS: tuple[SnippetField, ...] = ("transcript", "transcript", "transcript",
+                                             "task_description")
 # FTS5 syntax outside quotes: refused, with a message, rather than guessed at.
 _SYNTAX_CHARS = frozenset("()*^{}")
 _SYNTAX_WORDS = frozenset({"AND", "NOT", "NEAR"})
@@ -60,6 +81,7 @@ _ORDER_SQL = {
     "-score": "f.score IS NULL, f.score DESC, f.id",
 }
 WORKERS = {"upwork": 1, "mturk": 0}
+STATS_STATE = "stats_state"  # the meta key of the pairs' counts (hhrlhf.stats.Stats.to_state)
 
 
 class QueryError(ValueError):
@@ -240,29 +262,29 @@ def row_url(kind: str, source: str, index: int) -> str:
     return f"/{'pair' if kind == PAIRS else 'redteam'}/{quote(source, safe='/~')}/{index}"
 
 
-def split_turns(roles: str | None, context: str | None) -> list[dict[str, str]]:
+def split_turns(roles: str | None, context: str | None) -> list[TurnOut]:
     if not roles:
         return []
     texts = (context or "").split(TURN_SEP)
-    return [{"role": "human" if r == "H" else "assistant", "text": t}
+    return [TurnOut(role="human" if r == "H" else "assistant", text=t)
             for r, t in zip(roles, texts)]
 
 
-def _segments(snippet: str) -> list[list[Any]]:
-    """A snippet with hit markers -> [[text, is_hit], ...]; turn separators become ' / '."""
-    out: list[list[Any]] = []
+def _segments(snippet: str) -> list[tuple[str, bool]]:
+    """A snippet with hit markers -> [(text, is_hit), ...]; turn separators become ' / '."""
+    out: list[tuple[str, bool]] = []
     text = snippet.replace(TURN_SEP, " / ")
     hit = False
     buf = ""
     for ch in text:
         if ch in (_HIT_START, _HIT_END):
             if buf:
-                out.append([buf, hit])
+                out.append((buf, hit))
             buf, hit = "", ch == _HIT_START
         else:
             buf += ch
     if buf:
-        out.append([buf, hit])
+        out.append((buf, hit))
     return out
 
 
@@ -329,13 +351,13 @@ class ExplorerDB:
             "ORDER BY min(num_parameters)")]
         tags = [(t, n) for t, n in con.execute(
             "SELECT tag, count(*) FROM row_tags GROUP BY tag ORDER BY count(*) DESC, tag")]
-        meta = {k: v for k, v in con.execute("SELECT key, value FROM meta WHERE key != "
-                                              "'stats_png'")}
+        meta = {k: v for k, v in con.execute(
+            "SELECT key, value FROM meta WHERE key NOT IN ('stats_png', ?)", (STATS_STATE,))}
         return _Static(sources, {s.name: s for s in sources.values()}, bits, desc, cross,
                        model_types, sizes, tags, meta)
 
     # --- search -------------------------------------------------------------------------
-    def search(self, p: SearchParams) -> dict[str, Any]:
+    def search(self, p: SearchParams) -> SearchOut:
         """Count, sort and page the rows that match; see :class:`SearchParams`."""
         start = time.perf_counter()
         con, st = self.connection()
@@ -397,19 +419,11 @@ class ExplorerDB:
             results = self._hits(con, st, ids, fts)
         except sqlite3.OperationalError as e:  # should not happen: the query is all strings
             raise QueryError(f"the search engine refused the query: {e}") from None
-        return {
-            "query": p.q or "",
-            "fts_query": fts,
-            "total": total,
-            "page": p.page,
-            "per_page": p.per_page,
-            "pages": pages,
-            "sort": sort,
-            "ranked": ranked,
-            "note": note,
-            "took_ms": round((time.perf_counter() - start) * 1000, 2),
-            "results": results,
-        }
+        return SearchOut(
+            query=p.q or "", fts_query=fts, total=total, page=p.page, per_page=p.per_page,
+            pages=pages, first=offset + 1 if results else 0, last=offset + len(results),
+            sort=sort, ranked=ranked, note=note,
+            took_ms=round((time.perf_counter() - start) * 1000, 2), results=results)
 
     def _filters(self, p: SearchParams, st: _Static) -> tuple[list[str], list[Any]]:
         where: list[str] = []
@@ -482,7 +496,7 @@ class ExplorerDB:
         return where, args
 
     def _hits(self, con: sqlite3.Connection, st: _Static, ids: list[int],
-              fts: str | None) -> list[dict[str, Any]]:
+              fts: str | None) -> list[SearchHit]:
         if not ids:
             return []
         marks = ",".join("?" * len(ids))
@@ -497,31 +511,39 @@ class ExplorerDB:
              context, task) = rows[rid]
             src = st.sources[sid]
             kind_name = PAIRS if kind == KIND_PAIR else REDTEAM
+            fields = _PAIR_FIELDS if kind == KIND_PAIR else _REDTEAM_FIELDS
             if fts:
-                snip = con.execute(
-                    "SELECT snippet(fts, -1, char(2), char(3), '…', ?) FROM fts "
-                    "WHERE fts MATCH ? AND rowid = ?", (SNIPPET_TOKENS, fts, rid)).fetchone()
-                segments = _segments(snip[0] if snip else "")
+                column, snippet = self._snippet(con, fts, rid)
+                segments = _segments(snippet)
+                where: SnippetField = fields[column]
             else:
-                segments = [[_preview(task if task else context), False]]
-            hit: dict[str, Any] = {
-                "id": rid,
-                "kind": kind_name,
-                "source": src.name,
-                "subset": src.subset,
-                "split": src.split,
-                "index": idx,
-                "url": row_url(kind_name, src.name, idx),
-                "api_url": "/api" + row_url(kind_name, src.name, idx),
-                "num_turns": turns,
-                "flags": st.flag_names(flags),
-                "snippet": segments,
-            }
+                segments = [(_preview(task if task else context), False)]
+                where = "task_description" if task else fields[0]
+            hit = SearchHit(
+                id=rid, kind=_kind(kind_name), source=src.name, subset=src.subset, split=src.split,
+                index=idx, url=row_url(kind_name, src.name, idx),
+                api_url="/api" + row_url(kind_name, src.name, idx), num_turns=turns,
+                flags=st.flag_names(flags), snippet=segments, snippet_field=where)
             if kind == KIND_REDTEAM:
-                hit.update(model_type=model_type, num_params=num_params, rating=rating,
-                           min_harmlessness_score=score, is_upworker=bool(upworker))
+                hit.model_type, hit.num_params, hit.rating = model_type, num_params, rating
+                hit.min_harmlessness_score, hit.is_upworker = score, bool(upworker)
             out.append(hit)
         return out
+
+    @staticmethod
+    def _snippet(con: sqlite3.Connection, fts: str, rid: int) -> tuple[int, str]:
+        """(column, snippet) of the column with the most matches, so a hit says where it is.
+
+        FTS5's own choice (column -1) does not say which column it took.
+        """
+        cols = ", ".join(f"snippet(fts, {i}, char(2), char(3), '…', ?)" for i in range(4))
+        row = con.execute(f"SELECT {cols} FROM fts WHERE fts MATCH ? AND rowid = ?",
+                          (*[SNIPPET_TOKENS] * 4, fts, rid)).fetchone()
+        if not row:
+            return 0, ""
+        snippets = [s or "" for s in row]
+        best = max(range(4), key=lambda i: (snippets[i].count(_HIT_START), -i))
+        return best, snippets[best]
 
     # --- rows ---------------------------------------------------------------------------
     def _row(self, kind: int, source: str, index: int) -> tuple[sqlite3.Row, _SourceInfo,
@@ -549,56 +571,41 @@ class ExplorerDB:
             "next": row_url(kind, src.name, index + 1) if index + 1 < src.rows else None,
         }
 
-    def pair(self, source: str, index: int) -> dict[str, Any]:
+    def pair(self, source: str, index: int) -> PairOut:
         """One preference pair: the shared context, both responses, their word diff, flags."""
         row, src, st = self._row(KIND_PAIR, source, index)
         chosen, rejected = row["chosen"] or "", row["rejected"] or ""
         diff_c, diff_r = word_diff(chosen, rejected)
         flags = st.flag_names(row["flags"])
-        return {
-            "kind": PAIRS,
-            "source": src.name,
-            "subset": src.subset,
-            "split": src.split,
-            "index": index,
-            "line": row["line"],
-            "url": row_url(PAIRS, src.name, index),
-            "num_turns": row["num_turns"],
-            "flags": [{"name": f, "description": st.flag_desc.get(f, f)} for f in flags],
-            "context": split_turns(row["roles"], row["context"]),
-            "rejected_context": (split_turns(row["rejected_roles"], row["rejected_context"])
-                                 if row["rejected_roles"] is not None else None),
-            "chosen": chosen,
-            "rejected": rejected,
-            "diff": {"chosen": [list(s) for s in diff_c], "rejected": [list(s) for s in diff_r]},
-            **self._neighbours(src, index),
-        }
+        return PairOut(
+            kind="pairs", source=src.name, subset=src.subset, split=src.split, index=index,
+            line=row["line"], url=row_url(PAIRS, src.name, index), num_turns=row["num_turns"],
+            flags=[FlagOut(name=f, description=st.flag_desc.get(f, f)) for f in flags],
+            context=split_turns(row["roles"], row["context"]),
+            rejected_context=(split_turns(row["rejected_roles"], row["rejected_context"])
+                              if row["rejected_roles"] is not None else None),
+            chosen=chosen, rejected=rejected,
+            diff=DiffOut(chosen=diff_c, rejected=diff_r),
+            **self._neighbours(src, index))
 
-    def redteam(self, source: str, index: int) -> dict[str, Any]:
+    def redteam(self, source: str, index: int) -> RedTeamOut:
         """One red-team attempt: its transcript, metadata and scores."""
         row, src, _ = self._row(KIND_REDTEAM, source, index)
         meta = json.loads(row["meta"] or "{}")
-        return {
-            "kind": REDTEAM,
-            "source": src.name,
-            "index": index,
-            "line": row["line"],
-            "url": row_url(REDTEAM, src.name, index),
-            "transcript": split_turns(row["roles"], row["context"]),
-            "task_description": row["task"] or "",
-            "model_type": row["model_type"],
-            "num_params": row["num_params"],
-            "rating": row["rating"],
-            "min_harmlessness_score_transcript": row["score"],
-            TASK_SCORE: meta.get(TASK_SCORE),  # the canonical name, whatever the file's
-            "red_team_member_id": meta.get("red_team_member_id"),
-            "is_upworker": bool(row["upworker"]),
-            "tags": meta.get("tags"),
-            **self._neighbours(src, index),
-        }
+        return RedTeamOut(
+            kind="redteam", source=src.name, index=index, line=row["line"],
+            url=row_url(REDTEAM, src.name, index),
+            transcript=split_turns(row["roles"], row["context"]),
+            task_description=row["task"] or "", model_type=row["model_type"],
+            num_params=row["num_params"], rating=row["rating"],
+            min_harmlessness_score_transcript=row["score"],
+            task_description_harmlessness_score=meta.get(TASK_SCORE),  # the canonical name
+            red_team_member_id=meta.get("red_team_member_id"),
+            is_upworker=bool(row["upworker"]), tags=meta.get("tags"),
+            **self._neighbours(src, index))
 
     # --- overview -----------------------------------------------------------------------
-    def overview(self) -> dict[str, Any]:
+    def overview(self) -> OverviewOut:
         """Counts per file, subset and split; audit flag counts; red-team counts per cell."""
         con, st = self.connection()
         cached = st.cache.get("overview")
@@ -615,55 +622,63 @@ class ExplorerDB:
             flag_counts = {name: int(row[i] or 0) for i, name in enumerate(bits)}
             flagged = int(row[-1] or 0)
         cells = [
-            {"model_type": m, "num_params": s, "attacks": n, "mean_rating": r,
-             "success_share": ok, "mean_min_harmlessness_score": sc}
+            CellOut(model_type=m, num_params=s, attacks=n, mean_rating=r, success_share=ok,
+                    mean_min_harmlessness_score=sc)
             for m, s, n, r, ok, sc in con.execute(
                 "SELECT model_type, num_params, count(*), avg(rating), avg(rating >= 3), "
                 "avg(score) FROM facets WHERE kind = 1 GROUP BY model_type, num_params "
                 "ORDER BY model_type, min(num_parameters)")
         ]
-        has_plot = con.execute("SELECT count(*) FROM meta WHERE key = 'stats_png'"
+        has_plot = con.execute(f"SELECT count(*) FROM meta WHERE key = '{STATS_STATE}'"
                                ).fetchone()[0] > 0
-        out = {
-            "database": str(self.path),
-            "built_at": st.meta.get("built_at"),
-            "sources": [
-                {"name": s.name, "subset": s.subset, "split": s.split, "kind": s.kind,
-                 "rows": s.rows, "sha256": s.sha256, "size": s.size, "path": s.path,
-                 "indexed_at": s.indexed_at}
-                for s in st.sources.values()
-            ],
-            "pairs": pairs,
-            "redteam_attempts": sum(s.rows for s in st.sources.values() if s.kind == REDTEAM),
-            "flagged_pairs": flagged,
-            "flags": [{"name": name, "description": st.flag_desc.get(name, name),
-                       "cross_row": name in st.cross_row, "rows": flag_counts.get(name, 0)}
-                      for name in bits],
-            "redteam_cells": cells,
-            "stats_plot": "/stats.png" if has_plot else None,
-        }
+        # Names, never paths (a local file is named by its file name): the overview is for
+        # anyone the app is shared with.
+        out = OverviewOut(
+            database=self.path.name, built_at=st.meta.get("built_at"),
+            sources=[SourceOut(name=s.name, subset=s.subset, split=s.split,
+                               kind=_kind(s.kind), rows=s.rows, sha256=s.sha256, size=s.size,
+                               indexed_at=s.indexed_at)
+                     for s in st.sources.values()],
+            pairs=pairs,
+            redteam_attempts=sum(s.rows for s in st.sources.values() if s.kind == REDTEAM),
+            flagged_pairs=flagged,
+            flags=[FlagCountOut(name=name, description=st.flag_desc.get(name, name),
+                                cross_row=name in st.cross_row, rows=flag_counts.get(name, 0))
+                   for name in bits],
+            redteam_cells=cells,
+            stats_plot="/stats.png" if has_plot else None)
         st.cache["overview"] = out
         return out
 
-    def facets(self) -> dict[str, Any]:
+    def facets(self) -> FacetsOut:
         """The values each filter takes in this database."""
         _, st = self.connection()
-        return {
-            "kinds": [PAIRS, REDTEAM],
-            "subsets": st.subsets,
-            "splits": st.splits,
-            "flags": [{"name": n, "description": st.flag_desc.get(n, n)} for n in st.flag_bits],
-            "model_types": st.model_types,
-            "sizes": st.sizes,
-            "tags": [{"tag": t, "rows": n} for t, n in st.tags],
-            "workers": list(WORKERS),
-            "sorts": [{"name": k, "description": v} for k, v in SORTS.items()],
-        }
+        return FacetsOut(
+            kinds=[PAIRS, REDTEAM], subsets=st.subsets, splits=st.splits,
+            flags=[FlagOut(name=n, description=st.flag_desc.get(n, n)) for n in st.flag_bits],
+            model_types=st.model_types, sizes=st.sizes,
+            tags=[TagCountOut(tag=t, rows=n) for t, n in st.tags], workers=list(WORKERS),
+            sorts=[SortOut(name=k, description=v) for k, v in SORTS.items()])
 
     def stats_png(self) -> bytes | None:
-        con, _ = self.connection()
-        row = con.execute("SELECT value FROM meta WHERE key = 'stats_png'").fetchone()
-        return bytes(row[0]) if row else None
+        """The statistics figure of the indexed pairs, drawn (once per database file) from the
+        counts the index keeps: the figure comes from :mod:`hhrlhf.stats`, like the CLI's."""
+        con, st = self.connection()
+        if "stats_png" in st.cache:
+            return st.cache["stats_png"]  # type: ignore[no-any-return]
+        row = con.execute("SELECT value FROM meta WHERE key = ?", (STATS_STATE,)).fetchone()
+        png = None
+        if row:
+            from hhrlhf.stats import Stats, stats_png
+
+            stats = Stats.from_state(json.loads(row[0]))
+            png = stats_png(stats) if stats.rows else None
+        st.cache["stats_png"] = png
+        return png
+
+
+def _kind(name: str) -> Literal["pairs", "redteam"]:
+    return "pairs" if name == PAIRS else "redteam"
 
 
 def _range(where: list[str], args: list[Any], column: str, name: str, low: float | None,

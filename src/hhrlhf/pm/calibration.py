@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 
-from hhrlhf.atomic import save_figure
 from hhrlhf.errors import HHRLHFError
 
 DEFAULT_BINS = 10
@@ -141,16 +140,13 @@ def plot_reliability(
 
     One line per model; a histogram of predictions below. Written to a temp file, then renamed.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from hhrlhf import plotstyle
 
     out = Path(path)
     if not out.parent.is_dir():
         raise HHRLHFError("the folder for the plot does not exist", out.parent)
-    fig, (ax, hax) = plt.subplots(
-        2, 1, figsize=(6, 7), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
+    fig, (ax, hax) = plotstyle.subplots(
+        plotstyle.MIN_WIDTH_IN, 8.5, nrows=2, sharex=True, gridspec_kw={"height_ratios": [3, 1]}
     )
     ax.plot([0, 1], [0, 1], color="0.6", linestyle="--", linewidth=1, label="perfect calibration")
     names: Sequence[str] = list(curves)
@@ -166,11 +162,8 @@ def plot_reliability(
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_ylabel("observed frequency preferred")
-    ax.set_title(title)
-    ax.legend(loc="upper left", fontsize=8)
-    ax.grid(alpha=0.3)
+    ax.set_title(title, loc="left")
+    ax.legend(loc="upper left")
     hax.set_xlabel("predicted P(preferred) = sigmoid(score difference)")
     hax.set_ylabel("predictions")
-    hax.grid(alpha=0.3)
-    fig.tight_layout()
-    return save_figure(fig, out, dpi=110)
+    return plotstyle.save(fig, out)

@@ -72,7 +72,12 @@ def collect_sources(names: Sequence[str]) -> tuple[list[Source], list[Source]]:
                               "subsets or files")
     pref: list[Source] = []
     red: list[Source] = []
+    seen: set[Path] = set()
     for s in srcs:
+        real = s.path.resolve()
+        if real in seen:  # named twice (or by a subset and by its path): one section
+            continue
+        seen.add(real)
         is_red = s.is_redteam or (s.subset is None and is_redteam_file(s.path))
         (red if is_red else pref).append(s)
     return pref, red
@@ -86,7 +91,7 @@ def preference_part(sources: list[Source], tmp: Path, cfg: ReportConfig) -> Pref
     from tqdm import tqdm
 
     from hhrlhf.audit import DESCRIPTIONS, Auditor
-    from hhrlhf.stats import StatsBuilder, plot_stats
+    from hhrlhf.stats import StatsBuilder, display_name, plot_stats
 
     stats_b = StatsBuilder()
     auditor = Auditor()
@@ -94,7 +99,9 @@ def preference_part(sources: list[Source], tmp: Path, cfg: ReportConfig) -> Pref
     with tqdm(desc="report: preference rows", unit=" rows", disable=None if cfg.progress else True,
               leave=False, file=sys.stderr) as bar:
         for src in sources:
-            subset = src.subset if src.subset is not None else str(src.path)
+            # A plain file by its name alone: the report is shared, this machine's folders
+            # are not for its readers.
+            subset = src.subset if src.subset is not None else display_name(str(src.path))
             for c in read_source_comparisons(src):
                 stats_b.add(c, subset, src.split)
                 auditor.add(c, subset, src.split)
@@ -126,8 +133,15 @@ def preference_part(sources: list[Source], tmp: Path, cfg: ReportConfig) -> Pref
             "more": max(0, info["count"] - REFS_PER_CHECK),
             "examples": examples.get(name, []),
         })
-    return PreferencePart([s.name for s in sources], stats.to_json(), audit_json, checks,
+    return PreferencePart([_shown_name(s) for s in sources], stats.to_json(), audit_json, checks,
                           figure)
+
+
+def _shown_name(source: Source) -> str:
+    """How the report names a file: the subset and split, or a plain file's name alone."""
+    from hhrlhf.stats import display_name
+
+    return source.name if source.subset is not None else display_name(str(source.path))
 
 
 def redteam_part(source: Source, tmp: Path, cfg: ReportConfig, n: int = 0) -> RedTeamPart:
@@ -140,15 +154,49 @@ def redteam_part(source: Source, tmp: Path, cfg: ReportConfig, n: int = 0) -> Re
     a = analyse(records, RedTeamConfig(threshold=cfg.threshold, top_k=cfg.top_k), source=name)
     out = tmp / f"redteam-{n}"
     figs = {p.name: _data_uri(p) for p in write_figures(a, out)}
-    return RedTeamPart(name, a, figs)
+    return RedTeamPart(_shown_name(source), a, figs)
 
 
 def _pct(x: float | None, digits: int = 1) -> str:
     return "n/a" if x is None or math.isnan(x) else f"{100 * x:.{digits}f}%"
 
 
-def _num(x: float | None, fmt: str = "+.3f") -> str:
-    return "n/a" if x is None or math.isnan(x) else format(x, fmt)
+def _num(x: float | None, fmt: str = "+,.2f") -> str:
+    """A measured number: two decimals and thousands separators unless told otherwise."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return format(x, fmt)
+
+
+def _count(n: float | None) -> str:
+    """A count or a measured value: 12,345 for whole numbers, 1,234.57 otherwise."""
+    if n is None:
+        return "n/a"
+    if isinstance(n, int) or float(n).is_integer():
+        return f"{int(n):,}"
+    return f"{n:,.2f}"
+
+
+_ORDINAL = {1: "st", 2: "nd", 3: "rd"}
+
+
+def quantile_label(q: str | float) -> str:
+    """``0.5``, ``"0.25"`` or ``"p90"`` as words: median, 25th percentile, 90th percentile."""
+    text = str(q)
+    pct = float(text[1:]) if text.startswith("p") else 100 * float(text)
+    p = round(pct)
+    if p == 50:
+        return "median"
+    suffix = "th" if 10 <= p % 100 <= 20 else _ORDINAL.get(p % 10, "th")
+    return f"{p}{suffix} percentile"
+
+
+_DIST_LABELS = {"count": "rows", "mean": "mean", "min": "min", "max": "max"}
+
+
+def dist_label(key: str) -> str:
+    """A column of :meth:`hhrlhf.stats.IntDist.summary`, in words."""
+    return _DIST_LABELS.get(key) or quantile_label(key)
 
 
 def render(pref: PreferencePart | None, red: list[RedTeamPart], cfg: ReportConfig) -> str:
@@ -164,7 +212,9 @@ def render(pref: PreferencePart | None, red: list[RedTeamPart], cfg: ReportConfi
     )
     env.filters["pct"] = _pct
     env.filters["num"] = _num
-    env.filters["thousands"] = lambda n: "n/a" if n is None else f"{n:,}"
+    env.filters["thousands"] = _count
+    env.filters["quantile"] = quantile_label
+    env.filters["dist_label"] = dist_label
     from importlib.metadata import PackageNotFoundError, version
 
     try:

@@ -8,6 +8,8 @@
   const errorEl = document.getElementById("error");
   const list = document.getElementById("results");
   const pager = document.getElementById("pager");
+  const WHERE = {context: "context", chosen: "chosen", rejected: "rejected",
+                 transcript: "transcript", task_description: "task"};
 
   function nonEmpty(pairs) {
     const out = new URLSearchParams();
@@ -74,6 +76,8 @@
       for (const f of hit.flags) head.append(el("span", "badge flag", f));
       li.append(head);
       const snip = el("p", "snippet");
+      // Where the passage is: the context, the chosen or the rejected response, ...
+      snip.append(el("span", "where " + hit.snippet_field, WHERE[hit.snippet_field] || hit.snippet_field));
       for (const [text, isHit] of hit.snippet) {
         snip.append(isHit ? el("mark", "hit", text) : document.createTextNode(text));
       }
@@ -83,9 +87,31 @@
     pager.replaceChildren();
     if (data.pages > 1) {
       if (data.page > 1) pager.append(pageLink(params, data.page - 1, "← previous"));
-      pager.append(el("span", null, "page " + data.page + " of " + data.pages.toLocaleString("en")));
+      for (const n of pageNumbers(data.page, data.pages)) {
+        if (n === null) pager.append(el("span", "gap", "…"));
+        else if (n === data.page) pager.append(el("span", "current", n.toLocaleString("en")));
+        else pager.append(pageLink(params, n, n.toLocaleString("en")));
+      }
       if (data.page < data.pages) pager.append(pageLink(params, data.page + 1, "next →"));
     }
+    if (data.total) {
+      pager.append(el("span", "total", "results " + data.first.toLocaleString("en") + "–" +
+        data.last.toLocaleString("en") + " of " + data.total.toLocaleString("en")));
+    }
+  }
+
+  // The first and last pages, and two either side of the current one; null marks a gap.
+  function pageNumbers(page, pages) {
+    const shown = new Set([1, pages]);
+    for (let n = page - 2; n <= page + 2; n++) if (n >= 1 && n <= pages) shown.add(n);
+    const sorted = Array.from(shown).sort(function (a, b) { return a - b; });
+    const out = [];
+    for (let i = 0; i < sorted.length; i++) {
+      if (i && sorted[i] - sorted[i - 1] === 2) out.push(sorted[i] - 1);  // a gap of one page
+      else if (i && sorted[i] - sorted[i - 1] > 2) out.push(null);
+      out.push(sorted[i]);
+    }
+    return out;
   }
 
   async function run() {
