@@ -160,7 +160,8 @@ def cv(data: tuple[str, ...], split: str, folds: int, seed: int, config_file: st
         if path is not None and not Path(path).parent.is_dir():
             raise HHRLHFError("the folder to write in does not exist", Path(path).parent)
         if path is not None:
-            refuse_overwriting_inputs(path, named_files([*data, *([config_file] if config_file else [])]))
+            inputs = [*data, *([config_file] if config_file else [])]
+            refuse_overwriting_inputs(path, named_files(inputs))
     rows, labels = read_labelled(data, split, max_pairs)
 
     def fit_neural(k: int, train_rows: list[Comparison]) -> PreferenceModel:
