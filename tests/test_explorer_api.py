@@ -396,4 +396,5 @@ def test_a_failed_build_leaves_the_previous_database_answering(seeded_cache: Pat
         assert db.stat().st_ino == before.st_ino and db.stat().st_size == before.st_size
         assert _search(base, "zebra") == 1 and _search(base, "quagga") == 0
     assert not list(db.parent.glob(db.name + ".build-*"))  # the failed copy and the stale one
+    assert not list(db.parent.glob(f".{db.name}.*.tmp"))
     assert ExplorerDB(db).search(SearchParams(q="zebra"))["total"] == 1
