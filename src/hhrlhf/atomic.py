@@ -84,7 +84,13 @@ def remove_stale_temps(folder: str | Path, name: str | None = None,
     return removed
 
 
-def _new_temp(out: Path, folder: bool) -> Path:
+def temp_beside(path: str | Path, *, folder: bool = False) -> Path:
+    """A new empty temporary file (or folder) beside ``path``, named ``.<name>.<random>.tmp``,
+    to be put in place with :func:`move_into_place`. Stale ones of the same target (left by a
+    killed process) are removed first."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out.parent, out.name)
     if folder:
         tmp = tempfile.mkdtemp(prefix=f".{out.name}.", suffix=TMP_SUFFIX, dir=out.parent)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; outputs are plain folders
@@ -95,6 +101,31 @@ def _new_temp(out: Path, folder: bool) -> Path:
     return Path(tmp)
 
 
+def move_into_place(tmp: str | Path, path: str | Path) -> None:
+    """Put the finished temporary ``tmp`` at ``path``: fsync it (every file of a folder), rename
+    it over ``path``, fsync the folder. An existing folder at ``path`` is moved aside first and
+    put back if the rename fails; an existing file is replaced in one step (``os.replace``)."""
+    tmp, out = Path(tmp), Path(path)
+    if tmp.is_dir():
+        _fsync_tree(tmp)
+    else:
+        fsync_file(tmp)
+    aside: Path | None = None
+    if out.is_dir() and not out.is_symlink():
+        aside = temp_beside(out, folder=True)
+        os.replace(out, aside / "previous")
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        if aside is not None:
+            os.replace(aside / "previous", out)  # put the previous one back
+        raise
+    finally:
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
+    fsync_dir(out.parent)
+
+
 @contextmanager
 def atomic_path(path: str | Path, *, inputs: Iterable[str | Path] = ()) -> Iterator[Path]:
     """Yield a temporary file beside ``path`` to write; on success it replaces ``path``.
@@ -103,52 +134,30 @@ def atomic_path(path: str | Path, *, inputs: Iterable[str | Path] = ()) -> Itera
     deleted and an existing ``path`` is left untouched. ``inputs``: files ``path`` must not be
     (see :func:`refuse_overwriting_inputs`), checked again just before the rename.
     """
-    out = Path(path)
     inputs = list(inputs)
-    refuse_overwriting_inputs(out, inputs)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(out.parent, out.name)
-    tmp = _new_temp(out, folder=False)
+    refuse_overwriting_inputs(path, inputs)
+    tmp = temp_beside(path)
     try:
         yield tmp
-        fsync_file(tmp)
-        refuse_overwriting_inputs(out, inputs)
-        os.replace(tmp, out)
+        refuse_overwriting_inputs(path, inputs)
+        move_into_place(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(out.parent)
 
 
 @contextmanager
 def atomic_folder(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary folder beside ``path`` to fill; on success it replaces ``path``.
-
-    Every file in it is fsynced before the rename. An existing folder at ``path`` is moved
-    aside, and put back if the rename fails; on any failure the temporary is deleted. Whether
-    an existing ``path`` may be replaced is the caller's check (a model folder, a run).
-    """
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(out.parent, out.name)
-    tmp = _new_temp(out, folder=True)
-    old: Path | None = None
+    """Yield a temporary folder beside ``path`` to fill; on success it replaces ``path``
+    (see :func:`move_into_place`); on failure it is deleted and ``path`` left as it was.
+    Whether an existing ``path`` may be replaced is the caller's check (a model folder)."""
+    tmp = temp_beside(path, folder=True)
     try:
         yield tmp
-        _fsync_tree(tmp)
-        if out.exists() or out.is_symlink():
-            old = _new_temp(out, folder=True)
-            os.replace(out, old / "previous")
-        os.replace(tmp, out)
+        move_into_place(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and (old / "previous").exists() and not out.exists():
-            os.replace(old / "previous", out)  # put the previous one back
         raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    fsync_dir(out.parent)
 
 
 def _identity(path: Path) -> tuple[int, int] | None:

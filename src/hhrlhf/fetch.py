@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import IO, Any, Literal
 
 from hhrlhf import registry
+from hhrlhf.atomic import move_into_place, write_text
 from hhrlhf.errors import HHRLHFError
 from hhrlhf.registry import DataFile, cache_dir, cached_path
 
@@ -157,17 +158,8 @@ def _read_json(path: Path, *, strict: bool) -> dict[str, Any]:
 
 
 def _write_json(path: Path, files: dict[str, Any]) -> None:
-    """Write atomically (temp file + rename): a reader never sees half a record."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=PART_SUFFIX)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump({"version": 1, "files": files}, fh, indent=2, sort_keys=True)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write atomically (hhrlhf.atomic): a reader never sees half a record."""
+    write_text(path, json.dumps({"version": 1, "files": files}, indent=2, sort_keys=True) + "\n")
 
 
 def _recorded(f: DataFile) -> tuple[int, str] | None:
@@ -496,7 +488,7 @@ def _fetch_from(f: DataFile, base: str, dest: Path, expected: tuple[int, str] | 
             except ValueError as e:
                 raise _SourceError(f"{e} from {where}") from None
             size, sha = tmp.stat().st_size, file_sha256(tmp)
-        os.replace(tmp, dest)
+        move_into_place(tmp, dest)  # fsynced, renamed, the rename made durable
         done = True
         return size, sha
     finally:
