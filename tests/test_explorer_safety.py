@@ -128,7 +128,7 @@ def test_a_damaged_database_is_a_message_not_a_500_and_index_rebuilds_it(
             assert r.status_code == 503, (path, r.text)
             detail = r.json()["detail"]
             assert detail.startswith(f"{db}: the explorer database cannot be read (")
-            assert detail.endswith("); build it again with `hhrlhf index`")
+            assert detail.endswith("); build it again with `hhrlhf index --rebuild`")
         r = httpx.get(base + "/", timeout=30)
         assert r.status_code == 503 and "build it again with" in r.text
 

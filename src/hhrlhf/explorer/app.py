@@ -232,7 +232,7 @@ def create_app(db_path: str | Path | None = None) -> FastAPI:
     async def on_damaged_database(request: Request, exc: sqlite3.DatabaseError) -> Response:
         # A damaged file (a bad disk, a copy cut short): say so and how to mend it, not a 500.
         return error_response(request, 503, f"{db.path}: the explorer database cannot be read "
-                              f"({exc}); build it again with `hhrlhf index`")
+                              f"({exc}); build it again with `hhrlhf index --rebuild`")
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError) -> Response:

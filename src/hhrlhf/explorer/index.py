@@ -198,7 +198,7 @@ def is_hhrlhf_index(db: Path) -> bool:
 
 def check_index(db: Path) -> str | None:
     """None when the database at ``db`` is whole, else what SQLite found wrong (one line).
-    ``PRAGMA quick_check`` reads every page: about a second per GB."""
+    ``PRAGMA quick_check`` reads every page: about 3 s per GB (0.1 s for 33 MB, 18,500 pairs)."""
     try:
         con = _open_ro(db)
         try:
