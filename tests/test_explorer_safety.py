@@ -64,8 +64,7 @@ def test_index_refuses_to_replace_a_file_that_is_not_an_index(
                        "to replace it: give another --db (or delete the file if it is a "
                        "damaged index)\n")
         assert target.read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        ".data.jsonl.lock", ".notes.sqlite.lock", "cache", "data.jsonl", "notes.sqlite"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "data.jsonl", "notes.sqlite"]
 
 
 def test_an_index_is_marked_and_rebuilding_it_still_works(seeded_cache: Path,

@@ -32,7 +32,8 @@ def index(paths: tuple[Path, ...], db: Path | None, rebuild: bool) -> None:
     """Build the SQLite search index over every fetched file, plus PATHS (local files).
 
     Incremental: files whose SHA-256 has not changed since the last build are skipped. The new
-    database replaces the old one only when complete.
+    database replaces the old one only when complete. Runs at once take turns (a lock); a file
+    at --db that is not an hhrlhf index is never replaced; a damaged index is built again.
     """
     _build(paths, db, rebuild)
 

@@ -210,6 +210,17 @@ def check_index(db: Path) -> str | None:
     return None if found == ["ok"] else "; ".join(found)
 
 
+def _refuse_foreign(db: Path) -> None:
+    """An error unless ``db`` is missing or an hhrlhf index: nothing else is ever replaced."""
+    if not db.exists():
+        return
+    if not db.is_file():
+        raise HHRLHFError("is not a file; give the database file to write with --db", db)
+    if not is_hhrlhf_index(db):
+        raise HHRLHFError("exists and is not an hhrlhf index; refusing to replace it: give "
+                          "another --db (or delete the file if it is a damaged index)", db)
+
+
 def _read_old_sources(db: Path) -> dict[str, dict[str, Any]] | None:
     """The sources recorded in an existing index, or None when there is none we can use.
 
@@ -217,11 +228,7 @@ def _read_old_sources(db: Path) -> dict[str, dict[str, Any]] | None:
     built again, with a note."""
     if not db.exists():
         return None
-    if not db.is_file():
-        raise HHRLHFError("is not a file; give the database file to write with --db", db)
-    if not is_hhrlhf_index(db):
-        raise HHRLHFError("exists and is not an hhrlhf index; refusing to replace it: give "
-                          "another --db (or delete the file if it is a damaged index)", db)
+    _refuse_foreign(db)
     if db.stat().st_size == 0:
         return None
     problem = check_index(db)
@@ -432,6 +439,7 @@ def build_index(config: IndexConfig | None = None) -> BuildReport:
     start = time.perf_counter()
     db = Path(config.db_path) if config.db_path else default_db_path()
     db.parent.mkdir(parents=True, exist_ok=True)
+    _refuse_foreign(db)  # before the lock: a refused run leaves no lock file beside the data
     with _build_lock(db):
         report = _build_locked(db, config)
     report.seconds = time.perf_counter() - start
