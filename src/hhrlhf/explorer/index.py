@@ -207,7 +207,11 @@ def check_index(db: Path) -> str | None:
             con.close()
     except sqlite3.DatabaseError as e:
         return str(e)
-    return None if found == ["ok"] else "; ".join(found)
+    if found == ["ok"]:
+        return None
+    # One line (SQLite's rows hold several, headed by "*** in database main ***").
+    lines = [s.strip() for row in found for s in row.splitlines()]
+    return "; ".join(s for s in lines if s and not s.startswith("***"))[:300]
 
 
 def _refuse_foreign(db: Path) -> None:
