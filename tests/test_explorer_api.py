@@ -384,6 +384,9 @@ def test_a_failed_build_leaves_the_previous_database_answering(seeded_cache: Pat
     db = build_index(IndexConfig(paths=(local,), progress=False, stats_plot=False)).db_path
     stale = db.with_name(db.name + ".build-999999999")  # left by a killed build
     stale.write_bytes(b"half a database")
+    # Today's name; a build holds the lock, so any copy it finds is a killed build's.
+    stale_tmp = db.with_name(f".{db.name}.k2j4x9ab.tmp")
+    stale_tmp.write_bytes(b"half a database")
     before = db.stat()
     with served(db) as base:
         assert _search(base, "zebra") == 1
