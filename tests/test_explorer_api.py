@@ -467,6 +467,9 @@ def test_a_failed_build_leaves_the_previous_database_answering(seeded_cache: Pat
     db = build_index(IndexConfig(paths=(local,), progress=False, stats_plot=False)).db_path
     stale = db.with_name(db.name + ".build-999999999")  # left by a killed build
     stale.write_bytes(b"half a database")
+    # Today's name; a build holds the lock, so any copy it finds is a killed build's.
+    stale_tmp = db.with_name(f".{db.name}.k2j4x9ab.tmp")
+    stale_tmp.write_bytes(b"half a database")
     before = db.stat()
     with served(db) as base:
         assert _search(base, "zebra") == 1
@@ -479,6 +482,7 @@ def test_a_failed_build_leaves_the_previous_database_answering(seeded_cache: Pat
         assert db.stat().st_ino == before.st_ino and db.stat().st_size == before.st_size
         assert _search(base, "zebra") == 1 and _search(base, "quagga") == 0
     assert not list(db.parent.glob(db.name + ".build-*"))  # the failed copy and the stale one
+    assert not list(db.parent.glob(f".{db.name}.*.tmp"))
     assert ExplorerDB(db).search(SearchParams(q="zebra")).total == 1
 
 

@@ -7,6 +7,7 @@ import gzip
 import json
 import math
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -233,6 +234,55 @@ def test_a_failure_mid_write_leaves_no_output(tmp_path: Path, cache: Path, real_
     assert out.read_bytes() == b"old" and list(d.iterdir()) == [out]
     # A directory where the file should go is an error too.
     assert _run(capsys, str(real_file), "--format", "trl", "--out", str(d))[0] == 2
+
+
+def _plain_copy(real_file: Path, path: Path) -> Path:
+    with gzip.open(real_file, "rb") as fh:
+        path.write_bytes(fh.read())
+    return path
+
+
+@pytest.mark.parametrize("how", ["same path", "symlink", "hard link", "second source"])
+def test_an_output_that_is_a_source_is_refused(tmp_path: Path, cache: Path, real_file: Path,
+                                               capsys: pytest.CaptureFixture[str],
+                                               how: str) -> None:
+    data = _plain_copy(real_file, tmp_path / "data.jsonl")
+    before = data.read_bytes()
+    sources = [str(data)]
+    out = data
+    if how == "symlink":
+        out = tmp_path / "link.jsonl"
+        out.symlink_to(data)
+    elif how == "hard link":
+        out = tmp_path / "hard.jsonl"
+        os.link(data, out)
+    elif how == "second source":
+        sources = [str(real_file), str(data)]
+    code, err = _run(capsys, *sources, "--format", "trl-text", "--out", str(out))
+    assert code == 2
+    assert err == (f"hhrlhf: error: {out}: is one of the inputs"
+                   f"{'' if out == data else f' ({data})'}; refusing to write over it: "
+                   "choose another output file\n")
+    assert data.read_bytes() == before  # the input is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        {"cache", "data.jsonl", out.name})  # and no temporary is left beside it
+
+
+def test_temporaries_of_a_killed_export_are_removed(tmp_path: Path, cache: Path,
+                                                    real_file: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "x.jsonl"
+    stale = tmp_path / ".x.jsonl.3kf9_a2b.tmp"  # what kill -9 mid-export leaves
+    recent = tmp_path / ".x.jsonl.q81jzz0c.tmp"  # an export running now
+    other = tmp_path / ".notes.txt.a1b2c3d4.tmp"  # not this output's: not ours to judge
+    for p in (stale, recent, other):
+        p.write_bytes(b"{}\n" * 1000)
+    old = time.time() - 2 * 3600
+    os.utime(stale, (old, old))
+    os.utime(other, (old, old))
+    assert _run(capsys, str(real_file), "--format", "trl", "--out", str(out))[0] == 0
+    assert not stale.exists()
+    assert recent.exists() and other.exists() and out.exists()
 
 
 # ---------------------------------------------------------------------------------------------

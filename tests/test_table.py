@@ -5,9 +5,12 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
+import time
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from hhrlhf.errors import HHRLHFError
@@ -17,8 +20,10 @@ from hhrlhf.records import ROW_CHECKS, Comparison
 from hhrlhf.table import (
     CACHE_VERSION,
     SCHEMA,
+    _write_ipc_atomic,
     arrow_to_comparisons,
     cache_path,
+    check_path,
     comparisons_to_arrow,
     read_table,
     tables_dir,
@@ -90,8 +95,8 @@ def test_cache_is_written_and_served_instead_of_parsing(seeded_cache: Path) -> N
     assert first.column("subset").unique().to_pylist() == ["harmless-base"]
     assert first.column("split").unique().to_pylist() == ["test"]
     files = sorted(tables_dir().iterdir())
-    assert [f.name for f in files] == [
-        f"{REAL_SHA256}.harmless-base.test.{CACHE_VERSION}.arrow"]  # no temp file left over
+    name = f"{REAL_SHA256}.harmless-base.test.{CACHE_VERSION}.arrow"
+    assert [f.name for f in files] == [name, name + ".json"]  # no temp file left over
     assert read_table("harmless-base", split="test").equals(first)
 
     # Proof by behaviour that the second read maps the cache and does not parse: replace the
@@ -103,15 +108,14 @@ def test_cache_is_written_and_served_instead_of_parsing(seeded_cache: Path) -> N
                               pa.array(chosen, pa.string()))
     # (Replaced by rename, as the cache itself does: `first` still maps the old file, and
     # rewriting a mapped file in place would pull the pages from under it.)
-    tmp = path.with_suffix(".edit")
-    with pa.OSFile(str(tmp), "wb") as fh, pa.ipc.new_stream(fh, SCHEMA) as w:
-        w.write_table(edited)
-    os.replace(tmp, path)
+    # Written by the cache's own writer, with its record of length, rows and checksum.
+    _write_ipc_atomic(edited, path)
     assert read_table("harmless-base/test").column("chosen")[0].as_py() == "served from the cache"
     # ...and use_cache=False parses the file again.
     assert read_table("harmless-base/test", use_cache=False).equals(first)
 
     # A damaged cache file is parsed again and replaced.
+    tmp = path.with_suffix(".edit")
     tmp.write_bytes(path.read_bytes()[:1000])
     os.replace(tmp, path)
     assert read_table("harmless-base/test").equals(first)
@@ -153,3 +157,101 @@ def test_to_pandas_and_to_dataset(cache: Path, real_file: Path) -> None:
     assert ds.cache_files and Path(ds.cache_files[0]["filename"]).parent == tables_dir()
     assert ds[1254]["flags"] == ["context_mismatch", "role_marker_in_text",
                                  "non_alternating_roles"]
+
+
+# ---------------------------------------------------------------------------------------------
+# A damaged cache file is found on read, rebuilt with a note, and never serves wrong rows.
+
+
+def _batch_ends(path: Path) -> list[int]:
+    """Byte offsets where each record batch message of an IPC stream file ends."""
+    ends = []
+    with pa.OSFile(str(path)) as fh:
+        reader = pa.ipc.MessageReader.open_stream(fh)
+        while True:
+            try:
+                msg = reader.read_next_message()
+            except StopIteration:
+                break
+            if msg is None:
+                break
+            if msg.type == "record batch":
+                ends.append(fh.tell())
+    return ends
+
+
+def _truncate_at_batch_boundary(path: Path) -> None:
+    data = path.read_bytes()
+    cut = _batch_ends(path)[1]  # two whole batches, then a clean end of file
+    # What a plain Arrow stream reader makes of it: fewer rows and no error.
+    assert pa.ipc.open_stream(data[:cut]).read_all().num_rows == 2 * 512
+    path.write_bytes(data[:cut])
+
+
+def _zero_fill_tail(path: Path) -> None:
+    data = path.read_bytes()
+    keep = _batch_ends(path)[0] + 100
+    path.write_bytes(data[:keep] + bytes(len(data) - keep))
+
+
+def _flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x20
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", [_truncate_at_batch_boundary, _zero_fill_tail,
+                                    _flip_a_byte])
+def test_a_damaged_cache_is_rebuilt_with_a_note_and_exports_stay_right(
+        cache: Path, real_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str], damage: Any) -> None:
+    from hhrlhf import table
+    from hhrlhf.cli import main
+
+    monkeypatch.setattr(table, "BATCH_ROWS", 512)  # several record batches in a small file
+    reference = tmp_path / "reference.parquet"
+    main(["export", str(real_file), "--format", "parquet", "--out", str(reference)])
+    [src] = resolve([real_file])
+    path = cache_path(src)
+    assert len(_batch_ends(path)) == 5
+    capsys.readouterr()
+
+    damage(path)  # in place, as a bad disk or a crash would leave it
+    out = tmp_path / "after.parquet"
+    main(["export", str(real_file), "--format", "parquet", "--out", str(out)])
+    err = capsys.readouterr().err
+    notes = [line for line in err.splitlines() if line.startswith("hhrlhf: note:")]
+    assert len(notes) == 1
+    assert notes[0].startswith(f"hhrlhf: note: the table cache {path} is damaged (")
+    assert notes[0].endswith("); rebuilding it")
+    assert "wrote 2,312 of 2,312 rows" in err
+    assert pq.read_table(out).equals(pq.read_table(reference))
+    # The rebuilt cache is whole again: read without a note.
+    assert read_table(real_file).num_rows == 2312
+    assert "note" not in capsys.readouterr().err
+
+
+def test_a_cache_without_its_record_is_rebuilt(cache: Path, real_file: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    first = read_table(real_file)
+    [src] = resolve([real_file])
+    check_path(cache_path(src)).unlink()
+    assert read_table(real_file).equals(first)
+    assert "its record of length and checksum is missing" in capsys.readouterr().err
+    assert check_path(cache_path(src)).exists()
+
+
+def test_stale_temporaries_of_killed_cache_writes_are_removed(cache: Path, real_file: Path,
+                                                              tmp_path: Path) -> None:
+    from hhrlhf.cli import main
+
+    tables_dir().mkdir(parents=True)
+    stale = tables_dir() / f".{REAL_SHA256}._._.{CACHE_VERSION}.arrow.k9x2ab_q.tmp"
+    fresh = tables_dir() / ".another.arrow.zz81ka0c.tmp"  # a write still going on
+    for p in (stale, fresh):
+        p.write_bytes(b"\0" * 4096)
+    hour_ago = time.time() - 3700
+    os.utime(stale, (hour_ago, hour_ago))
+    main(["export", str(real_file), "--format", "trl", "--out", str(tmp_path / "x.jsonl")])
+    assert not stale.exists()
+    assert fresh.exists()

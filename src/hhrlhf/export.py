@@ -20,15 +20,14 @@ before the final response (``empty_prompt``: TRL needs one prompt message); in `
 dialogue that does not end with an Assistant turn or has text before its first turn. Every other
 flagged row is kept as it is (its text unchanged); ``drop`` leaves out rows that checks flag.
 
-The output is written to a temporary file beside it and renamed into place: a failure leaves
-no half-written file.
+The output is written with :func:`hhrlhf.atomic.atomic_path`: a failure leaves no half-written
+file, and an output that is one of the sources (by inode: through a symlink or a hard link too)
+is refused before anything is read.
 """
 
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from typing import Any
 import orjson
 import pyarrow as pa
 
+from hhrlhf.atomic import atomic_path, refuse_overwriting_inputs
 from hhrlhf.errors import HHRLHFError
 from hhrlhf.read import Source
 from hhrlhf.records import ASSISTANT, HUMAN, Comparison, Turn, render_turns
@@ -250,8 +250,15 @@ def export(sources: str | Path | Sequence[str | Path], fmt: str, out: str | Path
     checks = parse_drop(drop)
     names = [str(sources)] if isinstance(sources, (str, Path)) else [str(s) for s in sources]
     srcs = preference_sources(names, split)
-    flags_of = (_cross_row_flagger(preference_sources(names, None))
-                if any(c in CROSS_ROW_CHECKS for c in checks) else None)
+    # Every file read (both splits when cross-row checks are computed): never the output.
+    inputs = [s.path for s in srcs]
+    refuse_overwriting_inputs(out, inputs)
+    flags_of = None
+    if any(c in CROSS_ROW_CHECKS for c in checks):
+        audited = preference_sources(names, None)
+        inputs += [s.path for s in audited]
+        refuse_overwriting_inputs(out, inputs)
+        flags_of = _cross_row_flagger(audited)
 
     result = ExportResult(out, fmt, container, 0, 0)
     dropped: Counter[str] = Counter()
@@ -294,29 +301,17 @@ def export(sources: str | Path | Sequence[str | Path], fmt: str, out: str | Path
                 sink.write(rows if build is not None else batch.filter(pa.array(keep, pa.bool_())))
                 bar.update(len(keep))
 
-    tmp: Path | None = None
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-        os.close(fd)
-        tmp = Path(tmp_name)
-        sink = _Sink(tmp, container, OUTPUT_SCHEMAS[fmt])
-        try:
-            with tqdm(total=None, desc=f"exporting {fmt}", unit=" rows", disable=None,
-                      file=sys.stderr, leave=False) as bar:
-                write_rows(sink, bar)
-        finally:
-            sink.close()
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; an export is an ordinary file
-        os.replace(tmp, out)
+        with atomic_path(out, inputs=inputs) as tmp:
+            sink = _Sink(tmp, container, OUTPUT_SCHEMAS[fmt])
+            try:
+                with tqdm(total=None, desc=f"exporting {fmt}", unit=" rows", disable=None,
+                          file=sys.stderr, leave=False) as bar:
+                    write_rows(sink, bar)
+            finally:
+                sink.close()
     except OSError as e:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
         raise HHRLHFError(f"cannot write: {e.strerror or e}", out) from None
-    except BaseException:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
-        raise
     result.dropped = {k: dropped[k] for k in checks if dropped[k]}
     result.unrepresentable = {k: unrepresentable[k] for k in UNREPRESENTABLE[fmt]
                               if unrepresentable[k]}

@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import IO, Any, Literal
 
 from hhrlhf import registry
+from hhrlhf.atomic import move_into_place, write_text
 from hhrlhf.errors import HHRLHFError
 from hhrlhf.registry import DataFile, cache_dir, cached_path
 
@@ -224,17 +225,8 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _write_json(path: Path, files: dict[str, Any]) -> None:
-    """Write atomically (temp file + rename): a reader never sees half a record."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=PART_SUFFIX)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump({"version": 2, "files": files}, fh, indent=2, sort_keys=True)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write atomically (hhrlhf.atomic): a reader never sees half a record."""
+    write_text(path, json.dumps({"version": 2, "files": files}, indent=2, sort_keys=True) + "\n")
 
 
 def _stat_key(st: os.stat_result) -> dict[str, int]:
@@ -537,7 +529,7 @@ def _fetch_from(f: DataFile, base: str, dest: Path, pin: Pin,
         if problem:
             raise _SourceError(f"{problem} ({pin.origin}) from {where}")
         size = tmp.stat().st_size
-        os.replace(tmp, dest)
+        move_into_place(tmp, dest)  # fsynced, renamed, the rename made durable
         done = True
         return size, sha
     finally:

@@ -13,12 +13,20 @@ per source file in ``registry.cache_dir()/tables/``:
   subset and split the rows are labelled with, and :data:`CACHE_VERSION` (:data:`PARSER_VERSION`
   plus a fingerprint of ``records.py`` and this module's source, so a change to the parser
   never serves stale rows);
-- written to a temporary file and renamed into place, so a reader never sees half a file.
+- written with :func:`hhrlhf.atomic.atomic_path` (temporary file, fsync, rename), beside a
+  record ``<name>.json`` of its length, row count and CRC-32, written first;
+- verified on every read: the length (a stat), the CRC-32 of the whole file (ISA-L's CRC runs
+  at ~20 GB/s, ~15 ms for a 300 MB table, next to ~3 s to parse it again; the pages it reads
+  are the ones any full read maps anyway) and the row count of the stream. A file truncated
+  at a record-batch boundary, zero-filled or with one byte flipped fails one of them and is
+  parsed again, with a one-line note on stderr: an Arrow stream reader alone takes a clean
+  end or a zero tail for the end of the stream and would serve fewer rows without a word.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -27,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from hhrlhf import records
-from hhrlhf.atomic import atomic_path
+from hhrlhf.atomic import atomic_path, remove_stale_temps
 from hhrlhf.errors import HHRLHFError
 from hhrlhf.fetch import file_sha256
 from hhrlhf.read import Source, preference_sources, read_source_comparisons
@@ -184,16 +192,59 @@ def cache_path(source: Source, sha256: str | None = None) -> Path:
     return tables_dir() / f"{sha}.{label}.{CACHE_VERSION}.arrow"
 
 
+class CacheDamaged(Exception):
+    """A cache file that does not match its record; the message says how."""
+
+
+def check_path(path: Path) -> Path:
+    """The record of a cache file's length, rows and CRC-32: ``<name>.json`` beside it."""
+    return path.with_name(path.name + ".json")
+
+
+def _crc32(data: Any) -> int:
+    from isal import isal_zlib
+
+    return int(isal_zlib.crc32(data))
+
+
 def _read_ipc(path: Path) -> pa.Table:
-    with pa.memory_map(str(path), "r") as source:
-        table = pa.ipc.open_stream(source).read_all()
+    """The cached table at ``path``, verified against its record; :class:`CacheDamaged` when
+    it is missing, unreadable or does not match."""
+    try:
+        record = json.loads(check_path(path).read_bytes())
+        size, rows, crc = int(record["bytes"]), int(record["rows"]), int(record["crc32"])
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise CacheDamaged(f"its record of length and checksum is missing or unreadable ({e})"
+                           ) from None
+    try:
+        with pa.memory_map(str(path), "r") as source:
+            if source.size() != size:
+                raise CacheDamaged(f"it is {source.size():,} bytes, {size:,} were written")
+            data = source.read_buffer()
+            if _crc32(memoryview(data)) != crc:
+                raise CacheDamaged("its checksum does not match")
+            table = pa.ipc.open_stream(data).read_all()
+    except (OSError, pa.ArrowInvalid) as e:
+        raise CacheDamaged(f"it cannot be read ({e})") from None
+    if table.num_rows != rows:
+        raise CacheDamaged(f"it holds {table.num_rows:,} rows, {rows:,} were written")
+    if not table.schema.equals(SCHEMA):
+        raise CacheDamaged("its columns are not this version's")
     return table
 
 
 def _write_ipc_atomic(table: pa.Table, path: Path) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh, \
-            pa.ipc.new_stream(fh, SCHEMA) as writer:
-        writer.write_table(table, max_chunksize=BATCH_ROWS)
+    """Write the table and its record (length, rows, CRC-32); the record goes first, so a
+    table without a matching record is never taken for a whole one."""
+    remove_stale_temps(path.parent)  # temporaries of killed writes (the cache is all ours)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh, pa.ipc.new_stream(fh, SCHEMA) as writer:
+            writer.write_table(table, max_chunksize=BATCH_ROWS)
+        with pa.memory_map(str(tmp), "r") as written:
+            record = {"bytes": written.size(), "rows": table.num_rows,
+                      "crc32": _crc32(memoryview(written.read_buffer()))}
+        with atomic_path(check_path(path)) as tmp_check:
+            tmp_check.write_text(json.dumps(record) + "\n")
 
 
 def _parse_source(source: Source) -> pa.Table:
@@ -219,11 +270,10 @@ def source_table(source: Source, *, use_cache: bool = True) -> tuple[pa.Table, P
     path = cache_path(source)
     if path.exists():
         try:
-            table = _read_ipc(path)
-            if table.schema.equals(SCHEMA):
-                return table, path
-        except (OSError, pa.ArrowInvalid):
-            pass  # unreadable (e.g. truncated by a full disk): parse again and replace it
+            return _read_ipc(path), path
+        except CacheDamaged as e:  # a full disk, a crash, a bad sector: parse again
+            print(f"hhrlhf: note: the table cache {path} is damaged ({e}); rebuilding it",
+                  file=sys.stderr)
     table = _parse_source(source)
     try:
         _write_ipc_atomic(table, path)
@@ -241,6 +291,7 @@ def _remove_stale(current: Path) -> None:
     for p in current.parent.glob(f"{stem}.v*.arrow"):
         if p != current:
             p.unlink(missing_ok=True)
+            check_path(p).unlink(missing_ok=True)
 
 
 def read_table(sources: str | Path | Iterable[str | Path], split: str | None = None, *,

@@ -32,7 +32,8 @@ def index(paths: tuple[Path, ...], db: Path | None, rebuild: bool) -> None:
     """Build the SQLite search index over every fetched file, plus PATHS (local files).
 
     Incremental: files whose SHA-256 has not changed since the last build are skipped. The new
-    database replaces the old one only when complete.
+    database replaces the old one only when complete. Runs at once take turns (a lock); a file
+    at --db that is not an hhrlhf index is never replaced; a damaged index is built again.
     """
     _build(paths, db, rebuild)
 
@@ -70,10 +71,12 @@ def serve(paths: tuple[Path, ...], host: str, port: int, db: Path | None,
     import uvicorn
 
     from hhrlhf.explorer.app import create_app
-    from hhrlhf.explorer.index import default_db_path
+    from hhrlhf.explorer.index import check_index, default_db_path
 
     db_path = db or default_db_path()
-    if not no_update or not db_path.exists() or paths:
+    # Even with --no-update a damaged database is built again (the build says so): served,
+    # it would answer every page with an error.
+    if not no_update or not db_path.exists() or paths or check_index(db_path) is not None:
         db_path = _build(paths, db, False)
     if host not in _LOOPBACK:
         click.echo(f"hhrlhf: note: listening on {host}: anyone who can reach this machine can "

@@ -32,7 +32,8 @@ def export(sources: tuple[str, ...], fmt: str, out: Path, split: str | None,
     """Export preference rows (the named subsets/files, or every preference file in the cache).
 
     Rows a format cannot hold are left out and counted on stderr, never altered; every other
-    row is written as published. A one-line summary goes to stderr.
+    row is written as published. A one-line summary goes to stderr. The output is written
+    atomically and may not be one of the sources (through a link either).
     """
     from hhrlhf.export import export as run_export
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from hhrlhf.atomic import write_text
+from hhrlhf.atomic import named_files, refuse_overwriting_inputs, write_text
 from hhrlhf.errors import HHRLHFError
 from hhrlhf.records import Comparison
 
@@ -79,6 +79,8 @@ def eval_(model: str, data: tuple[str, ...], split: str, as_json: bool, plot: st
                           "two models, none trained on all rows)")
     if plot is not None and not Path(plot).parent.is_dir():
         raise HHRLHFError("the folder for the plot does not exist", Path(plot).parent)
+    if plot is not None:
+        refuse_overwriting_inputs(plot, named_files([model, *data, *baseline_train]))
     pm = load(model)
     rows, labels = read_labelled(data, split, max_pairs)
     train_rows: list[Comparison] | None = None
@@ -157,6 +159,9 @@ def cv(data: tuple[str, ...], split: str, folds: int, seed: int, config_file: st
     for path in (plot, save_json):
         if path is not None and not Path(path).parent.is_dir():
             raise HHRLHFError("the folder to write in does not exist", Path(path).parent)
+        if path is not None:
+            inputs = [*data, *([config_file] if config_file else [])]
+            refuse_overwriting_inputs(path, named_files(inputs))
     rows, labels = read_labelled(data, split, max_pairs)
 
     def fit_neural(k: int, train_rows: list[Comparison]) -> PreferenceModel:

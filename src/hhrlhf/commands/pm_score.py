@@ -19,7 +19,6 @@ from __future__ import annotations
 import gzip
 import json
 import math
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import IO, Any
 
 import click
 
+from hhrlhf.atomic import atomic_path, named_files, refuse_overwriting_inputs
 from hhrlhf.errors import HHRLHFError
 
 _CHUNK = 512  # rows read before scoring; bounded memory on endless stdin
@@ -102,6 +102,9 @@ def score(model: str, file: str, output: str | None, batch_size: int, threads: i
                           f"not an hhrlhf preference model (no {MARKER_FILE})", folder)
     if file != "-" and not Path(file).is_file():
         raise HHRLHFError("no such file", file)
+    inputs = named_files([file, folder])  # neither the rows nor the model may be overwritten
+    if output is not None:
+        refuse_overwriting_inputs(output, inputs)
 
     from hhrlhf.pm.base import load
     from hhrlhf.records import Comparison, Dialogue
@@ -149,13 +152,7 @@ def score(model: str, file: str, output: str | None, batch_size: int, threads: i
                 sys.stdout.write(json.dumps(row) + "\n")
             sys.stdout.flush()
         return
-    dest = Path(output)
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            for chunk in chunks():
-                for row in scored(chunk):
-                    fh.write(json.dumps(row) + "\n")
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(output, inputs=inputs) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        for chunk in chunks():
+            for row in scored(chunk):
+                fh.write(json.dumps(row) + "\n")

@@ -39,6 +39,10 @@ def stats(sources: tuple[str, ...], split: str | None, as_json: bool, plot_path:
 
         raise HHRLHFError("the plot is a PNG: name a .png file", plot_path)
     srcs = preference_sources(sources, split)
+    if plot_path is not None:
+        from hhrlhf.atomic import refuse_overwriting_inputs
+
+        refuse_overwriting_inputs(plot_path, [s.path for s in srcs])
     tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path is not None else None
     builder = StatsBuilder(tokenizer, str(tokenizer_path) if tokenizer_path else None)
     with tqdm(desc="stats", unit=" rows", disable=None, leave=False) as bar:

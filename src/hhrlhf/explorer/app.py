@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+import sqlite3
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import parse_qs
@@ -142,6 +143,12 @@ def create_app(db_path: str | Path | None = None) -> FastAPI:
     @app.exception_handler(HHRLHFError)
     async def on_user_error(request: Request, exc: HHRLHFError) -> Response:
         return error_response(request, 503, str(exc))
+
+    @app.exception_handler(sqlite3.DatabaseError)
+    async def on_damaged_database(request: Request, exc: sqlite3.DatabaseError) -> Response:
+        # A damaged file (a bad disk, a copy cut short): say so and how to mend it, not a 500.
+        return error_response(request, 503, f"{db.path}: the explorer database cannot be read "
+                              f"({exc}); build it again with `hhrlhf index --rebuild`")
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError) -> Response:

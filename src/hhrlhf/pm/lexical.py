@@ -20,9 +20,6 @@ No pickle.
 from __future__ import annotations
 
 import math
-import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -32,6 +29,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from hhrlhf.atomic import atomic_folder
 from hhrlhf.errors import HHRLHFError
 from hhrlhf.pm.base import MARKER_FILE, PreferenceModel, write_marker
 from hhrlhf.records import ASSISTANT, Comparison, Dialogue, render_turns
@@ -233,24 +231,9 @@ class LexicalPreferenceModel(PreferenceModel):
             folder.is_dir() and ((folder / MARKER_FILE).exists() or not any(folder.iterdir()))
         ):
             raise HHRLHFError("exists and is not an hhrlhf model folder; not overwriting", folder)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=parent))
-        old: Path | None = None
-        try:
-            os.chmod(tmp, 0o755)
+        with atomic_folder(folder) as tmp:
             np.save(tmp / WEIGHTS_FILE, self.weights, allow_pickle=False)
             write_marker(tmp, KIND, format=FORMAT, config=asdict(self.config), info=self.info)
-            if folder.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=parent))
-                os.replace(folder, old / "model")
-            os.replace(tmp, folder)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if old is not None and (old / "model").exists() and not folder.exists():
-                os.replace(old / "model", folder)  # put the previous model back
-            raise
-        finally:
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
 
     @classmethod
     def _load(cls, path: str | Path) -> LexicalPreferenceModel:

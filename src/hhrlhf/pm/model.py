@@ -24,8 +24,6 @@ the rest of it runs at the read-out positions alone (see :mod:`hhrlhf.pm.readout
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from hhrlhf.atomic import move_into_place, temp_beside
 from hhrlhf.errors import HHRLHFError
 from hhrlhf.pm.base import MARKER_FILE, PreferenceModel, write_marker
 from hhrlhf.pm.config import resolve_backbone
@@ -329,8 +328,7 @@ class NeuralPreferenceModel(PreferenceModel):
         sharded FSDP/DeepSpeed model); keys start with ``net.``."""
         folder = Path(path)
         folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp = temp_beside(folder, folder=True)
         net_state = None
         if state_dict is not None:
             net_state = {k[4:]: v for k, v in state_dict.items() if k.startswith("net.")}
@@ -346,7 +344,7 @@ class NeuralPreferenceModel(PreferenceModel):
             transformers_class="AutoModelForSequenceClassification",
             reward=_REWARD_DOC[self.pooling],
         )
-        _replace_dir(tmp, folder)
+        move_into_place(tmp, folder)
 
     # -- scoring -----------------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -420,15 +418,3 @@ _REWARD_DOC = {
     "cls": "AutoModelForSequenceClassification logits",
     "mean": "classifier(mean of AutoModel last_hidden_state over attention_mask)",
 }
-
-
-def _replace_dir(tmp: Path, folder: Path) -> None:
-    """Put ``tmp`` at ``folder`` by rename; an old folder there is moved aside first."""
-    old = None
-    if folder.exists():
-        old = folder.parent / f".{folder.name}.old-{os.getpid()}"
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(folder, old)
-    os.rename(tmp, folder)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -41,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from hhrlhf.atomic import move_into_place, write_text
 from hhrlhf.errors import HHRLHFError
 from hhrlhf.pm.config import TrainConfig
 from hhrlhf.records import Comparison
@@ -255,7 +255,7 @@ def train(config: TrainConfig, comparisons: Sequence[Comparison] | None = None, 
             _write_json(tmp / "trainer_state.json",
                         {"step": step, "epoch": epoch, "batches_done": batches_done})
             shutil.rmtree(final, ignore_errors=True)
-            os.rename(tmp, final)
+            move_into_place(tmp, final)
             for old in _checkpoints(ckpt_root)[: -config.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
         accelerator.wait_for_everyone()
@@ -393,9 +393,7 @@ def _latest_checkpoint(root: Path | None) -> Path | None:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -411,6 +409,4 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, path)
+    write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
