@@ -1,0 +1,154 @@
+"""Issue 10, section 5: every user mistake or damaged input is one line that says what is
+really wrong (`hhrlhf: error: ...`, exit 2), and nothing is written.
+
+Real parts only: the real harmless-base test file (damaged copies in tmp_path), the real
+command line in a subprocess, real HTTP servers on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+from hhrlhf.errors import HHRLHFError
+from hhrlhf.read import read_comparisons, read_redteam
+
+HHRLHF = str(ROOT / ".venv" / "bin" / "hhrlhf")
+
+
+def run(*args: str, cwd: Path, cache: Path | None = None,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, **(env or {})}
+    if cache is not None:
+        full_env["HHRLHF_CACHE"] = str(cache)
+    full_env.pop("HHRLHF_MIRROR", None)
+    return subprocess.run([HHRLHF, *args], check=False, capture_output=True, text=True,
+                          cwd=cwd, env=full_env, timeout=300)
+
+
+def one_line_error(r: subprocess.CompletedProcess[str]) -> str:
+    """The error line of a run that failed as a user mistake: exit 2, one line, no traceback."""
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("hhrlhf: error: "), r.stderr
+    return lines[0]
+
+
+def read_error(path: Path, reader: object = read_comparisons) -> str:
+    with pytest.raises(HHRLHFError) as e:
+        list(reader(path))  # type: ignore[operator]
+    return str(e.value)
+
+
+# --------------------------------------------------------------------------------- empty input
+
+EMPTY_FILES = {
+    "empty.jsonl": (b"", "no rows: the file is empty"),
+    "zero.jsonl.gz": (b"", "no rows: the file is empty"),
+    "nothing.jsonl.gz": (gzip.compress(b""), "no rows: the gzip stream holds no data"),
+    "blank.jsonl": (b"\n  \n\n", "no rows: the file holds only blank lines"),
+    "array.json": (b"\n[ ]\n", "no rows: the JSON array is empty"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EMPTY_FILES))
+def test_empty_input_is_an_error_when_read(tmp_path: Path, name: str) -> None:
+    data, message = EMPTY_FILES[name]
+    p = tmp_path / name
+    p.write_bytes(data)
+    assert read_error(p) == f"{p}: {message}"
+    assert read_error(p, read_redteam) == f"{p}: {message}"
+
+
+@pytest.mark.parametrize("command", [
+    ("stats",), ("stats", "--json"), ("audit",),
+    ("export", "--format", "trl", "--out", "out.jsonl"),
+    ("report", "--out", "out.html"), ("index", "--db", "out.sqlite"), ("redteam",),
+])
+@pytest.mark.parametrize("name", ["empty.jsonl", "nothing.jsonl.gz"])
+def test_every_command_refuses_empty_input_and_writes_nothing(tmp_path: Path, cache: Path,
+                                                              command: tuple[str, ...],
+                                                              name: str) -> None:
+    data, message = EMPTY_FILES[name]
+    (tmp_path / name).write_bytes(data)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    r = run(command[0], name, *command[1:], cwd=tmp_path, cache=cache)
+    line = one_line_error(r)  # index names the file by its absolute path
+    assert line.startswith("hhrlhf: error: ") and line.endswith(f"{name}: {message}")
+    assert "nan" not in r.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no output, no temp file
+
+
+# ----------------------------------------------------------------------- damaged or wrong bytes
+
+
+def test_random_bytes_are_named_binary_not_a_json_error(tmp_path: Path) -> None:
+    p = tmp_path / "random.jsonl"
+    p.write_bytes(bytes(range(128, 256)) * 8 + b"\n" + os.urandom(3000))
+    assert read_error(p) == (f"{p}:1: not UTF-8 text: byte 0x80 at column 1; this is binary "
+                             "data, not JSON")
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes(b'{"chosen": "caf\xe9", "rejected": "x"}\n')
+    assert read_error(latin1) == f"{latin1}:1: not UTF-8 text: byte 0xe9 at column 16"
+    array = tmp_path / "latin1.json"
+    array.write_bytes(b'[\n {"chosen": "caf\xe9",\n "rejected": "x"}]\n')
+    assert read_error(array) == f"{array}:2: not UTF-8 text: byte 0xe9 at column 17"
+
+
+def test_corrupt_gzip_middle_is_named_corrupt_not_a_json_error(tmp_path: Path,
+                                                               real_file: Path) -> None:
+    data = bytearray(real_file.read_bytes())
+    middle = len(data) // 2
+    for k in range(middle, middle + 200):  # inflates to garbage rows before the CRC is reached
+        data[k] ^= 0x55
+    p = tmp_path / "middle.jsonl.gz"
+    p.write_bytes(bytes(data))
+    assert read_error(p) == (f"{p}: cannot read: the gzip data is corrupt (CRC check failed: "
+                             "the inflated data is not what was compressed)")
+
+
+@pytest.mark.parametrize(("tail", "message"), [
+    (b"garbage after the stream", "unexpected data after the end of the gzip stream: 24 bytes "
+     "from byte 742,801 (the file is not truncated; something was appended to it)"),
+    (b"\n", "unexpected data after the end of the gzip stream: 1 byte from byte 742,801 "
+     "(the file is not truncated; something was appended to it)"),
+    (b"\x1f\x8b\x08\x00" + bytes(6) + b"\xff" * 20, "a whole gzip stream ends at byte 742,801, "
+     "then 30 bytes follow that are not a valid gzip stream (invalid block type)"),
+    (gzip.compress(b'{"a": 1}\n' * 500)[:30], "a whole gzip stream ends at byte 742,801, then "
+     "30 bytes of a second stream that is cut short follow"),
+])
+def test_trailing_garbage_is_not_called_truncation(tmp_path: Path, real_file: Path,
+                                                   tail: bytes, message: str) -> None:
+    p = tmp_path / "appended.jsonl.gz"
+    p.write_bytes(real_file.read_bytes() + tail)
+    error = read_error(p)
+    assert error.startswith(f"{p}: cannot read: {message}")
+    assert "truncated (" not in error
+
+
+def test_zero_padding_and_joined_streams_still_read(tmp_path: Path, real_file: Path) -> None:
+    padded = tmp_path / "padded.jsonl.gz"
+    padded.write_bytes(real_file.read_bytes() + b"\0" * 4096)  # gzip allows zero padding
+    assert sum(1 for _ in read_comparisons(padded)) == 2312
+    joined = tmp_path / "joined.jsonl.gz"
+    joined.write_bytes(real_file.read_bytes() * 2)
+    assert sum(1 for _ in read_comparisons(joined)) == 2 * 2312
+
+
+def test_truncation_is_still_named_truncation(tmp_path: Path, real_file: Path) -> None:
+    p = tmp_path / "cut.jsonl.gz"
+    p.write_bytes(real_file.read_bytes()[:400_000])
+    assert read_error(p) == (f"{p}: cannot read: the file is truncated: its gzip stream stops "
+                             "at byte 400,000, before its end")
+
+
+def test_unknown_split_in_a_subset_name(cache: Path) -> None:
+    with pytest.raises(HHRLHFError, match=r"^unknown split 'tset' in 'harmless-base/tset'; "
+                                          r"known: train, test$"):
+        list(read_comparisons("harmless-base/tset"))
