@@ -113,23 +113,28 @@ def test_corrupt_gzip_middle_is_named_corrupt_not_a_json_error(tmp_path: Path,
                              "the inflated data is not what was compressed)")
 
 
-@pytest.mark.parametrize(("tail", "message"), [
-    (b"garbage after the stream", "unexpected data after the end of the gzip stream: 24 bytes "
-     "from byte 742,801 (the file is not truncated; something was appended to it)"),
-    (b"\n", "unexpected data after the end of the gzip stream: 1 byte from byte 742,801 "
-     "(the file is not truncated; something was appended to it)"),
-    (b"\x1f\x8b\x08\x00" + bytes(6) + b"\xff" * 20, "a whole gzip stream ends at byte 742,801, "
-     "then 30 bytes follow that are not a valid gzip stream (invalid block type)"),
-    (gzip.compress(b'{"a": 1}\n' * 500)[:30], "a whole gzip stream ends at byte 742,801, then "
-     "30 bytes of a second stream that is cut short follow"),
-])
+APPENDED = "(the file is not truncated; something was appended to it)"
+TAILS = {
+    "text": (b"garbage after the stream", ("unexpected data after the end of the gzip stream: "
+             f"24 bytes from byte 742,801 {APPENDED}")),
+    "newline": (b"\n", ("unexpected data after the end of the gzip stream: 1 byte from byte "
+                f"742,801 {APPENDED}")),
+    "bad member": (b"\x1f\x8b\x08\x00" + bytes(6) + b"\xff" * 20,
+                   ("a whole gzip stream ends at byte 742,801, then 30 bytes follow that are "
+                   "not a valid gzip stream (invalid block type)")),
+    "cut member": (gzip.compress(b'{"a": 1}\n' * 500)[:30],
+                   ("a whole gzip stream ends at byte 742,801, then 30 bytes of a second stream "
+                   "that is cut short follow")),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(TAILS))
 def test_trailing_garbage_is_not_called_truncation(tmp_path: Path, real_file: Path,
-                                                   tail: bytes, message: str) -> None:
+                                                   kind: str) -> None:
+    tail, message = TAILS[kind]
     p = tmp_path / "appended.jsonl.gz"
     p.write_bytes(real_file.read_bytes() + tail)
-    error = read_error(p)
-    assert error.startswith(f"{p}: cannot read: {message}")
-    assert "truncated (" not in error
+    assert read_error(p) == f"{p}: cannot read: {message}"
 
 
 def test_zero_padding_and_joined_streams_still_read(tmp_path: Path, real_file: Path) -> None:
@@ -152,3 +157,59 @@ def test_unknown_split_in_a_subset_name(cache: Path) -> None:
     with pytest.raises(HHRLHFError, match=r"^unknown split 'tset' in 'harmless-base/tset'; "
                                           r"known: train, test$"):
         list(read_comparisons("harmless-base/tset"))
+
+
+# ------------------------------------------------------------------------- argument errors
+
+
+def cli_error(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    """The command line run in this process: an argument error exits 2 with one line."""
+    from hhrlhf.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(list(argv))
+    out, err = capsys.readouterr()
+    assert e.value.code == 2, (out, err)
+    assert out == "" and len(err.splitlines()) == 1, err
+    return err.rstrip("\n")
+
+
+SPLIT_CHOICE = "invalid value for '--split': 'tset' is not one of 'train', 'test'"
+ARGUMENT_ERRORS = {
+    "stats --split tset": f"stats: {SPLIT_CHOICE} (see `hhrlhf stats --help`)",
+    "audit --split tset": f"audit: {SPLIT_CHOICE} (see `hhrlhf audit --help`)",
+    "fetch --split tset": f"fetch: {SPLIT_CHOICE} (see `hhrlhf fetch --help`)",
+    # export checked its --split only when reading; now when parsing, like the others
+    "export no-such-file --format trl --out o.jsonl --split tset":
+        f"export: {SPLIT_CHOICE} (see `hhrlhf export --help`)",
+    "export harmless-base": "export: missing option '--format' (see `hhrlhf export --help`)",
+    "stats --bogus": "stats: no such option '--bogus' (see `hhrlhf stats --help`)",
+    "nosuch": "no such command 'nosuch' (see `hhrlhf --help`)",
+    "pm nosuch": "pm: no such command 'nosuch' (see `hhrlhf pm --help`)",
+    "pm score": "pm score: missing argument 'MODEL' (see `hhrlhf pm score --help`)",
+    "pm score a b c": "pm score: got unexpected extra argument (c) (see `hhrlhf pm score --help`)",
+    "pm eval m --batch-size 0": "pm eval: invalid value for '--batch-size': 0 is not in the "
+                                "range x>=1 (see `hhrlhf pm eval --help`)",
+    "pm train --max-steps ten": "pm train: invalid value for '--max-steps': 'ten' is not a "
+                                "valid integer (see `hhrlhf pm train --help`)",
+    "serve --port 0": "serve: invalid value for '--port': 0 is not in the range 1<=x<=65535 "
+                      "(see `hhrlhf serve --help`)",
+}
+
+
+@pytest.mark.parametrize("argv", sorted(ARGUMENT_ERRORS))
+def test_argument_errors_are_one_line(capsys: pytest.CaptureFixture[str], cache: Path,
+                                      argv: str) -> None:
+    assert cli_error(capsys, *argv.split()) == f"hhrlhf: error: {ARGUMENT_ERRORS[argv]}"
+
+
+def test_argument_error_from_the_installed_command_and_help_still_works(tmp_path: Path,
+                                                                        cache: Path) -> None:
+    r = run("pm", "score", cwd=tmp_path, cache=cache)
+    assert one_line_error(r) == ("hhrlhf: error: pm score: missing argument 'MODEL' "
+                                 "(see `hhrlhf pm score --help`)")
+    for argv in (["--help"], ["pm", "--help"], ["pm", "score", "-h"], ["export", "--help"]):
+        h = run(*argv, cwd=tmp_path, cache=cache)
+        assert h.returncode == 0 and h.stdout.startswith("Usage: hhrlhf"), h.stderr
+    bare = run(cwd=tmp_path, cache=cache)  # no command at all: the help, as before
+    assert bare.returncode == 2 and "Commands:" in bare.stderr

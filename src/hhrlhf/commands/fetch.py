@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import click
 
+from hhrlhf.commands.options import split_option
 from hhrlhf.errors import HHRLHFError
-from hhrlhf.registry import SPLITS, SUBSETS
+from hhrlhf.registry import SUBSETS
 
 _HELP = f"""Download SUBSETs (default: all nine files) into the cache, verified against their
 pinned size and SHA-256.
@@ -20,8 +21,7 @@ exit status is non-zero if any did.
 
 @click.command("fetch", help=_HELP)
 @click.argument("subsets", nargs=-1, metavar="[SUBSET[/SPLIT]]...")
-@click.option("--split", type=click.Choice(SPLITS), default=None,
-              help="Only this split (the red-team file has none and always comes).")
+@split_option(help="Only this split (the red-team file has none and always comes).")
 @click.option("--mirror", metavar="URL|FOLDER", default=None,
               help="Fetch from this base URL or local folder (same layout as the dataset) "
                    "instead of Hugging Face + GitHub. Default: $HHRLHF_MIRROR.")
