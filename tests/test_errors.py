@@ -213,3 +213,39 @@ def test_argument_error_from_the_installed_command_and_help_still_works(tmp_path
         assert h.returncode == 0 and h.stdout.startswith("Usage: hhrlhf"), h.stderr
     bare = run(cwd=tmp_path, cache=cache)  # no command at all: the help, as before
     assert bare.returncode == 2 and "Commands:" in bare.stderr
+
+
+# --------------------------------------------------------------- a slip named for what it is
+
+
+@pytest.mark.parametrize("command", ["score", "eval"])
+def test_pm_given_a_data_file_as_model_says_so(tmp_path: Path, cache: Path, real_file: Path,
+                                               command: str) -> None:
+    r = run("pm", command, str(real_file), cwd=tmp_path, cache=cache)
+    assert one_line_error(r) == (
+        f"hhrlhf: error: {real_file}: is a file, not a model folder; usage: hhrlhf pm "
+        f"{command} MODEL ..., where MODEL is a folder saved by `hhrlhf pm train`")
+    missing = run("pm", command, str(tmp_path / "nope"), cwd=tmp_path, cache=cache)
+    assert one_line_error(missing) == f"hhrlhf: error: {tmp_path / 'nope'}: no such model folder"
+
+
+def test_serve_tells_a_bad_host_from_a_busy_port(tmp_path: Path, cache: Path) -> None:
+    import socket
+
+    bad = run("serve", "--host", "999.1.1.1", cwd=tmp_path, cache=cache)
+    assert one_line_error(bad) == "hhrlhf: error: --host 999.1.1.1 is not a valid IPv4 address"
+    # TEST-NET-1 (RFC 5737): a valid address that is never one of this machine's
+    foreign = run("serve", "--host", "192.0.2.1", cwd=tmp_path, cache=cache)
+    line = one_line_error(foreign)
+    assert line.startswith("hhrlhf: error: cannot listen on 192.0.2.1:8000: 192.0.2.1 is not "
+                           "an address of this machine")
+    assert "--port" not in line
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # the cache is empty: the port is checked before any index is built
+        busy = run("serve", "--port", str(port), cwd=tmp_path, cache=cache)
+    assert one_line_error(busy) == (f"hhrlhf: error: cannot listen on 127.0.0.1:{port}: the "
+                                    "port is in use; pick another with --port")
+    assert list(cache.iterdir()) == []
