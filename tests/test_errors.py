@@ -8,14 +8,22 @@ command line in a subprocess, real HTTP servers on 127.0.0.1.
 from __future__ import annotations
 
 import gzip
+import http.server
 import os
+import socket
+import struct
 import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import REAL_TEST_FILE, ROOT
 
 from hhrlhf.errors import HHRLHFError
+from hhrlhf.fetch import FetchSettings, fetch
 from hhrlhf.read import read_comparisons, read_redteam
 
 HHRLHF = str(ROOT / ".venv" / "bin" / "hhrlhf")
@@ -230,8 +238,6 @@ def test_pm_given_a_data_file_as_model_says_so(tmp_path: Path, cache: Path, real
 
 
 def test_serve_tells_a_bad_host_from_a_busy_port(tmp_path: Path, cache: Path) -> None:
-    import socket
-
     bad = run("serve", "--host", "999.1.1.1", cwd=tmp_path, cache=cache)
     assert one_line_error(bad) == "hhrlhf: error: --host 999.1.1.1 is not a valid IPv4 address"
     # TEST-NET-1 (RFC 5737): a valid address that is never one of this machine's
@@ -249,3 +255,159 @@ def test_serve_tells_a_bad_host_from_a_busy_port(tmp_path: Path, cache: Path) ->
     assert one_line_error(busy) == (f"hhrlhf: error: cannot listen on 127.0.0.1:{port}: the "
                                     "port is in use; pick another with --port")
     assert list(cache.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------------- fetch
+
+
+class _FlakyMirror(http.server.BaseHTTPRequestHandler):
+    """Serves the real harmless-base/test file, but the first ``failures`` requests fail the
+    way ``mode`` says: 503, a reset before any answer, a reset mid-body, or a stall."""
+
+    mode = "503"
+    failures = 2
+    content_encoding: str | None = None
+    requests: list[str]
+
+    def do_GET(self) -> None:
+        self.requests.append(self.path)
+        data = REAL_TEST_FILE.read_bytes()
+        if self.path != "/harmless-base/test.jsonl.gz":
+            self.send_error(404)
+            return
+        if len(self.requests) <= self.failures:
+            if self.mode == "503":
+                self.send_error(503)
+                return
+            if self.mode == "stall":
+                time.sleep(1.0)  # longer than the client's --timeout
+                return
+            if self.mode == "reset-mid-body":
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data[:100_000])
+                self.wfile.flush()
+            # SO_LINGER 0: close() sends a TCP reset, not an orderly end
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                       struct.pack("ii", 1, 0))
+            self.connection.close()
+            self.close_connection = True
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "application/gzip")
+        if self.content_encoding:
+            self.send_header("Content-Encoding", self.content_encoding)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@contextmanager
+def flaky_mirror(mode: str = "503", failures: int = 2,
+                 content_encoding: str | None = None) -> Iterator[tuple[str, list[str]]]:
+    """A real HTTP server on 127.0.0.1; yields its base URL and the paths it was asked for."""
+    seen: list[str] = []
+    handler = type("Handler", (_FlakyMirror,), {"mode": mode, "failures": failures,
+                                                "content_encoding": content_encoding,
+                                                "requests": seen})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/", seen
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def fetch_cli(*args: str, cache: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return run("fetch", "harmless-base/test", "--no-progress", "--backoff", "0.01", *args,
+               cwd=cwd, cache=cache)
+
+
+def test_fetch_retries_503_then_gets_the_file(tmp_path: Path, cache: Path) -> None:
+    with flaky_mirror("503", failures=2) as (url, seen):
+        r = fetch_cli("--mirror", url, cache=cache, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.startswith(f"downloaded  harmless-base/test {'':13}742,801 bytes")
+    assert len(seen) == 3
+    assert r.stderr.splitlines() == [
+        f"hhrlhf: note: harmless-base/test: HTTP 503 Service Unavailable from {url}"
+        f"harmless-base/test.jsonl.gz; retry {n} of 3 in {wait:g} s"
+        for n, wait in ((1, 0.01), (2, 0.02))]
+    assert (cache / "data" / "harmless-base" / "test.jsonl.gz").read_bytes() \
+        == REAL_TEST_FILE.read_bytes()
+
+
+@pytest.mark.parametrize("mode", ["reset", "reset-mid-body"])
+def test_fetch_retries_a_reset_connection(cache: Path, mode: str) -> None:
+    with flaky_mirror(mode, failures=1) as (url, seen):
+        report = fetch(["harmless-base/test"], mirror=url, progress=False,
+                       settings=FetchSettings(backoff_s=0.01))
+    assert [r.status for r in report.results] == ["downloaded"] and len(seen) == 2
+    (cache / "data" / "harmless-base" / "test.jsonl.gz").unlink()
+    with flaky_mirror(mode, failures=99) as (url, seen):
+        report = fetch(["harmless-base/test"], mirror=url, progress=False,
+                       settings=FetchSettings(retries=2, backoff_s=0.01))
+    (r,) = report.results
+    assert r.status == "failed" and len(seen) == 3 and r.reason is not None
+    assert r.reason.endswith(" (3 attempts)")
+    assert ("Connection reset by peer" in r.reason if mode == "reset"
+            else r.reason.startswith("download interrupted after ")), r.reason
+    assert not list((cache / "data").rglob("*.part"))
+
+
+def test_fetch_timeout_option(tmp_path: Path, cache: Path) -> None:
+    with flaky_mirror("stall", failures=1) as (url, seen):
+        r = fetch_cli("--mirror", url, "--timeout", "0.2", cache=cache, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert len(seen) == 2
+    assert r.stderr.startswith("hhrlhf: note: harmless-base/test: timed out after 0 bytes from ")
+    bad = run("fetch", "--timeout", "0", cwd=tmp_path, cache=cache)
+    assert one_line_error(bad).startswith("hhrlhf: error: fetch: invalid value for '--timeout'")
+
+
+def test_fetch_does_not_retry_a_404(cache: Path) -> None:
+    with flaky_mirror("503", failures=0) as (url, seen):
+        report = fetch(["harmless-base/train"], mirror=url, progress=False,
+                       settings=FetchSettings(backoff_s=0.01))
+    assert report.results[0].reason == (f"HTTP 404 Not Found from {url}"
+                                        "harmless-base/train.jsonl.gz")
+    assert len(seen) == 1
+
+
+def test_fetch_keeps_the_bytes_a_mirror_labels_content_encoding_gzip(cache: Path) -> None:
+    with flaky_mirror(failures=0, content_encoding="gzip") as (url, _):
+        report = fetch(["harmless-base/test"], mirror=url, progress=False)
+    (r,) = report.results
+    assert r.status == "downloaded", r.reason
+    assert r.path is not None and r.path.read_bytes() == REAL_TEST_FILE.read_bytes()
+
+
+def test_fetch_names_a_full_cache_not_the_mirror(tmp_path: Path, cache: Path) -> None:
+    """The cache cannot take the file (a file-size limit stands in for a full disk: both fail
+    the write with an OSError); the mirror folder reads fine."""
+    import resource
+    import signal
+
+    mirror = tmp_path / "mirror" / "harmless-base"
+    mirror.mkdir(parents=True)
+    (mirror / "test.jsonl.gz").write_bytes(REAL_TEST_FILE.read_bytes())
+
+    def limit_file_size() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+
+    env = {**os.environ, "HHRLHF_CACHE": str(cache)}
+    r = subprocess.run([HHRLHF, "fetch", "harmless-base/test", "--no-progress", "--mirror",
+                        str(tmp_path / "mirror")], capture_output=True, text=True, env=env,
+                       timeout=120, check=False, preexec_fn=limit_file_size)
+    assert r.returncode == 2
+    folder = cache / "data" / "harmless-base"
+    assert f"cannot write the cache at {folder}: File too large" in r.stdout, r.stdout
+    assert "cannot read" not in r.stdout and "mirror" not in r.stdout
+    assert not (folder / "test.jsonl.gz").exists() and not list(cache.rglob("*.part"))
