@@ -34,7 +34,7 @@ exit status is non-zero if any did.
               help="Give up on a source that takes longer than this to connect or goes quiet "
                    "this long mid-download (a transient failure).  [default: 15 to connect, "
                    "60 mid-download]")
-@click.option("--retries", type=click.IntRange(min=0), default=3, show_default=True,
+@click.option("--retries", type=click.IntRange(min=0), default=3, show_default=True, metavar="N",
               help="Further attempts at a source after a transient failure (connection reset "
                    "or cut, timeout, HTTP 5xx or 429) before the next source is tried.")
 @click.option("--backoff", "backoff_s", type=click.FloatRange(min=0), default=1.0,
