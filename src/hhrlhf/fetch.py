@@ -25,9 +25,10 @@ Downloads stream with requests and keep the bytes exactly as sent (a mirror that
 file ``Content-Encoding: gzip`` would otherwise have it inflated on the way); urllib3 raises on a
 body shorter than its Content-Length. Transient failures (connection reset or cut, timeouts,
 HTTP 5xx and 429) are retried with exponential backoff (``FetchSettings``) before the next source
-is tried; a refused connection, an unknown host or a 404 move on at once. Hashes use
-``pooch.file_hash``. We do not use ``pooch.retrieve``: it cannot check sizes, it returns a cached file unchecked when the hash
-is unknown, it has no local-folder source, and its temp files are unmarked ``tmpXXXX`` names.
+is tried; a refused connection, an unknown host, a certificate error or a 404 move on at once.
+Hashes use ``pooch.file_hash``. We do not use ``pooch.retrieve``: it cannot check sizes, it
+returns a cached file unchecked when the hash is unknown, it has no local-folder source, and its
+temp files are unmarked ``tmpXXXX`` names.
 """
 
 from __future__ import annotations
@@ -432,8 +433,9 @@ def _download_http(url: str, out: _CountingWriter, settings: FetchSettings) -> N
         if cause in ("Connection reset by peer", "Connection aborted"):
             raise _SourceError(f"{host} closed the connection before answering ({cause})",
                                transient=True) from None
-        transient = isinstance(e, requests.ConnectTimeout) or not re.search(
-            r"refused|Name or service|nodename|resolution|getaddrinfo", cause)
+        transient = isinstance(e, requests.ConnectTimeout) or not (
+            isinstance(e, requests.exceptions.SSLError)
+            or re.search(r"refused|Name or service|nodename|resolution|getaddrinfo", cause))
         raise _SourceError(f"cannot connect to {host}: {cause}", transient=transient) from None
     except (requests.Timeout, urllib3.exceptions.ReadTimeoutError):
         raise _SourceError(f"timed out after {out.written:,} bytes from {url}",
