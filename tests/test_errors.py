@@ -161,6 +161,47 @@ def test_truncation_is_still_named_truncation(tmp_path: Path, real_file: Path) -
                              "at byte 400,000, before its end")
 
 
+def _make_other_format(path: Path, kind: str, real_file: Path) -> str:
+    """Write a real file of another format; returns what the error must say it is."""
+    import bz2
+    import sqlite3
+    import zipfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if kind == "zip":
+        with zipfile.ZipFile(path, "w") as z:
+            z.write(real_file, "test.jsonl.gz")
+        return "this is a zip archive, not JSON lines or a JSON array; unpack it first"
+    if kind == "bzip2":
+        path.write_bytes(bz2.compress(gzip.decompress(real_file.read_bytes())))
+        return ("this is a bzip2 file, not JSON lines or a JSON array; decompress it first "
+                "(hhrlhf reads gzip itself)")
+    if kind == "parquet":
+        pq.write_table(pa.table({"chosen": ["a"], "rejected": ["b"]}), path)
+        return "this is a Parquet file, not JSON lines or a JSON array"
+    if kind == "sqlite":
+        with sqlite3.connect(path) as db:
+            db.execute("create table t (x)")
+        return "this is an SQLite database, not JSON lines or a JSON array"
+    if kind == "html":
+        path.write_bytes(gzip.compress(b"\n<!DOCTYPE html>\n<html><body>Not found</body></html>\n"))
+        return ("this is an HTML page, not JSON lines or a JSON array (a download that went "
+                "wrong?)")
+    assert kind == "git-lfs"
+    path.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:ebfaaed2\n"
+                    "size 742801\n")
+    return "this is a git-lfs pointer file, not the data; get the data with `hhrlhf fetch`"
+
+
+@pytest.mark.parametrize("kind", ["zip", "bzip2", "parquet", "sqlite", "html", "git-lfs"])
+def test_a_file_of_another_format_is_named(tmp_path: Path, real_file: Path, kind: str) -> None:
+    p = tmp_path / "data.jsonl.gz"
+    message = _make_other_format(p, kind, real_file)
+    assert read_error(p) == f"{p}: {message}"
+
+
 def test_unknown_split_in_a_subset_name(cache: Path) -> None:
     with pytest.raises(HHRLHFError, match=r"^unknown split 'tset' in 'harmless-base/tset'; "
                                           r"known: train, test$"):

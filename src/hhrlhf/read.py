@@ -155,11 +155,39 @@ def _iter_rows(path: Path, fh: IO[bytes], gzipped: bool) -> Iterator[tuple[int, 
                 else "the file is empty" if path.stat().st_size == 0
                 else "the file holds only blank lines")
         raise HHRLHFError(f"no rows: {what}", path)
+    other = _other_format(line)
+    if other is not None:
+        raise HHRLHFError(other, path)
     if line.lstrip().startswith(b"["):
         # blank lines before the array are put back so that line numbers stay the file's
         yield from _iter_array(path, b"\n" * (lineno - 1) + line + fh.read())
         return
     yield from _iter_lines(path, itertools.chain([(lineno, line)], lines))
+
+
+# Files people hand over by mistake, known by their first bytes (decompressed, for a .gz).
+_NOT_JSON = "not JSON lines or a JSON array"
+_DECOMPRESS = "decompress it first (hhrlhf reads gzip itself)"
+_OTHER_FORMATS: tuple[tuple[bytes, str], ...] = (
+    (b"PK\x03\x04", f"a zip archive, {_NOT_JSON}; unpack it first"),
+    (b"BZh", f"a bzip2 file, {_NOT_JSON}; {_DECOMPRESS}"),
+    (b"\xfd7zXZ\x00", f"an xz file, {_NOT_JSON}; {_DECOMPRESS}"),
+    (b"\x28\xb5\x2f\xfd", f"a zstd file, {_NOT_JSON}; {_DECOMPRESS}"),
+    (b"PAR1", f"a Parquet file, {_NOT_JSON}"),
+    (b"SQLite format 3\x00", f"an SQLite database, {_NOT_JSON}"),
+    (b"version https://git-lfs", ("a git-lfs pointer file, not the data; get the data with "
+                                 "`hhrlhf fetch`")),
+)
+
+
+def _other_format(first_line: bytes) -> str | None:
+    """What a file is when its first line shows it is not JSON at all."""
+    for magic, what in _OTHER_FORMATS:
+        if first_line.startswith(magic):
+            return f"this is {what}"
+    if first_line.lstrip()[:15].lower().startswith((b"<!doctype html", b"<html")):
+        return f"this is an HTML page, {_NOT_JSON} (a download that went wrong?)"
+    return None
 
 
 def _iter_lines(path: Path, lines: Iterable[tuple[int, bytes]]) -> Iterator[tuple[int, Any]]:
