@@ -202,7 +202,8 @@ def test_rows_a_format_cannot_hold_are_left_out_and_counted(
      "unknown format 'alpaca'; known: trl, trl-text, openai, parquet"),
     (["--format", "trl", "--out", "{dir}/x.jsonl", "--drop", "too_long"],
      "unknown check 'too_long'; known: identical_pair,"),
-    (["--format", "trl", "--out", "{dir}/x.jsonl", "--split", "dev"], "unknown split 'dev'"),
+    (["--format", "trl", "--out", "{dir}/x.jsonl", "--split", "dev"],
+     "invalid value for '--split': 'dev' is not one of 'train', 'test'"),
 ])
 def test_bad_arguments_are_one_line_errors_and_write_nothing(
         tmp_path: Path, cache: Path, real_file: Path, capsys: pytest.CaptureFixture[str],

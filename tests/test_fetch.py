@@ -29,7 +29,7 @@ from conftest import REAL_TEST_FILE, ROOT, SHARED
 
 from hhrlhf import registry
 from hhrlhf.errors import HHRLHFError
-from hhrlhf.fetch import fetch, local_path
+from hhrlhf.fetch import FetchSettings, fetch, local_path
 from hhrlhf.read import read_comparisons, read_redteam
 
 TEST_FILE = next(f for f in registry.FILES if f.name == "harmless-base/test")
@@ -235,13 +235,14 @@ def test_tampered_mirror_is_rejected_and_nothing_is_cached(cache: Path, tmp_path
 
 
 def test_connection_closed_mid_transfer(cache: Path) -> None:
-    with serve(_CutOffHandler) as url:
-        report = fetch(["harmless-base/test"], mirror=url, progress=False)
+    with serve(_CutOffHandler) as url:  # cut every time: retried once, then failed
+        report = fetch(["harmless-base/test"], mirror=url, progress=False,
+                       settings=FetchSettings(retries=1, backoff_s=0.01))
     (r,) = report.results
     assert r.status == "failed" and r.reason is not None
     third = TEST_FILE.size // 3
     assert r.reason == (f"download interrupted after {third:,} of {TEST_FILE.size:,} bytes "
-                        f"(connection closed) from {url}{TEST_FILE.path}")
+                        f"(connection closed) from {url}{TEST_FILE.path} (2 attempts)")
     assert cache_files(cache) == []
 
 

@@ -461,7 +461,7 @@ def test_bad_input_in_process(tmp_path: Path, real_file: Path) -> None:
     assert e.value.line == 1
     empty = tmp_path / "empty.json"
     empty.write_text("[]")
-    with pytest.raises(HHRLHFError, match="no red-team attempts"):
+    with pytest.raises(HHRLHFError, match="no rows: the JSON array is empty"):
         load_and_analyse(str(empty), progress=False)
 
 

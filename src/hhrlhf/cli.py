@@ -56,6 +56,22 @@ def cli() -> None:
     and modelled."""
 
 
+def usage_line(e: click.UsageError) -> str:
+    """An argument error as one line like every other error (click prints three: Usage, Try,
+    Error): the subcommand, the problem, where the help is."""
+    path = e.ctx.command_path if e.ctx is not None else "hhrlhf"
+    sub = path.partition(" ")[2]  # "pm score"; empty for the main command
+    return (f"{sub + ': ' if sub else ''}{_sentence(e.format_message())} "
+            f"(see `{path} --help`)")
+
+
+def _sentence(message: str) -> str:
+    """click's "Missing argument 'MODEL'." in the style of the other errors: lower case, no
+    full stop (a leading acronym keeps its case)."""
+    message = " ".join(message.split()).rstrip(".")
+    return message[:1].lower() + message[1:] if message[1:2].islower() else message
+
+
 def main(argv: list[str] | None = None) -> Any:
     """Entry point: user mistakes become one line on stderr and exit status 2."""
     try:
@@ -65,8 +81,14 @@ def main(argv: list[str] | None = None) -> Any:
         sys.exit(2)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
-    except click.ClickException as e:
+    except click.exceptions.NoArgsIsHelpError as e:  # `hhrlhf`, `hhrlhf pm`: the help itself
         e.show()
+        sys.exit(e.exit_code)
+    except click.UsageError as e:
+        click.echo(f"hhrlhf: error: {usage_line(e)}", err=True)
+        sys.exit(2)
+    except click.ClickException as e:
+        click.echo(f"hhrlhf: error: {_sentence(e.format_message())}", err=True)
         sys.exit(e.exit_code)
     except click.exceptions.Abort:
         click.echo("hhrlhf: aborted", err=True)

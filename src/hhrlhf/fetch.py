@@ -24,10 +24,14 @@ A read re-hashes only when the stat differs from the stamp. Any write to the fil
 ``chmod`` or replacement changes the ctime or inode, which user space cannot set back, so
 tampering is caught; ``hhrlhf fetch`` always re-hashes cached files in full.
 
-Downloads use pooch's ``HTTPDownloader`` (requests, streaming; it raises on HTTP errors, and
-urllib3 raises on a body shorter than its Content-Length) and ``pooch.file_hash``. We do not use
-``pooch.retrieve`` itself: it cannot check sizes, it returns a cached file unchecked when the hash
-is unknown, it has no local-folder source, and its temp files are unmarked ``tmpXXXX`` names.
+Downloads stream with requests and keep the bytes exactly as sent (a mirror that labels a ``.gz``
+file ``Content-Encoding: gzip`` would otherwise have it inflated on the way); urllib3 raises on a
+body shorter than its Content-Length. Transient failures (connection reset or cut, timeouts,
+HTTP 5xx and 429) are retried with exponential backoff (``FetchSettings``) before the next source
+is tried; a refused connection, an unknown host, a certificate error or a 404 move on at once.
+Hashes use ``pooch.file_hash``. We do not use ``pooch.retrieve``: it cannot check sizes, it
+returns a cached file unchecked when the hash is unknown, it has no local-folder source, and its
+temp files are unmarked ``tmpXXXX`` names.
 """
 
 from __future__ import annotations
@@ -66,6 +70,18 @@ class FetchSettings:
 
     connect_timeout_s: float = 15.0
     read_timeout_s: float = 60.0  # longest silence tolerated mid-download
+    retries: int = 3  # further attempts per source after a transient failure
+    backoff_s: float = 1.0  # wait before the first retry; doubled for each next one
+    max_backoff_s: float = 30.0
+
+    @classmethod
+    def with_timeout(cls, timeout_s: float, **kw: Any) -> FetchSettings:
+        """One limit for both connecting and the longest silence mid-download."""
+        return cls(connect_timeout_s=timeout_s, read_timeout_s=timeout_s, **kw)
+
+    def backoff(self, retry: int) -> float:
+        """Seconds to wait before retry number ``retry`` (1, 2, ...)."""
+        return float(min(self.backoff_s * 2 ** (retry - 1), self.max_backoff_s))
 
 
 @dataclass(frozen=True)
@@ -400,46 +416,74 @@ def _describe(base: str) -> str:
 
 
 class _CountingWriter:
-    """Writes through to a file, counting bytes and moving the progress bar."""
+    """Writes through to a file, counting bytes and moving the progress bar. A failed write
+    is the cache's fault (disk full, permissions), never the source's: it is raised as
+    :class:`_CacheWriteError` so that no source handler can take it for a read error."""
 
     def __init__(self, fh: IO[bytes], bar: Any) -> None:
         self.fh, self.bar, self.written = fh, bar, 0
 
     def write(self, data: bytes) -> int:
-        n = self.fh.write(data)
+        try:
+            n = self.fh.write(data)
+        except OSError as e:
+            raise _CacheWriteError(e) from e
         self.written += len(data)
         self.bar.update(len(data))
         return n
 
     def flush(self) -> None:
-        self.fh.flush()
+        try:
+            self.fh.flush()
+        except OSError as e:
+            raise _CacheWriteError(e) from e
+
+    def restart(self) -> None:
+        """Empty the file for another attempt."""
+        try:
+            self.fh.seek(0)
+            self.fh.truncate()
+        except OSError as e:
+            raise _CacheWriteError(e) from e
+        self.written = 0
+        self.bar.reset()
 
 
 def _download_http(url: str, out: _CountingWriter, settings: FetchSettings) -> None:
-    import pooch
     import requests
+    import urllib3
 
-    downloader = pooch.HTTPDownloader(
-        progressbar=False,  # ours counts real bytes written, see _CountingWriter
-        timeout=(settings.connect_timeout_s, settings.read_timeout_s),
-        # .gz files must arrive as stored: no transparent transfer compression
-        headers={"Accept-Encoding": "identity", "User-Agent": "hhrlhf (pooch/requests)"},
-    )
+    headers = {"Accept-Encoding": "identity", "User-Agent": "hhrlhf (requests)"}
     try:
-        downloader(url, out, None)
+        with requests.get(url, stream=True, headers=headers,
+                          timeout=(settings.connect_timeout_s, settings.read_timeout_s)) as resp:
+            resp.raise_for_status()
+            # The raw bytes, as stored: requests would undo a Content-Encoding: gzip that a
+            # misconfigured mirror puts on a .gz file, and the download would not verify.
+            for chunk in resp.raw.stream(_COPY_CHUNK, decode_content=False):
+                out.write(chunk)
     except requests.HTTPError as e:
-        resp = e.response
-        status = f"{resp.status_code} {resp.reason}" if resp is not None else str(e)
-        raise _SourceError(f"HTTP {status} from {url}") from None
-    except requests.ConnectionError as e:
-        if out.written:  # requests reports a read timeout mid-body as a ConnectionError
-            raise _SourceError(_interrupted(e, out.written, url)) from None
+        answer = e.response
+        status = f"{answer.status_code} {answer.reason}" if answer is not None else str(e)
+        transient = answer is not None and (answer.status_code >= 500
+                                            or answer.status_code == 429)
+        raise _SourceError(f"HTTP {status} from {url}", transient=transient) from None
+    except requests.ConnectionError as e:  # before the body: refused, unknown host, reset
         host = urllib.parse.urlparse(url).netloc
-        raise _SourceError(f"cannot connect to {host}: {_root_cause(e)}") from None
-    except requests.exceptions.ChunkedEncodingError as e:
-        raise _SourceError(_interrupted(e, out.written, url)) from None
-    except requests.Timeout:
-        raise _SourceError(f"timed out after {out.written:,} bytes from {url}") from None
+        cause = _root_cause(e)
+        if cause in ("Connection reset by peer", "Connection aborted"):
+            raise _SourceError(f"{host} closed the connection before answering ({cause})",
+                               transient=True) from None
+        transient = isinstance(e, requests.ConnectTimeout) or not (
+            isinstance(e, requests.exceptions.SSLError)
+            or re.search(r"refused|Name or service|nodename|resolution|getaddrinfo", cause))
+        raise _SourceError(f"cannot connect to {host}: {cause}", transient=transient) from None
+    except (requests.Timeout, urllib3.exceptions.ReadTimeoutError):
+        raise _SourceError(f"timed out after {out.written:,} bytes from {url}",
+                           transient=True) from None
+    except (urllib3.exceptions.HTTPError, requests.exceptions.ChunkedEncodingError) as e:
+        # mid-body: the connection was cut or reset
+        raise _SourceError(_interrupted(e, out.written, url), transient=True) from None
     except requests.RequestException as e:
         raise _SourceError(f"{_root_cause(e)} from {url}") from None
 
@@ -464,9 +508,9 @@ def _root_cause(e: BaseException) -> str:
     m = re.search(r"(IncompleteRead\([^)]*\))", text)
     if m:
         return m.group(1)
-    m = re.search(r"(Read timed out|Connection aborted|Connection reset by peer)", text)
-    if m:
-        return m.group(1)
+    for known in ("Read timed out", "Connection reset by peer", "Connection aborted"):
+        if known in text:  # the most telling first: "aborted" wraps "reset" in requests
+            return known
     return text.splitlines()[0][:200] if text else type(e).__name__
 
 
@@ -474,15 +518,35 @@ def _copy_local(src: Path, out: _CountingWriter) -> None:
     if not src.is_file():
         raise _SourceError(f"not in the mirror folder: {src}")
     try:
-        with open(src, "rb") as fh:
-            while chunk := fh.read(_COPY_CHUNK):
-                out.write(chunk)
+        fh = open(src, "rb")  # noqa: SIM115 (closed below; only reads are the mirror's fault)
     except OSError as e:
         raise _SourceError(f"cannot read {src}: {e.strerror or e}") from None
+    with fh:
+        while True:
+            try:
+                chunk = fh.read(_COPY_CHUNK)
+            except OSError as e:
+                raise _SourceError(f"cannot read {src}: {e.strerror or e}") from None
+            if not chunk:
+                return
+            out.write(chunk)  # a failure here is the cache's: _CacheWriteError
 
 
 class _SourceError(Exception):
-    """One source could not deliver one file; the message is the one-line reason."""
+    """One source could not deliver one file; the message is the one-line reason.
+    ``transient``: worth another try at the same source (a reset, a timeout, a 5xx)."""
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
+class _CacheWriteError(Exception):
+    """Writing the downloaded bytes into the cache failed (disk full, permissions)."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(error.strerror or str(error))
+        self.error = error
 
 
 # ------------------------------------------------------------------------------------- fetching
@@ -518,12 +582,12 @@ def _fetch_from(f: DataFile, base: str, dest: Path, pin: Pin,
     try:
         with os.fdopen(fd, "wb") as fh:
             out = _CountingWriter(fh, bar)
-            if _is_url(base):
-                _download_http(base + f.path, out, settings)
-            else:
-                _copy_local(Path(base) / f.path, out)
-            fh.flush()
-            os.fsync(fh.fileno())  # the bytes are on disk before the rename makes them visible
+            _transfer_with_retries(f, base, out, settings)
+            out.flush()
+            try:
+                os.fsync(fh.fileno())  # the bytes are on disk before the rename shows them
+            except OSError as e:
+                raise _CacheWriteError(e) from e
         where = base + f.path if _is_url(base) else str(Path(base) / f.path)
         problem, sha = _mismatch(tmp, pin)
         if problem:
@@ -542,6 +606,33 @@ def _fetch_from(f: DataFile, base: str, dest: Path, pin: Pin,
                     folder.rmdir()
                 except OSError:
                     break
+
+
+def _transfer_with_retries(f: DataFile, base: str, out: _CountingWriter,
+                           settings: FetchSettings) -> None:
+    """Copy one file from one source into ``out``, trying again after transient failures
+    (each retry starts the file over) with exponential backoff."""
+    from tqdm import tqdm
+
+    retry = 0
+    while True:
+        try:
+            if _is_url(base):
+                _download_http(base + f.path, out, settings)
+            else:
+                _copy_local(Path(base) / f.path, out)
+            return
+        except _SourceError as e:
+            if not e.transient or retry >= settings.retries:
+                if retry:
+                    raise _SourceError(f"{e} ({retry + 1} attempts)") from None
+                raise
+            retry += 1
+            wait = settings.backoff(retry)
+            tqdm.write(f"hhrlhf: note: {f.name}: {e}; retry {retry} of {settings.retries} "
+                       f"in {wait:g} s", file=sys.stderr)
+            time.sleep(wait)
+            out.restart()
 
 
 def _fetch_one(f: DataFile, bases: list[str], offline: bool, progress: bool,
@@ -575,7 +666,10 @@ def _fetch_one(f: DataFile, bases: list[str], offline: bool, progress: bool,
         except _SourceError as e:
             reasons.append(str(e) if len(bases) == 1 else f"{_describe(base)}: {e}")
             continue
-        except OSError as e:  # the cache itself: disk full, permissions
+        except _CacheWriteError as e:  # the cache itself: disk full, permissions
+            return FileResult(f, "failed", reason=f"cannot write the cache at {dest.parent}: "
+                                                  f"{e}")
+        except OSError as e:  # the cache's folders or temp file could not be made
             return FileResult(f, "failed", reason=f"cannot write the cache: {e}")
         _stamp(f, dest, pin, sha)
         return FileResult(f, "downloaded", path=dest, source=base, size=size, sha256=sha,

@@ -6,8 +6,8 @@ import click
 import orjson
 
 from hhrlhf.audit import CHECKS, DESCRIPTIONS, Auditor, AuditResult, parse_check_names
+from hhrlhf.commands.options import split_option
 from hhrlhf.read import iter_labelled, preference_sources
-from hhrlhf.registry import SPLITS
 
 
 def format_table(result: AuditResult, sources: list[str], examples: int = 3) -> str:
@@ -36,8 +36,7 @@ def format_table(result: AuditResult, sources: list[str], examples: int = 3) -> 
 
 @click.command()
 @click.argument("sources", nargs=-1)
-@click.option("--split", type=click.Choice(SPLITS), default=None,
-              help="Only this split of the named subsets (or of the cache).")
+@split_option(help="Only this split of the named subsets (or of the cache).")
 @click.option("--json", "as_json", is_flag=True,
               help='Print one JSON object: {"rows": N, "checks": {name: {"count", "rows"}}}.')
 @click.option("--fail-on", "fail_on", multiple=True, metavar="CHECK[,CHECK...]",

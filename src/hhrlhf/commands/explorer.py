@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import errno
+import ipaddress
+import re
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -39,18 +43,46 @@ def index(paths: tuple[Path, ...], db: Path | None, rebuild: bool) -> None:
 
 
 def _bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    """A socket bound to host:port; a bad host and a busy port are told apart (only the
+    second is fixed by another --port)."""
+    address = _listen_address(host, port)
     # IPPROTO_TCP named, not 0: asyncio sets TCP_NODELAY on accepted sockets only when their
     # proto says TCP; without it a response written in two parts waits ~40 ms (Nagle).
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock = socket.socket(address[0], socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind((host, port))
+        sock.bind(address[1])
     except OSError as e:
         sock.close()
-        raise HHRLHFError(f"cannot listen on {host}:{port}: {e.strerror or e}; "
-                          "pick another with --port") from None
+        where = f"cannot listen on {host}:{port}"
+        if e.errno == errno.EADDRINUSE:
+            raise HHRLHFError(f"{where}: the port is in use; pick another with --port") from None
+        if e.errno == errno.EADDRNOTAVAIL:
+            raise HHRLHFError(f"{where}: {host} is not an address of this machine "
+                              "(--host 127.0.0.1: this machine only; 0.0.0.0: all of its "
+                              "addresses)") from None
+        if e.errno == errno.EACCES:
+            raise HHRLHFError(f"{where}: permission denied (ports below 1024 need "
+                              "privileges); pick another with --port") from None
+        raise HHRLHFError(f"{where}: {e.strerror or e}") from None
     return sock
+
+
+def _listen_address(host: str, port: int) -> tuple[socket.AddressFamily, tuple[Any, ...]]:
+    """(family, socket address) for --host: an IP address, or a name this machine resolves."""
+    if re.fullmatch(r"[0-9.]+", host):  # looks like IPv4: never sent to a name server
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise HHRLHFError(f"--host {host} is not a valid IPv4 address") from None
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                   proto=socket.IPPROTO_TCP, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise HHRLHFError(f"--host {host} is not an address or a known name of this machine "
+                          f"({e.strerror})") from None
+    family, _, _, _, address = infos[0]
+    return family, address
 
 
 @click.command("serve")
@@ -73,15 +105,19 @@ def serve(paths: tuple[Path, ...], host: str, port: int, db: Path | None,
     from hhrlhf.explorer.app import create_app
     from hhrlhf.explorer.index import check_index, default_db_path
 
+    sock = _bind(host, port)  # before the index is built: a bad --host or --port fails at once
     db_path = db or default_db_path()
     # Even with --no-update a damaged database is built again (the build says so): served,
     # it would answer every page with an error.
-    if not no_update or not db_path.exists() or paths or check_index(db_path) is not None:
-        db_path = _build(paths, db, False)
+    try:
+        if not no_update or not db_path.exists() or paths or check_index(db_path) is not None:
+            db_path = _build(paths, db, False)
+    except BaseException:
+        sock.close()
+        raise
     if host not in _LOOPBACK:
         click.echo(f"hhrlhf: note: listening on {host}: anyone who can reach this machine can "
                    "read the data", err=True)
-    sock = _bind(host, port)
     shown = f"[{host}]" if ":" in host else host
     click.echo(f"serving {db_path} at http://{shown}:{port}/ (Ctrl+C to stop)")
     config = uvicorn.Config(create_app(db_path), log_level="warning")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from hhrlhf.commands.options import split_option
 from hhrlhf.export import CONTAINERS, FORMATS, UNREPRESENTABLE
 
 
@@ -23,7 +24,7 @@ def _format_help() -> str:
               help=f"{', '.join(FORMATS)}. {_format_help()}.")
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help=f"Output file; its extension picks the container ({', '.join(CONTAINERS)}).")
-@click.option("--split", default=None, help="Only this split of the named subsets (train, test).")
+@split_option(help="Only this split of the named subsets (train, test).")
 @click.option("--drop", "drop", multiple=True, metavar="CHECK[,CHECK...]",
               help="Leave out rows that these audit checks flag (repeatable; 'all' = every "
                    "check). Cross-row checks are computed over the named sources, both splits.")

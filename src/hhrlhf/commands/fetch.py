@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import click
 
+from hhrlhf.commands.options import split_option
 from hhrlhf.errors import HHRLHFError
-from hhrlhf.registry import SPLITS, SUBSETS
+from hhrlhf.registry import SUBSETS
 
 _HELP = f"""Download SUBSETs (default: all nine files) into the cache, verified against their
 pinned size and SHA-256 or git blob id (nothing is trusted on first use; $HHRLHF_PINS may name
@@ -21,8 +22,7 @@ exit status is non-zero if any did.
 
 @click.command("fetch", help=_HELP)
 @click.argument("subsets", nargs=-1, metavar="[SUBSET[/SPLIT]]...")
-@click.option("--split", type=click.Choice(SPLITS), default=None,
-              help="Only this split (the red-team file has none and always comes).")
+@split_option(help="Only this split (the red-team file has none and always comes).")
 @click.option("--mirror", metavar="URL|FOLDER", default=None,
               help="Fetch from this base URL or local folder (same layout as the dataset) "
                    "instead of Hugging Face + GitHub. Default: $HHRLHF_MIRROR.")
@@ -30,13 +30,28 @@ exit status is non-zero if any did.
               help="Use the cache only and report what is missing. Default: $HHRLHF_OFFLINE.")
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="Progress bars on stderr.")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True),
+              default=None, metavar="SECONDS",
+              help="Give up on a source that takes longer than this to connect or goes quiet "
+                   "this long mid-download (a transient failure).  [default: 15 to connect, "
+                   "60 mid-download]")
+@click.option("--retries", type=click.IntRange(min=0), default=3, show_default=True, metavar="N",
+              help="Further attempts at a source after a transient failure (connection reset "
+                   "or cut, timeout, HTTP 5xx or 429) before the next source is tried.")
+@click.option("--backoff", "backoff_s", type=click.FloatRange(min=0), default=1.0,
+              show_default=True, metavar="SECONDS",
+              help="Wait before the first retry; doubled for each next one (at most 30 s).")
 def fetch(subsets: tuple[str, ...], split: str | None, mirror: str | None,
-          offline: bool | None, progress: bool) -> None:
+          offline: bool | None, progress: bool, timeout_s: float | None, retries: int,
+          backoff_s: float) -> None:
+    from hhrlhf.fetch import FetchSettings
     from hhrlhf.fetch import fetch as fetch_files
     from hhrlhf.registry import cache_dir
 
+    settings = (FetchSettings(retries=retries, backoff_s=backoff_s) if timeout_s is None else
+                FetchSettings.with_timeout(timeout_s, retries=retries, backoff_s=backoff_s))
     report = fetch_files(subsets or None, split=split, mirror=mirror, offline=offline,
-                         progress=progress)
+                         progress=progress, settings=settings)
     for line in report.lines():
         click.echo(line)
     click.echo(f"cache: {cache_dir()}")

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from hhrlhf.cli import LazyGroup
+from hhrlhf.errors import HHRLHFError
 
 SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "train": ("hhrlhf.commands.pm_train", "train", "Train a preference model (Bradley-Terry)."),
@@ -17,3 +20,19 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
 @click.group(cls=LazyGroup, lazy=SUBCOMMANDS)
 def pm() -> None:
     """Train, evaluate and score preference models."""
+
+
+def model_folder(model: str, command: str) -> Path:
+    """MODEL as a saved preference model's folder, checked before torch is imported; a data
+    file given in its place is named as such (the usual slip: the model left out)."""
+    from hhrlhf.pm.base import MARKER_FILE
+
+    folder = Path(model)
+    if folder.is_file():
+        raise HHRLHFError(f"is a file, not a model folder; usage: hhrlhf pm {command} MODEL "
+                          "..., where MODEL is a folder saved by `hhrlhf pm train`", folder)
+    if not folder.is_dir():
+        raise HHRLHFError("no such model folder", folder)
+    if not (folder / MARKER_FILE).is_file():
+        raise HHRLHFError(f"not an hhrlhf preference model (no {MARKER_FILE})", folder)
+    return folder

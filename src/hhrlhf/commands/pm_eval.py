@@ -71,9 +71,11 @@ def eval_(model: str, data: tuple[str, ...], split: str, as_json: bool, plot: st
     MODEL is a saved preference model folder (neural or lexical). With no data named, every
     cached preference file of --split is read.
     """
+    from hhrlhf.commands.pm import model_folder
     from hhrlhf.pm.base import load
     from hhrlhf.pm.eval import evaluate
 
+    model_folder(model, "eval")
     if save_baseline and not baseline_train:
         raise HHRLHFError("--save-baseline needs --baseline-train (a cross-fitted baseline is "
                           "two models, none trained on all rows)")

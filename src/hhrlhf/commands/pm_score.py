@@ -92,14 +92,11 @@ def _sigmoid(x: float) -> float:
 @click.option("--threads", type=int, default=0, help="torch CPU threads (0: torch's default).")
 def score(model: str, file: str, output: str | None, batch_size: int, threads: int) -> None:
     """Score dialogues from FILE (or stdin) with the preference model in folder MODEL."""
-    from hhrlhf.pm.base import MARKER_FILE
+    from hhrlhf.commands.pm import model_folder
 
     if batch_size < 1:
         raise HHRLHFError("--batch-size must be at least 1")
-    folder = Path(model)
-    if not (folder / MARKER_FILE).is_file():  # checked before torch is imported
-        raise HHRLHFError("no such model folder" if not folder.is_dir() else
-                          f"not an hhrlhf preference model (no {MARKER_FILE})", folder)
+    folder = model_folder(model, "score")
     if file != "-" and not Path(file).is_file():
         raise HHRLHFError("no such file", file)
     inputs = named_files([file, folder])  # neither the rows nor the model may be overwritten

@@ -7,14 +7,13 @@ from pathlib import Path
 import click
 import orjson
 
+from hhrlhf.commands.options import split_option
 from hhrlhf.read import iter_labelled, preference_sources
-from hhrlhf.registry import SPLITS
 
 
 @click.command()
 @click.argument("sources", nargs=-1)
-@click.option("--split", type=click.Choice(SPLITS), default=None,
-              help="Only this split of the named subsets (or of the cache).")
+@split_option(help="Only this split of the named subsets (or of the cache).")
 @click.option("--json", "as_json", is_flag=True,
               help='Print one JSON object (its key "rows" is the number of rows read).')
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path),
