@@ -139,3 +139,15 @@ def test_pandas_and_datasets_views_name_their_extras(core_env: dict[str, str],
         "hhrlhf.table.to_pandas needs the 'pandas' extra: pip install 'hhrlhf[pandas]'",
         "hhrlhf.table.to_dataset needs the 'datasets' extra: pip install 'hhrlhf[datasets]'",
     ]
+
+
+def test_core_modules_import_without_the_extras(core_env: dict[str, str]) -> None:
+    core = ["hhrlhf", "hhrlhf.cli", "hhrlhf.read", "hhrlhf.records", "hhrlhf.fetch",
+            "hhrlhf.registry", "hhrlhf.audit", "hhrlhf.stats", "hhrlhf.export", "hhrlhf.table",
+            "hhrlhf.redteam", "hhrlhf.redteam.plots", "hhrlhf.report", "hhrlhf.explorer",
+            "hhrlhf.commands.pm", "hhrlhf.commands.pm_train", "hhrlhf.commands.pm_eval",
+            "hhrlhf.commands.pm_score", "hhrlhf.commands.explorer"]
+    code = "import importlib, sys\nfor m in sys.argv[1:]:\n    importlib.import_module(m)\n"
+    r = subprocess.run([sys.executable, "-c", code, *core], check=False, capture_output=True,
+                       text=True, env=core_env, timeout=120)
+    assert r.returncode == 0, r.stderr
