@@ -70,7 +70,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # One precision for both systems: bf16 autocast on a GPU, fp32 on a CPU.
 ON_GPU = torch.cuda.is_available()
 PRECISION = "bf16" if ON_GPU else "fp32"
-REAL_FILE = ROOT.parent / "shared" / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
+REAL_FILE = ROOT / "tests" / "data" / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
 
 
 def build_decoder(folder: Path, hidden: int, layers: int, seed: int) -> Path:

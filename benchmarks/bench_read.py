@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-REAL_FILE = ROOT.parent / "shared" / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
+REAL_FILE = ROOT / "tests" / "data" / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
 HHRLHF = Path(sys.executable).with_name("hhrlhf")
 TRAIN_ROWS = 160_800  # the four preference subsets' train files together
 _FINAL_ASSISTANT = "\n\nAssistant:"

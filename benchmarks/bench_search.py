@@ -52,7 +52,7 @@ from hhrlhf.explorer.query import RANK_LIMIT
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the seeded red-team generator lives with the tests
-REAL_FILE = ROOT.parent / "shared" / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
+REAL_FILE = ROOT / "tests" / "data" / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
 HHRLHF = Path(sys.executable).with_name("hhrlhf")
 GOAL_MS = 100.0
 # Rows per generated file: the real train/test sizes of the four subsets (160,800 + 8,552

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Set up hhrlhf in ./.venv. With --dev, also the test tools (and Chromium for the browser tests).
+# Set up hhrlhf in ./.venv with every extra (hhrlhf[all]). With --dev, also the test and docs
+# tools (hhrlhf[dev]) and Chromium for the browser tests.
 # Installs PyTorch's CPU build first where there is no GPU: a plain `torch` requirement would
-# otherwise pull a CUDA build of several GB.
+# otherwise pull a CUDA build of several GB. The range is the one pyproject.toml's pm extra asks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dev=0
@@ -25,6 +26,6 @@ if [ "$dev" = 1 ]; then
       || echo "setup: could not install chromium; browser tests will fail" >&2
   fi
 else
-  "${pip[@]}" -e .
+  "${pip[@]}" -e ".[all]"
 fi
 echo "setup: ready (.venv/bin/hhrlhf)" >&2

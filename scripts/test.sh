@@ -1,9 +1,16 @@
 #!/usr/bin/env bash
-# The project's test command: set up with the test tools, then run the whole suite.
+# The project's test command: set up with the test tools, check lint, types and the docs site,
+# then run the whole suite. Arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --dev
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
+.venv/bin/ruff check .
+.venv/bin/mypy src
+# --strict: a broken link, a missing page or an unresolved API reference fails the build.
+site=$(mktemp -d)
+trap 'rm -rf "$site"' EXIT
+.venv/bin/mkdocs build --strict --quiet --site-dir "$site"
 set +e
 .venv/bin/python -m pytest "$@"
 rc=$?

@@ -1,4 +1,6 @@
-"""Shared fixtures. Tests use the real harmless-base test file from ../shared (never copied)."""
+"""Fixtures for every test. Tests use the real harmless-base test file that the repository carries
+in tests/data/hh-rlhf (Anthropic's, MIT; see the LICENSE beside it), laid out as a mirror of the
+official files, so the suite runs from a fresh clone with nothing beside it."""
 
 from __future__ import annotations
 
@@ -8,8 +10,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "hh-rlhf"
-REAL_TEST_FILE = SHARED / "harmless-base" / "test.jsonl.gz"
+# A mirror of the official layout holding one real file (harmless-base/test; every other is a 404).
+MIRROR = ROOT / "tests" / "data" / "hh-rlhf"
+REAL_TEST_FILE = MIRROR / "harmless-base" / "test.jsonl.gz"
 REAL_ROWS = 2312
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

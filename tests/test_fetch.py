@@ -1,9 +1,9 @@
 """hhrlhf.fetch against real HTTP servers on 127.0.0.1 and real folders.
 
-The shared data folder (only harmless-base/test.jsonl.gz exists there; every other file is a
-404) is served as it is; tampered copies are built in tmp_path. Every file is pinned
-(harmless-base/train by its git blob id alone); files of other bytes are generated small in a
-mirror folder, and are refused unless a test pins them.
+The repository's data mirror, tests/data/hh-rlhf (only harmless-base/test.jsonl.gz exists there;
+every other file is a 404), is served as it is; tampered copies are built in tmp_path. Every file
+is pinned (harmless-base/train by its git blob id alone); files of other bytes are generated small
+in a mirror folder, and are refused unless a test pins them.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import REAL_TEST_FILE, ROOT, SHARED
+from conftest import MIRROR, REAL_TEST_FILE, ROOT
 
 from hhrlhf import registry
 from hhrlhf.errors import HHRLHFError
@@ -83,10 +83,10 @@ class _CutOffHandler(http.server.BaseHTTPRequestHandler):
 
 
 @pytest.fixture(scope="module")
-def shared_url() -> Iterator[str]:
-    """The shared data folder, served as is."""
+def mirror_url() -> Iterator[str]:
+    """The repository's data mirror, served as is."""
     assert REAL_TEST_FILE.exists()
-    with serve_folder(SHARED) as url:
+    with serve_folder(MIRROR) as url:
         yield url
 
 
@@ -140,29 +140,29 @@ def real_bytes() -> bytes:
 # --------------------------------------------------------------------------------- successes
 
 
-def test_http_fetch_puts_a_verified_file_in_the_cache(cache: Path, shared_url: str) -> None:
-    report = fetch(["harmless-base"], split="test", mirror=shared_url, progress=False)
+def test_http_fetch_puts_a_verified_file_in_the_cache(cache: Path, mirror_url: str) -> None:
+    report = fetch(["harmless-base"], split="test", mirror=mirror_url, progress=False)
     assert report.ok and [r.status for r in report.results] == ["downloaded"]
     got = cache / "data" / "harmless-base" / "test.jsonl.gz"
-    assert report.results[0].path == got and report.results[0].source == shared_url
+    assert report.results[0].path == got and report.results[0].source == mirror_url
     assert sha256(got) == REAL_SHA and got.stat().st_size == TEST_FILE.size
     assert cache_files(cache) == ["data/harmless-base/test.jsonl.gz", "verified.json"]
     assert local_path(TEST_FILE) == got
     first = next(read_comparisons("harmless-base/test"))
     assert first.subset == "harmless-base" and first.split == "test" and first.line == 1
 
-    again = fetch(["harmless-base/test"], mirror=shared_url, progress=False)
+    again = fetch(["harmless-base/test"], mirror=mirror_url, progress=False)
     assert [r.status for r in again.results] == ["cached"]
     assert again.results[0].sha256 == REAL_SHA
 
 
 def test_local_folder_mirror_as_path_and_file_url(cache: Path, tmp_path: Path) -> None:
-    report = fetch(["harmless-base/test"], mirror=str(SHARED), progress=False)
+    report = fetch(["harmless-base/test"], mirror=str(MIRROR), progress=False)
     assert [r.status for r in report.results] == ["downloaded"]
     assert sha256(cache / "data" / TEST_FILE.path) == REAL_SHA
 
     shutil.rmtree(cache / "data")
-    report = fetch(["harmless-base/test"], mirror=SHARED.as_uri(), progress=False)
+    report = fetch(["harmless-base/test"], mirror=MIRROR.as_uri(), progress=False)
     assert [r.status for r in report.results] == ["downloaded"]
     assert local_path(TEST_FILE) == cache / "data" / TEST_FILE.path
 
@@ -170,20 +170,20 @@ def test_local_folder_mirror_as_path_and_file_url(cache: Path, tmp_path: Path) -
         fetch(mirror=str(tmp_path / "nowhere"), progress=False)
 
 
-def test_mirror_from_environment(cache: Path, shared_url: str,
+def test_mirror_from_environment(cache: Path, mirror_url: str,
                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HHRLHF_MIRROR", shared_url)
+    monkeypatch.setenv("HHRLHF_MIRROR", mirror_url)
     report = fetch(["harmless-base/test"], progress=False)
-    assert report.sources == (shared_url,) and report.ok
+    assert report.sources == (mirror_url,) and report.ok
 
 
-def test_hugging_face_first_then_github(cache: Path, shared_url: str, dead_url: str,
+def test_hugging_face_first_then_github(cache: Path, mirror_url: str, dead_url: str,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(registry, "HF_BASE_URL", dead_url)
-    monkeypatch.setattr(registry, "GITHUB_BASE_URL", shared_url)
+    monkeypatch.setattr(registry, "GITHUB_BASE_URL", mirror_url)
     report = fetch(["harmless-base/test"], progress=False)
     assert [r.status for r in report.results] == ["downloaded"]
-    assert report.results[0].source == shared_url
+    assert report.results[0].source == mirror_url
 
     monkeypatch.setattr(registry, "GITHUB_BASE_URL", dead_url)
     report = fetch(["helpful-base/test"], progress=False)
@@ -196,15 +196,15 @@ def test_hugging_face_first_then_github(cache: Path, shared_url: str, dead_url: 
 # ---------------------------------------------------------------------------------- failures
 
 
-def test_404_fails_one_file_and_the_others_still_come(cache: Path, shared_url: str) -> None:
-    report = fetch(["harmless-base", "helpful-base/test"], mirror=shared_url, progress=False)
+def test_404_fails_one_file_and_the_others_still_come(cache: Path, mirror_url: str) -> None:
+    report = fetch(["harmless-base", "helpful-base/test"], mirror=mirror_url, progress=False)
     by_name = {r.file.name: r for r in report.results}
     assert list(by_name) == ["harmless-base/train", "harmless-base/test", "helpful-base/test"]
     assert by_name["harmless-base/test"].status == "downloaded"
     for name in ("harmless-base/train", "helpful-base/test"):
         r = by_name[name]
         assert r.status == "failed"
-        assert r.reason == f"HTTP 404 File not found from {shared_url}{r.file.path}"
+        assert r.reason == f"HTTP 404 File not found from {mirror_url}{r.file.path}"
     assert not report.ok
     assert report.error_message() == ("2 of 3 files not fetched: harmless-base/train, "
                                       "helpful-base/test")
@@ -254,7 +254,7 @@ def test_dead_server(cache: Path, dead_url: str) -> None:
 
 
 def test_bad_cached_copy_is_replaced_by_fetch_and_refused_by_read(cache: Path,
-                                                                   shared_url: str) -> None:
+                                                                   mirror_url: str) -> None:
     dest = cache / "data" / TEST_FILE.path
     dest.parent.mkdir(parents=True)
     dest.write_bytes(real_bytes()[:-10])
@@ -269,14 +269,14 @@ def test_bad_cached_copy_is_replaced_by_fetch_and_refused_by_read(cache: Path,
     assert offline.results[0].status == "failed"
     assert "cached copy fails verification: size is" in str(offline.results[0].reason)
 
-    report = fetch(["harmless-base/test"], mirror=shared_url, progress=False)
+    report = fetch(["harmless-base/test"], mirror=mirror_url, progress=False)
     (r,) = report.results
     assert r.status == "downloaded"
     assert r.reason == "replaced a cached copy that failed verification"
     assert sha256(dest) == REAL_SHA
 
 
-def test_stale_part_files_are_swept(cache: Path, shared_url: str) -> None:
+def test_stale_part_files_are_swept(cache: Path, mirror_url: str) -> None:
     folder = cache / "data" / "harmless-base"
     folder.mkdir(parents=True)
     old, fresh = folder / ".test.jsonl.gz.abc.part", folder / ".test.jsonl.gz.def.part"
@@ -284,7 +284,7 @@ def test_stale_part_files_are_swept(cache: Path, shared_url: str) -> None:
     fresh.write_bytes(b"another fetch, still running")
     two_hours_ago = time.time() - 7200
     os.utime(old, (two_hours_ago, two_hours_ago))
-    fetch(["harmless-base/test"], mirror=shared_url, progress=False)
+    fetch(["harmless-base/test"], mirror=mirror_url, progress=False)
     assert not old.exists() and fresh.exists()
 
 
@@ -323,8 +323,8 @@ def test_every_file_is_pinned() -> None:
     assert (REDTEAM_FILE.size, REDTEAM_FILE.sha256, REDTEAM_FILE.git_blob_sha1) == (
         15_483_307, "4c7b0069991460f0064f279fd400b51f3f0095697d14d7793c49b0925f80814f",
         "618ca2d1f90bf6c95ae65ea93b90f5a8d013c36c")
-    # the pins agree with the shared manifest, and the real test file with both of its pins
-    manifest = (SHARED / "MANIFEST.tsv").read_text().splitlines()
+    # the pins agree with the dataset manifest carried beside the test data, and the real test file with both of its pins
+    manifest = (MIRROR / "MANIFEST.tsv").read_text().splitlines()
     for line in manifest[1:]:
         path, size, sha, blob, _ = line.split("\t")
         f = next(f for f in registry.FILES if f.path == path)
@@ -482,17 +482,17 @@ def run_cli(*args: str, cache: Path) -> subprocess.CompletedProcess[str]:
                           env=env, timeout=120)
 
 
-def test_cli_success_failure_and_one_line_errors(cache: Path, shared_url: str,
+def test_cli_success_failure_and_one_line_errors(cache: Path, mirror_url: str,
                                                  dead_url: str) -> None:
-    ok = run_cli("harmless-base", "--split", "test", "--mirror", shared_url, cache=cache)
+    ok = run_cli("harmless-base", "--split", "test", "--mirror", mirror_url, cache=cache)
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.startswith("downloaded  harmless-base/test ")
     assert "742,801 bytes  sha256 ebfaaed21162" in ok.stdout
     assert "harmless-base/test" in ok.stderr and "100%" in ok.stderr  # the progress bar
 
-    partial = run_cli("harmless-base", "--mirror", shared_url, "--no-progress", cache=cache)
+    partial = run_cli("harmless-base", "--mirror", mirror_url, "--no-progress", cache=cache)
     assert partial.returncode == 2
-    assert f"HTTP 404 File not found from {shared_url}harmless-base/train.jsonl.gz" \
+    assert f"HTTP 404 File not found from {mirror_url}harmless-base/train.jsonl.gz" \
         in partial.stdout
     assert "cached      harmless-base/test " in partial.stdout
     assert partial.stderr == "hhrlhf: error: 1 of 2 files not fetched: harmless-base/train\n"

@@ -297,6 +297,9 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         # Checked before importing transformers (seconds) so that a wrong path fails at once.
         raise HHRLHFError(f"not a tokenizer directory (none of {', '.join(_TOKENIZER_FILES)})",
                           p)
+    from hhrlhf.extras import require
+
+    require("pm", "stats --tokenizer")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers
     from transformers import AutoTokenizer

@@ -316,6 +316,9 @@ def to_pandas(sources: str | Path | Iterable[str | Path], split: str | None = No
     ``arrow_dtypes=True`` keeps the columns Arrow-backed (``pd.ArrowDtype``): far faster and
     smaller for the nested ``prompt``/``flags`` columns than Python objects.
     """
+    from hhrlhf.extras import require
+
+    require("pandas", "hhrlhf.table.to_pandas")
     import pandas as pd
 
     table = read_table(sources, split, use_cache=use_cache)
@@ -327,6 +330,9 @@ def to_pandas(sources: str | Path | Iterable[str | Path], split: str | None = No
 def to_dataset(sources: str | Path | Iterable[str | Path], split: str | None = None, *,
                use_cache: bool = True) -> datasets.Dataset:
     """:func:`read_table` as a ``datasets.Dataset``, memory-mapped from the cache files."""
+    from hhrlhf.extras import require
+
+    require("datasets", "hhrlhf.table.to_dataset")
     import datasets
 
     parts: list[Any] = []

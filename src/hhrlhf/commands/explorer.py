@@ -100,6 +100,9 @@ def serve(paths: tuple[Path, ...], host: str, port: int, db: Path | None,
 
     Brings the index up to date first (built on first use; unchanged files are skipped).
     """
+    from hhrlhf.extras import require
+
+    require("explorer", "hhrlhf serve")
     import uvicorn
 
     from hhrlhf.explorer.app import create_app

@@ -20,6 +20,9 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
 @click.group(cls=LazyGroup, lazy=SUBCOMMANDS)
 def pm() -> None:
     """Train, evaluate and score preference models."""
+    from hhrlhf.extras import require
+
+    require("pm", "hhrlhf pm")
 
 
 def model_folder(model: str, command: str) -> Path:
