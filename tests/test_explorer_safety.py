@@ -102,7 +102,7 @@ def test_two_builds_at_once_both_end_up_in_the_index(seeded_cache: Path,
     outputs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     assert _sources(db) == {"harmless-base/test", "a.jsonl", "b.jsonl"}
-    assert ExplorerDB(db).search(SearchParams(q="zebra"))["total"] == 2
+    assert ExplorerDB(db).search(SearchParams(q="zebra")).total == 2
     assert not list(tmp_path.glob(".shared.sqlite.*.tmp"))
 
 
@@ -154,4 +154,4 @@ def test_a_rebuild_keeps_the_local_files_a_damaged_index_still_names(
     assert code == 0 and err.count("\n") == 1 and "is damaged (" in err
     assert check_index(db) is None
     assert _sources(db) == {"harmless-base/test", "local.jsonl"}
-    assert ExplorerDB(db).search(SearchParams(q="zebra"))["total"] == 1
+    assert ExplorerDB(db).search(SearchParams(q="zebra")).total == 1

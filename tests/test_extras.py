@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import MIRROR, REAL_ROWS, ROOT
-from redteam_gen import write_redteam_file
+from redteam_gen import write_cached_redteam_file
 
 from hhrlhf.extras import EXTRAS
 
@@ -88,8 +88,8 @@ def test_core_commands_work_without_the_extras(core_env: dict[str, str], tmp_pat
                        str(tmp_path / out))
         assert exported.returncode == 0, exported.stderr
         assert (tmp_path / out).stat().st_size > 0
-    write_redteam_file(cache / "data" / "red-team-attempts" / "red_team_attempts.jsonl.gz",
-                       n=300, seed=3)
+    _, pins = write_cached_redteam_file(cache, n=300, seed=3)  # pinned on purpose: not the real file
+    core_env = {**core_env, "HHRLHF_PINS": str(pins)}
     redteam = run(core_env, "redteam")
     assert redteam.returncode == 0, redteam.stderr
     report = run(core_env, "report", "--out", str(tmp_path / "report.html"))

@@ -601,7 +601,7 @@ def test_a_real_shaped_file_at_realistic_size_through_every_command(
     assert re.search(r"new +harmless-base/test +\(pairs, 2,312 rows\)", index.stdout)
     db = ExplorerDB(seeded_cache / "explorer.sqlite")
     for i in (0, n // 2, n - 1):
-        shown = db.redteam("red-team-attempts", i)
+        shown = db.redteam("red-team-attempts", i).model_dump()
         assert shown[canonical] == gt.rows[i][sic] and sic not in shown
         assert shown["rating"] == gt.rows[i]["rating"]
         assert shown["tags"] == gt.rows[i]["tags"]

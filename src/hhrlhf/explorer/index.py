@@ -7,7 +7,7 @@ Atomic: the build works on a copy (:func:`hhrlhf.atomic.atomic_path`) that repla
 only once complete and on disk, so an interrupted or failed build leaves the previous database
 in place and usable (and a server reading it keeps answering).
 
-Safe: builds of one database take turns (a file lock, ``.<name>.lock`` beside it), so two
+Safe: builds of one database take turns (a file lock in the cache's ``locks/`` folder), so two
 ``hhrlhf index`` runs at once both end up in it. A file at the database's path is replaced only
 when it is an hhrlhf index (:data:`APPLICATION_ID` in its SQLite header); anything else (a data
 file, another program's database) is an error. A damaged index (``PRAGMA quick_check``) is built
@@ -443,7 +443,7 @@ def build_index(config: IndexConfig | None = None) -> BuildReport:
     start = time.perf_counter()
     db = Path(config.db_path) if config.db_path else default_db_path()
     db.parent.mkdir(parents=True, exist_ok=True)
-    _refuse_foreign(db)  # before the lock: a refused run leaves no lock file beside the data
+    _refuse_foreign(db)
     with _build_lock(db):
         report = _build_locked(db, config)
     report.seconds = time.perf_counter() - start
@@ -451,9 +451,18 @@ def build_index(config: IndexConfig | None = None) -> BuildReport:
 
 
 def lock_path(db: Path) -> Path:
-    """The lock that builds of ``db`` take turns on (by its real path: a link shares it)."""
-    real = db.resolve()
-    return real.with_name(f".{real.name}.lock")
+    """The lock that builds of ``db`` take turns on, named by the database's real path (a link
+    shares it). It lives in the cache's ``locks/`` folder, not beside the database: a build that
+    fails (an empty input, say) must leave nothing in the user's folder."""
+    import hashlib
+
+    from hhrlhf.registry import cache_dir
+
+    real = str(db.resolve())
+    name = hashlib.sha256(real.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+    folder = cache_dir() / "locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"index-{name}.lock"
 
 
 @contextlib.contextmanager
