@@ -22,15 +22,15 @@ so the comparison isolates the implementation. (The transformers Trainer's own
 ``group_by_length`` sampler pads as little, but puts the longest batch first, which biases a
 short run.) The speedups are against the FASTER of the two TRL runs.
 
-Reported per backbone: training pairs/s (wall and per CPU-second: the machine is shared, and
-CPU time moves less than wall time when other work competes), eval pairs/s and eval accuracy;
+Reported per backbone: training pairs/s (wall and per CPU-second: CPU time moves less than
+wall time when other processes compete for the cores), eval pairs/s and eval accuracy;
 hhrlhf's batched scoring against two loops that score one dialogue at a time (the saved model
 in transformers alone, on the same token ids; and hhrlhf's own ``pm.score([d])``); and the share
 of tokens that shared-context scoring saves on all 2,312 real harmless-base test rows.
 
-Threads: both run with ``--threads`` torch threads (default 1). On a 2-core machine shared with
-other work, two threads that wait on each other at every parallel region (OpenMP barriers) make
-a step 2-10x slower and timings erratic; one thread gives steady timings. The ratio between the
+Threads: both run with ``--threads`` torch threads (default 1). On a 2-core CPU with other
+processes running, two threads that wait on each other at every parallel region (OpenMP
+barriers) made a step 2-10x slower and timings erratic; one thread gives steady timings. The ratio between the
 two systems is what is compared, and they always run with the same setting.
 
 Goals: training >= 2x TRL on the decoder, >= 1.5x on the encoder, accuracy no lower at equal
@@ -304,9 +304,8 @@ def main() -> None:
     train_rows = [all_rows[i] for i in order[args.eval_rows :]]
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers "
-          f"{transformers.__version__}, trl {trl.__version__}; load average at start "
-          f"{os.getloadavg()[0]:.1f} (the machine is shared with other work)"
-          + (f"; GPU {torch.cuda.get_device_name(0)}" if ON_GPU else ""))
+          f"{transformers.__version__}, trl {trl.__version__}"
+          + (f"; GPU {torch.cuda.get_device_name(0)}" if ON_GPU else "; no GPU"))
     print(f"data: {args.data}: {len(all_rows):,} pairs ({skipped} with identical responses "
           f"dropped); train on {len(train_rows):,}, evaluate on {len(eval_rows):,} others")
     print(f"both: steps {args.steps}, batch {args.batch_size} pairs, max_length "
@@ -381,8 +380,7 @@ def main() -> None:
             print(f"  hhrlhf / best TRL: train {results[name]['train']:.2f}x (per CPU-second "
                   f"{results[name]['train_cpu']:.2f}x), eval {results[name]['eval_vs_trl']:.2f}x,"
                   f" accuracy {results[name]['acc_diff']:+.3f}")
-    print(f"\ntotal {time.perf_counter() - t_start:.0f} s; load average at end "
-          f"{os.getloadavg()[0]:.1f}")
+    print(f"\ntotal {time.perf_counter() - t_start:.0f} s")
     parts = [f"{n} train {r['train']:.2f}x (cpu {r['train_cpu']:.2f}x; vs TRL as shipped "
              f"{r['train_shipped']:.2f}x), eval vs TRL {r['eval_vs_trl']:.2f}x, acc "
              f"{r['acc_diff']:+.3f}, batched vs a transformers loop {r['loop']:.2f}x (vs "

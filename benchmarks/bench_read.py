@@ -5,8 +5,8 @@ real harmless-base test file; gzip level 6) in a temp dir and measures, in one r
 
   (a) zcat to /dev/null: the decompression floor;
   (b) Hugging Face ``datasets``: load_dataset("json") + splitting every row at its last
-      "\\n\\nAssistant:" (rfind) into prompt/response strings; its best settings on this
-      machine (chosen by the --datasets-mode runs below, printed);
+      "\\n\\nAssistant:" (rfind) into prompt/response strings; its best settings on the
+      CPU it runs on (chosen by the --compare-datasets runs below, printed);
   (c) hhrlhf: iterating read_comparisons(path) over every row (records, flags computed);
   (c2) the same, touching every record's ``prompt`` (forces the turn parsing);
   (d) hhrlhf.table.read_table(path) twice: parse + write the on-disk cache, then read it back;
@@ -57,7 +57,7 @@ def build_corpus(path: Path, rows: int) -> None:
 @dataclass(frozen=True)
 class Timing:
     """Wall-clock seconds, and CPU seconds of this process and its children (all threads):
-    the CPU figure moves less than the wall clock when other work shares the cores."""
+    the CPU figure moves less than the wall clock when other processes compete for the cores."""
 
     wall: float
     cpu: float
@@ -206,7 +206,7 @@ def main() -> None:
         size = corpus.stat().st_size
         print("settings:")
         print(f"  machine: {platform.machine()}, {os.cpu_count()} cores, Python "
-              f"{platform.python_version()}, load average {os.getloadavg()[0]:.2f}")
+              f"{platform.python_version()}")
         print(f"  corpus: {corpus.name}, {size / 1e6:.1f} MB gzip level 6, repeats {args.repeats}"
               " (min taken for a, b, c, c2)")
         print(f"  (b) datasets {datasets.__version__}: load_dataset('json', keep_in_memory="
@@ -253,8 +253,6 @@ def main() -> None:
         for name, t in rows:
             print(f"{name:<48} {t.wall:>8.3f} {t.cpu:>7.2f} {args.rows / t.wall:>10,.0f}")
         print(f"(e) hhrlhf stats peak RSS: {rss_mb:.0f} MB")
-        print(f"load average now {os.getloadavg()[0]:.2f} (2 cores shared: other work "
-              "inflates every wall figure)")
         print()
         print(f"ratios (wall): read/zcat {t_read.wall / t_zcat.wall:.2f}x (goal <= 2), "
               f"read+prompt/zcat {t_prompt.wall / t_zcat.wall:.2f}x, "

@@ -1,6 +1,6 @@
 """Benchmark: read a real-size red-team file (38,961 rows) and compute every analysis.
 
-Goal: under 30 s on the project's 2-core machine. The file is written by the seeded generator
+Goal: under 30 s on a 2-core x86-64 CPU. The file is written by the seeded generator
 of the tests (same format as the published file: one gzipped JSON array). A peer runs in the
 same process on the same file: the plain pandas way (``json.load`` of the whole array, a
 DataFrame, then a groupby for the per-cell table only), which does far less work.

@@ -226,8 +226,7 @@ def main() -> None:
     env = {**os.environ, "HHRLHF_CACHE": str(work / "cache"), "PYTHONUNBUFFERED": "1"}
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python "
-          f"{platform.python_version()}, SQLite {sqlite3.sqlite_version}; load average "
-          f"{os.getloadavg()[0]:.1f} at the start")
+          f"{platform.python_version()}, SQLite {sqlite3.sqlite_version}")
     t = time.perf_counter()
     paths = sorted(corpus.glob("*.jsonl.gz"))
     if len(paths) < len(REAL_SIZES) + 1:
@@ -288,7 +287,6 @@ def main() -> None:
         server.terminate()
         server.wait(timeout=10)
 
-    load = os.getloadavg()[0]
     peer = peer_like(db, queries[: args.peer_queries], facets)
     print(f"settings: {len(queries)} one-word queries with two filters each (seed "
           f"{args.seed}), sort=relevance (the default), per_page=20, through `hhrlhf serve` "
@@ -305,7 +303,7 @@ def main() -> None:
     p50, p95 = pct(lat, 0.5), pct(lat, 0.95)
     print(f"ours: p50 {p50:.1f} ms, p95 {p95:.1f} ms, max {max(lat):.1f} ms "
           f"(server's own time p50 {pct(server_ms, 0.5):.1f} ms, p95 "
-          f"{pct(server_ms, 0.95):.1f} ms); load average {load:.1f} after the queries")
+          f"{pct(server_ms, 0.95):.1f} ms)")
     print(f"peer (LIKE scan, no index, in-process, {len(peer)} queries): p50 "
           f"{pct(peer, 0.5):.0f} ms, p95 {pct(peer, 0.95):.0f} ms")
     if tmp is not None:
