@@ -572,6 +572,7 @@ def test_the_pad_token_never_ends_a_row(tiny: dict[str, Path], real_rows: list[C
     shutil.copytree(tiny["gpt2"], backbone)
     tok = AutoTokenizer.from_pretrained(backbone)
     tok.pad_token = tok.sep_token  # [SEP], which the MiniLM tokenizer puts after every text
+    tok.padding_side = "left"  # as many decoder tokenizers ship: GPT-2's positions would move
     tok.save_pretrained(backbone)
     pm = _trained(backbone, real_rows[:24])
     assert pm.pad_id != tok.sep_token_id and pm.encoder.suffix[-1] == tok.sep_token_id
@@ -579,10 +580,11 @@ def test_the_pad_token_never_ends_a_row(tiny: dict[str, Path], real_rows: list[C
     hf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "m").eval()
     saved_tok = AutoTokenizer.from_pretrained(tmp_path / "m")
     assert hf.config.pad_token_id == saved_tok.pad_token_id == pm.pad_id
-    dialogues = [c.chosen_dialogue for c in real_rows[24:32]]
+    assert saved_tok.padding_side == "right"
+    dialogues = _mixed_lengths(real_rows[24:])
     rows = [pm.encoder.encode_dialogues([d]).row(0) for d in dialogues]
-    np.testing.assert_allclose(_hf_rewards(hf, saved_tok, rows), pm.score(dialogues),
-                               rtol=0, atol=1e-5)
+    np.testing.assert_allclose(_hf_rewards(hf, saved_tok, rows, saved_tok.padding_side),
+                               pm.score(dialogues), rtol=0, atol=1e-5)
 
 
 def test_the_default_minilm_model_scores_the_same_through_trl(real_rows: list[Comparison],

@@ -324,6 +324,9 @@ class NeuralPreferenceModel(PreferenceModel):
                     else attn_implementation)
                 _choose_pad(tok, net)
                 net.config.pad_token_id = tok.pad_token_id
+                # Saved with the tokenizer: a batch padded by it reads as hhrlhf reads it
+                # (left padding moves absolute positions: GPT-2's rewards would change).
+                tok.padding_side = "right"
         except (OSError, ValueError, KeyError) as e:
             msg = " ".join(str(e).split())[:300]
             raise HHRLHFError(f"cannot load backbone {backbone!r}: {msg}") from None
