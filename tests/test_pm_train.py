@@ -120,6 +120,28 @@ def test_loss_decreases_on_a_learnable_set(tiny: dict[str, Path]) -> None:
     assert (c > r).mean() >= 0.95
 
 
+def test_gradient_accumulation_equals_the_larger_batch(tiny: dict[str, Path],
+                                                       real_rows: list[Comparison]) -> None:
+    """accelerate's gradient accumulation: 3 micro-batches of 4 pairs make the step that one
+    batch of 12 makes, and the short last group of the epoch (1 micro-batch of 4) the step
+    that a last batch of 4 makes (its mean, not a third of it)."""
+    def run(batch_size: int, grad_accum: int) -> tuple[list[dict[str, float]], torch.Tensor]:
+        cfg = TrainConfig(backbone=str(tiny["gpt2"]), out_dir="", batch_size=batch_size,
+                          grad_accum=grad_accum, group_by_length=False, max_length=64,
+                          lr=1e-3, warmup_ratio=0.0, progress=False)
+        result = train(cfg, real_rows[:40])
+        weights = torch.cat([p.detach().flatten() for p in
+                             result.model.reward_net.parameters()])
+        return [r for r in result.history if "loss" in r], weights
+
+    steps_a, weights_a = run(4, 3)
+    steps_b, weights_b = run(12, 1)
+    assert [r["pairs"] for r in steps_a] == [r["pairs"] for r in steps_b] == [12, 12, 12, 4]
+    np.testing.assert_allclose([r["loss"] for r in steps_a], [r["loss"] for r in steps_b],
+                               rtol=1e-5)
+    torch.testing.assert_close(weights_a, weights_b, rtol=1e-4, atol=1e-6)
+
+
 def _loss_grads(pm: NeuralPreferenceModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     net = pm.reward_net
     net.train()
