@@ -583,6 +583,22 @@ def test_a_pooling_transformers_cannot_compute_is_never_claimed(
         assert abs(float(value) - ours[i]) < 1e-5
 
 
+def test_pm_train_says_when_its_model_is_for_hhrlhf_only(
+        tiny: dict[str, Path], real_file: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from hhrlhf.cli import main
+
+    args = ["pm", "train", str(real_file), "--backbone", str(tiny["bert"]), "--max-steps", "1",
+            "--max-pairs", "8", "--batch-size", "4", "--max-length", "64", "-q"]
+    main(args + ["--out", str(tmp_path / "mean"), "--set", "pooling=mean"])
+    out = capsys.readouterr().out
+    assert "pooling mean is computed by hhrlhf only" in out
+    assert json.loads((tmp_path / "mean" / "result.json").read_text())[
+        "transformers_loadable"] is False
+    main(args + ["--out", str(tmp_path / "cls")])
+    assert "hhrlhf only" not in capsys.readouterr().out
+
+
 def test_the_pad_token_never_ends_a_row(tiny: dict[str, Path], real_rows: list[Comparison],
                                         tmp_path: Path) -> None:
     """A decoder whose tokenizer closes every text with its pad token (pad = EOS, EOS

@@ -114,6 +114,10 @@ def train(sources: tuple[str, ...], config_file: str | None, assignments: tuple[
     if m.get("shared_context_off"):
         lines.append(f"note: shared-context scoring is off, {m['shared_context_off']}: each "
                      "pair is scored as two full rows")
+    if not m["transformers_loadable"]:
+        lines.append(f"note: pooling {m['pooling']} is computed by hhrlhf only: the saved model "
+                     "loads with hhrlhf.pm.load, not AutoModelForSequenceClassification (TRL, "
+                     "OpenRLHF); pooling cls (encoders) or last (decoders) saves one that does")
     if m["truncated_responses"]:
         lines.append(f"note: {m['truncated_responses']:,} final responses longer than "
                      f"max_length={config.max_length} were cut")

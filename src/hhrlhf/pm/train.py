@@ -360,6 +360,8 @@ def train(config: TrainConfig, comparisons: Sequence[Comparison] | None = None, 
         "tokens_saved": float(1 - pairs.packed_len.sum() / pairs.full_len.sum()) if packed
         else 0.0,
         "pooling": pm.pooling,
+        # whether AutoModelForSequenceClassification (TRL, OpenRLHF) computes these rewards
+        "transformers_loadable": pm.transformers_loadable,
         "processes": accelerator.num_processes,
         # training alone, over the whole run (a resumed run counts its earlier sessions too)
         "pairs_per_s": throughput.pairs_per_s(),
