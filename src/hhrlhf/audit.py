@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hhrlhf.records import ROW_CHECKS, Comparison, render_turns
+from hhrlhf.records import ASSISTANT_MARKER, ROW_CHECKS, Comparison, render_turns
 
 CROSS_ROW_CHECKS: tuple[str, ...] = ("duplicate_pair", "repeated_prompt", "train_test_overlap")
 CHECKS: tuple[str, ...] = ROW_CHECKS + CROSS_ROW_CHECKS
@@ -44,7 +44,6 @@ DESCRIPTIONS: dict[str, str] = {
     "train_test_overlap": "the same prompt in a train file and a test file",
 }
 
-_FINAL_ASSISTANT = "\n\nAssistant:"
 _TRAIN, _TEST = 1, 2  # bits of a prompt's "seen in" mask
 _SPLIT_BIT = {"train": _TRAIN, "test": _TEST}
 # A plain file's split, for the overlap check, from its name: train.jsonl.gz, test.jsonl, ...
@@ -78,7 +77,7 @@ def prompt_text(c: Comparison) -> str:
     """
     if "final_turn_not_assistant" in c.flags or "malformed_dialogue" in c.flags:
         return render_turns(c.prompt)
-    return c.chosen_raw[: c.chosen_raw.rfind(_FINAL_ASSISTANT)]
+    return c.chosen_raw[: c.chosen_raw.rfind(ASSISTANT_MARKER)]
 
 
 def _hash64(*parts: str) -> int:

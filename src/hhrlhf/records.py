@@ -24,8 +24,8 @@ _TURN_MARKER = re.compile(r"\n\n(Human|Assistant):( ?)")
 # A role marker inside a turn's text (without the blank line before it).
 _INLINE_MARKER = re.compile(r"(?:Human|Assistant):")
 _ROLE_OF = {"Human": HUMAN, "Assistant": ASSISTANT}
-_MARKER_OF = {HUMAN: "\n\nHuman:", ASSISTANT: "\n\nAssistant:"}
-_FINAL_ASSISTANT = "\n\nAssistant:"
+ASSISTANT_MARKER = "\n\nAssistant:"  # the one spelling of the marker that opens a response
+_MARKER_OF = {HUMAN: "\n\nHuman:", ASSISTANT: ASSISTANT_MARKER}
 
 # Per-row checks, computed when a row is parsed. Cross-row checks (duplicate_pair,
 # repeated_prompt, train_test_overlap) need the whole corpus and live in hhrlhf.audit.
@@ -193,7 +193,7 @@ class Comparison:
                 self._rejected_dialogue = Dialogue.parse(self.rejected_raw)
             else:  # same context: share the chosen side's turns
                 cd = self.chosen_dialogue
-                cut = self.rejected_raw.rfind(_FINAL_ASSISTANT)
+                cut = self.rejected_raw.rfind(ASSISTANT_MARKER)
                 final = Dialogue.parse(self.rejected_raw[cut:]).turns
                 self._rejected_dialogue = Dialogue(cd.turns[:-1] + final, cd.preamble)
         return self._rejected_dialogue
@@ -210,7 +210,7 @@ class Comparison:
     @property
     def num_turns(self) -> int:
         """Turns in the chosen dialogue, final response included."""
-        return self.chosen_raw.count(_HUMAN_MARK) + self.chosen_raw.count(_FINAL_ASSISTANT)
+        return self.chosen_raw.count(_HUMAN_MARK) + self.chosen_raw.count(ASSISTANT_MARKER)
 
     def render_chosen(self) -> str:
         """The chosen row rebuilt from its parsed turns (equal to ``chosen_raw``)."""
@@ -230,16 +230,17 @@ class Comparison:
         index: int = 0,
         line: int = 0,
     ) -> Comparison:
-        c_cut = chosen.rfind(_FINAL_ASSISTANT)
-        if c_cut >= 0 and rejected.startswith(chosen[:c_cut + 12]) and chosen.find(
+        c_cut = chosen.rfind(ASSISTANT_MARKER)
+        c_end = c_cut + len(ASSISTANT_MARKER)  # where the final response's text starts
+        if c_cut >= 0 and rejected.startswith(chosen[:c_end]) and chosen.find(
             _HUMAN_MARK, c_cut) < 0 and rejected.find(_HUMAN_MARK, c_cut) < 0 and rejected.find(
-                _FINAL_ASSISTANT, c_cut + 12) < 0:
+                ASSISTANT_MARKER, c_end) < 0:
             # The common shape: one shared context, then one final Assistant turn on each
             # side. Everything is decided with string operations on the context, once.
             context = chosen[:c_cut]
             roles = _ROLE_SEQUENCE.findall(context)
-            c_text = chosen[c_cut + 12 :]
-            r_text = rejected[c_cut + 12 :]
+            c_text = chosen[c_end:]
+            r_text = rejected[c_end:]
             c_text = c_text[1:] if c_text[:1] == " " else c_text
             r_text = r_text[1:] if r_text[:1] == " " else r_text
             flags: list[str] = []
@@ -261,7 +262,7 @@ class Comparison:
                 and all(r == "Assistant" for r in roles[1::2])
             ):
                 flags.append("non_alternating_roles")
-            if not chosen.startswith((_HUMAN_MARK, _FINAL_ASSISTANT)):
+            if not chosen.startswith((_HUMAN_MARK, ASSISTANT_MARKER)):
                 flags.append("malformed_dialogue")
             return cls(subset, split, index, line, c_text, r_text, chosen, rejected,
                        _flag_set(flags))

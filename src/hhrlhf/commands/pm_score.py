@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import math
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +27,7 @@ import click
 
 from hhrlhf.atomic import atomic_path, named_files, refuse_overwriting_inputs
 from hhrlhf.errors import HHRLHFError
+from hhrlhf.logistic import sigmoid
 
 _CHUNK = 512  # rows read before scoring; bounded memory on endless stdin
 
@@ -73,13 +73,6 @@ def parse_row(line: str, where: str, n: int) -> dict[str, Any]:
             return {"kind": "text", "text": obj["text"], **extra}
         raise HHRLHFError('expected {"text": ...} or {"chosen": ..., "rejected": ...}', where, n)
     return {"kind": "text", "text": line.replace("\\n", "\n")}
-
-
-def _sigmoid(x: float) -> float:
-    if x >= 0:
-        return 1.0 / (1.0 + math.exp(-x))
-    e = math.exp(x)
-    return e / (1.0 + e)
 
 
 @click.command("score")
@@ -140,7 +133,7 @@ def score(model: str, file: str, output: str | None, batch_size: int, threads: i
             c, rj = pm.score_pairs(comps, batch_size)
             for (i, _), a, b in zip(pairs, c, rj):
                 out[i].update(chosen=round(float(a), 6), rejected=round(float(b), 6),
-                              p_chosen=round(_sigmoid(float(a) - float(b)), 6))
+                              p_chosen=round(sigmoid(float(a) - float(b)), 6))
         return out
 
     if output is None:

@@ -84,11 +84,10 @@ def train(sources: tuple[str, ...], config_file: str | None, assignments: tuple[
         config = wanted
 
     # Fail on a bad source, backbone or run folder now, not after loading torch.
-    out = Path(config.out_dir) if config.out_dir else None
-    if out is not None and not resume and ((out / "model").exists() or any(
-            (out / "checkpoints").glob("step-*"))):
-        raise HHRLHFError("holds a run already; resume it (--resume) or choose another --out",
-                          out)
+    from hhrlhf.pm.train import refuse_to_overwrite_run  # imports no torch
+
+    if config.out_dir and not resume:
+        refuse_to_overwrite_run(Path(config.out_dir))
     resolve(config.data)
     if config.eval_data:
         resolve(config.eval_data)
@@ -115,6 +114,10 @@ def train(sources: tuple[str, ...], config_file: str | None, assignments: tuple[
     if m.get("shared_context_off"):
         lines.append(f"note: shared-context scoring is off, {m['shared_context_off']}: each "
                      "pair is scored as two full rows")
+    if not m["transformers_loadable"]:
+        lines.append(f"note: pooling {m['pooling']} is computed by hhrlhf only: the saved model "
+                     "loads with hhrlhf.pm.load, not AutoModelForSequenceClassification (TRL, "
+                     "OpenRLHF); pooling cls (encoders) or last (decoders) saves one that does")
     if m["truncated_responses"]:
         lines.append(f"note: {m['truncated_responses']:,} final responses longer than "
                      f"max_length={config.max_length} were cut")

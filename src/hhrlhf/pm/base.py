@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from hhrlhf.errors import HHRLHFError
+from hhrlhf.logistic import sigmoid
 from hhrlhf.records import Comparison, Dialogue, Turn
 
 MARKER_FILE = "hhrlhf_pm.json"
@@ -50,7 +50,7 @@ class PreferenceModel(ABC):
         da = Dialogue(turns + (Turn("assistant", a),))
         db = Dialogue(turns + (Turn("assistant", b),))
         sa, sb = self.score([da, db])
-        return 1.0 / (1.0 + math.exp(-(float(sa) - float(sb))))
+        return sigmoid(float(sa) - float(sb))
 
     @abstractmethod
     def save(self, path: str | Path) -> None:

@@ -19,19 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from hhrlhf.errors import HHRLHFError
+from hhrlhf.logistic import log_sigmoid
 
 DEFAULT_BINS = 10
-
-
-def sigmoid(x: np.ndarray) -> np.ndarray:
-    """Numerically stable logistic function."""
-    x = np.asarray(x, dtype=np.float64)
-    out = np.empty_like(x)
-    pos = x >= 0
-    out[pos] = 1.0 / (1.0 + np.exp(-x[pos]))
-    e = np.exp(x[~pos])
-    out[~pos] = e / (1.0 + e)
-    return out
 
 
 @dataclass(frozen=True)
@@ -123,8 +113,7 @@ def confidence_scale(margins: np.ndarray) -> float | None:
         return None
 
     def nll(a: float) -> float:
-        # -log sigmoid(a d), stable
-        return float(np.logaddexp(0.0, -a * d).sum())
+        return -float(log_sigmoid(a * d).sum())
 
     scale = float(np.abs(d).mean())
     res = minimize_scalar(nll, bounds=(0.0, 50.0 / scale), method="bounded")

@@ -42,7 +42,7 @@ class TrainConfig:
     # model
     backbone: str = DEFAULT_BACKBONE  # local folder or hub id (hub needs network)
     tokenizer: str = ""  # "" = the backbone's own
-    pooling: str = "auto"  # auto: "last" for decoders, "mean" for encoders
+    pooling: str = "auto"  # "last" for decoders, "cls" for encoders: what transformers reads
     max_length: int = 512
     attn_implementation: str = "auto"  # auto: sdpa where the backbone has it, else eager
     disable_dropout: bool = True

@@ -22,13 +22,13 @@ import numpy as np
 
 from hhrlhf.audit import prompt_text  # the one definition of "the same prompt"
 from hhrlhf.errors import HHRLHFError
+from hhrlhf.logistic import sigmoid
 from hhrlhf.pm.base import PreferenceModel
 from hhrlhf.pm.calibration import (
     DEFAULT_BINS,
     Reliability,
     confidence_scale,
     pair_reliability,
-    sigmoid,
 )
 from hhrlhf.records import HUMAN, Comparison
 

@@ -1,15 +1,25 @@
 """The neural preference model: a transformers backbone and a linear value head.
 
-The network is a transformers ``AutoModelForSequenceClassification`` with one label, so a saved
-model is an ordinary transformers folder; hhrlhf only chooses where the reward is read:
+The network is a transformers ``AutoModelForSequenceClassification`` with one label; hhrlhf
+only chooses where the reward is read (the pooling):
 
-- decoders (GPT-2, Llama, Pythia, Qwen shapes): pooling ``last`` - the hidden state of the
-  final token of the dialogue goes through the head (``score``), which is exactly what
-  ``AutoModelForSequenceClassification`` computes for these models on an unpadded input;
-- encoders (BERT shapes): pooling ``mean`` (default; masked mean of the last hidden states, the
-  native pooling of sentence encoders such as MiniLM) through the linear head
-  (``classifier``), or ``cls`` (the model's own sequence-classification output: BERT's pooler
-  over ``[CLS]``), which transformers reproduces alone.
+- ``last`` (default for decoders: GPT-2, Llama, Pythia, Qwen shapes): the hidden state of the
+  final token of the dialogue goes through the head (``score``). That is what
+  ``AutoModelForSequenceClassification`` computes for these models: it reads the rightmost
+  token that is not the pad token, so hhrlhf never lets the pad token end a row (see
+  :func:`_choose_pad`);
+- ``cls`` (default for encoders: BERT shapes): the model's own sequence-classification output
+  (BERT's pooler over ``[CLS]``, then ``classifier``), which transformers computes alone;
+- ``mean``: the masked mean of the last hidden states through the linear head. Transformers
+  has no class that computes it for these backbones.
+
+A saved model loads with ``AutoModelForSequenceClassification`` (as TRL, OpenRLHF and
+DeepSpeed-Chat load a reward model) and gives hhrlhf's scores exactly where transformers
+computes the pooling (:func:`transformers_computes`). Any other model (``mean``, or ``last`` on
+an encoder) is saved as ``backbone/`` (an ``AutoModel`` folder) plus ``value_head.safetensors``,
+beside a ``config.json`` whose model type no transformers class takes:
+``AutoModelForSequenceClassification`` refuses the folder, with a message that says why,
+instead of reading another pooling and giving a silently wrong reward.
 
 Shared-context scoring (decoders): the two sides of a pair share their context, so a pair is one
 row ``[context, chosen, rejected]`` with a block-causal mask and position ids that restart the
@@ -24,6 +34,7 @@ the rest of it runs at the read-out positions alone (see :mod:`hhrlhf.pm.readout
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -119,6 +130,40 @@ def _zero_dropout(config: Any) -> None:
             setattr(config, key, 0.0)
 
 
+def transformers_computes(pooling: str, decoder: bool) -> bool:
+    """Whether ``AutoModelForSequenceClassification``'s own forward computes this pooling:
+    ``cls`` (its output, whatever the backbone), and ``last`` on a decoder (its read-out)."""
+    return pooling == "cls" or (pooling == "last" and decoder)
+
+
+def _choose_pad(tok: Any, net: Any) -> None:
+    """Give the tokenizer a pad token that never ends an encoded dialogue.
+
+    A decoder's ``AutoModelForSequenceClassification`` reads the reward at the rightmost token
+    that is not ``config.pad_token_id`` (left or right padding alike). Were the pad token also
+    the tokenizer's closing token (an EOS appended to every text, with pad = EOS as GPT-style
+    set-ups make it), transformers would read one token too early. So the pad token is one the
+    encoder never puts last: the tokenizer's own, else EOS, UNK or BOS, else a new one.
+    """
+    closing = DialogueEncoder(tok, 1 << 20).suffix[-1:].tolist()  # what ends every row
+    if tok.pad_token_id is not None and tok.pad_token_id not in closing:
+        return
+    for candidate in (tok.eos_token, tok.unk_token, tok.bos_token):
+        if candidate is not None and tok.convert_tokens_to_ids(candidate) not in closing:
+            tok.pad_token = candidate
+            return
+    tok.add_special_tokens({"pad_token": "<|hhrlhf_pad|>"})
+    net.resize_token_embeddings(len(tok))
+
+
+def head_name(net: Any) -> str:
+    """The attribute of a sequence-classification model that holds its value head."""
+    for name in ("score", "classifier"):
+        if isinstance(getattr(net, name, None), nn.Module):
+            return name
+    raise HHRLHFError(f"{type(net).__name__} has no value head (score/classifier)")
+
+
 class RewardNet(nn.Module):
     """The module that training wraps (DDP/FSDP): ``forward(batch)`` -> one reward per row.
 
@@ -159,11 +204,8 @@ class RewardNet(nn.Module):
 
     @property
     def head(self) -> nn.Module:
-        for name in ("score", "classifier"):
-            m = getattr(self.net, name, None)
-            if isinstance(m, nn.Module):
-                return m
-        raise HHRLHFError(f"{type(self.net).__name__} has no value head (score/classifier)")
+        head: nn.Module = getattr(self.net, head_name(self.net))
+        return head
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if "mask" in batch:  # packed pairs: read at the chosen and the rejected final token
@@ -218,8 +260,11 @@ class NeuralPreferenceModel(PreferenceModel):
     kind = "neural"
 
     def __init__(self, reward_net: RewardNet, tokenizer: Any, max_length: int,
-                 shared_context: bool = True):
+                 shared_context: bool = True, precision: str = "auto"):
         self.reward_net = reward_net
+        # Scoring precision, as TrainConfig.mixed_precision: "no" (fp32), "bf16", "fp16", or
+        # "auto" (bf16 on a GPU, fp32 on CPU).
+        self.precision = precision
         self.tokenizer = tokenizer
         self.max_length = int(max_length)
         self.encoder = DialogueEncoder(tokenizer, max_length)
@@ -271,14 +316,16 @@ class NeuralPreferenceModel(PreferenceModel):
                 tok = AutoTokenizer.from_pretrained(tok_source)
                 if disable_dropout:
                     _zero_dropout(config)
-                if tok.pad_token is None:  # GPT-2 style tokenizers: pad with EOS (never read)
-                    tok.pad_token = tok.eos_token or tok.unk_token
-                config.pad_token_id = tok.pad_token_id
                 # "auto": transformers' choice, sdpa where the model has it, else eager
                 net = AutoModelForSequenceClassification.from_pretrained(
                     source, config=config, dtype=torch.float32,
                     attn_implementation=None if attn_implementation == "auto"
                     else attn_implementation)
+                _choose_pad(tok, net)
+                net.config.pad_token_id = tok.pad_token_id
+                # Saved with the tokenizer: a batch padded by it reads as hhrlhf reads it
+                # (left padding moves absolute positions: GPT-2's rewards would change).
+                tok.padding_side = "right"
         except (OSError, ValueError, KeyError) as e:
             msg = " ".join(str(e).split())[:300]
             raise HHRLHFError(f"cannot load backbone {backbone!r}: {msg}") from None
@@ -290,8 +337,8 @@ class NeuralPreferenceModel(PreferenceModel):
         if len(tok) > net.get_input_embeddings().num_embeddings:
             raise HHRLHFError(f"tokenizer has {len(tok)} tokens, the backbone's embedding "
                               f"{net.get_input_embeddings().num_embeddings}")
-        if pooling == "auto":
-            pooling = "last" if is_decoder_config(config) else "mean"
+        if pooling == "auto":  # the pooling transformers computes itself (see the module doc)
+            pooling = "last" if is_decoder_config(config) else "cls"
         if disable_dropout:
             for m in net.modules():
                 if isinstance(m, nn.Dropout):
@@ -301,56 +348,98 @@ class NeuralPreferenceModel(PreferenceModel):
 
     @classmethod
     def _load(cls, folder: Path) -> NeuralPreferenceModel:
-        import json
-
+        from safetensors.torch import load_file
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         marker = json.loads((folder / MARKER_FILE).read_text())
+        # Folders saved before the layout was recorded are sequence-classification folders.
+        split = marker.get("layout") == LAYOUT_BACKBONE_AND_HEAD
+        source = folder / BACKBONE_DIR if split else folder
         try:
             with quiet_transformers():
-                tok = AutoTokenizer.from_pretrained(folder)
+                tok = AutoTokenizer.from_pretrained(source)
+                # backbone/ holds the AutoModel weights: the head is filled in from its file
                 net = AutoModelForSequenceClassification.from_pretrained(
-                    folder, attn_implementation=marker.get("attn_implementation", "sdpa"),
-                    dtype=torch.float32)
-        except (OSError, ValueError, KeyError) as e:
+                    source, num_labels=1, dtype=torch.float32,
+                    attn_implementation=marker.get("attn_implementation", "sdpa"))
+                if split:
+                    getattr(net, head_name(net)).load_state_dict(load_file(folder / HEAD_FILE))
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
             msg = " ".join(str(e).split())[:300]
             raise HHRLHFError(f"cannot load model: {msg}", folder) from None
         net.eval()
         pm = cls(RewardNet(net, marker["pooling"]), tok, marker["max_length"],
-                 marker.get("shared_context", True))
+                 marker.get("shared_context", True), marker.get("precision", "auto"))
         # scoring where it is fastest: `hhrlhf pm score`, `pm eval` and the API alike
         return pm.to("cuda") if torch.cuda.is_available() else pm
 
+    @property
+    def transformers_loadable(self) -> bool:
+        """Whether ``AutoModelForSequenceClassification`` computes this model's rewards, so the
+        saved folder is one (see :func:`transformers_computes`)."""
+        return transformers_computes(self.pooling, self.is_decoder)
+
     def save(self, path: str | Path, state_dict: dict[str, Any] | None = None) -> None:
-        """A transformers folder (config, weights, tokenizer) plus ``hhrlhf_pm.json``; atomic.
+        """The model as a folder with ``hhrlhf_pm.json``; atomic. Where transformers computes
+        the pooling, a transformers ``AutoModelForSequenceClassification`` folder (config,
+        weights, tokenizer); otherwise ``backbone/`` (an ``AutoModel`` folder and the
+        tokenizer) and ``value_head.safetensors``, beside a ``config.json`` that transformers
+        refuses, so that no tool loads it as a sequence classifier that computes other rewards.
 
         ``state_dict``: the RewardNet's weights when they live elsewhere (gathered from a
         sharded FSDP/DeepSpeed model); keys start with ``net.``."""
+        from safetensors.torch import save_file
+
         folder = Path(path)
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = temp_beside(folder, folder=True)
+        net: Any = self.reward_net.net
         net_state = None
         if state_dict is not None:
             net_state = {k[4:]: v for k, v in state_dict.items() if k.startswith("net.")}
         with quiet_transformers():
-            net: Any = self.reward_net.net
-            net.save_pretrained(tmp, state_dict=net_state)
-            self.tokenizer.save_pretrained(tmp)
+            if self.transformers_loadable:
+                net.save_pretrained(tmp, state_dict=net_state)
+                self.tokenizer.save_pretrained(tmp)
+            else:
+                weights = net_state if net_state is not None else net.state_dict()
+                base, head = f"{net.base_model_prefix}.", f"{head_name(net)}."
+                net.base_model.save_pretrained(tmp / BACKBONE_DIR, state_dict={
+                    k[len(base):]: v for k, v in weights.items() if k.startswith(base)})
+                self.tokenizer.save_pretrained(tmp / BACKBONE_DIR)
+                save_file({k[len(head):]: v.detach().contiguous().cpu() for k, v in
+                           weights.items() if k.startswith(head)}, str(tmp / HEAD_FILE))
+                # A config no transformers class takes: whoever loads the folder with
+                # transformers (TRL, OpenRLHF) is stopped with this model type in the message.
+                (tmp / "config.json").write_text(json.dumps({
+                    "model_type": f"hhrlhf {self.pooling}-pooled preference model: not an "
+                                  "AutoModelForSequenceClassification, load it with "
+                                  "hhrlhf.pm.load (see hhrlhf_pm.json)"}, indent=2) + "\n")
+        reward = _REWARD_DOC[self.pooling] if self.transformers_loadable else (
+            _HHRLHF_ONLY_DOC[self.pooling])
         write_marker(
             tmp, self.kind, pooling=self.pooling, max_length=self.max_length,
             shared_context=self.shared_context, decoder=self.is_decoder,
-            attn_implementation=getattr(self.reward_net.net.config, "_attn_implementation",
-                                        "sdpa"),
-            transformers_class="AutoModelForSequenceClassification",
-            reward=_REWARD_DOC[self.pooling],
+            attn_implementation=getattr(net.config, "_attn_implementation", "sdpa"),
+            precision=self.precision,
+            layout=LAYOUT_SEQUENCE_CLASSIFICATION if self.transformers_loadable
+            else LAYOUT_BACKBONE_AND_HEAD,
+            # The one class that computes these rewards, or None: only hhrlhf.pm.load does.
+            transformers_class="AutoModelForSequenceClassification"
+            if self.transformers_loadable else None,
+            reward=reward,
         )
         move_into_place(tmp, folder)
 
     # -- scoring -----------------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        precision = self.precision
+        if precision == "auto":
+            precision = "bf16" if self.device.type == "cuda" else "no"
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype)
 
     def score(self, dialogues: Sequence[Dialogue], batch_size: int = 32) -> np.ndarray:
         """One reward per dialogue, in batches sorted by length."""
@@ -413,8 +502,21 @@ class NeuralPreferenceModel(PreferenceModel):
         return (net or self.reward_net)(batch).float().cpu().numpy()  # type: ignore[no-any-return]
 
 
+# Saved folders: a transformers sequence-classification folder, or backbone/ + value head.
+LAYOUT_SEQUENCE_CLASSIFICATION = "sequence_classification"
+LAYOUT_BACKBONE_AND_HEAD = "backbone_and_head"
+BACKBONE_DIR = "backbone"
+HEAD_FILE = "value_head.safetensors"
+
+# What the reward is, in the marker, for a person who loads the folder without hhrlhf.
 _REWARD_DOC = {
-    "last": "AutoModelForSequenceClassification logits of the unpadded dialogue (final token)",
-    "cls": "AutoModelForSequenceClassification logits",
-    "mean": "classifier(mean of AutoModel last_hidden_state over attention_mask)",
+    "last": "AutoModelForSequenceClassification logits[:, 0] of the dialogue (read at its final "
+            "token: the rightmost one that is not the pad token)",
+    "cls": "AutoModelForSequenceClassification logits[:, 0]",
+}
+_HHRLHF_ONLY_DOC = {
+    "mean": "value_head(mean of AutoModel(backbone/).last_hidden_state over attention_mask); "
+            "AutoModelForSequenceClassification cannot compute it: load with hhrlhf.pm.load",
+    "last": "value_head(AutoModel(backbone/).last_hidden_state at the final token); "
+            "AutoModelForSequenceClassification cannot compute it: load with hhrlhf.pm.load",
 }

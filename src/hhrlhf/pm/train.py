@@ -33,7 +33,7 @@ import math
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,11 +111,8 @@ def train(config: TrainConfig, comparisons: Sequence[Comparison] | None = None, 
     latest = _latest_checkpoint(ckpt_root) if (resume and ckpt_root) else None
     if resume and out is None:
         raise HHRLHFError("resume needs a run folder (out_dir)")
-    if out is not None and not resume and (
-        (out / "model").exists() or (ckpt_root is not None and _latest_checkpoint(ckpt_root))
-    ):
-        raise HHRLHFError("holds a run already; resume it (--resume) or choose another --out",
-                          out)
+    if out is not None and not resume:
+        refuse_to_overwrite_run(out)
 
     # ---- processes, precision, seed ----------------------------------------------------------
     mixed = config.mixed_precision
@@ -123,7 +120,8 @@ def train(config: TrainConfig, comparisons: Sequence[Comparison] | None = None, 
         mixed = "bf16" if torch.cuda.is_available() else "no"
     # cpu=True on a machine without a GPU: lets `accelerate launch`/torchrun run DDP over CPU
     # processes (gloo); a single process is unaffected.
-    accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available(),
+                              gradient_accumulation_steps=config.grad_accum)
     is_main = accelerator.is_main_process
     set_seed(config.seed)
 
@@ -151,6 +149,7 @@ def train(config: TrainConfig, comparisons: Sequence[Comparison] | None = None, 
         last_layer_readout=config.last_layer_readout and accelerator.distributed_type not in (
             DistributedType.FSDP, DistributedType.DEEPSPEED))
     pm.to(accelerator.device)
+    pm.precision = mixed  # evaluation in training scores at the training's precision
     pairs = pm.encoder.encode_pairs(train_rows)
     eval_pairs = pm.encoder.encode_pairs(eval_rows) if eval_rows else None
     # The run folder appears once data and model have loaded: a bad row or backbone leaves none.
@@ -162,11 +161,19 @@ def train(config: TrainConfig, comparisons: Sequence[Comparison] | None = None, 
     collate = collate_packed if packed else collate_pairs_full
 
     class EpochBatches(Sampler[list[int]]):
-        """The batches of one epoch, fixed in advance (length-grouped, seeded by epoch)."""
+        """The batches of the current epoch (length-grouped, seeded by epoch): fixed for an
+        epoch, so a resumed run sees the same order. Every epoch has as many batches."""
 
-        def __init__(self, epoch: int):
-            self.batches = length_grouped_batches(lengths, config.batch_size, config.seed,
-                                                  epoch, config.group_by_length)
+        def __init__(self) -> None:
+            self.epoch = -1
+            self.batches: list[list[int]] = []
+            self.set_epoch(0)
+
+        def set_epoch(self, epoch: int) -> None:
+            if epoch != self.epoch:
+                self.epoch = epoch
+                self.batches = length_grouped_batches(lengths, config.batch_size, config.seed,
+                                                      epoch, config.group_by_length)
 
         def __iter__(self) -> Any:
             return iter(self.batches)
@@ -174,13 +181,13 @@ def train(config: TrainConfig, comparisons: Sequence[Comparison] | None = None, 
         def __len__(self) -> int:
             return len(self.batches)
 
-    def loader(epoch: int) -> Any:
-        dl: Any = DataLoader(range(len(pairs)),  # type: ignore[arg-type]  # indices are the data
-                             batch_sampler=EpochBatches(epoch),
-                             collate_fn=lambda idx: collate(pairs, idx, pm.pad_id))
-        return accelerator.prepare(dl)
-
-    batches_per_epoch = len(loader(0))  # per process, after accelerate shards the batches
+    # One loader, prepared once (each prepare() is kept by the accelerator); the epoch is set
+    # on the batch sampler itself: accelerate passes it on only in a single process.
+    epoch_batches = EpochBatches()
+    loader: Any = accelerator.prepare(DataLoader(
+        range(len(pairs)),  # type: ignore[arg-type]  # the indices are the data
+        batch_sampler=epoch_batches, collate_fn=lambda idx: collate(pairs, idx, pm.pad_id)))
+    batches_per_epoch = len(loader)  # per process, after accelerate shards the batches
     steps_per_epoch = max(1, math.ceil(batches_per_epoch / config.grad_accum))
     total_steps = config.max_steps or math.ceil(config.epochs * steps_per_epoch)
 
@@ -200,13 +207,20 @@ def train(config: TrainConfig, comparisons: Sequence[Comparison] | None = None, 
     # ---- resume ----------------------------------------------------------------------------
     step, epoch, batches_done = 0, 0, 0
     history: list[dict[str, Any]] = []
+    throughput = Throughput()
     if latest is not None:
+        assert out is not None
         accelerator.load_state(str(latest / "state"))
         state = json.loads((latest / "trainer_state.json").read_text())
         step, epoch, batches_done = state["step"], state["epoch"], state["batches_done"]
-        history = [r for r in _read_jsonl(out / "metrics.jsonl") if r["step"] <= step]  # type: ignore[operator]
-        if is_main:  # drop what the killed run logged after its last checkpoint
-            _write_jsonl(out / "metrics.jsonl", history)  # type: ignore[operator]
+        throughput = Throughput.from_state(state)
+        history = _read_jsonl(out / "metrics.jsonl")
+        # Drop what the killed run logged after its last checkpoint (the final evaluation
+        # among it, logged again below). Older checkpoints did not count the lines.
+        history = history[: state["logged"]] if "logged" in state else [
+            r for r in history if r["step"] <= step]
+        if is_main:
+            _write_jsonl(out / "metrics.jsonl", history)
     metrics_file = (open(out / "metrics.jsonl", "a" if latest else "w")  # noqa: SIM115
                     if (out and is_main) else None)
 
@@ -253,7 +267,8 @@ def train(config: TrainConfig, comparisons: Sequence[Comparison] | None = None, 
         if is_main:
             pm.save(tmp / "model", state_dict=weights)
             _write_json(tmp / "trainer_state.json",
-                        {"step": step, "epoch": epoch, "batches_done": batches_done})
+                        {"step": step, "epoch": epoch, "batches_done": batches_done,
+                         "logged": len(history), **throughput.state()})
             shutil.rmtree(final, ignore_errors=True)
             move_into_place(tmp, final)
             for old in _checkpoints(ckpt_root)[: -config.keep_checkpoints]:
@@ -264,72 +279,64 @@ def train(config: TrainConfig, comparisons: Sequence[Comparison] | None = None, 
     bar = tqdm(total=total_steps, initial=step, desc="pm train", unit="step", file=sys.stderr,
                disable=not (config.progress and is_main), dynamic_ncols=True)
     model.train()
-    pairs_seen = 0
-    paused = paused_cpu = 0.0  # seconds spent evaluating and saving: not training throughput
-    t_loop, cpu_loop = time.perf_counter(), time.process_time()
+    throughput.start()
+    loss_sum, correct, n_pairs = 0.0, 0, 0  # of the optimizer step under way
     while step < total_steps:
-        dl = loader(epoch)
-        if batches_done:
-            dl = accelerator.skip_first_batches(dl, batches_done)
-        it = iter(dl)
-        exhausted = False
-        while step < total_steps and not exhausted:
-            # one optimizer step: grad_accum micro-batches (fewer at the end of an epoch)
-            loss_sum, correct, n_pairs, micro = 0.0, 0, 0, []
-            for _ in range(config.grad_accum):
-                try:
-                    micro.append(next(it))
-                except StopIteration:
-                    exhausted = True
-                    break
-            for k, batch in enumerate(micro):
-                sync = k == len(micro) - 1
-                with accelerator.no_sync(model) if not sync else contextlib.nullcontext():
-                    with accelerator.autocast():
-                        rewards = model(batch)
-                    r_chosen, r_rejected = rewards.float().chunk(2)
-                    loss = -F.logsigmoid(r_chosen - r_rejected).mean()
-                    accelerator.backward(loss / len(micro))
-                loss_sum += float(loss.detach()) * len(r_chosen)
-                correct += int((r_chosen > r_rejected).sum())
-                n_pairs += len(r_chosen)
-            batches_done += len(micro)
-            if not micro:
-                break
-            if config.max_grad_norm:
-                accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-            optimizer.step()
+        epoch_batches.set_epoch(epoch)
+        loader.set_epoch(epoch)
+        epoch_loader = accelerator.skip_first_batches(loader, batches_done) if batches_done \
+            else loader
+        for batch in epoch_loader:
+            # An optimizer step takes grad_accum micro-batches (fewer at the end of an epoch);
+            # accelerate divides each loss by grad_accum: scaled so the step takes their mean.
+            group = min(config.grad_accum,
+                        batches_per_epoch - batches_done + batches_done % config.grad_accum)
+            with accelerator.accumulate(model):
+                with accelerator.autocast():
+                    rewards = model(batch)
+                r_chosen, r_rejected = rewards.float().chunk(2)
+                loss = -F.logsigmoid(r_chosen - r_rejected).mean()
+                accelerator.backward(loss * (config.grad_accum / group))
+                if accelerator.sync_gradients and config.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                optimizer.step()  # accelerate steps only when the group is complete
+                optimizer.zero_grad(set_to_none=True)
+            batches_done += 1
+            loss_sum += float(loss.detach()) * len(r_chosen)
+            correct += int((r_chosen > r_rejected).sum())
+            n_pairs += len(r_chosen)
+            if not accelerator.sync_gradients:
+                continue
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
             step += 1
             if accelerator.num_processes > 1:  # the step's loss and accuracy over all processes
                 totals = accelerator.reduce(torch.tensor(
                     [loss_sum, correct, n_pairs], dtype=torch.float64,
                     device=accelerator.device), reduction="sum").tolist()
                 loss_sum, correct, n_pairs = totals[0], totals[1], int(totals[2])
-            pairs_seen += n_pairs
-            elapsed = time.perf_counter() - t_loop - paused
+            throughput.add(n_pairs)
             record = {"step": step, "epoch": epoch, "loss": loss_sum / n_pairs,
                       "accuracy": correct / n_pairs, "lr": scheduler.get_last_lr()[0],
-                      "pairs": n_pairs, "pairs_per_s": pairs_seen / elapsed}
+                      "pairs": n_pairs, "pairs_per_s": throughput.pairs_per_s()}
+            loss_sum, correct, n_pairs = 0.0, 0, 0
             log(record)
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.2f}",
                             pairs_s=f"{record['pairs_per_s']:.1f}")
-            t_pause, cpu_pause = time.perf_counter(), time.process_time()
-            if eval_pairs is not None and config.eval_every and step % config.eval_every == 0 \
-                    and step < total_steps:
-                log({"step": step, **_rounded(evaluate())})
-            if ckpt_root is not None and config.save_every and step % config.save_every == 0:
-                save_checkpoint()
-            paused += time.perf_counter() - t_pause
-            paused_cpu += time.process_time() - cpu_pause
-        if exhausted:
+            with throughput.paused():  # evaluating and saving are not training throughput
+                if eval_pairs is not None and config.eval_every and \
+                        step % config.eval_every == 0 and step < total_steps:
+                    log({"step": step, **_rounded(evaluate())})
+                if ckpt_root is not None and config.save_every and \
+                        step % config.save_every == 0:
+                    save_checkpoint()
+            if step >= total_steps:
+                break
+        else:  # the epoch is over
             epoch += 1
             batches_done = 0
+    throughput.stop()
     bar.close()
-    train_seconds = time.perf_counter() - t_loop - paused
-    train_cpu_seconds = time.process_time() - cpu_loop - paused_cpu
 
     # ---- the end: evaluate, save, summarise ------------------------------------------------------
     final: dict[str, Any] = {}
@@ -353,10 +360,13 @@ def train(config: TrainConfig, comparisons: Sequence[Comparison] | None = None, 
         "tokens_saved": float(1 - pairs.packed_len.sum() / pairs.full_len.sum()) if packed
         else 0.0,
         "pooling": pm.pooling,
+        # whether AutoModelForSequenceClassification (TRL, OpenRLHF) computes these rewards
+        "transformers_loadable": pm.transformers_loadable,
         "processes": accelerator.num_processes,
-        "pairs_per_s": pairs_seen / max(train_seconds, 1e-9),
-        "train_seconds": train_seconds,
-        "train_cpu_seconds": train_cpu_seconds,  # CPU time of this process, all threads
+        # training alone, over the whole run (a resumed run counts its earlier sessions too)
+        "pairs_per_s": throughput.pairs_per_s(),
+        "train_seconds": throughput.train_seconds(),
+        "train_cpu_seconds": throughput.train_cpu_seconds(),  # this process, all threads
         "seconds": time.perf_counter() - t_start,
     }
     if "eval_pairs_per_s" in final:
@@ -373,6 +383,74 @@ def train(config: TrainConfig, comparisons: Sequence[Comparison] | None = None, 
     pm.reward_net.eval()
     accelerator.free_memory()
     return TrainResult(pm, metrics, history)
+
+
+# ---- the run folder and throughput ----------------------------------------------------------
+def holds_run(out: Path) -> bool:
+    """Whether a run folder holds a run (a final model or a checkpoint) that a new one would
+    overwrite."""
+    return (out / "model").exists() or _latest_checkpoint(out / "checkpoints") is not None
+
+
+def refuse_to_overwrite_run(out: Path) -> None:
+    if holds_run(out):
+        raise HHRLHFError("holds a run already; resume it (--resume) or choose another --out",
+                          out)
+
+
+class Throughput:
+    """Pairs per second of training alone: time spent evaluating and saving is left out, and a
+    resumed run carries on from the counts its checkpoint saved."""
+
+    def __init__(self, pairs: int = 0, seconds: float = 0.0, cpu_seconds: float = 0.0):
+        self.pairs = pairs
+        self._before = seconds, cpu_seconds  # earlier sessions of this run
+        self._start = time.perf_counter(), time.process_time()
+        self._paused = [0.0, 0.0]
+        self._stopped: tuple[float, float] | None = None  # clocks when paused or stopped
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> Throughput:
+        return cls(state.get("pairs_seen", 0), state.get("train_seconds", 0.0),
+                   state.get("train_cpu_seconds", 0.0))
+
+    def state(self) -> dict[str, Any]:
+        return {"pairs_seen": self.pairs, "train_seconds": self.train_seconds(),
+                "train_cpu_seconds": self.train_cpu_seconds()}
+
+    def start(self) -> None:
+        self._start = time.perf_counter(), time.process_time()
+        self._paused = [0.0, 0.0]
+        self._stopped = None
+
+    def stop(self) -> None:
+        """The training is over: the clocks stand still from here."""
+        self._stopped = time.perf_counter(), time.process_time()
+
+    def add(self, pairs: int) -> None:
+        self.pairs += pairs
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        self._stopped = wall, cpu = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self._stopped = None
+            self._paused[0] += time.perf_counter() - wall
+            self._paused[1] += time.process_time() - cpu
+
+    def _now(self) -> tuple[float, float]:
+        return self._stopped or (time.perf_counter(), time.process_time())
+
+    def train_seconds(self) -> float:
+        return self._before[0] + self._now()[0] - self._start[0] - self._paused[0]
+
+    def train_cpu_seconds(self) -> float:
+        return self._before[1] + self._now()[1] - self._start[1] - self._paused[1]
+
+    def pairs_per_s(self) -> float:
+        return self.pairs / max(self.train_seconds(), 1e-9)
 
 
 # ---- small helpers -------------------------------------------------------------------------
