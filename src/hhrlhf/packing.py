@@ -94,6 +94,7 @@ def collate_shared(rows: Sequence[tuple[np.ndarray, Sequence[np.ndarray]]], pad_
             seg[j, at : at + m] = k + 1
             starts[j, k], ends[j, k] = at, at + m - 1
             at += m
+    tokens = _response_tokens(ids, starts, ends, packed=True, prompt_len=prompt_len)
     seg_t = torch.from_numpy(seg)
     q, k_ = seg_t[:, :, None], seg_t[:, None, :]
     causal = torch.ones(width, width, dtype=torch.bool).tril_()
@@ -101,7 +102,7 @@ def collate_shared(rows: Sequence[tuple[np.ndarray, Sequence[np.ndarray]]], pad_
     allowed |= torch.eye(width, dtype=torch.bool)
     return {"input_ids": torch.from_numpy(ids), "position_ids": torch.from_numpy(pos),
             "mask": allowed[:, None], "segment": seg_t, "prompt_len": torch.from_numpy(prompt_len),
-            "starts": torch.from_numpy(starts), "ends": torch.from_numpy(ends)}
+            "starts": torch.from_numpy(starts), "ends": torch.from_numpy(ends), **tokens}
 
 
 def collate_full(rows: Sequence[tuple[np.ndarray, Sequence[np.ndarray]]], pad_id: int
@@ -121,8 +122,37 @@ def collate_full(rows: Sequence[tuple[np.ndarray, Sequence[np.ndarray]]], pad_id
     starts = np.array([[len(p)] * n for p, _ in rows], dtype=np.int64).reshape(b, n)
     ends = np.array([[len(p) + len(r[k]) - 1 for k in range(n)] for p, r in rows],
                     dtype=np.int64).reshape(b, n)
+    tokens = _response_tokens(ids, starts, ends, packed=False)
     return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(att),
-            "starts": torch.from_numpy(starts), "ends": torch.from_numpy(ends)}
+            "starts": torch.from_numpy(starts), "ends": torch.from_numpy(ends), **tokens}
+
+
+def _response_tokens(ids: np.ndarray, starts: np.ndarray, ends: np.ndarray, packed: bool,
+                     prompt_len: np.ndarray | None = None) -> dict[str, torch.Tensor]:
+    """Every response token, flat: ``tok_row``/``tok_pred`` index the hidden state that
+    predicts it (the token before it in its own sequence: for a packed response's first token,
+    the prompt's last), ``tok_target`` is the token, ``tok_owner`` = j * N + k (row j,
+    response k). The vocabulary projection then runs at these positions only."""
+    b, n = starts.shape
+    rows, preds, owners = [], [], []
+    for j in range(b):
+        for k in range(n):
+            t = np.arange(starts[j, k], ends[j, k] + 1)
+            p = t - 1
+            if packed:
+                assert prompt_len is not None
+                p[0] = prompt_len[j] - 1
+            rows.append(np.full(len(t), j if packed else k * b + j))
+            preds.append(p)
+            owners.append(np.full(len(t), j * n + k))
+    row = np.concatenate(rows)
+    pred = np.concatenate(preds)
+    target = ids[row, pred + 1] if not packed else ids[row, np.concatenate(
+        [np.arange(starts[j, k], ends[j, k] + 1) for j in range(b) for k in range(n)])]
+    return {"tok_row": torch.from_numpy(row.astype(np.int64)),
+            "tok_pred": torch.from_numpy(pred.astype(np.int64)),
+            "tok_target": torch.from_numpy(np.asarray(target, dtype=np.int64)),
+            "tok_owner": torch.from_numpy(np.concatenate(owners).astype(np.int64))}
 
 
 def backbone_mask(mask: torch.Tensor, config: Any, dtype: torch.dtype) -> torch.Tensor:
