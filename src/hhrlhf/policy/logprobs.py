@@ -77,7 +77,23 @@ def token_logprobs(net: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 def response_logprobs(net: Any, batch: dict[str, torch.Tensor], n: int
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed log-probs, token counts) per response, each (B, N)."""
-    lp = token_logprobs(net, batch)
+    return per_response(token_logprobs(net, batch), batch, n)
+
+
+class LogprobNet(torch.nn.Module):
+    """The module training wraps (DDP/FSDP): ``forward(batch)`` -> :func:`token_logprobs`."""
+
+    def __init__(self, net: Any):
+        super().__init__()
+        self.net = net
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return token_logprobs(self.net, batch)
+
+
+def per_response(lp: torch.Tensor, batch: dict[str, torch.Tensor], n: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat token log-probs summed per response: (sums, token counts), each (B, N)."""
     b = batch["starts"].shape[0]
     owner = batch["tok_owner"]
     sums = torch.zeros(b * n, dtype=lp.dtype, device=lp.device).index_add_(0, owner, lp)

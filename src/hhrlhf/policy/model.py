@@ -129,7 +129,8 @@ class Policy:
         except (OSError, ValueError, KeyError) as e:
             raise HHRLHFError(f"cannot load the causal LM: {' '.join(str(e).split())[:200]}",
                               path) from None
-        rows = int(net.get_input_embeddings().weight.shape[0])
+        embedding: Any = net.get_input_embeddings()
+        rows = int(embedding.weight.shape[0])
         if len(tok) > rows:
             raise HHRLHFError(f"the tokenizer has {len(tok)} tokens, the model's embedding "
                               f"{rows}", path)
