@@ -35,10 +35,13 @@ import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Self, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from hhrlhf.errors import HHRLHFError
 from hhrlhf.pm.config import _coerce, read_config_file
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # Python 3.10
 
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
