@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
+import torch
 
 from hhrlhf.policy import Policy, TinyConfig, init_tiny
 from hhrlhf.read import read_comparisons
@@ -27,3 +31,13 @@ def first_rows(path: Path, n: int) -> list[Comparison]:
 
 def build_tiny(rows: list[Comparison], out: Path) -> Policy:
     return init_tiny((c.chosen_raw for c in rows), out, TINY)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """One torch thread (imported by each policy test module, where it applies to every test):
+    on a shared 2-core machine two threads waiting on each other make tiny models slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

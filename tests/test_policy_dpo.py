@@ -10,7 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from policy_support import build_tiny, first_rows
+from policy_support import (
+    build_tiny,
+    first_rows,
+    one_thread,  # noqa: F401  # autouse
+)
 
 from hhrlhf.errors import HHRLHFError
 from hhrlhf.policy import Policy

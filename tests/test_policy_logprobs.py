@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from policy_support import one_thread  # noqa: F401  # autouse
 
 from hhrlhf.packing import PACKABLE, collate_full, collate_shared, packing_problem
 from hhrlhf.policy.logprobs import collate_sft, response_logprobs, token_logprobs

@@ -12,7 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from policy_support import ENV, TINY, build_tiny, first_rows
+from policy_support import (
+    ENV,
+    TINY,
+    build_tiny,
+    first_rows,
+    one_thread,  # noqa: F401  # autouse
+)
 
 from hhrlhf.errors import HHRLHFError
 from hhrlhf.policy import Policy
