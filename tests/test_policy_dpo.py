@@ -126,3 +126,29 @@ def test_bad_config_is_one_line(folders: dict[str, Path]) -> None:
         DPOConfig(policy="x", loss="ipo", label_smoothing=0.1).validate()
     with pytest.raises(HHRLHFError, match="needs a starting policy"):
         DPOConfig().validate()
+
+
+def test_a_dpo_policy_is_a_preference_model(folders: dict[str, Path], real_file: Path,
+                                            tmp_path: Path) -> None:
+    from hhrlhf.pm import load
+
+    # short rows: no context is cut, by the pair's rule or the single dialogue's
+    rows = [c for c in first_rows(real_file, 200) if len(c.chosen_raw + c.rejected) < 500][:24]
+    cfg = DPOConfig(policy=str(folders["policy"]), out_dir=str(tmp_path / "run"), max_steps=2,
+                    batch_size=8, max_length=400, lr=1e-3, beta=0.2, progress=False,
+                    threads=1, kl_prompts=0, save_every=0)
+    train_dpo(cfg, rows)
+    pm = load(tmp_path / "run" / "model")
+    assert pm.kind == "dpo"
+    chosen, rejected = pm.score_pairs(rows, batch_size=8)
+    # the same rewards, one dialogue at a time (full rows, no packing)
+    alone = pm.score([c.chosen_dialogue for c in rows], batch_size=4)
+    np.testing.assert_allclose(alone, chosen, rtol=0, atol=1e-4)
+    # = beta * (log pi - log ref) on the full sequences, pi trained, ref the start
+    pol, ref = Policy.load(tmp_path / "run" / "model"), Policy.load(folders["policy"])
+    data = PolicyEncoder(pol.tokenizer, 400).encode_pairs(rows[:3])
+    assert data.context_cut == 0
+    for i, (p, (c, r)) in enumerate(zip(data.prompts, data.responses)):
+        want = 0.2 * (_full_logprob(pol.net, p, c) - _full_logprob(ref.net, p, c))
+        assert chosen[i] == pytest.approx(want, abs=1e-4)
+    assert np.std(chosen - rejected) > 1e-4

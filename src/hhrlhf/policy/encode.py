@@ -242,3 +242,28 @@ class PolicyEncoder:
             cut_rows += cut
             prompts.append(np.concatenate([self.prefix, *kept, self.assistant]).astype(np.int32))
         return prompts, cut_rows
+
+    def encode_responses(self, dialogues: Sequence[Dialogue]) -> PromptResponses:
+        """``[prompt, response]`` per dialogue: the final Assistant turn (and EOS) as the
+        response, the turns before it as the prompt; a dialogue that does not end with an
+        Assistant turn has the bare EOS as its response."""
+        texts: list[str] = []
+        for d in dialogues:
+            if d.preamble:
+                texts.append(d.preamble)
+            texts.extend(t.sep + t.text for t in d.turns)
+        flat = self._tokenize(texts)
+        out = PromptResponses()
+        at = 0
+        for d in dialogues:
+            ends = bool(d.turns) and d.turns[-1].role == ASSISTANT
+            turns = d.turns[:-1] if ends else d.turns
+            pieces, at = self._prompt_pieces(turns, d.preamble, flat, at)
+            response = self.eos
+            if ends:
+                response = np.concatenate([flat[at], self.eos])
+                at += 1
+            prompt, responses = self._fit(pieces, [response], out)
+            out.prompts.append(prompt)
+            out.responses.append(responses)
+        return out
