@@ -461,3 +461,45 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     from hhrlhf.atomic import write_text
 
     write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+# ---- checkpoints for loops of their own (RL: a rollout phase between optimizer steps) --------
+def write_checkpoint(accelerator: Any, model: Any, root: Path, step: int,
+                     trainer_state: dict[str, Any], save_model: Callable[[Path, Any], None],
+                     keep: int) -> None:
+    """``root/step-N``, atomically as :func:`run` writes them: accelerate state (model,
+    optimizer, registered scheduler, RNG), ``trainer_state.json`` (the loop's own state, with
+    ``step``) and ``model/``; only the newest ``keep`` are kept."""
+    is_main = accelerator.is_main_process
+    final = root / f"step-{step:08d}"
+    tmp = root / f".tmp-step-{step:08d}"
+    if is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp / "state"))
+    weights = accelerator.get_state_dict(model)
+    if is_main:
+        save_model(tmp / "model", weights)
+        write_json(tmp / "trainer_state.json", {**trainer_state, "step": step})
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)
+        for old in checkpoints(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def restore_checkpoint(accelerator: Any, out: Path) -> tuple[dict[str, Any] | None,
+                                                            list[dict[str, Any]]]:
+    """Load the newest checkpoint under ``out/checkpoints`` into the prepared objects; its
+    trainer state (None when there is none) and the metrics logged up to it (the metrics file
+    is cut back to them: what a killed run logged after its last checkpoint is dropped)."""
+    latest = latest_checkpoint(out / "checkpoints")
+    if latest is None:
+        return None, []
+    accelerator.load_state(str(latest / "state"))
+    state: dict[str, Any] = json.loads((latest / "trainer_state.json").read_text())
+    history = [r for r in read_jsonl(out / "metrics.jsonl") if r["step"] <= state["step"]]
+    if accelerator.is_main_process:
+        write_jsonl(out / "metrics.jsonl", history)
+    return state, history
