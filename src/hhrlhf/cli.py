@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "pm": ("hhrlhf.commands.pm", "pm", "Train, evaluate and score preference models."),
     "sft": ("hhrlhf.commands.sft", "sft", "Fine-tune a policy on chosen dialogues (SFT)."),
     "dpo": ("hhrlhf.commands.dpo", "dpo", "Optimise a policy on the preferences (DPO, IPO)."),
+    "rl": ("hhrlhf.commands.rl", "rl", "Train a policy against a PM (PPO, RLOO); rl eval."),
     "generate": ("hhrlhf.commands.generate", "generate", "Sample responses to HH prompts."),
     "redteam": ("hhrlhf.commands.redteam", "redteam", "Analyse the red-team attempts."),
     "report": ("hhrlhf.commands.report", "report", "Write one self-contained HTML report."),

@@ -402,7 +402,7 @@ def train_rl(config: RLConfig, *, pm: Any = None, prompts: list[Any] | None = No
                                                         config.clip_range)
                     loss = pg
                     add("clip_frac", float(clip_frac), n_resp)
-                add("policy_loss", float(pg), len(part))
+                add("policy_loss", float(pg.detach()), len(part))
                 accelerator.backward(loss)
                 if config.max_grad_norm:
                     accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
