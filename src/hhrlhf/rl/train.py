@@ -388,7 +388,7 @@ def train_rl(config: RLConfig, *, pm: Any = None, prompts: list[Any] | None = No
                     vloss, vclip = clipped_value_loss(values, ro.old_values[tok],
                                                       ro.returns[tok], config.vf_clip)
                     loss = pg + config.vf_coef * vloss
-                    add("value_loss", float(vloss), len(tok))
+                    add("value_loss", float(vloss.detach()), len(tok))
                     add("value_clip_frac", float(vclip), len(tok))
                     add("clip_frac", float(clip_frac), len(tok))
                 else:
