@@ -134,10 +134,10 @@ def train(args: tuple[str, ...], config_file: str | None, assignments: tuple[str
     check_run_folder(config.out_dir, resume)
     resolve_backbone(config.policy)
     check_pm_folder(config.pm)
-    if config.data:
-        from hhrlhf.read import resolve
+    from hhrlhf.read import resolve
+    from hhrlhf.rl.prompts import default_sources
 
-        resolve(config.data)
+    resolve(config.data or default_sources(config.prompts))
 
     from hhrlhf.rl.train import train_rl
 

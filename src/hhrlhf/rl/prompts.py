@@ -11,12 +11,19 @@ from hhrlhf.records import HUMAN, Dialogue
 
 PROMPT_KINDS = ("records", "redteam")
 REDTEAM = "red-team-attempts"
+PREFERENCE_TRAIN = ["harmless-base/train", "helpful-base/train",
+                    "helpful-rejection-sampled/train", "helpful-online/train"]
+
+
+def default_sources(kind: str) -> list[str]:
+    """The sources when none are named: the preference train splits, or the red-team file."""
+    return [REDTEAM] if kind == "redteam" else list(PREFERENCE_TRAIN)
 
 
 def iter_prompts(sources: Sequence[str], kind: str) -> Iterator[Dialogue]:
     from hhrlhf.read import read_source_comparisons, read_source_redteam, resolve
 
-    for source in resolve(sources or ([REDTEAM] if kind == "redteam" else [])):
+    for source in resolve(list(sources) or default_sources(kind)):
         if kind == "redteam":
             if not source.is_redteam and not _is_redteam(source.path):
                 raise HHRLHFError("holds preference rows, not red-team transcripts (--prompts "

@@ -181,13 +181,33 @@ class Rollout:
     stops: list[str] = field(default_factory=list)
 
 
-def response_dialogue(prompt: Any, text: str) -> Any:
-    """The prompt dialogue with the sampled response as its final Assistant turn (the sample
-    starts with the space after ``Assistant:``, as the published rows do)."""
-    from hhrlhf.records import ASSISTANT, Dialogue, Turn
+def response_turn(text: str) -> Any:
+    """A sampled response as the final Assistant turn (the sample starts with the space after
+    ``Assistant:``, as the published rows do)."""
+    from hhrlhf.records import ASSISTANT, Turn
 
     sep = " " if text.startswith(" ") else ""
-    return Dialogue(prompt.turns + (Turn(ASSISTANT, text[len(sep):], sep),), prompt.preamble)
+    return Turn(ASSISTANT, text[len(sep):], sep)
+
+
+def response_dialogue(prompt: Any, text: str) -> Any:
+    """The prompt dialogue with the sampled response as its final Assistant turn."""
+    from hhrlhf.records import Dialogue
+
+    return Dialogue(prompt.turns + (response_turn(text),), prompt.preamble)
+
+
+def score_samples(pm: Any, prompts: list[Any], texts: list[str], k: int) -> np.ndarray:
+    """PM scores of ``k`` responses per prompt (flat, prompt by prompt): by the PM's
+    ``score_groups`` where it has one (a neural decoder PM packs a prompt's k responses in one
+    row), else dialogue by dialogue."""
+    groups = getattr(pm, "score_groups", None)
+    if groups is not None:
+        turns = [[response_turn(t) for t in texts[j * k: (j + 1) * k]]
+                 for j in range(len(prompts))]
+        return np.asarray(groups(prompts, turns), dtype=np.float64).reshape(-1)
+    dialogues = [response_dialogue(prompts[j // k], t) for j, t in enumerate(texts)]
+    return np.asarray(pm.score(dialogues), dtype=np.float64)
 
 
 def _seed(*parts: int) -> int:
@@ -314,9 +334,7 @@ def train_rl(config: RLConfig, *, pm: Any = None, prompts: list[Any] | None = No
                                  temperature=config.temperature, top_p=config.top_p,
                                  top_k=config.top_k, seed=_seed(config.seed, s, rank),
                                  batch_size=config.rollout_batch_size)
-        dialogues = [response_dialogue(prompts[idx[j // k]], smp.text)
-                     for j, smp in enumerate(samples)]
-        scores = np.asarray(pm.score(dialogues), dtype=np.float64)
+        scores = score_samples(pm, [prompts[i] for i in idx], [smp.text for smp in samples], k)
         rows = [(prompt_ids[i], [np.asarray(samples[j * k + m].tokens, dtype=np.int64)
                                  for m in range(k)]) for j, i in enumerate(idx)]
         lens = np.array([sum(len(r) for r in rs) for _, rs in rows])
