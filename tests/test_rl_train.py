@@ -213,3 +213,36 @@ def test_kill9_resume_gives_identical_results(tmp_path: Path, tiny: tuple[Path, 
         assert key in row
     assert json.loads((whole / "result.json").read_text())["steps"] == 6
     Policy.load(whole / "model")
+
+
+def test_rl_is_a_group_with_a_default_train_and_a_lazy_eval(monkeypatch: pytest.MonkeyPatch
+                                                             ) -> None:
+    """`hhrlhf rl POLICY PM` is `hhrlhf rl train POLICY PM`; `rl eval` runs the command of
+    hhrlhf.commands.rl_eval once that module exists, and is absent before."""
+    import sys
+    import types
+
+    import click
+    from click.testing import CliRunner
+
+    from hhrlhf.cli import cli
+
+    runner = CliRunner()
+    listed = runner.invoke(cli, ["rl", "--help"])
+    assert listed.exit_code == 0 and "train" in listed.output
+    missing = runner.invoke(cli, ["rl", "train", "only-a-policy"])
+    assert missing.exit_code == 2 and "give POLICY and PM" in missing.output
+    default = runner.invoke(cli, ["rl", "only-a-policy"])  # no subcommand: train
+    assert default.exit_code == 2 and "give POLICY and PM" in default.output
+
+    @click.command("eval")
+    @click.argument("run")
+    def rl_eval(run: str) -> None:
+        click.echo(f"evaluated {run}")
+
+    module = types.ModuleType("hhrlhf.commands.rl_eval")
+    module.rl_eval = rl_eval  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "hhrlhf.commands.rl_eval", module)
+    got = runner.invoke(cli, ["rl", "eval", "runs/rl"])
+    assert got.exit_code == 0 and got.output == "evaluated runs/rl\n"
+    assert "eval" in runner.invoke(cli, ["rl", "--help"]).output

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ class RLGroup(click.Group):
     listed once its module exists)."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return ["train"] + (["eval"] if importlib.util.find_spec(EVAL_MODULE) else [])
+        return ["train"] + (["eval"] if self.get_command(ctx, "eval") is not None else [])
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name == "eval":

@@ -31,6 +31,7 @@ same metrics and weights as one never stopped.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import time
@@ -229,7 +230,7 @@ def train_rl(config: RLConfig, *, pm: Any = None, prompts: list[Any] | None = No
     from hhrlhf.policy.sample import Sampler
     from hhrlhf.rl.advantages import AdaptiveKL, gae, leave_one_out, to_padded, whiten
     from hhrlhf.rl.losses import clipped_policy_loss, clipped_value_loss
-    from hhrlhf.rl.prompts import load_prompts
+    from hhrlhf.rl.prompts import default_sources, load_prompts
     from hhrlhf.runs import (
         accelerator_for,
         finish,
@@ -246,6 +247,8 @@ def train_rl(config: RLConfig, *, pm: Any = None, prompts: list[Any] | None = No
     accelerator = accelerator_for(config)
     set_seed(config.seed)
     if prompts is None:
+        if not config.data:  # the run folder names the sources it read
+            config = dataclasses.replace(config, data=default_sources(config.prompts))
         prompts = load_prompts(config.data, config.prompts, config.max_prompts)
     elif config.max_prompts:
         prompts = prompts[: config.max_prompts]
