@@ -390,7 +390,7 @@ def train_rl(config: RLConfig, *, pm: Any = None, prompts: list[Any] | None = No
         n_rows = len(ro.rows)
         for epoch in range(epochs_per_batch):
             order = np.random.default_rng(_seed(config.seed, s, rank, epoch)).permutation(n_rows)
-            for part in np.array_split(order, n_mini):
+            for part in np.array_split(order, min(n_mini, n_rows)):
                 part = np.sort(part)  # rows in rollout order: their tokens then stay in order
                 batch = collate_rows([ro.rows[i] for i in part], policy.pad_id)
                 batch = {key: v.to(dev) for key, v in batch.items()}
