@@ -24,6 +24,7 @@ MARKER_FILE = "hhrlhf_pm.json"
 KINDS: dict[str, str] = {
     "neural": "hhrlhf.pm.model:NeuralPreferenceModel",
     "lexical": "hhrlhf.pm.lexical:LexicalPreferenceModel",
+    "dpo": "hhrlhf.policy.reward:DPORewardModel",  # a DPO policy's implicit reward
 }
 
 

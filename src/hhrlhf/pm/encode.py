@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from hhrlhf.packing import collate_shared
 from hhrlhf.records import Comparison, Dialogue, Turn, render_turns
 
 # Tokenize this many texts per call: big enough for the fast tokenizer's threads, small enough
@@ -277,38 +278,22 @@ def collate_pairs_full(pairs: EncodedPairs, index: Sequence[int], pad_id: int) -
 def collate_packed(pairs: EncodedPairs, index: Sequence[int], pad_id: int) -> dict[
     str, torch.Tensor
 ]:
-    """One row per pair: ``[context, chosen, rejected]`` with a block-causal attention mask.
+    """One row per pair: ``[context, chosen, rejected]`` with a block-causal attention mask
+    (:func:`hhrlhf.packing.collate_shared` with N = 2 responses).
 
     Every token attends causally to the shared context and to earlier tokens of its own
     branch; the rejected branch never sees the chosen one. Position ids restart the rejected
     branch where the context ends, so each branch is computed exactly as its full sequence
-    would be. ``mask`` is boolean (True = attend), shape (B, 1, T, T); padding attends to itself
-    only (a row with nothing to attend to gives NaN in softmax).
+    would be. ``mask`` is boolean (True = attend), shape (B, 1, T, T).
     """
-    rows = [pairs.packed(i) for i in index]
-    width = max(len(r) for r in rows)
-    b = len(rows)
-    ids = np.full((b, width), pad_id, dtype=np.int64)
-    pos = np.zeros((b, width), dtype=np.int64)
-    seg = np.full((b, width), 3, dtype=np.int64)  # 0 context, 1 chosen, 2 rejected, 3 pad
-    idx_c = np.zeros(b, dtype=np.int64)
-    idx_r = np.zeros(b, dtype=np.int64)
-    for j, (i, r) in enumerate(zip(index, rows)):
-        s, c = int(pairs.shared[i]), int(pairs.chosen_len[i])
-        n = len(r)
-        ids[j, :n] = r
-        pos[j, :c] = np.arange(c)
-        pos[j, c:n] = np.arange(s, s + n - c)
-        seg[j, :s], seg[j, s:c], seg[j, c:n] = 0, 1, 2
-        idx_c[j], idx_r[j] = c - 1, n - 1
-    seg_t = torch.from_numpy(seg)
-    q, k = seg_t[:, :, None], seg_t[:, None, :]
-    causal = torch.ones(width, width, dtype=torch.bool).tril_()
-    allowed = causal & (((k == 0) & (q != 3)) | (k == q))
-    allowed |= torch.eye(width, dtype=torch.bool)
-    return {"input_ids": torch.from_numpy(ids), "mask": allowed[:, None],
-            "position_ids": torch.from_numpy(pos), "idx_chosen": torch.from_numpy(idx_c),
-            "idx_rejected": torch.from_numpy(idx_r)}
+    rows = []
+    for i in index:
+        r, s, c = pairs.packed(i), int(pairs.shared[i]), int(pairs.chosen_len[i])
+        rows.append((r[:s], (r[s:c], r[c:])))
+    batch = collate_shared(rows, pad_id)
+    return {"input_ids": batch["input_ids"], "mask": batch["mask"],
+            "position_ids": batch["position_ids"], "idx_chosen": batch["ends"][:, 0],
+            "idx_rejected": batch["ends"][:, 1]}
 
 
 def length_grouped_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int,

@@ -45,6 +45,7 @@ from torch import nn
 
 from hhrlhf.atomic import move_into_place, temp_beside
 from hhrlhf.errors import HHRLHFError
+from hhrlhf.packing import PACKABLE, packing_problem  # noqa: F401  # PACKABLE: re-exported
 from hhrlhf.pm.base import MARKER_FILE, PreferenceModel, write_marker
 from hhrlhf.pm.config import resolve_backbone
 from hhrlhf.pm.encode import (
@@ -87,39 +88,6 @@ def is_decoder_config(config: Any) -> bool:
         return True
     mt = config.model_type
     return mt in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and mt not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
-
-
-# Decoder families whose attention takes a packed row's 4D mask and position ids as given, so
-# that a packed [context, chosen, rejected] row scores exactly as the two full rows (each one
-# checked in tests/test_pm_train.py). Others place tokens by their index in the row instead:
-# ALiBi biases (bloom, mpt, falcon with alibi) or a local window inside the layer (gpt_neo);
-# packing would change their scores, so they, and families not checked yet, score full rows.
-PACKABLE = frozenset({
-    "gpt2", "gpt_bigcode", "gptj", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "gemma",
-    "gemma2", "gemma3_text", "phi", "phi3", "stablelm", "olmo2", "opt", "falcon",
-})
-
-
-def packing_problem(config: Any, max_length: int) -> str | None:
-    """Why packing would change this decoder's scores (so pairs score as two full rows), or
-    None when a packed row is exact."""
-    mt = config.model_type
-    if mt not in PACKABLE:
-        return f"{mt} is not among the families checked to take a packed row's mask as given"
-    if getattr(config, "alibi", False):
-        return f"{mt} with ALiBi places tokens by their index in the row"
-    attn = getattr(config, "_attn_implementation", "sdpa")
-    if attn not in ("sdpa", "eager"):
-        return f"attention {attn} takes no custom 4D mask"
-    # A sliding window is not applied to a custom 4D mask. It never bites in the full rows when
-    # it spans max_length tokens, and then the packed row (no window) scores the same.
-    window = getattr(config, "sliding_window", None)
-    types = getattr(config, "layer_types", None)
-    used = getattr(config, "use_sliding_window", True) is not False and (
-        types is None or any("sliding" in str(t) for t in types))
-    if window and used and int(window) < max_length:
-        return f"its sliding window ({window} tokens) is shorter than max_length {max_length}"
-    return None
 
 
 def _zero_dropout(config: Any) -> None:

@@ -1,0 +1,192 @@
+"""`hhrlhf generate MODEL [SOURCES|FILE|-]`: sample responses to HH prompts.
+
+A prompt is a dialogue up to its final ``Assistant:`` turn. Inputs:
+
+- subsets (``harmless-base/test``) or preference files (rows with ``chosen``/``rejected``): the
+  prompt of each row (a prompt repeated across rows is sampled once), id ``SOURCE:ROW``;
+- a file of dialogues, or ``-`` (stdin, the default), in the rows ``hhrlhf pm score`` reads
+  (``{"text": ...}``, ``{"chosen": ..., "rejected": ...}``, a JSON string or a plain line);
+  a final Assistant turn is dropped (it is what is generated); id: the row's ``"id"``, else its
+  line number.
+
+Output, JSON Lines (stdout, or ``--output`` written atomically), one row per sample::
+
+    {"id": "P/k", "prompt_id": "P", "sample": k, "text": "<prompt>\\n\\nAssistant: <response>",
+     "response": "...", "stop": "eos" | "human" | "length"}
+
+``text`` is the whole HH-format dialogue, which ``hhrlhf pm score`` scores and the data layer
+(:class:`hhrlhf.records.Dialogue`) parses.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import click
+
+from hhrlhf.errors import HHRLHFError
+
+_CHUNK = 256  # prompts read before sampling: bounded memory on endless stdin
+
+
+def _prompts(sources: tuple[str, ...], unique: bool) -> Iterator[tuple[str, Any]]:
+    """(prompt id, Dialogue of the prompt turns) for every input prompt, in order."""
+    from hhrlhf.commands.pm_score import _lines, parse_row
+    from hhrlhf.read import is_redteam_file, read_source_comparisons, resolve
+    from hhrlhf.records import Comparison, Dialogue
+
+    seen: set[str] = set()
+    for src in sources or ("-",):
+        path = Path(src)
+        is_rows = src != "-" and (not path.exists() or path.suffix == ".gz" and not
+                                  is_redteam_file(path) and _has_pairs(path))
+        if is_rows:
+            for source in resolve([src]):
+                if source.is_redteam:
+                    raise HHRLHFError("holds red-team transcripts, not preference rows",
+                                      source.path)
+                for c in read_source_comparisons(source):
+                    d = c.chosen_dialogue
+                    prompt = Dialogue(c.prompt, d.preamble)
+                    key = prompt.render()
+                    if unique and key in seen:
+                        continue
+                    seen.add(key)
+                    yield f"{source.name}:{c.index}", prompt
+            continue
+        where = "<stdin>" if src == "-" else src
+        for n, line in _lines(src):
+            row = parse_row(line, where, n)
+            if row["kind"] == "pair":
+                d = Comparison.from_strings(row["chosen"], row["rejected"]).chosen_dialogue
+            else:
+                text = row["text"]
+                if text.startswith(("Human:", "Assistant:")):  # a typed line: "Human: hi"
+                    text = "\n\n" + text
+                d = Dialogue.parse(text)
+            turns = d.turns[:-1] if d.turns and d.turns[-1].role == "assistant" else d.turns
+            yield str(row.get("id", n if len(sources) < 2 else f"{where}:{n}")), Dialogue(
+                turns, d.preamble)
+
+
+def _has_pairs(path: Path) -> bool:
+    from hhrlhf.read import iter_json_rows
+
+    try:
+        for _, obj in iter_json_rows(path):
+            return isinstance(obj, dict) and "chosen" in obj
+    except HHRLHFError:
+        return False
+    return False
+
+
+@click.command("generate")
+@click.argument("model", type=click.Path())
+@click.argument("sources", nargs=-1)
+@click.option("--n", "n", type=int, default=1, show_default=True, help="Samples per prompt.")
+@click.option("--temperature", type=float, default=1.0, show_default=True,
+              help="0 = greedy.")
+@click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus mass.")
+@click.option("--top-k", type=int, default=0, show_default=True, help="0 = no top-k.")
+@click.option("--max-new-tokens", type=int, default=128, show_default=True)
+@click.option("--max-prompt-length", type=int, default=512, show_default=True,
+              help="Prompt tokens kept (the end of the dialogue).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True,
+              help="Sequences decoded together (prompts x samples).")
+@click.option("--max-prompts", type=int, default=0, help="Stop after N prompts (0 = all).")
+@click.option("--all-rows", is_flag=True,
+              help="Sample every row's prompt, even one repeated in an earlier row.")
+@click.option("--output", "-o", type=click.Path(dir_okay=False),
+              help="Write here (atomically) instead of stdout.")
+@click.option("--threads", type=int, default=0, help="torch CPU threads (0: torch's default).")
+def generate(model: str, sources: tuple[str, ...], n: int, temperature: float, top_p: float,
+             top_k: int, max_new_tokens: int, max_prompt_length: int, seed: int,
+             batch_size: int, max_prompts: int, all_rows: bool, output: str | None,
+             threads: int) -> None:
+    """Sample N responses per prompt of SOURCES (subsets, files, or - for stdin) from the
+    policy in folder MODEL; the prefill of a prompt is computed once for its N samples.
+
+    \b
+    Examples:
+      hhrlhf generate runs/sft/model harmless-base/test --n 8 --max-prompts 100 -o samples.jsonl
+      echo 'Human: How do I bake bread?' | hhrlhf generate runs/dpo/model --temperature 0
+      hhrlhf generate runs/dpo/model harmless-base/test --n 4 | hhrlhf pm score runs/pm/model
+    """
+    for name, value, low in (("--n", n, 1), ("--max-new-tokens", max_new_tokens, 1),
+                             ("--batch-size", batch_size, 1), ("--max-prompts", max_prompts, 0),
+                             ("--top-k", top_k, 0), ("--max-prompt-length", max_prompt_length,
+                                                     4)):
+        if value < low:
+            raise HHRLHFError(f"{name} must be at least {low}")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise HHRLHFError("--temperature must be 0 or more and --top-p in (0, 1]")
+    if output is not None:
+        dest = Path(output).resolve()
+        if any(src != "-" and Path(src).exists() and Path(src).resolve() == dest
+               for src in sources):
+            raise HHRLHFError("refusing to write over an input", output)
+    from hhrlhf.pm.config import resolve_backbone
+
+    resolve_backbone(model)
+    for src in sources:
+        if src != "-" and not Path(src).exists():
+            from hhrlhf.read import resolve
+
+            resolve([src])
+
+    import torch
+
+    from hhrlhf.policy.encode import PolicyEncoder
+    from hhrlhf.policy.model import ASSISTANT_MARKER, Policy
+    from hhrlhf.policy.sample import Sampler
+
+    if threads:
+        torch.set_num_threads(threads)
+    policy = Policy.load(model)
+    if torch.cuda.is_available():
+        policy.net.to("cuda")
+    encoder = PolicyEncoder(policy.tokenizer, max_prompt_length + max_new_tokens)
+    sampler = Sampler(policy.net, policy.tokenizer)
+
+    def rows() -> Iterator[dict[str, Any]]:
+        chunk: list[tuple[str, Any]] = []
+        chunk_no = 0
+        for done, item in enumerate(_prompts(sources, unique=not all_rows), start=1):
+            chunk.append(item)
+            last = bool(max_prompts) and done >= max_prompts
+            if len(chunk) >= _CHUNK or last:
+                yield from sampled(chunk, chunk_no)
+                chunk, chunk_no = [], chunk_no + 1
+            if last:
+                return
+        if chunk:
+            yield from sampled(chunk, chunk_no)
+
+    def sampled(chunk: list[tuple[str, Any]], chunk_no: int) -> Iterator[dict[str, Any]]:
+        prompts, _ = encoder.encode_prompts([d for _, d in chunk], max_prompt_length)
+        samples = sampler.sample(prompts, n=n, max_new_tokens=max_new_tokens,
+                                 temperature=temperature, top_p=top_p, top_k=top_k,
+                                 seed=seed + chunk_no, batch_size=batch_size)
+        for s in samples:
+            pid, d = chunk[s.prompt_index]
+            yield {"id": f"{pid}/{s.sample_index}", "prompt_id": pid, "sample": s.sample_index,
+                   "text": d.render() + ASSISTANT_MARKER + s.text, "response": s.text,
+                   "stop": s.stop}
+
+    def write(fh: IO[str]) -> None:
+        for row in rows():
+            fh.write(json.dumps(row) + "\n")
+            fh.flush()
+
+    if output is None:
+        write(sys.stdout)
+        return
+    from hhrlhf.atomic import atomic_path
+
+    with atomic_path(output) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        write(fh)

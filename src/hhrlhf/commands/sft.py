@@ -1,0 +1,113 @@
+"""`hhrlhf sft`: supervised fine-tuning of a policy on chosen dialogues (assistant tokens only).
+
+Settings come from SFTConfig's defaults, then ``--config FILE`` (YAML/TOML/JSON), then the
+options below and ``--set key=value``. Everything is checked before torch is imported.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+
+def common_options(fn: Any) -> Any:
+    """The options ``hhrlhf sft`` and ``hhrlhf dpo`` share."""
+    for opt in reversed([
+        click.argument("sources", nargs=-1),
+        click.option("--config", "config_file", type=click.Path(dir_okay=False),
+                     help="YAML, TOML or JSON file of configuration keys."),
+        click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
+                     help="Set any configuration key (repeatable), e.g. --set lr=1e-4."),
+        click.option("--out", "out_dir", help="Run folder (checkpoints, metrics, model)."),
+        click.option("--policy", help="Starting policy: a causal LM folder (HH chat format)."),
+        click.option("--eval", "eval_data", multiple=True, help="Held-out source (repeatable)."),
+        click.option("--max-steps", type=int, help="Optimizer steps (default: one epoch)."),
+        click.option("--batch-size", type=int, help="Rows per step."),
+        click.option("--lr", type=float, help="Peak learning rate."),
+        click.option("--max-length", type=int, help="Tokens per sequence (the end is kept)."),
+        click.option("--resume", is_flag=True, help="Continue the run in --out."),
+        click.option("--quiet", "-q", is_flag=True, help="No progress bar."),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+def explicit_settings(sources: tuple[str, ...], assignments: tuple[str, ...],
+                      **options: Any) -> dict[str, Any]:
+    """Options given on the command line as configuration keys (``None`` = not given)."""
+    from hhrlhf.pm.config import parse_assignments
+
+    explicit: dict[str, Any] = {}
+    if sources:
+        explicit["data"] = list(sources)
+    for key, value in options.items():
+        if key == "eval_data":
+            value = list(value) or None
+        if key == "quiet":
+            key, value = "progress", (False if value else None)
+        if value is not None:
+            explicit[key] = value
+    explicit.update(parse_assignments(assignments))
+    return explicit
+
+
+def check_sources(config: Any) -> None:
+    """Fail on a bad source or run folder now, not after loading torch."""
+    from hhrlhf.read import resolve
+
+    resolve(config.data)
+    if config.eval_data:
+        resolve(config.eval_data)
+
+
+@click.command("sft")
+@common_options
+@click.option("--init", type=click.Choice(["tiny"]),
+              help="Build a tiny Llama-shaped policy and BPE tokenizer from the training data.")
+@click.option("--max-rows", type=int, help="Use the first N training rows.")
+def sft(sources: tuple[str, ...], config_file: str | None, assignments: tuple[str, ...],
+        resume: bool, **options: Any) -> None:
+    """Supervised fine-tuning on the chosen dialogues of SOURCES (default: the helpful
+    subsets' train splits); the loss on Assistant tokens only.
+
+    \b
+    Examples:
+      hhrlhf sft --init tiny --out runs/sft
+      hhrlhf sft harmless-base/test --init tiny --set holdout_folds=5 --out runs/sft
+      hhrlhf sft --policy my-llama --config sft.yaml --out runs/sft-llama
+      hhrlhf sft --out runs/sft --resume
+    """
+    from hhrlhf.policy.sft import CARD_WARNING, SFTConfig
+    from hhrlhf.runs import check_run_folder, resolve_config
+
+    config = resolve_config(SFTConfig, config_file,
+                            explicit_settings(sources, assignments, **options), resume)
+    check_run_folder(config.out_dir, resume)
+    check_sources(config)
+    if config.policy:
+        from hhrlhf.pm.config import resolve_backbone
+
+        resolve_backbone(config.policy)
+    click.echo(f"hhrlhf: note: {CARD_WARNING}", err=True)
+
+    from hhrlhf.policy.sft import train_sft
+
+    m = train_sft(config, resume=resume).metrics
+    if not m.get("main_process", True):
+        return
+    lines = [(f"trained {m['steps']:,} steps on {m['train_rows']:,} dialogues "
+              f"({m['skipped_rows']:,} skipped), {m['tokens_per_s']:,.0f} tokens/s"),
+             f"train loss {m['train_loss']:.4f} (mean of the last {min(m['steps'], 50)} steps)"]
+    if "eval_loss" in m:
+        lines.append(f"held-out loss {m['eval_loss']:.4f}, perplexity "
+                     f"{m['eval_perplexity']:.2f} on {m['eval_rows']:,} dialogues "
+                     f"({m['eval_tokens']:,} assistant tokens)")
+    if m["truncated_responses"]:
+        lines.append(f"note: {m['truncated_responses']:,} final responses longer than "
+                     f"max_length={config.max_length} were cut")
+    if config.out_dir:
+        lines.append(f"policy: {Path(config.out_dir) / 'model'}  "
+                     f"metrics: {Path(config.out_dir) / 'metrics.jsonl'}")
+    click.echo("\n".join(lines))

@@ -1,0 +1,201 @@
+"""A policy: any transformers causal LM folder whose tokenizer speaks the HH turn format.
+
+The HH format is the chat format: the tokenizer's chat template renders
+``[{"role": "user", ...}, {"role": "assistant", ...}]`` as ``"\\n\\nHuman: ...\\n\\nAssistant: ..."``
+and its generation prompt is ``"\\n\\nAssistant:"`` (the response starts with its own space, as
+in the published rows). :data:`HH_CHAT_TEMPLATE` is that template; :func:`check_chat_format`
+refuses a tokenizer that renders anything else.
+
+Offline there is no pretrained causal LM: :func:`init_tiny` builds a small Llama-shaped decoder
+and a byte-level BPE tokenizer trained on the given dialogues, saved as an ordinary transformers
+folder that :meth:`Policy.load` (and ``AutoModelForCausalLM``) loads.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hhrlhf.errors import HHRLHFError
+
+HUMAN_MARKER = "\n\nHuman:"
+ASSISTANT_MARKER = "\n\nAssistant:"
+EOS_TOKEN = "<|endoftext|>"
+
+# Renders the HH format; "system" text goes first as is (the rows' rare preamble).
+HH_CHAT_TEMPLATE = (
+    "{%- for m in messages -%}"
+    "{%- if m['role'] == 'user' or m['role'] == 'human' -%}{{ '\n\nHuman: ' + m['content'] }}"
+    "{%- elif m['role'] == 'assistant' -%}{{ '\n\nAssistant: ' + m['content'] }}"
+    "{%- else -%}{{ m['content'] }}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '\n\nAssistant:' }}{%- endif -%}"
+)
+
+_PROBE = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello."},
+          {"role": "user", "content": "Bye"}]
+
+
+def check_chat_format(tokenizer: Any, where: str | Path | None = None) -> None:
+    """Raise unless the tokenizer's chat template renders the HH turn format."""
+    fix = "(its chat_template must be hhrlhf.policy.HH_CHAT_TEMPLATE or render the same)"
+    if not getattr(tokenizer, "chat_template", None):
+        raise HHRLHFError(f"the tokenizer has no chat template, so not the HH chat format {fix}",
+                          where)
+    try:
+        got = tokenizer.apply_chat_template(_PROBE, tokenize=False)
+        prompt = tokenizer.apply_chat_template(_PROBE, tokenize=False,
+                                               add_generation_prompt=True)
+    except Exception as e:  # noqa: BLE001  # any template error is the folder's problem
+        raise HHRLHFError(f"the tokenizer's chat template fails: {' '.join(str(e).split())[:200]}",
+                          where) from None
+    want = "\n\nHuman: Hi there\n\nAssistant: Hello.\n\nHuman: Bye"
+    if got != want or prompt != want + ASSISTANT_MARKER:
+        raise HHRLHFError(f"the tokenizer's chat template renders {got[:60]!r}, not the HH chat "
+                          f"format {want[:40]!r}... {fix}", where)
+
+
+def _replace_dir(tmp: Path, folder: Path) -> None:
+    """Put ``tmp`` at ``folder`` by rename; an old folder there is moved aside first."""
+    old = None
+    if folder.exists():
+        old = folder.parent / f".{folder.name}.old-{os.getpid()}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(folder, old)
+    os.rename(tmp, folder)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+class Policy:
+    """A causal LM and its tokenizer. ``net`` is an ``AutoModelForCausalLM``."""
+
+    def __init__(self, net: Any, tokenizer: Any):
+        self.net = net
+        self.tokenizer = tokenizer
+        eos = tokenizer.eos_token_id
+        if eos is None:
+            raise HHRLHFError("the tokenizer has no end-of-sequence token (eos_token)")
+        self.eos_id = int(eos)
+        pad = tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else eos)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+    @property
+    def config(self) -> Any:
+        return self.net.config
+
+    @classmethod
+    def load(cls, path: str | Path, attn_implementation: str = "auto",
+             dtype: torch.dtype = torch.float32) -> Policy:
+        """Load a causal LM folder (or, online, a hub id); one-line errors for anything else."""
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        from hhrlhf.pm.config import resolve_backbone
+        from hhrlhf.pm.model import is_decoder_config, quiet_transformers
+
+        source = resolve_backbone(str(path))
+        try:
+            with quiet_transformers():
+                config = AutoConfig.from_pretrained(source)
+        except (OSError, ValueError, KeyError) as e:
+            raise HHRLHFError(f"cannot read the model config: {' '.join(str(e).split())[:200]}",
+                              path) from None
+        if getattr(config, "is_encoder_decoder", False) or not is_decoder_config(config):
+            raise HHRLHFError(f"not a causal language model ({config.model_type}); a policy "
+                              "needs a decoder such as Llama, GPT-2 or Qwen", path)
+        try:
+            with quiet_transformers():
+                tok = AutoTokenizer.from_pretrained(source)
+        except (OSError, ValueError, KeyError) as e:
+            raise HHRLHFError(f"cannot load the tokenizer: {' '.join(str(e).split())[:200]}",
+                              path) from None
+        check_chat_format(tok, path)
+        try:
+            with quiet_transformers():
+                net = AutoModelForCausalLM.from_pretrained(
+                    source, dtype=dtype,
+                    attn_implementation=None if attn_implementation == "auto"
+                    else attn_implementation)
+        except (OSError, ValueError, KeyError) as e:
+            raise HHRLHFError(f"cannot load the causal LM: {' '.join(str(e).split())[:200]}",
+                              path) from None
+        embedding: Any = net.get_input_embeddings()
+        rows = int(embedding.weight.shape[0])
+        if len(tok) > rows:
+            raise HHRLHFError(f"the tokenizer has {len(tok)} tokens, the model's embedding "
+                              f"{rows}", path)
+        return cls(net, tok)
+
+    def save(self, path: str | Path, state_dict: dict[str, Any] | None = None) -> None:
+        """An ordinary transformers folder (config, weights, tokenizer); atomic."""
+        from hhrlhf.pm.model import quiet_transformers
+
+        folder = Path(path)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        with quiet_transformers():
+            self.net.save_pretrained(tmp, state_dict=state_dict)
+            self.tokenizer.save_pretrained(tmp)
+        _replace_dir(tmp, folder)
+
+
+@dataclass(frozen=True)
+class TinyConfig:
+    """The shape of the offline starting policy (Llama-shaped, tied embeddings)."""
+
+    vocab_size: int = 4096
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 1024
+    seed: int = 0
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Any:
+    """A byte-level BPE tokenizer trained on ``texts`` with the HH chat template; the two role
+    markers are single tokens and ``<|endoftext|>`` ends a response."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS_TOKEN],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    tok.add_tokens([AddedToken(m, normalized=False) for m in (HUMAN_MARKER, ASSISTANT_MARKER)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS_TOKEN,
+                                   pad_token=EOS_TOKEN, model_max_length=1 << 30)
+    fast.chat_template = HH_CHAT_TEMPLATE
+    return fast
+
+
+def init_tiny(texts: Iterable[str], out: str | Path, config: TinyConfig | None = None
+              ) -> Policy:
+    """Build the tiny starting policy from training dialogues and save it at ``out``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = config or TinyConfig()
+    tok = train_tokenizer(texts, cfg.vocab_size)
+    shape = {k: v for k, v in asdict(cfg).items() if k not in ("seed", "vocab_size")}
+    lcfg = LlamaConfig(vocab_size=len(tok), tie_word_embeddings=True,
+                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                       bos_token_id=None, **shape)
+    torch.manual_seed(cfg.seed)
+    policy = Policy(LlamaForCausalLM(lcfg), tok)
+    policy.save(out)
+    return Policy.load(out)

@@ -1,0 +1,154 @@
+"""Sampling N responses per prompt with the prompt's prefill computed once.
+
+Prompts are batched (left-padded, positions counted from each prompt's first real token, as
+HF ``generate`` does); one forward pass fills their KV cache, which is then repeated N times in
+place (``Cache.batch_repeat_interleave``) so the N samples of a prompt share its prefill; then
+one token per step for all samples. ``model.generate(num_return_sequences=N)`` instead copies
+each prompt N times before the prefill and computes it N times.
+
+A sample ends at the end-of-sequence token, at the next ``"\\n\\nHuman:"`` (the policy starting
+the human's turn: cut from the text), or after ``max_new_tokens``. ``temperature=0`` is greedy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from hhrlhf.policy.model import HUMAN_MARKER
+
+
+@dataclass
+class Sample:
+    prompt_index: int
+    sample_index: int
+    tokens: list[int]  # generated ids, the stop token or marker included
+    text: str  # the response text: the stop marker and EOS cut, leading space kept
+    stop: str  # "eos", "human" or "length"
+
+
+def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float
+                  ) -> torch.Tensor:
+    """Logits with temperature applied and the top-k / nucleus tails set to -inf."""
+    logits = logits / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if 0 < top_p < 1:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the tokens ranked above it already hold top_p of the mass
+        drop = (probs.cumsum(-1) - probs) >= top_p
+        drop[:, 0] = False
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+class Sampler:
+    """Samples from a causal LM (``net``) with its tokenizer."""
+
+    def __init__(self, net: Any, tokenizer: Any):
+        self.net = net
+        self.tokenizer = tokenizer
+        self.eos_id = int(tokenizer.eos_token_id)
+        pad = tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else self.eos_id)
+        # each token's text, for spotting "\n\nHuman:" across token boundaries
+        vocab = len(tokenizer)
+        self.pieces = tokenizer.batch_decode([[i] for i in range(vocab)])
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+    def sample(self, prompts: Sequence[np.ndarray], n: int = 1, max_new_tokens: int = 128,
+               temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
+               batch_size: int = 64) -> list[Sample]:
+        """``n`` samples per prompt, ordered prompt by prompt: sample k of prompt i is at
+        ``i * n + k``. ``batch_size``: sequences decoded together (prompts * n)."""
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        per_batch = max(1, batch_size // n)
+        order = np.argsort([-len(p) for p in prompts], kind="stable")
+        out: list[Sample | None] = [None] * (len(prompts) * n)
+        was = self.net.training
+        self.net.eval()
+        try:
+            for at in range(0, len(order), per_batch):
+                idx = [int(i) for i in order[at: at + per_batch]]
+                for j, s in enumerate(self._batch([prompts[i] for i in idx], n, max_new_tokens,
+                                                  temperature, top_p, top_k, gen)):
+                    i, k = idx[j // n], j % n
+                    s.prompt_index, s.sample_index = i, k
+                    out[i * n + k] = s
+        finally:
+            self.net.train(was)
+        return [s for s in out if s is not None]
+
+    @torch.inference_mode()
+    def _batch(self, prompts: list[np.ndarray], n: int, max_new_tokens: int,
+               temperature: float, top_p: float, top_k: int, gen: torch.Generator
+               ) -> list[Sample]:
+        dev = self.device
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for j, p in enumerate(prompts):  # left padding: every prompt ends at the last column
+            ids[j, width - len(p):] = torch.from_numpy(np.asarray(p, dtype=np.int64))
+            mask[j, width - len(p):] = 1
+        ids, mask = ids.to(dev), mask.to(dev)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.net(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                       logits_to_keep=1)
+        cache = out.cache
+        logits = out.logits[:, -1].float()
+        if n > 1:  # the N samples of a prompt share its prefill
+            cache.batch_repeat_interleave(n)
+            logits = logits.repeat_interleave(n, dim=0)
+            mask = mask.repeat_interleave(n, dim=0)
+            pos = pos.repeat_interleave(n, dim=0)
+        rows = logits.shape[0]
+        next_pos = pos[:, -1] + 1
+        tokens: list[list[int]] = [[] for _ in range(rows)]
+        tails = [""] * rows
+        stop = ["length"] * rows
+        done = torch.zeros(rows, dtype=torch.bool, device=dev)
+        for step in range(max_new_tokens):
+            if temperature == 0:
+                nxt = logits.argmax(-1)
+            else:
+                probs = filter_logits(logits, temperature, top_k, top_p).softmax(-1)
+                nxt = torch.multinomial(probs, 1, generator=gen)[:, 0]
+            nxt = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
+            for r, t in enumerate(nxt.tolist()):
+                if done[r]:
+                    continue
+                tokens[r].append(t)
+                if t == self.eos_id:
+                    stop[r] = "eos"
+                    done[r] = True
+                    continue
+                tails[r] = (tails[r] + self.pieces[t])[-64:]
+                if HUMAN_MARKER in tails[r]:
+                    stop[r] = "human"
+                    done[r] = True
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, torch.ones((rows, 1), dtype=mask.dtype, device=dev)], 1)
+            out = self.net(input_ids=nxt[:, None], attention_mask=mask,
+                           position_ids=next_pos[:, None], cache=cache,
+                           use_cache=True)
+            cache = out.cache
+            logits = out.logits[:, -1].float()
+            next_pos = next_pos + 1
+        samples = []
+        for r in range(rows):
+            toks = tokens[r][:-1] if stop[r] == "eos" else tokens[r]
+            text = self.tokenizer.decode(toks, skip_special_tokens=False)
+            if stop[r] == "human":
+                text = text[: text.find(HUMAN_MARKER)]
+            samples.append(Sample(-1, -1, tokens[r], text, stop[r]))
+        return samples

@@ -1,0 +1,43 @@
+"""Helpers shared by the policy tests: a tiny policy built from the real file (BPE + Llama)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from hhrlhf.policy import Policy, TinyConfig, init_tiny
+from hhrlhf.read import read_comparisons
+from hhrlhf.records import Comparison
+
+# One torch thread in subprocesses: two threads on a shared 2-core machine wait on each other.
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+TINY = TinyConfig(vocab_size=600, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512)
+
+
+def first_rows(path: Path, n: int) -> list[Comparison]:
+    rows = []
+    for c in read_comparisons([path]):
+        rows.append(c)
+        if len(rows) >= n:
+            break
+    return rows
+
+
+def build_tiny(rows: list[Comparison], out: Path) -> Policy:
+    return init_tiny((c.chosen_raw for c in rows), out, TINY)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """One torch thread (imported by each policy test module, where it applies to every test):
+    on a shared 2-core machine two threads waiting on each other make tiny models slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -1,0 +1,118 @@
+"""Sampling: shared-prefill greedy equals HF generate; N samples per prompt; the command's
+JSON Lines are read by `hhrlhf pm score` and the data layer."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from policy_support import (
+    ENV,
+    build_tiny,
+    first_rows,
+    one_thread,  # noqa: F401  # autouse
+)
+
+from hhrlhf.policy import Policy
+from hhrlhf.policy.encode import PolicyEncoder
+from hhrlhf.policy.sample import Sampler, filter_logits
+from hhrlhf.records import Dialogue
+
+
+@pytest.fixture(scope="module")
+def tiny(real_file: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Policy, Path]:
+    folder = tmp_path_factory.mktemp("gen") / "tiny"
+    policy = build_tiny(first_rows(real_file, 300), folder)
+    # an LM head of its own (random, untied): with tied random weights greedy decoding
+    # repeats one token, which would test little
+    torch.manual_seed(3)
+    net = policy.net
+    net.config.tie_word_embeddings = False
+    net.lm_head.weight = torch.nn.Parameter(torch.randn_like(net.lm_head.weight))
+    policy.save(folder)
+    return policy, folder
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_shared_prefill_greedy_equals_hf_generate(tiny: tuple[Policy, Path], real_file: Path,
+                                                  attn: str) -> None:
+    policy = Policy.load(tiny[1], attn_implementation=attn)
+    rows = first_rows(real_file, 5)
+    prompts, _ = PolicyEncoder(policy.tokenizer, 256).encode_prompts(
+        [c.chosen_dialogue for c in rows], 200)
+    assert len({len(p) for p in prompts}) > 2  # different lengths: left padding is exercised
+    samples = Sampler(policy.net, policy.tokenizer).sample(prompts, n=3, max_new_tokens=24,
+                                                           temperature=0, batch_size=9)
+    assert [(s.prompt_index, s.sample_index) for s in samples] == [
+        (i, k) for i in range(5) for k in range(3)]
+    for i, p in enumerate(prompts):
+        ours = [s.tokens for s in samples[3 * i: 3 * i + 3]]
+        assert ours[0] == ours[1] == ours[2]
+        hf = policy.net.generate(torch.from_numpy(p[None].astype(np.int64)), do_sample=False,
+                                 max_new_tokens=24, eos_token_id=policy.eos_id,
+                                 pad_token_id=policy.pad_id)[0, len(p):].tolist()
+        assert ours[0] == hf[: len(ours[0])]  # ours may stop earlier, at "\n\nHuman:"
+        assert len(set(hf)) > 3
+        if samples[3 * i].stop == "length":
+            assert len(ours[0]) == 24
+
+
+def test_sampling_is_seeded_and_filters_tails(tiny: tuple[Policy, Path]) -> None:
+    policy = tiny[0]
+    prompts, _ = PolicyEncoder(policy.tokenizer, 64).encode_prompts(
+        [Dialogue.parse("\n\nHuman: hi there")], 32)
+    sampler = Sampler(policy.net, policy.tokenizer)
+    a = sampler.sample(prompts, n=4, max_new_tokens=10, seed=5)
+    b = sampler.sample(prompts, n=4, max_new_tokens=10, seed=5)
+    assert [s.tokens for s in a] == [s.tokens for s in b]
+    assert len({tuple(s.tokens) for s in a}) > 1  # the 4 samples differ
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
+    assert torch.isinf(filter_logits(logits, 1.0, 2, 1.0)).tolist() == [[False, False, True,
+                                                                         True]]
+    p = logits.softmax(-1)[0]
+    kept = ~torch.isinf(filter_logits(logits, 1.0, 0, float(p[0] + 0.01)))
+    assert kept.tolist() == [[True, True, False, False]]
+
+
+def test_generate_command_feeds_pm_score(tiny: tuple[Policy, Path], real_file: Path,
+                                         tmp_path: Path) -> None:
+    out = tmp_path / "samples.jsonl"
+    r = subprocess.run([sys.executable, "-m", "hhrlhf.cli", "generate", str(tiny[1]),
+                        str(real_file), "--n", "3", "--max-prompts", "4", "--max-new-tokens",
+                        "12", "--seed", "1", "-o", str(out)], env=ENV, capture_output=True,
+                       text=True, check=False)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(rows) == 12
+    assert [r["sample"] for r in rows[:3]] == [0, 1, 2]
+    first = first_rows(real_file, 1)[0]
+    assert rows[0]["prompt_id"].endswith(":0")
+    d = Dialogue.parse(rows[0]["text"])
+    assert d.turns[:-1] == first.prompt and d.turns[-1].role == "assistant"
+    assert rows[0]["text"].endswith(rows[0]["response"])
+    # `hhrlhf pm score` reads them (a lexical PM: quick to train here)
+    from hhrlhf.pm.lexical import LexicalPreferenceModel
+
+    pm_dir = tmp_path / "pm"
+    LexicalPreferenceModel.fit(first_rows(real_file, 200)).save(pm_dir)
+    scored = subprocess.run([sys.executable, "-m", "hhrlhf.cli", "pm", "score", str(pm_dir),
+                             str(out)], env=ENV, capture_output=True, text=True, check=True)
+    scores = [json.loads(x) for x in scored.stdout.splitlines()]
+    assert [s["id"] for s in scores] == [r["id"] for r in rows]
+    # stdin, greedy: a typed line is a prompt
+    r = subprocess.run([sys.executable, "-m", "hhrlhf.cli", "generate", str(tiny[1]),
+                        "--temperature", "0", "--max-new-tokens", "5"],
+                       input="Human: How do I bake bread?\n", env=ENV, capture_output=True,
+                       text=True, check=True)
+    row = json.loads(r.stdout)
+    assert row["text"].startswith("\n\nHuman: How do I bake bread?\n\nAssistant:")
+    # refusing to write over an input
+    bad = subprocess.run([sys.executable, "-m", "hhrlhf.cli", "generate", str(tiny[1]),
+                          str(out), "-o", str(out)], env=ENV, capture_output=True, text=True,
+                         check=False)
+    assert bad.returncode == 2 and "refusing to write over an input" in bad.stderr
