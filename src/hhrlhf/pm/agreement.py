@@ -202,8 +202,9 @@ class AgreementResult:
         lines = [
             f"model: {self.model_path} ({self.model_kind})",
             f"source: {self.source} ({self.rows_in_source:,} rows, {sampled})",
-            f"scored: {self.rows_scored:,} transcripts, {self.prefixes:,} prefixes ending after "
-            "an Assistant turn; a transcript's score is the minimum over its prefixes",
+            (f"scored: {self.rows_scored:,} transcripts, {self.prefixes:,} prefixes ending "
+             "after an Assistant turn"),
+            "hhrlhf score of a transcript: the minimum over its prefixes (as the published one)",
         ]
         if self.skipped_no_assistant:
             lines.append(f"left out: {self.skipped_no_assistant:,} transcripts without an "
