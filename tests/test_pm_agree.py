@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from redteam_gen import GroundTruth, write_cached_redteam_file, write_redteam_file
 from scipy import stats as sps
 
 from hhrlhf.errors import HHRLHFError
@@ -28,7 +29,6 @@ from hhrlhf.pm.agreement import (
 from hhrlhf.pm.lexical import LexicalPreferenceModel
 from hhrlhf.read import read_comparisons, read_redteam
 from hhrlhf.records import Comparison, Dialogue, RedTeamAttempt
-from redteam_gen import GroundTruth, write_cached_redteam_file, write_redteam_file
 
 ROOT = Path(__file__).resolve().parents[1]
 HHRLHF = ROOT / ".venv" / "bin" / "hhrlhf"
@@ -277,7 +277,7 @@ def test_cli_reads_the_cached_file(lex_dir: Path, cache: Path) -> None:
     proc = run_cli(str(lex_dir), "--json", "-q", env={**env, "HHRLHF_PINS": str(pins)})
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
-    assert out["source"] == "red-team-attempts" and out["rows_in_source"] == 150
+    assert out["source"] == "red-team-attempts" and out["rows_in_source"] == gt.n == 150
 
 
 def _one_line_error(proc: subprocess.CompletedProcess[str], needle: str) -> str:
