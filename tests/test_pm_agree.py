@@ -267,6 +267,38 @@ def test_cli_json_and_figure(lex_dir: Path, redteam_file: GroundTruth,
         assert label in proc.stdout
 
 
+def test_cli_scores_file(lex_dir: Path, redteam_file: GroundTruth,
+                         harmless_lexical: LexicalPreferenceModel, tmp_path: Path) -> None:
+    scores = tmp_path / "scores.jsonl"
+    proc = run_cli(str(lex_dir), str(redteam_file.path), "--scores", str(scores), "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert f"scores: {scores}" in proc.stdout
+    rows = [json.loads(line) for line in scores.read_text().splitlines()]
+    ours, pub, kept = _independent(harmless_lexical, redteam_file.rows)
+    assert len(rows) == len(kept)
+    assert [r["hhrlhf_min_score"] for r in rows] == pytest.approx(ours.tolist(), abs=1e-12)
+    assert [r["min_harmlessness_score_transcript"] for r in rows] == pub.tolist()
+    by_index = {i: r for i, r in enumerate(redteam_file.rows)}
+    for r in rows[:20]:
+        src = by_index[r["index"]]
+        assert (r["model_type"], r["num_params"], r["rating"]) == (
+            src["model_type"], src["num_params"], src["rating"])
+        assert r["prefixes"] == str(src["transcript"]).count("\n\nAssistant:")
+        assert r["line"] > 1  # the line of the row's object in the JSON array
+    # A second run may replace its own scores file; never someone else's file.
+    again = run_cli(str(lex_dir), str(redteam_file.path), "--scores", str(scores), "-q",
+                    "--max-rows", "50")
+    assert again.returncode == 0, again.stderr
+    assert len(scores.read_text().splitlines()) <= 50
+    other = tmp_path / "other.jsonl"
+    other.write_text('{"text": "mine"}\n')
+    _one_line_error(run_cli(str(lex_dir), str(redteam_file.path), "--scores", str(other)),
+                    "not a scores file of `hhrlhf pm agree`")
+    assert other.read_text() == '{"text": "mine"}\n'
+    _one_line_error(run_cli(str(lex_dir), str(redteam_file.path), "--scores",
+                            str(redteam_file.path)), "would overwrite an input")
+
+
 def test_cli_reads_the_cached_file(lex_dir: Path, cache: Path) -> None:
     env = {**ENV, "HHRLHF_CACHE": str(cache)}
     proc = run_cli(str(lex_dir), "-q", env=env)

@@ -30,6 +30,31 @@ def _check_plot_target(plot: Path, inputs: list[Path]) -> None:
                 raise HHRLHFError("exists and is not a PNG; refusing to overwrite it", plot)
 
 
+def _check_scores_target(path: Path, inputs: list[Path]) -> None:
+    """Refuse a --scores path whose folder is missing, that is an input, or that holds a file
+    other than an earlier --scores file (its first line an object with the hhrlhf score)."""
+    from hhrlhf.pm.agreement import SCORES_KEY
+
+    if not path.parent.is_dir():
+        raise HHRLHFError("the folder for the scores does not exist", path.parent)
+    if path.is_dir():
+        raise HHRLHFError("is a directory; --scores takes a file path", path)
+    for inp in inputs:
+        if inp.exists() and path.exists() and path.samefile(inp):
+            raise HHRLHFError("--scores would overwrite an input", path)
+    if path.exists() and path.stat().st_size:
+        with open(path, "rb") as fh:
+            first = fh.readline(1 << 20)
+        try:
+            obj = json.loads(first)
+        except ValueError:
+            obj = None
+        ours = isinstance(obj, dict) and SCORES_KEY in obj
+        if not ours:
+            raise HHRLHFError("exists and is not a scores file of `hhrlhf pm agree`; "
+                              "refusing to overwrite it", path)
+
+
 @click.command("agree")
 @click.argument("model", metavar="MODEL")
 @click.argument("source", required=False, default=REDTEAM_SUBSET,
@@ -40,13 +65,17 @@ def _check_plot_target(plot: Path, inputs: list[Path]) -> None:
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write a figure (PNG): hhrlhf score against the published score, and rho "
                    "per model type and size.")
+@click.option("--scores", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write one JSON line per scored transcript (index, line, model type, size, "
+                   "rating, published and hhrlhf score).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON object.")
 @click.option("--min-rows", type=click.IntRange(4), default=10, show_default=True,
               help="A group with fewer rows gets its n and no rho.")
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def agree(model: str, source: str, max_rows: int, seed: int, plot: Path | None, as_json: bool,
-          min_rows: int, batch_size: int, quiet: bool) -> None:
+def agree(model: str, source: str, max_rows: int, seed: int, plot: Path | None,
+          scores: Path | None, as_json: bool, min_rows: int, batch_size: int,
+          quiet: bool) -> None:
     """Agreement of MODEL with Anthropic's preference model on the red-team transcripts.
 
     Each transcript is scored as Anthropic scored it: every prefix ending after an Assistant
@@ -56,12 +85,16 @@ def agree(model: str, source: str, max_rows: int, seed: int, plot: Path | None, 
     interval. MODEL is a saved preference model folder (neural or lexical); the data is the
     cached red-team file (`hhrlhf fetch red-team-attempts`) or a path.
     """
+    from hhrlhf.atomic import write_text
     from hhrlhf.pm.agreement import agreement, plot_agreement
     from hhrlhf.pm.base import load
     from hhrlhf.redteam.analysis import read_attempts
 
+    inputs = [Path(source), Path(model)]
     if plot is not None:
-        _check_plot_target(plot, [Path(source), Path(model)])
+        _check_plot_target(plot, inputs)
+    if scores is not None:
+        _check_scores_target(scores, inputs + ([plot] if plot else []))
     pm = load(model)
     attempts = read_attempts(source, progress=not quiet)
     if not attempts:
@@ -71,11 +104,17 @@ def agree(model: str, source: str, max_rows: int, seed: int, plot: Path | None, 
                        progress=not quiet)
     if plot is not None:
         plot_agreement(result, plot)
+    if scores is not None:
+        write_text(scores, "".join(json.dumps(r, allow_nan=False) + "\n"
+                                   for r in result.score_rows()))
     if as_json:
         out = result.to_json()
         out["plot"] = None if plot is None else str(plot)
+        out["scores"] = None if scores is None else str(scores)
         click.echo(json.dumps(out, indent=2, allow_nan=False))
         return
     click.echo(result.format_table())
     if plot is not None:
         click.echo(f"figure: {plot}")
+    if scores is not None:
+        click.echo(f"scores: {scores}")

@@ -28,6 +28,7 @@ from hhrlhf.records import ASSISTANT, Dialogue, RedTeamAttempt
 from hhrlhf.redteam.analysis import MODEL_TYPE_LABELS, MODEL_TYPE_ORDER
 
 PUBLISHED_SCORE = "min_harmlessness_score_transcript"
+SCORES_KEY = "hhrlhf_min_score"  # the hhrlhf score's name in a --scores file
 MIN_ROWS_FOR_RHO = 10  # below this a group reports its n and no rho
 _CHUNK = 512  # prefixes per call to PreferenceModel.score, so that the progress bar moves
 _Z95 = 1.959963984540054
@@ -142,9 +143,9 @@ def spearman_agreement(ours: np.ndarray, published: np.ndarray, by: str, group: 
 class AgreementResult:
     """The agreement of one hhrlhf PM with Anthropic's on red-team transcripts.
 
-    The arrays hold one entry per scored transcript (rows with at least one Assistant turn),
-    in file order: its index in the file, the hhrlhf score (minimum over its prefixes), the
-    published score, its model type and size.
+    ``attempts`` and the arrays hold one entry per scored transcript (rows with at least one
+    Assistant turn), in file order: the row, its index in the file, its number of prefixes, the
+    hhrlhf score (minimum over its prefixes), the published score, its model type and size.
     """
 
     model_path: str
@@ -155,7 +156,9 @@ class AgreementResult:
     seed: int
     skipped_no_assistant: int  # sampled rows with no Assistant turn: nothing to score
     prefixes: int
+    attempts: list[RedTeamAttempt]
     row_index: np.ndarray
+    prefix_count: np.ndarray
     hhrlhf_score: np.ndarray
     published_score: np.ndarray
     model_type: np.ndarray
@@ -194,6 +197,16 @@ class AgreementResult:
             "by_num_params": [g.to_json() for g in self.by_size],
         }
 
+    def score_rows(self) -> list[dict[str, Any]]:
+        """One JSON object per scored transcript: where it is in the file, its group, the
+        red-teamer's rating, the published and the hhrlhf score (``--scores`` writes these)."""
+        return [
+            {"index": a.index, "line": a.line, "model_type": a.model_type,
+             "num_params": a.num_params, "rating": a.rating, "prefixes": int(k),
+             PUBLISHED_SCORE: a.min_harmlessness_score_transcript, SCORES_KEY: float(ours)}
+            for a, k, ours in zip(self.attempts, self.prefix_count, self.hhrlhf_score)
+        ]
+
     def format_table(self) -> str:
         from hhrlhf.redteam.text import table
 
@@ -214,8 +227,8 @@ class AgreementResult:
         def row(label: str, g: GroupAgreement) -> list[object]:
             if g.rho is None:
                 return [label, f"{g.n:,}", "n/a", "n/a", "n/a"]
-            return [label, f"{g.n:,}", f"{g.rho:+.3f}", f"[{g.ci_low:+.3f}, {g.ci_high:+.3f}]",
-                    f"{g.p_value:.1e}"]
+            p = "<1e-300" if (g.p_value or 0.0) < 1e-300 else f"{g.p_value:.1e}"
+            return [label, f"{g.n:,}", f"{g.rho:+.3f}", f"[{g.ci_low:+.3f}, {g.ci_high:+.3f}]", p]
 
         rows = [row("all", self.overall)]
         rows += [row(f"model type: {g.group}", g) for g in self.by_model_type]
@@ -283,7 +296,9 @@ def agreement(
         seed=seed,
         skipped_no_assistant=len(sample) - len(kept),
         prefixes=int(counts.sum()),
+        attempts=kept,
         row_index=np.array([a.index for a in kept], dtype=np.int64),
+        prefix_count=counts[keep],
         hhrlhf_score=hh,
         published_score=pub,
         model_type=types,
