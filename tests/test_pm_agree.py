@@ -297,6 +297,9 @@ def test_cli_scores_file(lex_dir: Path, redteam_file: GroundTruth,
     assert other.read_text() == '{"text": "mine"}\n'
     _one_line_error(run_cli(str(lex_dir), str(redteam_file.path), "--scores",
                             str(redteam_file.path)), "would overwrite an input")
+    _one_line_error(run_cli(str(lex_dir), str(redteam_file.path), "--scores",
+                            str(tmp_path / "both"), "--plot", str(tmp_path / "both")),
+                    "--plot and --scores name the same file")
 
 
 def test_cli_reads_the_cached_file(lex_dir: Path, cache: Path) -> None:

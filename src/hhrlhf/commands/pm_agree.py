@@ -94,7 +94,9 @@ def agree(model: str, source: str, max_rows: int, seed: int, plot: Path | None,
     if plot is not None:
         _check_plot_target(plot, inputs)
     if scores is not None:
-        _check_scores_target(scores, inputs + ([plot] if plot else []))
+        if plot is not None and scores.resolve() == plot.resolve():
+            raise HHRLHFError("--plot and --scores name the same file", scores)
+        _check_scores_target(scores, inputs)
     pm = load(model)
     attempts = read_attempts(source, progress=not quiet)
     if not attempts:
