@@ -262,7 +262,7 @@ def test_cli_json_and_figure(lex_dir: Path, redteam_file: GroundTruth,
     proc = run_cli(str(lex_dir), str(redteam_file.path), "--max-rows", "100", "--seed", "2",
                    "-q")
     assert proc.returncode == 0, proc.stderr
-    assert "100 sampled (seed 2)" in proc.stdout
+    assert "400 rows; 100 sampled, seed 2" in proc.stdout
     for label in ("all", "model type: rlhf", "size: 52B"):
         assert label in proc.stdout
 

@@ -210,11 +210,11 @@ class AgreementResult:
     def format_table(self) -> str:
         from hhrlhf.redteam.text import table
 
-        sampled = (f"{self.rows_sampled:,} sampled (seed {self.seed})"
+        sampled = (f"{self.rows_sampled:,} sampled, seed {self.seed}"
                    if self.rows_sampled < self.rows_in_source else "all")
         lines = [
             f"model: {self.model_path} ({self.model_kind})",
-            f"source: {self.source} ({self.rows_in_source:,} rows, {sampled})",
+            f"source: {self.source} ({self.rows_in_source:,} rows; {sampled})",
             (f"scored: {self.rows_scored:,} transcripts, {self.prefixes:,} prefixes ending "
              "after an Assistant turn"),
             "hhrlhf score of a transcript: the minimum over its prefixes (as the published one)",
