@@ -14,6 +14,7 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "eval": ("hhrlhf.commands.pm_eval", "eval_", "Accuracy, calibration and baselines."),
     "score": ("hhrlhf.commands.pm_score", "score", "Score dialogues from a file or stdin."),
     "cv": ("hhrlhf.commands.pm_eval", "cv", "K-fold cross-validation against the baselines."),
+    "agree": ("hhrlhf.commands.pm_agree", "agree", "Rank agreement with Anthropic's PM on red-team data."),
 }
 
 

@@ -1,0 +1,122 @@
+"""`hhrlhf pm agree`: how well a preference model ranks the red-team transcripts as Anthropic's
+PM did (Spearman's rho with ``min_harmlessness_score_transcript``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from hhrlhf.errors import HHRLHFError
+from hhrlhf.registry import REDTEAM_SUBSET
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _check_plot_target(plot: Path, inputs: list[Path]) -> None:
+    """Refuse a plot path whose folder is missing, that is one of the inputs, or that holds a
+    file other than a PNG (hhrlhf writes PNGs there; anything else is someone's file)."""
+    if not plot.parent.is_dir():
+        raise HHRLHFError("the folder for the plot does not exist", plot.parent)
+    if plot.is_dir():
+        raise HHRLHFError("is a directory; --plot takes a PNG file path", plot)
+    for inp in inputs:
+        if inp.exists() and plot.exists() and plot.samefile(inp):
+            raise HHRLHFError("--plot would overwrite an input", plot)
+    if plot.exists():
+        with open(plot, "rb") as fh:
+            if fh.read(8) != PNG_MAGIC:
+                raise HHRLHFError("exists and is not a PNG; refusing to overwrite it", plot)
+
+
+def _check_scores_target(path: Path, inputs: list[Path]) -> None:
+    """Refuse a --scores path whose folder is missing, that is an input, or that holds a file
+    other than an earlier --scores file (its first line an object with the hhrlhf score)."""
+    from hhrlhf.pm.agreement import SCORES_KEY
+
+    if not path.parent.is_dir():
+        raise HHRLHFError("the folder for the scores does not exist", path.parent)
+    if path.is_dir():
+        raise HHRLHFError("is a directory; --scores takes a file path", path)
+    for inp in inputs:
+        if inp.exists() and path.exists() and path.samefile(inp):
+            raise HHRLHFError("--scores would overwrite an input", path)
+    if path.exists() and path.stat().st_size:
+        with open(path, "rb") as fh:
+            first = fh.readline(1 << 20)
+        try:
+            obj = json.loads(first)
+        except ValueError:
+            obj = None
+        ours = isinstance(obj, dict) and SCORES_KEY in obj
+        if not ours:
+            raise HHRLHFError("exists and is not a scores file of `hhrlhf pm agree`; "
+                              "refusing to overwrite it", path)
+
+
+@click.command("agree")
+@click.argument("model", metavar="MODEL")
+@click.argument("source", required=False, default=REDTEAM_SUBSET,
+                metavar="[red-team-attempts|PATH]")
+@click.option("--max-rows", type=click.IntRange(0), default=0,
+              help="Score a seeded random sample of N transcripts (0 = all).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sample.")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write a figure (PNG): hhrlhf score against the published score, and rho "
+                   "per model type and size.")
+@click.option("--scores", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write one JSON line per scored transcript (index, line, model type, size, "
+                   "rating, published and hhrlhf score).")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON object.")
+@click.option("--min-rows", type=click.IntRange(4), default=10, show_default=True,
+              help="A group with fewer rows gets its n and no rho.")
+@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def agree(model: str, source: str, max_rows: int, seed: int, plot: Path | None,
+          scores: Path | None, as_json: bool, min_rows: int, batch_size: int,
+          quiet: bool) -> None:
+    """Agreement of MODEL with Anthropic's preference model on the red-team transcripts.
+
+    Each transcript is scored as Anthropic scored it: every prefix ending after an Assistant
+    turn is a dialogue MODEL scores, and the transcript's score is the minimum (lower = more
+    harmful). Reported: Spearman's rho between that score and the file's
+    min_harmlessness_score_transcript, overall, per model type and per size, with a 95%
+    interval. MODEL is a saved preference model folder (neural or lexical); the data is the
+    cached red-team file (`hhrlhf fetch red-team-attempts`) or a path.
+    """
+    from hhrlhf.atomic import write_text
+    from hhrlhf.pm.agreement import agreement, plot_agreement
+    from hhrlhf.pm.base import load
+    from hhrlhf.redteam.analysis import read_attempts
+
+    inputs = [Path(source), Path(model)]
+    if plot is not None:
+        _check_plot_target(plot, inputs)
+    if scores is not None:
+        if plot is not None and scores.resolve() == plot.resolve():
+            raise HHRLHFError("--plot and --scores name the same file", scores)
+        _check_scores_target(scores, inputs)
+    pm = load(model)
+    attempts = read_attempts(source, progress=not quiet)
+    if not attempts:
+        raise HHRLHFError("no red-team attempts in the file", source)
+    result = agreement(pm, attempts, model_path=model, source=source, max_rows=max_rows,
+                       seed=seed, batch_size=batch_size, min_rows=min_rows,
+                       progress=not quiet)
+    if plot is not None:
+        plot_agreement(result, plot)
+    if scores is not None:
+        write_text(scores, "".join(json.dumps(r, allow_nan=False) + "\n"
+                                   for r in result.score_rows()))
+    if as_json:
+        out = result.to_json()
+        out["plot"] = None if plot is None else str(plot)
+        out["scores"] = None if scores is None else str(scores)
+        click.echo(json.dumps(out, indent=2, allow_nan=False))
+        return
+    click.echo(result.format_table())
+    if plot is not None:
+        click.echo(f"figure: {plot}")
+    if scores is not None:
+        click.echo(f"scores: {scores}")
