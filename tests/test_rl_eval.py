@@ -26,14 +26,15 @@ from policy_support import (
 )
 from redteam_gen import write_redteam_file
 
-from hhrlhf.cli import main
+from hhrlhf.cli import COMMANDS, main
 from hhrlhf.errors import HHRLHFError
 from hhrlhf.pm.lexical import LexicalConfig, LexicalPreferenceModel
 from hhrlhf.policy import Policy
 from hhrlhf.rl.evaluation import compare_scores, elo, fit_line, read_curve, read_run
 
 HHRLHF = str(Path(sys.executable).parent / "hhrlhf")
-CMD = ["rl-eval"]  # becomes ["rl", "eval"] once `hhrlhf rl` is a group
+# `hhrlhf rl eval` once `hhrlhf rl` is registered; until then the temporary `hhrlhf rl-eval`
+CMD = ["rl", "eval"] if "rl" in COMMANDS else ["rl-eval"]
 
 # (step, kl, reward): reward grows like sqrt(KL), with noise; one negative KL estimate
 KLS = [-0.002, 0.01, 0.03, 0.05, 0.09, 0.14, 0.2, 0.27, 0.35, 0.44]
@@ -63,7 +64,7 @@ def parts(real_file: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
     LexicalPreferenceModel.fit(rows[600:], config).save(heldout)
     redteam = root / "redteam.json.gz"
     write_redteam_file(redteam, n=100, seed=1)
-    return {"root": root, "initial": initial, "perturbed": perturbed, "pm": pm,
+    return {"root": root, "real_file": real_file, "initial": initial, "perturbed": perturbed, "pm": pm,
             "heldout": heldout, "redteam": redteam}
 
 
@@ -73,8 +74,8 @@ def make_run(folder: Path, parts: dict[str, Path], final: str = "initial") -> Pa
     shutil.copytree(parts[final], folder / "model")
     (folder / "config.json").write_text(json.dumps({
         "policy": str(parts["initial"]), "pm": str(parts["pm"]), "algo": "rloo",
-        "data": ["harmless-base/test"], "seed": 0, "max_new_tokens": 8,
-        "max_prompt_length": 96}))
+        "data": [str(parts["real_file"])], "seed": 0, "max_new_tokens": 8, "max_length": 104,
+        "temperature": 1.0, "top_p": 1.0, "top_k": 0}))
     with open(folder / "metrics.jsonl", "w") as fh:
         for step, (kl, reward) in enumerate(zip(KLS, REWARDS), start=1):
             fh.write(json.dumps({"step": step, "reward_mean": reward, "kl": kl,
@@ -137,9 +138,11 @@ def test_identical_policy_greedy_gives_half(parts: dict[str, Path], tmp_path: Pa
                               str(parts["redteam"]), "--max-redteam", "5", "--temperature", "0",
                               "--json"], capsys)
     assert code == 0, err
+    assert "note: --prompts names data the run was trained on" in err
     doc = json.loads(out)
     assert doc["win_rate"]["prompts"] == 6 and doc["redteam"]["prompts"] == 5
-    assert doc["sampling"]["max_new_tokens"] == 8  # from the run's config
+    # from the run's config: max_new_tokens, and max_length less that for the prompt
+    assert doc["sampling"]["max_new_tokens"] == 8 and doc["sampling"]["max_prompt_length"] == 96
     for section in ("win_rate", "redteam"):
         assert [p["pm"] for p in doc[section]["pms"]] == ["trained", "held-out"]
         for p in doc[section]["pms"]:
@@ -195,7 +198,7 @@ def test_curve_only_without_prompts(parts: dict[str, Path], tmp_path: Path,
 def one_line_error(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
     code, out, err = run_cli(args, capsys)
     assert code == 2 and out == ""
-    lines = err.strip().splitlines()
+    lines = [line for line in err.strip().splitlines() if not line.startswith("hhrlhf: note:")]
     assert len(lines) == 1 and lines[0].startswith("hhrlhf: error: "), err
     return lines[0]
 

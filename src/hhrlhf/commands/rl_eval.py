@@ -31,12 +31,14 @@ from hhrlhf.errors import HHRLHFError
               help="The initial policy, if it moved (default: the run config's `policy`).")
 @click.option("--temperature", type=float, default=None,
               help="Sampling temperature, 0 = greedy [default: the run's, else 1.0].")
-@click.option("--top-p", type=float, default=1.0, show_default=True)
-@click.option("--top-k", type=int, default=0, show_default=True, help="0 = no top-k.")
+@click.option("--top-p", type=float, default=None, help="[default: the run's, else 1.0]")
+@click.option("--top-k", type=int, default=None,
+              help="0 = no top-k [default: the run's, else 0].")
 @click.option("--max-new-tokens", type=int, default=None,
               help="[default: the run's, else 128]")
 @click.option("--max-prompt-length", type=int, default=None,
-              help="Prompt tokens kept (the end) [default: the run's, else 512].")
+              help="Prompt tokens kept (the end) [default: the run's max_length minus "
+                   "max_new_tokens, else 512].")
 @click.option("--batch-size", type=int, default=64, show_default=True,
               help="Sequences sampled together.")
 @click.option("--bootstrap", type=int, default=1000, show_default=True,
@@ -51,7 +53,8 @@ from hhrlhf.errors import HHRLHFError
 @click.option("--threads", type=int, default=0, help="torch CPU threads (0: torch's default).")
 def rl_eval(run: str, prompt_sources: tuple[str, ...], max_prompts: int, heldout_pm: str | None,
             redteam: str | None, max_redteam: int, pm_override: str | None,
-            initial_override: str | None, temperature: float | None, top_p: float, top_k: int,
+            initial_override: str | None, temperature: float | None, top_p: float | None,
+            top_k: int | None,
             max_new_tokens: int | None, max_prompt_length: int | None, batch_size: int,
             bootstrap: int, seed: int, as_json: bool, output: str | None, plot: str | None,
             threads: int) -> None:
@@ -77,11 +80,9 @@ def rl_eval(run: str, prompt_sources: tuple[str, ...], max_prompts: int, heldout
 
     for name, value, low in (("--max-prompts", max_prompts, 0), ("--max-redteam", max_redteam, 0),
                              ("--batch-size", batch_size, 1), ("--bootstrap", bootstrap, 0),
-                             ("--top-k", top_k, 0), ("--threads", threads, 0)):
+                             ("--threads", threads, 0)):
         if value < low:
             raise HHRLHFError(f"{name} must be at least {low}")
-    if not 0 < top_p <= 1:
-        raise HHRLHFError("--top-p must be in (0, 1]")
     if heldout_pm is not None and not prompt_sources and redteam is None:
         raise HHRLHFError("--heldout-pm needs prompts to compare on: --prompts or --redteam")
     rl_run = read_run(run, initial_override, pm_override)
@@ -93,15 +94,28 @@ def rl_eval(run: str, prompt_sources: tuple[str, ...], max_prompts: int, heldout
         v = config.get(key)
         return v if isinstance(v, (int, float)) and not isinstance(v, bool) else default
 
+    new_tokens = int(from_run(max_new_tokens, "max_new_tokens", 128))
+    # `hhrlhf rl` keeps max_length (prompt + response); what is left for the prompt
+    run_length = from_run(None, "max_length", 0)
     settings = SampleSettings(
-        max_new_tokens=int(from_run(max_new_tokens, "max_new_tokens", 128)),
-        max_prompt_length=int(from_run(max_prompt_length, "max_prompt_length", 512)),
-        temperature=float(from_run(temperature, "temperature", 1.0)), top_p=top_p,
-        top_k=top_k, seed=seed, batch_size=batch_size)
-    if settings.temperature < 0:
-        raise HHRLHFError("--temperature must be 0 (greedy) or more")
+        max_new_tokens=new_tokens,
+        max_prompt_length=int(from_run(max_prompt_length, "max_prompt_length",
+                                       run_length - new_tokens if run_length > new_tokens
+                                       else 512)),
+        temperature=float(from_run(temperature, "temperature", 1.0)),
+        top_p=float(from_run(top_p, "top_p", 1.0)), top_k=int(from_run(top_k, "top_k", 0)),
+        seed=seed, batch_size=batch_size)
+    if settings.temperature < 0 or not 0 < settings.top_p <= 1 or settings.top_k < 0:
+        raise HHRLHFError("--temperature must be 0 (greedy) or more, --top-p in (0, 1] and "
+                          "--top-k 0 or more")
     if settings.max_new_tokens < 1 or settings.max_prompt_length < 4:
         raise HHRLHFError("--max-new-tokens must be at least 1 and --max-prompt-length 4")
+    data = config.get("data")
+    trained_on = set(prompt_sources) & {str(d) for d in (data if isinstance(data, list) else [])}
+    if trained_on:
+        click.echo(f"hhrlhf: note: --prompts names data the run was trained on "
+                   f"({', '.join(sorted(trained_on))}); the win rates are then not on held-out "
+                   "prompts", err=True)
     inputs = [*prompt_sources, redteam or ""]
     if output is not None:
         check_output(output, rl_run, inputs, png=False)
