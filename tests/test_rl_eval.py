@@ -149,16 +149,21 @@ def test_identical_policy_greedy_gives_half(parts: dict[str, Path], tmp_path: Pa
             assert p["win_rate"] == 0.5 and p["elo"] == 0 and p["ties"] == p["prompts"]
             assert p["mean_change"] == 0 and p["mean_initial"] == p["mean_final"]
     assert doc["win_rate"]["divergence"] == 0
+    assert "--samples needs prompts" in one_line_error([str(run), "--samples", "x.jsonl"], capsys)
+    clash = str(tmp_path / "same.png")
+    assert "different files" in one_line_error([str(run), "--plot", clash, "--output", clash],
+                                               capsys)
 
 
 def test_changed_policy_win_rates_table_plot_and_json(parts: dict[str, Path], tmp_path: Path,
                                                       real_file: Path,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
     run = make_run(tmp_path / "run", parts, final="perturbed")
-    plot, out_json = tmp_path / "curve.png", tmp_path / "eval.json"
+    plot, out_json, samples = tmp_path / "curve.png", tmp_path / "eval.json", tmp_path / "s.jsonl"
     args = [str(run), "--prompts", str(real_file), "--max-prompts", "8", "--heldout-pm",
             str(parts["heldout"]), "--redteam", str(parts["redteam"]), "--max-redteam", "6",
-            "--temperature", "1", "--seed", "2", "--plot", str(plot), "--output", str(out_json)]
+            "--temperature", "1", "--seed", "2", "--plot", str(plot), "--output", str(out_json), "--samples",
+            str(samples)]
     code, out, err = run_cli(args, capsys)
     assert code == 0, err
     assert "reward = " in out and "sqrt(KL)" in out and "held-out" in out
@@ -171,6 +176,15 @@ def test_changed_policy_win_rates_table_plot_and_json(parts: dict[str, Path], tm
         assert p["wins"] + p["ties"] + p["losses"] == p["prompts"]
     assert sum(p["ties"] for p in pms) < sum(p["prompts"] for p in pms)  # the policy changed
     assert doc["win_rate"]["divergence"] == pytest.approx(pms[0]["win_rate"] - pms[1]["win_rate"])
+    # every prompt's responses and scores; the win rate is the mean sigmoid of their difference
+    rows = [json.loads(line) for line in samples.read_text().splitlines()]
+    assert [r["section"] for r in rows] == ["heldout"] * 8 + ["redteam"] * 6
+    assert all(r["prompt"].startswith("\n\nHuman:") for r in rows)
+    for section, key in (("heldout", "win_rate"), ("redteam", "redteam")):
+        for p in doc[key]["pms"]:
+            diffs = np.array([r["scores"][p["pm"]]["final"] - r["scores"][p["pm"]]["initial"]
+                              for r in rows if r["section"] == section])
+            assert p["win_rate"] == pytest.approx(np.mean(1 / (1 + np.exp(-diffs))), rel=1e-6)
     fit = doc["reward_vs_sqrt_kl"]["fit"]
     assert fit["slope"] == pytest.approx(np.polyfit(np.sqrt(np.maximum(KLS, 0)), REWARDS, 1)[0])
     assert doc["reward_vs_sqrt_kl"]["kl_clipped"] == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
@@ -48,6 +49,8 @@ from hhrlhf.errors import HHRLHFError
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default=None,
               help="Also write the JSON to this file (atomically).")
+@click.option("--samples", "samples_out", type=click.Path(dir_okay=False), default=None,
+              help="Write every prompt's two responses and their PM scores here (JSON Lines).")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None,
               help="Write the reward-vs-sqrt(KL) plot here (PNG).")
 @click.option("--threads", type=int, default=0, help="torch CPU threads (0: torch's default).")
@@ -56,8 +59,8 @@ def rl_eval(run: str, prompt_sources: tuple[str, ...], max_prompts: int, heldout
             initial_override: str | None, temperature: float | None, top_p: float | None,
             top_k: int | None,
             max_new_tokens: int | None, max_prompt_length: int | None, batch_size: int,
-            bootstrap: int, seed: int, as_json: bool, output: str | None, plot: str | None,
-            threads: int) -> None:
+            bootstrap: int, seed: int, as_json: bool, output: str | None,
+            samples_out: str | None, plot: str | None, threads: int) -> None:
     """Evaluate the RL run in folder RUN: PM reward against sqrt(KL) over training (linear
     fit), the final policy's win rate and Elo against the initial policy under the PM it was
     trained against and a held-out PM, and the PM harmlessness of its answers to red-team
@@ -117,10 +120,17 @@ def rl_eval(run: str, prompt_sources: tuple[str, ...], max_prompts: int, heldout
                    f"({', '.join(sorted(trained_on))}); the win rates are then not on held-out "
                    "prompts", err=True)
     inputs = [*prompt_sources, redteam or ""]
+    outs = [Path(o).resolve() for o in (output, plot, samples_out) if o is not None]
+    if len(set(outs)) < len(outs):
+        raise HHRLHFError("--output, --plot and --samples must be different files")
     if output is not None:
-        check_output(output, rl_run, inputs, png=False)
+        check_output(output, rl_run, inputs, "json")
     if plot is not None:
-        check_output(plot, rl_run, inputs, png=True)
+        check_output(plot, rl_run, inputs, "png")
+    if samples_out is not None:
+        if not prompt_sources and redteam is None:
+            raise HHRLHFError("--samples needs prompts to sample: --prompts or --redteam")
+        check_output(samples_out, rl_run, inputs, "jsonl")
     if threads:
         import torch
 
@@ -133,6 +143,10 @@ def rl_eval(run: str, prompt_sources: tuple[str, ...], max_prompts: int, heldout
         from hhrlhf.atomic import write_text
 
         write_text(output, doc + "\n")
+    if samples_out is not None:
+        from hhrlhf.atomic import write_text
+
+        write_text(samples_out, "".join(json.dumps(r) + "\n" for r in ev.samples))
     if plot is not None:
         plot_curve(ev, plot)
     click.echo(doc if as_json else format_table(ev))

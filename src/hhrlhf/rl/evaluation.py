@@ -358,6 +358,8 @@ class Evaluation:
     redteam: list[PairedScores] = field(default_factory=list)
     redteam_prompts: int = 0
     settings: SampleSettings | None = None
+    # per prompt: section, prompt, both responses, each PM's two scores (for --samples)
+    samples: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def divergence(self) -> float | None:
@@ -440,10 +442,18 @@ def evaluate(run: RLRun, *, prompt_sources: Sequence[str] = (), max_prompts: int
                               initial_texts[at: at + len(prompts)])
         at += len(prompts)
         results = []
+        scores: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for label, path, pm in pms:
             final_scores, initial_scores = pm.score_pairs(rows)
+            scores[label] = (final_scores, initial_scores)
             results.append(compare_scores(label, path, final_scores, initial_scores,
                                           bootstrap, settings.seed))
+        for i, (p, row) in enumerate(zip(prompts, rows)):
+            result.samples.append({
+                "section": name, "prompt": p.render(), "initial": row.rejected,
+                "final": row.chosen,
+                "scores": {label: {"initial": float(b[i]), "final": float(f[i])}
+                           for label, (f, b) in scores.items()}})
         if name == "heldout":
             result.heldout, result.heldout_prompts = results, len(prompts)
         else:
@@ -535,8 +545,14 @@ def plot_curve(ev: Evaluation, path: str | Path) -> Path:
     return save_figure(fig, out, dpi=150)
 
 
-def check_output(path: str | Path, run: RLRun, inputs: Sequence[str], png: bool) -> None:
-    """Refuse to write over the run's files, an input, or a file that is not one of ours."""
+# how each output of ours starts, to recognise one we may replace
+OUTPUT_HEADS = {"png": b"\x89PNG", "json": b'{\n  "kind": "hhrlhf-rl-eval"',
+                "jsonl": b'{"section": '}
+
+
+def check_output(path: str | Path, run: RLRun, inputs: Sequence[str], kind: str) -> None:
+    """Refuse to write over the run's files, an input, or a file that is not one of ours
+    (``kind``: png, json or jsonl)."""
     dest = Path(path).resolve()
     protected = [p.resolve() for p in run.files()]
     protected += [Path(s).resolve() for s in inputs if s and Path(s).exists()]
@@ -547,8 +563,7 @@ def check_output(path: str | Path, run: RLRun, inputs: Sequence[str], png: bool)
     if dest.exists() and dest.stat().st_size:
         with open(dest, "rb") as fh:
             head = fh.read(64)
-        ours = head.startswith(b"\x89PNG") if png else b'"kind": "hhrlhf-rl-eval"' in head
-        if not ours:
+        if not head.startswith(OUTPUT_HEADS[kind]):
             raise HHRLHFError("exists and was not written by `hhrlhf rl eval`; not overwriting",
                               path)
 
