@@ -199,6 +199,33 @@ def test_changed_policy_win_rates_table_plot_and_json(parts: dict[str, Path], tm
     assert json.loads(out_json.read_text())["win_rate"] == doc["win_rate"]
 
 
+def test_checkpoints_over_training(parts: dict[str, Path], tmp_path: Path, real_file: Path,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    run = make_run(tmp_path / "run", parts, final="perturbed")
+    for step, policy in ((3, "initial"), (6, "perturbed")):  # as `hhrlhf rl` keeps them
+        shutil.copytree(parts[policy], run / "checkpoints" / f"step-{step:08d}" / "model")
+    (run / "checkpoints" / ".tmp-step-00000009").mkdir()  # a killed save: not a checkpoint
+    plot = tmp_path / "curve.png"
+    code, out, err = run_cli([str(run), "--prompts", str(real_file), "--max-prompts", "5",
+                              "--heldout-pm", str(parts["heldout"]), "--temperature", "0",
+                              "--checkpoints", "--plot", str(plot), "--json"], capsys)
+    assert code == 0, err
+    doc = json.loads(out)
+    steps = doc["over_training"]
+    assert [w["step"] for w in steps] == [3, 6, 10]  # two checkpoints, then the final policy
+    assert steps[0]["kl"] == KLS[2] and steps[2]["kl"] == KLS[9]
+    assert all(p["win_rate"] == 0.5 and p["ties"] == 5 for p in steps[0]["pms"])  # unchanged
+    assert steps[1]["pms"] == steps[2]["pms"] == doc["win_rate"]["pms"]  # the same weights
+    from PIL import Image
+
+    with Image.open(plot) as im:
+        assert im.size[0] >= 2000  # the second panel: win rates over training
+    bare = make_run(tmp_path / "bare", parts)
+    assert "kept no checkpoints" in one_line_error(
+        [str(bare), "--prompts", str(real_file), "--checkpoints"], capsys)
+    assert "give --prompts" in one_line_error([str(run), "--checkpoints"], capsys)
+
+
 def test_curve_only_without_prompts(parts: dict[str, Path], tmp_path: Path,
                                     capsys: pytest.CaptureFixture[str]) -> None:
     run = make_run(tmp_path / "run", parts)

@@ -26,6 +26,9 @@ from hhrlhf.errors import HHRLHFError
                    "each transcript's opening Human turn, before and after.")
 @click.option("--max-redteam", type=int, default=200, show_default=True,
               help="Red-team openings used (0 = all).")
+@click.option("--checkpoints", "with_checkpoints", is_flag=True,
+              help="Also the win rates of every checkpoint the run kept, on the --prompts "
+                   "(the trained and held-out PMs diverging over training).")
 @click.option("--pm", "pm_override", type=click.Path(), default=None,
               help="The PM trained against, if it moved (default: the run config's `pm`).")
 @click.option("--initial", "initial_override", default=None,
@@ -55,7 +58,8 @@ from hhrlhf.errors import HHRLHFError
               help="Write the reward-vs-sqrt(KL) plot here (PNG).")
 @click.option("--threads", type=int, default=0, help="torch CPU threads (0: torch's default).")
 def rl_eval(run: str, prompt_sources: tuple[str, ...], max_prompts: int, heldout_pm: str | None,
-            redteam: str | None, max_redteam: int, pm_override: str | None,
+            redteam: str | None, max_redteam: int, with_checkpoints: bool,
+            pm_override: str | None,
             initial_override: str | None, temperature: float | None, top_p: float | None,
             top_k: int | None,
             max_new_tokens: int | None, max_prompt_length: int | None, batch_size: int,
@@ -88,6 +92,8 @@ def rl_eval(run: str, prompt_sources: tuple[str, ...], max_prompts: int, heldout
             raise HHRLHFError(f"{name} must be at least {low}")
     if heldout_pm is not None and not prompt_sources and redteam is None:
         raise HHRLHFError("--heldout-pm needs prompts to compare on: --prompts or --redteam")
+    if with_checkpoints and not prompt_sources:
+        raise HHRLHFError("--checkpoints compares on held-out prompts: give --prompts")
     rl_run = read_run(run, initial_override, pm_override)
     config = rl_run.config
 
@@ -137,7 +143,7 @@ def rl_eval(run: str, prompt_sources: tuple[str, ...], max_prompts: int, heldout
         torch.set_num_threads(threads)
     ev = evaluate(rl_run, prompt_sources=prompt_sources, max_prompts=max_prompts,
                   redteam=redteam, max_redteam=max_redteam, heldout_pm=heldout_pm,
-                  settings=settings, bootstrap=bootstrap)
+                  settings=settings, bootstrap=bootstrap, checkpoints=with_checkpoints)
     doc = json.dumps(ev.to_json(), indent=2, allow_nan=False)
     if output is not None:
         from hhrlhf.atomic import write_text

@@ -344,6 +344,28 @@ def redteam_openings(source: str, max_prompts: int) -> list[Dialogue]:
 
 
 # -- the whole evaluation ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class StepWinRates:
+    """Win rates of one saved policy (a checkpoint, or the final one) on the held-out prompts."""
+
+    step: int
+    kl: float | None  # the KL logged at that step, if it was
+    policy: str
+    pms: list[PairedScores]
+
+
+def run_checkpoints(run: RLRun) -> list[tuple[int, Path]]:
+    """(step, model folder) of each whole checkpoint the run kept (``checkpoints/step-N``)."""
+    root = run.folder / "checkpoints"
+    found: list[tuple[int, Path]] = []
+    if root.is_dir():
+        for p in root.iterdir():
+            name, _, number = p.name.partition("-")
+            if name == "step" and number.isdigit() and (p / FINAL_MODEL / "config.json").is_file():
+                found.append((int(number), p / FINAL_MODEL))
+    return sorted(found)
+
+
 @dataclass
 class Evaluation:
     run: str
@@ -360,6 +382,7 @@ class Evaluation:
     settings: SampleSettings | None = None
     # per prompt: section, prompt, both responses, each PM's two scores (for --samples)
     samples: list[dict[str, Any]] = field(default_factory=list)
+    over_training: list[StepWinRates] = field(default_factory=list)  # with --checkpoints
 
     @property
     def divergence(self) -> float | None:
@@ -396,6 +419,8 @@ class Evaluation:
                          "divergence": self.divergence},
             "redteam": {"prompts": self.redteam_prompts,
                         "pms": [paired(p) for p in self.redteam]},
+            "over_training": [{"step": w.step, "kl": w.kl, "policy": w.policy,
+                               "pms": [paired(p) for p in w.pms]} for w in self.over_training],
             "sampling": None if self.settings is None else asdict(self.settings),
             "win_definition": "mean over prompts of sigmoid(PM(final) - PM(initial)); "
                               "elo = 400*log10(p/(1-p)); 95% percentile bootstrap over prompts",
@@ -410,8 +435,10 @@ def curve_fit(points: Sequence[CurvePoint]) -> tuple[LinearFit | None, int]:
 
 def evaluate(run: RLRun, *, prompt_sources: Sequence[str] = (), max_prompts: int = 200,
              redteam: str | None = None, max_redteam: int = 200, heldout_pm: str | None = None,
-             settings: SampleSettings = SampleSettings(), bootstrap: int = 1000) -> Evaluation:
-    """Everything ``hhrlhf rl eval`` reports. Sampling is skipped without prompt sources."""
+             settings: SampleSettings = SampleSettings(), bootstrap: int = 1000,
+             checkpoints: bool = False) -> Evaluation:
+    """Everything ``hhrlhf rl eval`` reports. Sampling is skipped without prompt sources.
+    ``checkpoints``: also the win rates of every kept checkpoint on the held-out prompts."""
     curve = read_curve(run)
     fit, clipped = curve_fit(curve)
     result = Evaluation(str(run.folder), run.algo, run.initial, str(run.final), curve, fit,
@@ -419,6 +446,12 @@ def evaluate(run: RLRun, *, prompt_sources: Sequence[str] = (), max_prompts: int
     if not prompt_sources and redteam is None:
         return result
     from hhrlhf.pm import load as load_pm
+
+    saved = run_checkpoints(run) if checkpoints else []
+    if checkpoints and not prompt_sources:
+        raise HHRLHFError("--checkpoints compares on the held-out prompts: give --prompts")
+    if checkpoints and not saved:
+        raise HHRLHFError("the run kept no checkpoints (checkpoints/step-N/model)", run.folder)
 
     if not run.final.is_dir():
         raise HHRLHFError(f"the run has no final policy ({FINAL_MODEL}/): is it finished?",
@@ -459,6 +492,21 @@ def evaluate(run: RLRun, *, prompt_sources: Sequence[str] = (), max_prompts: int
         else:
             result.redteam, result.redteam_prompts = results, len(prompts)
     result.settings = settings
+    if saved:
+        kl_at = {p.step: p.kl for p in curve}
+        prompts = groups[0][1]
+        initial_heldout = initial_texts[: len(prompts)]
+        for step, folder in saved:
+            rows = response_pairs(prompts, sample_responses(folder, prompts, settings),
+                                  initial_heldout)
+            scored = [compare_scores(label, path, *pm.score_pairs(rows), bootstrap,
+                                     settings.seed) for label, path, pm in pms]
+            result.over_training.append(StepWinRates(step, kl_at.get(step), str(folder),
+                                                     scored))
+        last = curve[-1].step if curve else saved[-1][0] + 1
+        if last > saved[-1][0]:  # the final policy, unless it is the last checkpoint's
+            result.over_training.append(StepWinRates(last, kl_at.get(last), str(run.final),
+                                                     result.heldout))
     return result
 
 
@@ -505,6 +553,16 @@ def format_table(ev: Evaluation) -> str:
         if ev.divergence is not None:
             lines.append(f"  trained minus held-out win rate: {ev.divergence:+.3f} "
                          "(over-optimisation of the trained PM when clearly positive)")
+    if ev.over_training:
+        names = [p.pm for p in ev.over_training[0].pms]
+        lines += ["", "Win rate against the initial policy over training (held-out prompts)",
+                  f"  {'step':>7} {'sqrt(KL)':>9} " + " ".join(f"{n:>10}" for n in names)
+                  + (f" {'difference':>11}" if len(names) == 2 else "")]
+        for w in ev.over_training:
+            root = "n/a" if w.kl is None else f"{math.sqrt(max(w.kl, 0.0)):.3f}"
+            rates = [p.win_rate for p in w.pms]
+            lines.append(f"  {w.step:>7} {root:>9} " + " ".join(f"{r:>10.3f}" for r in rates)
+                         + (f" {rates[0] - rates[1]:>+11.3f}" if len(rates) == 2 else ""))
     if ev.redteam:
         lines += ["", (f"Red-team opening turns ({ev.redteam_prompts}): PM harmlessness of "
                        "the responses before (initial) and after (final)"), head]
@@ -513,7 +571,8 @@ def format_table(ev: Evaluation) -> str:
 
 
 def plot_curve(ev: Evaluation, path: str | Path) -> Path:
-    """Reward against sqrt(KL) with the fitted line, coloured by step (PNG, 1200x750 px)."""
+    """Reward against sqrt(KL) with the fitted line, coloured by step (PNG, 1200x750 px); with
+    win rates over training, a second panel of them per PM (2100x750 px)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -524,7 +583,23 @@ def plot_curve(ev: Evaluation, path: str | Path) -> Path:
     out = Path(path)
     if not out.parent.is_dir():
         raise HHRLHFError("the folder for the plot does not exist", out.parent)
-    fig, ax = plt.subplots(figsize=(8, 5))
+    if ev.over_training:
+        fig, (ax, wax) = plt.subplots(1, 2, figsize=(14, 5), gridspec_kw={"width_ratios": [8, 6]})
+        steps = [w.step for w in ev.over_training]
+        for i, name in enumerate(p.pm for p in ev.over_training[0].pms):
+            rates = [w.pms[i] for w in ev.over_training]
+            wax.plot(steps, [r.win_rate for r in rates], marker="o", color=f"C{i}",
+                     label=f"{name} PM")
+            wax.fill_between(steps, [r.win_interval.low for r in rates],
+                             [r.win_interval.high for r in rates], color=f"C{i}", alpha=0.2)
+        wax.axhline(0.5, color="0.5", linestyle="--", linewidth=1)
+        wax.set_xlabel("step")
+        wax.set_ylabel("win rate against the initial policy")
+        wax.set_title("Held-out prompts: trained vs held-out PM")
+        wax.legend(loc="upper left")
+        wax.grid(alpha=0.3)
+    else:
+        fig, ax = plt.subplots(figsize=(8, 5))
     xs = np.array([p.sqrt_kl for p in ev.curve])
     ys = np.array([p.reward for p in ev.curve])
     if len(xs):
