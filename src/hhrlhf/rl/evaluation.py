@@ -18,7 +18,7 @@ the initial policy ``policy`` and the PM ``pm`` it was trained against, ``metric
    ``400 * log10(p / (1 - p))``. Intervals: percentile bootstrap over prompts (95%). Done under
    the PM the run was trained against and under a second PM trained on other data (``--heldout-pm``):
    over-optimisation shows as the trained PM's win rate rising while the held-out one's does
-   not.
+   not. With ``--checkpoints`` the same for every checkpoint the run kept, over training.
 3. **Red-team opening turns**: the first Human turn of each red-team transcript as a prompt; the
    mean PM score (harmlessness, for a PM trained on harmlessness data) of the initial and the
    final policy's responses, and the change with its interval.
@@ -280,6 +280,8 @@ def sample_responses(policy_path: str | Path, prompts: Sequence[Dialogue],
     texts = [s.text for s in samples]
     del policy, samples
     gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return texts
 
 
