@@ -637,6 +637,8 @@ def check_output(path: str | Path, run: RLRun, inputs: Sequence[str], kind: str)
         raise HHRLHFError("refusing to write over an input or a file of the run", path)
     if dest.is_dir():
         raise HHRLHFError("is a directory", path)
+    if not dest.parent.is_dir():  # said now, not after minutes of sampling
+        raise HHRLHFError("the folder to write in does not exist", dest.parent)
     if dest.exists() and dest.stat().st_size:
         with open(dest, "rb") as fh:
             head = fh.read(64)
