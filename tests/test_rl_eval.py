@@ -120,12 +120,16 @@ def test_elo_and_win_rate_formulas() -> None:
     final = np.array([1.0, 0.0, 2.0, -1.0, 0.5])
     initial = np.array([0.0, 0.0, 0.0, 0.0, 0.5])
     r = compare_scores("trained", "pm", final, initial, bootstrap=500, seed=1)
-    want = float(np.mean(1 / (1 + np.exp(-(final - initial)))))
-    assert r.win_rate == pytest.approx(want)
-    assert (r.wins, r.ties, r.losses) == (2, 2, 1) and r.hard_win_rate == pytest.approx(0.6)
-    assert r.elo == pytest.approx(400 * math.log10(want / (1 - want)))
+    # diffs 1, 0, 2, -1, 0: two wins, two ties (half a win each), one loss
+    assert (r.wins, r.ties, r.losses) == (2, 2, 1) and r.win_rate == pytest.approx(0.6)
+    assert r.elo == pytest.approx(400 * math.log10(0.6 / 0.4))
     assert r.win_interval.low <= r.win_rate <= r.win_interval.high
     assert r.elo_interval.low == pytest.approx(elo(r.win_interval.low))
+    want = float(np.mean(1 / (1 + np.exp(-(final - initial)))))
+    assert r.probability == pytest.approx(want)
+    assert r.probability_interval.low <= want <= r.probability_interval.high
+    every = compare_scores("trained", "pm", final + 5, initial, bootstrap=0)
+    assert every.win_rate == 1 and every.elo == math.inf  # won every prompt: no finite Elo
     assert r.mean_change == pytest.approx(0.4)
 
 
@@ -147,6 +151,7 @@ def test_identical_policy_greedy_gives_half(parts: dict[str, Path], tmp_path: Pa
         assert [p["pm"] for p in doc[section]["pms"]] == ["trained", "held-out"]
         for p in doc[section]["pms"]:
             assert p["win_rate"] == 0.5 and p["elo"] == 0 and p["ties"] == p["prompts"]
+            assert p["probability"] == 0.5
             assert p["mean_change"] == 0 and p["mean_initial"] == p["mean_final"]
     assert doc["win_rate"]["divergence"] == 0
     assert "--samples needs prompts" in one_line_error([str(run), "--samples", "x.jsonl"], capsys)
@@ -176,7 +181,8 @@ def test_changed_policy_win_rates_table_plot_and_json(parts: dict[str, Path], tm
         assert p["wins"] + p["ties"] + p["losses"] == p["prompts"]
     assert sum(p["ties"] for p in pms) < sum(p["prompts"] for p in pms)  # the policy changed
     assert doc["win_rate"]["divergence"] == pytest.approx(pms[0]["win_rate"] - pms[1]["win_rate"])
-    # every prompt's responses and scores; the win rate is the mean sigmoid of their difference
+    # every prompt's responses and scores: the win rate counts the final response's wins (ties
+    # half), the probability is the mean sigmoid of the score differences
     rows = [json.loads(line) for line in samples.read_text().splitlines()]
     assert [r["section"] for r in rows] == ["heldout"] * 8 + ["redteam"] * 6
     assert all(r["prompt"].startswith("\n\nHuman:") for r in rows)
@@ -184,7 +190,9 @@ def test_changed_policy_win_rates_table_plot_and_json(parts: dict[str, Path], tm
         for p in doc[key]["pms"]:
             diffs = np.array([r["scores"][p["pm"]]["final"] - r["scores"][p["pm"]]["initial"]
                               for r in rows if r["section"] == section])
-            assert p["win_rate"] == pytest.approx(np.mean(1 / (1 + np.exp(-diffs))), rel=1e-6)
+            assert p["win_rate"] == pytest.approx(np.mean((diffs > 0) + 0.5 * (diffs == 0)))
+            assert p["probability"] == pytest.approx(np.mean(1 / (1 + np.exp(-diffs))),
+                                                     rel=1e-6)
     fit = doc["reward_vs_sqrt_kl"]["fit"]
     assert fit["slope"] == pytest.approx(np.polyfit(np.sqrt(np.maximum(KLS, 0)), REWARDS, 1)[0])
     assert doc["reward_vs_sqrt_kl"]["kl_clipped"] == 1

@@ -11,11 +11,14 @@ the initial policy ``policy`` and the PM ``pm`` it was trained against, ``metric
    KL 0 (and is counted in ``kl_clipped``).
 2. **Win rate of the final policy against the initial one** on held-out prompts: one response
    per prompt from each policy, both drawn with the same seed (so a policy that did not change
-   gives the very same responses), scored by a PM. The win rate is the PM's own probability
-   that the final response is preferred, ``sigmoid(score(final) - score(initial))``, averaged
-   over prompts (the Bradley-Terry reading of a PM; a tie counts 0.5 by construction). Hard
-   counts (wins, ties, losses) are reported beside it. Elo difference:
-   ``400 * log10(p / (1 - p))``. Intervals: percentile bootstrap over prompts (95%). Done under
+   gives the very same responses), scored by a PM. A win: the PM scores the final policy's
+   response higher; a tie (the same score, e.g. the same response) counts half. Hard wins,
+   not the PM's probability, because two PMs are compared: a PM's probability
+   ``sigmoid(score(final) - score(initial))`` depends on how confident (how well calibrated)
+   it is, so an under-confident held-out PM would look like disagreement. That probability,
+   averaged over prompts, is reported beside (``probability``). Elo difference from the win
+   rate: ``400 * log10(p / (1 - p))`` (infinite when one policy wins every prompt).
+   Intervals: percentile bootstrap over prompts (95%). Done under
    the PM the run was trained against and under a second PM trained on other data (``--heldout-pm``):
    over-optimisation shows as the trained PM's win rate rising while the held-out one's does
    not. With ``--checkpoints`` the same for every checkpoint the run kept, over training.
@@ -196,47 +199,50 @@ class PairedScores:
     mean_final: float
     mean_change: float
     change_interval: Interval
-    win_rate: float  # mean sigmoid(final - initial)
+    win_rate: float  # (wins + ties / 2) / prompts: the PM prefers the final response
     win_interval: Interval
     wins: int
     ties: int
     losses: int
-    elo: float
+    elo: float  # from win_rate
     elo_interval: Interval
+    probability: float  # mean sigmoid(final - initial): the PM's own P(final preferred)
+    probability_interval: Interval
 
-    @property
-    def hard_win_rate(self) -> float:
-        return (self.wins + 0.5 * self.ties) / self.prompts
+
+def _percentiles(values: np.ndarray, idx: np.ndarray | None) -> Interval:
+    """The central CONFIDENCE interval of the mean of ``values`` over bootstrap resamples
+    ``idx`` (rows of prompt indices); the mean itself when there are none."""
+    if idx is None:
+        m = float(values.mean())
+        return Interval(m, m)
+    tail = (1.0 - CONFIDENCE) / 2 * 100
+    lo, hi = np.percentile(values[idx].mean(1), [tail, 100 - tail])
+    return Interval(float(lo), float(hi))
 
 
 def compare_scores(pm: str, pm_path: str, final: np.ndarray, initial: np.ndarray,
                    bootstrap: int = 1000, seed: int = 0) -> PairedScores:
     """Win rate, Elo and mean change of ``final`` over ``initial`` (paired, one per prompt),
-    with percentile bootstrap intervals over prompts."""
+    with percentile bootstrap intervals over prompts (the same resamples for every quantity)."""
     final = np.asarray(final, dtype=np.float64)
     initial = np.asarray(initial, dtype=np.float64)
     if final.shape != initial.shape or final.ndim != 1 or len(final) == 0:
         raise ValueError("need one final and one initial score per prompt")
     diff = final - initial
-    wins = sigmoid(diff)
+    outcome = np.where(diff > 0, 1.0, np.where(diff < 0, 0.0, 0.5))  # a tie is half a win
     n = len(diff)
-    rng = np.random.default_rng(seed)
-    tail = (1.0 - CONFIDENCE) / 2 * 100
-    if bootstrap > 0:
-        idx = rng.integers(0, n, size=(bootstrap, n))
-        win_lo, win_hi = np.percentile(wins[idx].mean(1), [tail, 100 - tail])
-        d_lo, d_hi = np.percentile(diff[idx].mean(1), [tail, 100 - tail])
-    else:
-        win_lo = win_hi = float(wins.mean())
-        d_lo = d_hi = float(diff.mean())
-    p = float(wins.mean())
+    idx = np.random.default_rng(seed).integers(0, n, size=(bootstrap, n)) if bootstrap else None
+    win = _percentiles(outcome, idx)
+    p = float(outcome.mean())
     return PairedScores(
         pm=pm, pm_path=pm_path, prompts=n, mean_initial=float(initial.mean()),
         mean_final=float(final.mean()), mean_change=float(diff.mean()),
-        change_interval=Interval(float(d_lo), float(d_hi)), win_rate=p,
-        win_interval=Interval(float(win_lo), float(win_hi)),
+        change_interval=_percentiles(diff, idx), win_rate=p, win_interval=win,
         wins=int((diff > 0).sum()), ties=int((diff == 0).sum()), losses=int((diff < 0).sum()),
-        elo=elo(p), elo_interval=Interval(elo(float(win_lo)), elo(float(win_hi))))
+        elo=elo(p), elo_interval=Interval(elo(win.low), elo(win.high)),
+        probability=float(sigmoid(diff).mean()),
+        probability_interval=_percentiles(sigmoid(diff), idx))
 
 
 # -- sampling and scoring ----------------------------------------------------------------------
@@ -405,7 +411,7 @@ class Evaluation:
             return v
 
         def paired(p: PairedScores) -> dict[str, Any]:
-            return {**asdict(p), "hard_win_rate": p.hard_win_rate}
+            return asdict(p)
 
         return clean({
             "kind": "hhrlhf-rl-eval", "run": self.run, "algo": self.algo,
@@ -424,8 +430,11 @@ class Evaluation:
             "over_training": [{"step": w.step, "kl": w.kl, "policy": w.policy,
                                "pms": [paired(p) for p in w.pms]} for w in self.over_training],
             "sampling": None if self.settings is None else asdict(self.settings),
-            "win_definition": "mean over prompts of sigmoid(PM(final) - PM(initial)); "
-                              "elo = 400*log10(p/(1-p)); 95% percentile bootstrap over prompts",
+            "win_definition": "win_rate: share of prompts where the PM scores the final "
+                              "policy's response higher, a tie counting half; elo = "
+                              "400*log10(p/(1-p)) of it; probability: mean over prompts of "
+                              "sigmoid(PM(final) - PM(initial)); intervals: 95% percentile "
+                              "bootstrap over prompts",
         })
 
 
@@ -538,7 +547,7 @@ def format_table(ev: Evaluation) -> str:
         lines.append(f"  ({ev.kl_clipped} step(s) logged a negative KL estimate: taken as 0)")
     head = (f"  {'PM':<10} {'initial':>8} {'final':>8} {'change':>8} {'95% interval':>18} "
             f"{'win rate':>8} {'95% interval':>16} {'Elo':>7} {'95% interval':>16} "
-            f"{'W/T/L':>11}")
+            f"{'W/T/L':>11} {'P(final)':>8}")
 
     def row(p: PairedScores) -> str:
         ci, wi, ei = p.change_interval, p.win_interval, p.elo_interval
@@ -546,11 +555,12 @@ def format_table(ev: Evaluation) -> str:
                 f"{p.mean_change:>+8.3f} {f'[{ci.low:+.3f}, {ci.high:+.3f}]':>18} "
                 f"{p.win_rate:>8.3f} {f'[{wi.low:.3f}, {wi.high:.3f}]':>16} "
                 f"{_signed(p.elo):>7} {f'[{_signed(ei.low)}, {_signed(ei.high)}]':>16} "
-                f"{f'{p.wins}/{p.ties}/{p.losses}':>11}")
+                f"{f'{p.wins}/{p.ties}/{p.losses}':>11} {p.probability:>8.3f}")
 
     if ev.heldout:
         lines += ["", (f"Final against initial policy on {ev.heldout_prompts} held-out "
-                       "prompts (PM scores; win rate = mean sigmoid(final - initial))"), head]
+                       "prompts (a win: the PM scores the final response higher; a tie counts half; "
+                       "P(final): mean sigmoid of the score difference)"), head]
         lines += [row(p) for p in ev.heldout]
         if ev.divergence is not None:
             lines.append(f"  trained minus held-out win rate: {ev.divergence:+.3f} "
