@@ -55,7 +55,8 @@ from hhrlhf.errors import HHRLHFError
 @click.option("--samples", "samples_out", type=click.Path(dir_okay=False), default=None,
               help="Write every prompt's two responses and their PM scores here (JSON Lines).")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None,
-              help="Write the reward-vs-sqrt(KL) plot here (PNG).")
+              help="Write the reward-vs-sqrt(KL) plot here (PNG; with --checkpoints a second "
+                   "panel: the win rates over training).")
 @click.option("--threads", type=int, default=0, help="torch CPU threads (0: torch's default).")
 def rl_eval(run: str, prompt_sources: tuple[str, ...], max_prompts: int, heldout_pm: str | None,
             redteam: str | None, max_redteam: int, with_checkpoints: bool,
