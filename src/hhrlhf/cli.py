@@ -22,13 +22,12 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "sft": ("hhrlhf.commands.sft", "sft", "Fine-tune a policy on chosen dialogues (SFT)."),
     "dpo": ("hhrlhf.commands.dpo", "dpo", "Optimise a policy on the preferences (DPO, IPO)."),
     "generate": ("hhrlhf.commands.generate", "generate", "Sample responses to HH prompts."),
-    # temporary, until `hhrlhf rl` is a group with `eval` under it
-    "rl-eval": ("hhrlhf.commands.rl_eval", "rl_eval",
-                "Evaluate an RL run: reward vs sqrt(KL), win rates, red-team."),
     "redteam": ("hhrlhf.commands.redteam", "redteam", "Analyse the red-team attempts."),
     "report": ("hhrlhf.commands.report", "report", "Write one self-contained HTML report."),
     "index": ("hhrlhf.commands.explorer", "index", "Build the SQLite search index."),
     "serve": ("hhrlhf.commands.explorer", "serve", "Browse and search the data in a local web app."),
+    # temporary, until `hhrlhf rl` is a group with `eval` under it: then delete this line
+    "rl-eval": ("hhrlhf.commands.rl_eval", "rl_eval", "Evaluate an RL run (temporary name)."),
 }
 
 
