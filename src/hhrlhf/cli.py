@@ -28,7 +28,6 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "index": ("hhrlhf.commands.explorer", "index", "Build the SQLite search index."),
     "serve": ("hhrlhf.commands.explorer", "serve", "Browse and search the data in a local web app."),
     # temporary, until `hhrlhf rl` is a group with `eval` under it: then delete this line
-    "rl-eval": ("hhrlhf.commands.rl_eval", "rl_eval", "Evaluate an RL run (temporary name)."),
 }
 
 
