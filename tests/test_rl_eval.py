@@ -26,15 +26,14 @@ from policy_support import (
 )
 from redteam_gen import write_redteam_file
 
-from hhrlhf.cli import COMMANDS, main
+from hhrlhf.cli import main
 from hhrlhf.errors import HHRLHFError
 from hhrlhf.pm.lexical import LexicalConfig, LexicalPreferenceModel
 from hhrlhf.policy import Policy
 from hhrlhf.rl.evaluation import compare_scores, elo, fit_line, read_curve, read_run
 
 HHRLHF = str(Path(sys.executable).parent / "hhrlhf")
-# `hhrlhf rl eval` once `hhrlhf rl` is registered; until then the temporary `hhrlhf rl-eval`
-CMD = ["rl", "eval"] if "rl" in COMMANDS else ["rl-eval"]
+CMD = ["rl", "eval"]
 
 # (step, kl, reward): reward grows like sqrt(KL), with noise; one negative KL estimate
 KLS = [-0.002, 0.01, 0.03, 0.05, 0.09, 0.14, 0.2, 0.27, 0.35, 0.44]

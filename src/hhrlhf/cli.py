@@ -27,7 +27,6 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "report": ("hhrlhf.commands.report", "report", "Write one self-contained HTML report."),
     "index": ("hhrlhf.commands.explorer", "index", "Build the SQLite search index."),
     "serve": ("hhrlhf.commands.explorer", "serve", "Browse and search the data in a local web app."),
-    # temporary, until `hhrlhf rl` is a group with `eval` under it: then delete this line
 }
 
 
