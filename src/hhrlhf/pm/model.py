@@ -35,8 +35,18 @@ import torch
 from torch import nn
 
 from hhrlhf.errors import HHRLHFError
-from hhrlhf.packing import PACKABLE, packing_problem  # noqa: F401  # PACKABLE: re-exported
-from hhrlhf.pm.base import MARKER_FILE, PreferenceModel, write_marker
+from hhrlhf.packing import (  # noqa: F401  # PACKABLE: re-exported
+    PACKABLE,
+    collate_shared,
+    packing_problem,
+)
+from hhrlhf.pm.base import (
+    MARKER_FILE,
+    PreferenceModel,
+    as_turn,
+    group_dialogues,
+    write_marker,
+)
 from hhrlhf.pm.config import resolve_backbone
 from hhrlhf.pm.encode import (
     DialogueEncoder,
@@ -47,7 +57,7 @@ from hhrlhf.pm.encode import (
     sorted_batches,
 )
 from hhrlhf.pm.readout import readout, readout_family
-from hhrlhf.records import Comparison, Dialogue
+from hhrlhf.records import Comparison, Dialogue, Turn
 
 
 @contextlib.contextmanager
@@ -365,6 +375,54 @@ class NeuralPreferenceModel(PreferenceModel):
                 r = self._rewards(batch, net)
                 chosen[idx], rejected[idx] = r[: len(idx)], r[len(idx) :]
         return chosen, rejected
+
+    def score_groups(self, prompts: Sequence[Dialogue | Sequence[Turn]],
+                     responses: Sequence[Sequence[Turn | str]], batch_size: int = 32,
+                     shared_context: bool | None = None) -> np.ndarray:
+        """(prompts, N) rewards of N responses per prompt. A decoder that packs exactly scores
+        a prompt's N responses in ONE row ``[prompt, r1, ..., rN]`` (block-causal mask,
+        positions restarted per response, :func:`hhrlhf.packing.collate_shared`), read at each
+        response's final token; any other model scores the N full rows in batches."""
+        group_dialogues(prompts, responses)  # checks the shapes
+        packed = self.shared_context if shared_context is None else shared_context
+        if packed and not self.packs_exactly:
+            raise HHRLHFError("shared-context scoring would change this model's scores: "
+                              + (self.packing_problem or "it is not a decoder read at the "
+                                 "final token"))
+        n = len(responses[0]) if responses else 0
+        out = np.zeros((len(prompts), n), dtype=np.float32)
+        if not n:
+            return out
+        groups = self.encoder.encode_groups(
+            [p if isinstance(p, Dialogue) else Dialogue(tuple(p)) for p in prompts],
+            [[as_turn(r) for r in g] for g in responses])
+        # a group shares nothing when even its first token differs: full rows then
+        can_pack = np.array([packed and len(s) > 0 for s in groups.shared])
+        with self._eval():
+            at = np.flatnonzero(can_pack)
+            for idx in sorted_batches(groups.packed_len[at], max(1, batch_size // n)):
+                rows = at[idx]
+                batch = collate_shared([(groups.shared[i], groups.own[i]) for i in rows],
+                                       self.pad_id)
+                out[rows] = self._group_rewards(batch)
+            flat = [(int(i), k) for i in np.flatnonzero(~can_pack) for k in range(n)]
+            seqs = [groups.sequence(i, k) for i, k in flat]
+            for idx in sorted_batches(np.array([len(x) for x in seqs]), batch_size):
+                r = self._rewards(collate_sequences([seqs[j] for j in idx], self.pad_id))
+                for j, v in zip(idx, r):
+                    out[flat[j]] = v
+        return out
+
+    def _group_rewards(self, batch: dict[str, torch.Tensor]) -> np.ndarray:
+        """Rewards (B, N) of packed rows, read at each response's final token."""
+        net = self.reward_net
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        mask, select = batch["mask"], batch["ends"]
+        rows = torch.arange(mask.shape[0], device=mask.device)[:, None]
+        h = net._read(select, mask[rows, 0, select][:, None], input_ids=batch["input_ids"],
+                      attention_mask=net._backbone_mask(mask),
+                      position_ids=batch["position_ids"])
+        return net.head(h).squeeze(-1).float().cpu().numpy()  # type: ignore[no-any-return]
 
     @contextlib.contextmanager
     def _eval(self) -> Iterator[None]:
