@@ -124,7 +124,7 @@ def test_expected_best_equals_the_mean_max_over_all_subsets() -> None:
     assert bon_kl(1) == 0 and bon_kl(16) == pytest.approx(math.log(16) - 15 / 16)
     points = curve(rewards)
     assert [p["n"] for p in points] == [1, 2, 4, 7]
-    assert all(a["reward_mean"] <= b["reward_mean"] for a, b in zip(points, points[1:]))
+    assert all(a["reward_mean"] <= b["reward_mean"] for a, b in itertools.pairwise(points))
 
 
 def test_response_turns_and_the_rejected_rule() -> None:
