@@ -56,7 +56,8 @@ class BonSettings:
     top_p: float = 1.0
     top_k: int = 0
     seed: int = 0
-    batch_size: int = 64  # sequences sampled (prompts x n) and dialogues scored together
+    batch_size: int = 64  # sequences sampled together (prompts x n)
+    pm_batch_size: int = 32  # dialogues scored together (a packed row of N counts N)
     rejected: str = "worst"
 
 
@@ -153,7 +154,8 @@ def sample_and_score(policy: Any, pm: Any, encoder: Any, prompts: Sequence[tuple
     n = settings.n
     turns = [[response_turn(samples[i * n + k].text) for k in range(n)]
              for i in range(len(prompts))]
-    rewards = pm.score_groups([d for _, d in prompts], turns, batch_size=settings.batch_size)
+    rewards = pm.score_groups([d for _, d in prompts], turns,
+                              batch_size=settings.pm_batch_size)
     return [BonPrompt(pid, d, turns[i], np.asarray(rewards[i], dtype=np.float64),
                       [samples[i * n + k].stop for k in range(n)])
             for i, (pid, d) in enumerate(prompts)]

@@ -94,7 +94,9 @@ def _check_output(path: str, kind: str, inputs: list[Path], folders: list[Path])
 @click.option("--top-k", type=int, default=0, show_default=True, help="0 = no top-k.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=int, default=64, show_default=True,
-              help="Sequences sampled together (prompts x n), and dialogues scored together.")
+              help="Sequences sampled together (prompts x n).")
+@click.option("--pm-batch-size", type=int, default=32, show_default=True,
+              help="Dialogues scored together (a prompt's packed row of n responses counts n).")
 @click.option("--all-rows", is_flag=True,
               help="Sample every row's prompt, even one repeated in an earlier row.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
@@ -105,7 +107,7 @@ def _check_output(path: str, kind: str, inputs: list[Path], folders: list[Path])
 def bon(policy: str, pm: str, sources: tuple[str, ...], n: int, out: str | None,
         rejected: str, max_prompts: int, max_new_tokens: int, max_prompt_length: int,
         temperature: float, top_p: float, top_k: int, seed: int, batch_size: int,
-        all_rows: bool, plot_path: str | None, as_json: bool, threads: int,
+        pm_batch_size: int, all_rows: bool, plot_path: str | None, as_json: bool, threads: int,
         no_progress: bool) -> None:
     """Best-of-N: sample N responses per prompt of SOURCES from the policy in folder POLICY,
     score them with the preference model in folder PM, keep the best.
@@ -121,7 +123,8 @@ def bon(policy: str, pm: str, sources: tuple[str, ...], n: int, out: str | None,
           --plot bon.png --json
     """
     for name, value, low in (("--n", n, 1), ("--max-new-tokens", max_new_tokens, 1),
-                             ("--batch-size", batch_size, 1), ("--max-prompts", max_prompts, 0),
+                             ("--batch-size", batch_size, 1), ("--pm-batch-size", pm_batch_size, 1),
+                             ("--max-prompts", max_prompts, 0),
                              ("--top-k", top_k, 0), ("--max-prompt-length", max_prompt_length,
                                                      4)):
         if value < low:
@@ -163,7 +166,7 @@ def bon(policy: str, pm: str, sources: tuple[str, ...], n: int, out: str | None,
     settings = B.BonSettings(n=n, max_new_tokens=max_new_tokens,
                              max_prompt_length=max_prompt_length, temperature=temperature,
                              top_p=top_p, top_k=top_k, seed=seed, batch_size=batch_size,
-                             rejected=rejected)
+                             pm_batch_size=pm_batch_size, rejected=rejected)
     from tqdm import tqdm
 
     rewards: list[np.ndarray] = []
