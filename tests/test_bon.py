@@ -103,6 +103,7 @@ def test_default_score_groups_scores_each_dialogue(real_file: Path) -> None:
     got = pm.score_groups(prompts, responses)
     want = pm.score(group_dialogues(prompts, responses)).reshape(10, 4)
     np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(pm.score_group(prompts[3], responses[3]), want[3])
     with pytest.raises(ValueError, match="same number of responses"):
         pm.score_groups(prompts[:2], [responses[0], responses[1][:2]])
 

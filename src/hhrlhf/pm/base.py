@@ -59,6 +59,11 @@ class PreferenceModel(ABC):
         n = len(responses[0]) if responses else 0
         return self.score(dialogues, batch_size).reshape(len(prompts), n)
 
+    def score_group(self, prompt: Dialogue | Sequence[Turn], responses: Sequence[Turn | str],
+                    batch_size: int = 32) -> np.ndarray:
+        """The N scores of one prompt's responses: :meth:`score_groups` of one group."""
+        return self.score_groups([prompt], [responses], batch_size)[0]  # type: ignore[no-any-return]
+
     def compare(self, prompt: Sequence[Turn] | str, a: str, b: str) -> float:
         """P(response ``a`` is preferred to ``b`` after ``prompt``) = sigmoid(score difference)."""
         turns = tuple(Dialogue.parse(prompt).turns) if isinstance(prompt, str) else tuple(prompt)
