@@ -94,6 +94,19 @@ def test_n_response_packed_scores_equal_n_separate_scores(family: str, real_file
     assert groups.packed_len.sum() < 0.6 * full_tokens
     full = pm.score_groups(prompts, responses, batch_size=12, shared_context=False)
     np.testing.assert_allclose(ours, full, rtol=0, atol=2e-5)
+    # all N in one row, and rows of 4 + 2 responses: the same scores
+    for per_row in (6, 4):
+        np.testing.assert_allclose(pm.score_groups(prompts, responses, batch_size=12,
+                                                   per_row=per_row), full, rtol=0, atol=2e-5)
+
+
+def test_responses_per_row_follows_the_cost() -> None:
+    from hhrlhf.pm.model import responses_per_row
+
+    own = [np.zeros(64, np.int32)] * 16
+    assert responses_per_row(200, own, 4096) == 16  # a wide model: one row per prompt
+    assert 1 < responses_per_row(74, own, 128) < 16  # narrow, long responses: a few per row
+    assert responses_per_row(2000, [np.zeros(8, np.int32)] * 16, 128) == 16  # long prompt
 
 
 def test_default_score_groups_scores_each_dialogue(real_file: Path) -> None:

@@ -24,6 +24,7 @@ the rest of it runs at the read-out positions alone (see :mod:`hhrlhf.pm.readout
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 from collections.abc import Iterator, Sequence
@@ -378,11 +379,16 @@ class NeuralPreferenceModel(PreferenceModel):
 
     def score_groups(self, prompts: Sequence[Dialogue | Sequence[Turn]],
                      responses: Sequence[Sequence[Turn | str]], batch_size: int = 32,
-                     shared_context: bool | None = None) -> np.ndarray:
+                     shared_context: bool | None = None, per_row: int = 0) -> np.ndarray:
         """(prompts, N) rewards of N responses per prompt. A decoder that packs exactly scores
-        a prompt's N responses in ONE row ``[prompt, r1, ..., rN]`` (block-causal mask,
+        a prompt's responses in a packed row ``[prompt, r1, ..., rN]`` (block-causal mask,
         positions restarted per response, :func:`hhrlhf.packing.collate_shared`), read at each
-        response's final token; any other model scores the N full rows in batches."""
+        response's final token; any other model scores the N full rows in batches.
+
+        ``per_row``: responses per packed row; 0 = the count that costs least
+        (:func:`responses_per_row`): all N in one row for a model that is wide against the
+        row, fewer (the prompt repeated once per row) when attention over a long row would
+        cost more than the prompt tokens it saves."""
         group_dialogues(prompts, responses)  # checks the shapes
         packed = self.shared_context if shared_context is None else shared_context
         if packed and not self.packs_exactly:
@@ -398,13 +404,23 @@ class NeuralPreferenceModel(PreferenceModel):
             [[as_turn(r) for r in g] for g in responses])
         # a group shares nothing when even its first token differs: full rows then
         can_pack = np.array([packed and len(s) > 0 for s in groups.shared])
+        config = self.reward_net.net.config
+        width = int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0) or 768)
+        rows: dict[int, list[tuple[int, int]]] = {}  # responses in the row -> (prompt, first)
+        for i in map(int, np.flatnonzero(can_pack)):
+            g = per_row or responses_per_row(len(groups.shared[i]), groups.own[i], width)
+            for k0 in range(0, n, g):
+                rows.setdefault(min(g, n - k0), []).append((i, k0))
         with self._eval():
-            at = np.flatnonzero(can_pack)
-            for idx in sorted_batches(groups.packed_len[at], max(1, batch_size // n)):
-                rows = at[idx]
-                batch = collate_shared([(groups.shared[i], groups.own[i]) for i in rows],
-                                       self.pad_id)
-                out[rows] = self._group_rewards(batch)
+            for g, starts in rows.items():
+                parts = [(groups.shared[i], groups.own[i][k0 : k0 + g]) for i, k0 in starts]
+                lens = np.array([len(p) + sum(len(x) for x in r) for p, r in parts])
+                for idx in sorted_batches(lens, max(1, batch_size // g)):
+                    r = self._group_rewards(collate_shared([parts[j] for j in idx],
+                                                           self.pad_id))
+                    for j, row in zip(idx, r):
+                        i, k0 = starts[j]
+                        out[i, k0 : k0 + g] = row
             flat = [(int(i), k) for i in np.flatnonzero(~can_pack) for k in range(n)]
             seqs = [groups.sequence(i, k) for i, k in flat]
             for idx in sorted_batches(np.array([len(x) for x in seqs]), batch_size):
@@ -439,6 +455,21 @@ class NeuralPreferenceModel(PreferenceModel):
         dev = self.device
         batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
         return (net or self.reward_net)(batch).float().cpu().numpy()  # type: ignore[no-any-return]
+
+
+def responses_per_row(prompt_len: int, own: Sequence[np.ndarray], width: int) -> int:
+    """How many of a prompt's N responses one packed row should hold: the g whose rows cost
+    least, a row of T = prompt + g responses costing ~ 6 * width * T (the linear layers, per
+    token) + T^2 (attention under a block mask, computed in full). A wide model packs all N in
+    one row; a narrow one with responses long against the prompt packs a few per row."""
+    n = len(own)
+    r = sum(len(x) for x in own) / max(n, 1)
+
+    def cost(g: int) -> float:
+        t = prompt_len + g * r
+        return math.ceil(n / g) * (6 * width * t + t * t)
+
+    return min(range(n, 0, -1), key=cost)  # ties: the larger g (fewer rows)
 
 
 _REWARD_DOC = {
