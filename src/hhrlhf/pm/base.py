@@ -45,6 +45,25 @@ class PreferenceModel(ABC):
         rejected = self.score([c.rejected_dialogue for c in comparisons], batch_size)
         return chosen, rejected
 
+    def score_groups(self, prompts: Sequence[Dialogue | Sequence[Turn]],
+                     responses: Sequence[Sequence[Turn | str]], batch_size: int = 32
+                     ) -> np.ndarray:
+        """Scores of N responses to each prompt, shape (prompts, N): entry ``[i, k]`` scores
+        the dialogue ``prompts[i]`` + the Assistant turn ``responses[i][k]`` (a :class:`Turn`,
+        or a string: that turn's text, rendered after ``"\\n\\nAssistant: "``). Every prompt
+        has the same number N of responses.
+
+        This default scores the dialogues one by one (in batches of ``batch_size``); a model
+        may share work between the N responses of a prompt (the neural PM packs them)."""
+        dialogues = group_dialogues(prompts, responses)
+        n = len(responses[0]) if responses else 0
+        return self.score(dialogues, batch_size).reshape(len(prompts), n)
+
+    def score_group(self, prompt: Dialogue | Sequence[Turn], responses: Sequence[Turn | str],
+                    batch_size: int = 32) -> np.ndarray:
+        """The N scores of one prompt's responses: :meth:`score_groups` of one group."""
+        return self.score_groups([prompt], [responses], batch_size)[0]  # type: ignore[no-any-return]
+
     def compare(self, prompt: Sequence[Turn] | str, a: str, b: str) -> float:
         """P(response ``a`` is preferred to ``b`` after ``prompt``) = sigmoid(score difference)."""
         turns = tuple(Dialogue.parse(prompt).turns) if isinstance(prompt, str) else tuple(prompt)
@@ -60,6 +79,25 @@ class PreferenceModel(ABC):
     @classmethod
     def load(cls, path: str | Path) -> PreferenceModel:
         return load(path)
+
+
+def as_turn(response: Turn | str) -> Turn:
+    """A response as the final Assistant turn: a string is the turn's text."""
+    return response if isinstance(response, Turn) else Turn("assistant", response)
+
+
+def group_dialogues(prompts: Sequence[Dialogue | Sequence[Turn]],
+                    responses: Sequence[Sequence[Turn | str]]) -> list[Dialogue]:
+    """The whole dialogues of :meth:`PreferenceModel.score_groups`, prompt by prompt."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} groups of responses")
+    if len({len(r) for r in responses}) > 1:
+        raise ValueError("every prompt needs the same number of responses")
+    out: list[Dialogue] = []
+    for p, group in zip(prompts, responses):
+        d = p if isinstance(p, Dialogue) else Dialogue(tuple(p))
+        out.extend(Dialogue(d.turns + (as_turn(r),), d.preamble) for r in group)
+    return out
 
 
 def write_marker(folder: Path, kind: str, **extra: object) -> None:

@@ -20,7 +20,7 @@ through the responses. Decoders score a packed pair in one row (see :func:`colla
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -242,6 +242,60 @@ class DialogueEncoder:
         ids = np.concatenate(packed) if packed else np.zeros(0, np.int32)
         return EncodedPairs(ids, np.concatenate([[0], np.cumsum(lens)]), c_len, r_len, shared,
                             trunc, cut)
+
+
+    # -- groups: one prompt, N responses ----------------------------------------------------
+    def encode_groups(self, prompts: Sequence[Dialogue], finals: Sequence[Sequence[Turn]]
+                      ) -> EncodedGroups:
+        """Each prompt with its N final turns, as ``(shared ids, [own ids of response k])``:
+        response k's sequence is ``shared + own[k]``, truncated as a pair is (the same context
+        for all N: what fits beside the longest final turn), so the N scores differ only
+        through the responses."""
+        segs = [(_segments(Dialogue(p.turns, p.preamble)) if (p.turns or p.preamble) else [],
+                 [render_turns((t,)) for t in f]) for p, f in zip(prompts, finals)]
+        flat = self._tokenize([s for ctx, fin in segs for s in (*ctx, *fin)])
+        out = EncodedGroups()
+        at = 0
+        for ctx_s, fin_s in segs:
+            ctx = flat[at : at + len(ctx_s)]
+            fin = flat[at + len(ctx_s) : at + len(ctx_s) + len(fin_s)]
+            at += len(ctx_s) + len(fin_s)
+            room = self.budget - min(max(len(f) for f in fin), self.budget)
+            seqs, trunc, cut = [], 0, False
+            for f in fin:
+                body, t, c = self._fit(ctx, f, room)
+                seqs.append(self._wrap(body))
+                trunc += t
+                cut = cut or c
+            shared = min(min(_common_prefix(seqs[0], x) for x in seqs),
+                         min(len(x) for x in seqs) - 1)
+            out.shared.append(seqs[0][:shared])
+            out.own.append([x[shared:] for x in seqs])
+            out.truncated_response.append(trunc)
+            out.context_cut.append(cut)
+        return out
+
+
+@dataclass
+class EncodedGroups:
+    """Token ids of prompts with N responses each: ``shared[i] + own[i][k]`` is the sequence
+    of response k to prompt i (``shared`` may be empty: then nothing is shared)."""
+
+    shared: list[np.ndarray] = field(default_factory=list)
+    own: list[list[np.ndarray]] = field(default_factory=list)
+    truncated_response: list[int] = field(default_factory=list)  # final turns cut, per prompt
+    context_cut: list[bool] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.shared)
+
+    def sequence(self, i: int, k: int) -> np.ndarray:
+        return np.concatenate([self.shared[i], self.own[i][k]])
+
+    @property
+    def packed_len(self) -> np.ndarray:
+        return np.array([len(s) + sum(len(x) for x in o) for s, o in zip(self.shared, self.own)],
+                        dtype=np.int64)
 
 
 def _shared_turns(a: tuple[Turn, ...], b: tuple[Turn, ...]) -> int:

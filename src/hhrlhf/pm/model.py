@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -45,8 +46,18 @@ from torch import nn
 
 from hhrlhf.atomic import move_into_place, temp_beside
 from hhrlhf.errors import HHRLHFError
-from hhrlhf.packing import PACKABLE, packing_problem  # noqa: F401  # PACKABLE: re-exported
-from hhrlhf.pm.base import MARKER_FILE, PreferenceModel, write_marker
+from hhrlhf.packing import (  # noqa: F401  # PACKABLE: re-exported
+    PACKABLE,
+    collate_shared,
+    packing_problem,
+)
+from hhrlhf.pm.base import (
+    MARKER_FILE,
+    PreferenceModel,
+    as_turn,
+    group_dialogues,
+    write_marker,
+)
 from hhrlhf.pm.config import resolve_backbone
 from hhrlhf.pm.encode import (
     DialogueEncoder,
@@ -57,7 +68,7 @@ from hhrlhf.pm.encode import (
     sorted_batches,
 )
 from hhrlhf.pm.readout import readout, readout_family
-from hhrlhf.records import Comparison, Dialogue
+from hhrlhf.records import Comparison, Dialogue, Turn
 
 
 @contextlib.contextmanager
@@ -453,6 +464,69 @@ class NeuralPreferenceModel(PreferenceModel):
                 chosen[idx], rejected[idx] = r[: len(idx)], r[len(idx) :]
         return chosen, rejected
 
+    def score_groups(self, prompts: Sequence[Dialogue | Sequence[Turn]],
+                     responses: Sequence[Sequence[Turn | str]], batch_size: int = 32,
+                     shared_context: bool | None = None, per_row: int = 0) -> np.ndarray:
+        """(prompts, N) rewards of N responses per prompt. A decoder that packs exactly scores
+        a prompt's responses in a packed row ``[prompt, r1, ..., rN]`` (block-causal mask,
+        positions restarted per response, :func:`hhrlhf.packing.collate_shared`), read at each
+        response's final token; any other model scores the N full rows in batches.
+
+        ``per_row``: responses per packed row; 0 = the count that costs least
+        (:func:`responses_per_row`): all N in one row for a model that is wide against the
+        row, fewer (the prompt repeated once per row) when attention over a long row would
+        cost more than the prompt tokens it saves."""
+        group_dialogues(prompts, responses)  # checks the shapes
+        packed = self.shared_context if shared_context is None else shared_context
+        if packed and not self.packs_exactly:
+            raise HHRLHFError("shared-context scoring would change this model's scores: "
+                              + (self.packing_problem or "it is not a decoder read at the "
+                                 "final token"))
+        n = len(responses[0]) if responses else 0
+        out = np.zeros((len(prompts), n), dtype=np.float32)
+        if not n:
+            return out
+        groups = self.encoder.encode_groups(
+            [p if isinstance(p, Dialogue) else Dialogue(tuple(p)) for p in prompts],
+            [[as_turn(r) for r in g] for g in responses])
+        # a group shares nothing when even its first token differs: full rows then
+        can_pack = np.array([packed and len(s) > 0 for s in groups.shared])
+        config = self.reward_net.net.config
+        width = int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0) or 768)
+        rows: dict[int, list[tuple[int, int]]] = {}  # responses in the row -> (prompt, first)
+        for i in map(int, np.flatnonzero(can_pack)):
+            g = per_row or responses_per_row(len(groups.shared[i]), groups.own[i], width)
+            for k0 in range(0, n, g):
+                rows.setdefault(min(g, n - k0), []).append((i, k0))
+        with self._eval():
+            for g, starts in rows.items():
+                parts = [(groups.shared[i], groups.own[i][k0 : k0 + g]) for i, k0 in starts]
+                lens = np.array([len(p) + sum(len(x) for x in r) for p, r in parts])
+                for idx in sorted_batches(lens, max(1, batch_size // g)):
+                    r = self._group_rewards(collate_shared([parts[j] for j in idx],
+                                                           self.pad_id))
+                    for j, row in zip(idx, r):
+                        i, k0 = starts[j]
+                        out[i, k0 : k0 + g] = row
+            flat = [(int(i), k) for i in np.flatnonzero(~can_pack) for k in range(n)]
+            seqs = [groups.sequence(i, k) for i, k in flat]
+            for idx in sorted_batches(np.array([len(x) for x in seqs]), batch_size):
+                r = self._rewards(collate_sequences([seqs[j] for j in idx], self.pad_id))
+                for j, v in zip(idx, r):
+                    out[flat[j]] = v
+        return out
+
+    def _group_rewards(self, batch: dict[str, torch.Tensor]) -> np.ndarray:
+        """Rewards (B, N) of packed rows, read at each response's final token."""
+        net = self.reward_net
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        mask, select = batch["mask"], batch["ends"]
+        rows = torch.arange(mask.shape[0], device=mask.device)[:, None]
+        h = net._read(select, mask[rows, 0, select][:, None], input_ids=batch["input_ids"],
+                      attention_mask=net._backbone_mask(mask),
+                      position_ids=batch["position_ids"])
+        return net.head(h).squeeze(-1).float().cpu().numpy()  # type: ignore[no-any-return]
+
     @contextlib.contextmanager
     def _eval(self) -> Iterator[None]:
         was_training = self.reward_net.training
@@ -468,6 +542,21 @@ class NeuralPreferenceModel(PreferenceModel):
         dev = self.device
         batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
         return (net or self.reward_net)(batch).float().cpu().numpy()  # type: ignore[no-any-return]
+
+
+def responses_per_row(prompt_len: int, own: Sequence[np.ndarray], width: int) -> int:
+    """How many of a prompt's N responses one packed row should hold: the g whose rows cost
+    least, a row of T = prompt + g responses costing ~ 6 * width * T (the linear layers, per
+    token) + T^2 (attention under a block mask, computed in full). A wide model packs all N in
+    one row; a narrow one with responses long against the prompt packs a few per row."""
+    n = len(own)
+    r = sum(len(x) for x in own) / max(n, 1)
+
+    def cost(g: int) -> float:
+        t = prompt_len + g * r
+        return math.ceil(n / g) * (6 * width * t + t * t)
+
+    return min(range(n, 0, -1), key=cost)  # ties: the larger g (fewer rows)
 
 
 # Saved folders: a transformers sequence-classification folder, or backbone/ + value head.
