@@ -335,7 +335,7 @@ def test_cli_errors_are_one_line(lex_dir: Path, redteam_file: GroundTruth, real_
     assert f"{real_file}:1:" in line
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    _one_line_error(run_cli(str(lex_dir), str(empty), "-q"), "no red-team attempts")
+    _one_line_error(run_cli(str(lex_dir), str(empty), "-q"), "no rows")
     _one_line_error(run_cli(str(lex_dir), str(tmp_path / "missing.jsonl")), "no such file")
     # The figure never replaces a file hhrlhf did not make, nor an input.
     notes = tmp_path / "notes.txt"
