@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-REAL_FILE = ROOT.parent / "shared" / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
+REAL_FILE = ROOT / "tests" / "data" / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"  # carried in the repo
 
 
 def _real_file() -> Path:

@@ -52,7 +52,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 ON_GPU = torch.cuda.is_available()
 PRECISION = "bf16" if ON_GPU else "fp32"
-REAL_FILE = ROOT.parent / "shared" / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
+REAL_FILE = ROOT / "tests" / "data" / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"  # carried in the repo
 HUMAN = "\n\nHuman:"
 
 
@@ -161,7 +161,7 @@ def main() -> None:
     ap.add_argument("--kl-coef", type=float, default=0.05)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads for both (1 on a shared 2-core machine)")
+                    help="torch threads for both")
     ap.add_argument("--no-ppo", action="store_true")
     ap.add_argument("--no-bon", action="store_true")
     args = ap.parse_args()
@@ -186,8 +186,7 @@ def main() -> None:
     rows = list(read_comparisons([args.data]))
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers "
-          f"{transformers.__version__}, trl {trl.__version__}; load average at start "
-          f"{os.getloadavg()[0]:.1f} (the machine is shared with other work)"
+          f"{transformers.__version__}, trl {trl.__version__}"
           + (f"; GPU {torch.cuda.get_device_name(0)}" if ON_GPU else ""))
     with tempfile.TemporaryDirectory() as tmp:
         policy_dir = args.policy or str(Path(tmp) / "policy")
@@ -256,8 +255,7 @@ def main() -> None:
               f"{hh['prompts_per_s'] * args.k:.3f} rollouts/s (PPO has no TRL 1.16 "
               f"counterpart)")
     bon = "bon n/a" if args.no_bon else bon_speedup(args.quick)
-    print(f"total {time.perf_counter() - t_start:.0f} s; load average at end "
-          f"{os.getloadavg()[0]:.1f}")
+    print(f"total {time.perf_counter() - t_start:.0f} s")
     print(f"speedups: rloo {speed:.2f}x, {bon}", flush=True)
     sys.exit(0)
 
