@@ -67,9 +67,10 @@ class Sampler:
 
     def sample(self, prompts: Sequence[np.ndarray], n: int = 1, max_new_tokens: int = 128,
                temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
-               batch_size: int = 64) -> list[Sample]:
+               batch_size: int = 64, stop_at_human: bool = True) -> list[Sample]:
         """``n`` samples per prompt, ordered prompt by prompt: sample k of prompt i is at
-        ``i * n + k``. ``batch_size``: sequences decoded together (prompts * n)."""
+        ``i * n + k``. ``batch_size``: sequences decoded together (prompts * n).
+        ``stop_at_human=False``: only EOS ends a sample (as HF ``generate``)."""
         gen = torch.Generator(device=self.device).manual_seed(seed)
         per_batch = max(1, batch_size // n)
         order = np.argsort([-len(p) for p in prompts], kind="stable")
@@ -80,7 +81,8 @@ class Sampler:
             for at in range(0, len(order), per_batch):
                 idx = [int(i) for i in order[at: at + per_batch]]
                 for j, s in enumerate(self._batch([prompts[i] for i in idx], n, max_new_tokens,
-                                                  temperature, top_p, top_k, gen)):
+                                                  temperature, top_p, top_k, gen,
+                                                  stop_at_human)):
                     i, k = idx[j // n], j % n
                     s.prompt_index, s.sample_index = i, k
                     out[i * n + k] = s
@@ -90,8 +92,8 @@ class Sampler:
 
     @torch.inference_mode()
     def _batch(self, prompts: list[np.ndarray], n: int, max_new_tokens: int,
-               temperature: float, top_p: float, top_k: int, gen: torch.Generator
-               ) -> list[Sample]:
+               temperature: float, top_p: float, top_k: int, gen: torch.Generator,
+               stop_at_human: bool) -> list[Sample]:
         dev = self.device
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
@@ -130,6 +132,8 @@ class Sampler:
                 if t == self.eos_id:
                     stop[r] = "eos"
                     done[r] = True
+                    continue
+                if not stop_at_human:
                     continue
                 tails[r] = (tails[r] + self.pieces[t])[-64:]
                 if HUMAN_MARKER in tails[r]:
