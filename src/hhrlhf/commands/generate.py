@@ -169,9 +169,11 @@ def generate(model: str, sources: tuple[str, ...], n: int, temperature: float, t
 
     def sampled(chunk: list[tuple[str, Any]], chunk_no: int) -> Iterator[dict[str, Any]]:
         prompts, _ = encoder.encode_prompts([d for _, d in chunk], max_prompt_length)
-        samples = sampler.sample(prompts, n=n, max_new_tokens=max_new_tokens,
-                                 temperature=temperature, top_p=top_p, top_k=top_k,
-                                 seed=seed + chunk_no, batch_size=batch_size)
+        # bf16 on a GPU (as training there), fp32 on a CPU
+        with torch.autocast("cuda", torch.bfloat16, enabled=torch.cuda.is_available()):
+            samples = sampler.sample(prompts, n=n, max_new_tokens=max_new_tokens,
+                                     temperature=temperature, top_p=top_p, top_k=top_k,
+                                     seed=seed + chunk_no, batch_size=batch_size)
         for s in samples:
             pid, d = chunk[s.prompt_index]
             yield {"id": f"{pid}/{s.sample_index}", "prompt_id": pid, "sample": s.sample_index,
