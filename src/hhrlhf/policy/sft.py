@@ -145,7 +145,8 @@ def train_sft(config: SFTConfig, rows: list[Comparison] | None = None, *,
         rows, _ = filter_rows(rows, (), config.max_rows)
     train_rows, held = split_rows(config, rows, eval_rows)
     train_rows, skipped = filter_rows(train_rows, config.skip_flags, 0)
-    held, _ = filter_rows(held, config.skip_flags, 0)
+    held, held_skipped = filter_rows(held, config.skip_flags, 0)
+    skipped += held_skipped
     if not train_rows:
         raise HHRLHFError("no training rows left (all skipped or none given)")
     out = Path(config.out_dir) if config.out_dir else None
