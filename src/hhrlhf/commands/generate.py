@@ -36,14 +36,14 @@ _CHUNK = 256  # prompts read before sampling: bounded memory on endless stdin
 def _prompts(sources: tuple[str, ...], unique: bool) -> Iterator[tuple[str, Any]]:
     """(prompt id, Dialogue of the prompt turns) for every input prompt, in order."""
     from hhrlhf.commands.pm_score import _lines, parse_row
-    from hhrlhf.read import is_redteam_file, read_source_comparisons, resolve
+    from hhrlhf.read import read_source_comparisons, resolve
     from hhrlhf.records import Comparison, Dialogue
 
     seen: set[str] = set()
     for src in sources or ("-",):
         path = Path(src)
-        is_rows = src != "-" and (not path.exists() or path.suffix == ".gz" and not
-                                  is_redteam_file(path) and _has_pairs(path))
+        # a subset name, or a file of preference rows (the official format, any suffix)
+        is_rows = src != "-" and (not path.exists() or _has_pairs(path))
         if is_rows:
             for source in resolve([src]):
                 if source.is_redteam:
@@ -78,8 +78,8 @@ def _has_pairs(path: Path) -> bool:
 
     try:
         for _, obj in iter_json_rows(path):
-            return isinstance(obj, dict) and "chosen" in obj
-    except HHRLHFError:
+            return isinstance(obj, dict) and "chosen" in obj and "text" not in obj
+    except HHRLHFError:  # not JSON: plain lines, one dialogue each
         return False
     return False
 
