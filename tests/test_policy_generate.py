@@ -4,18 +4,16 @@ JSON Lines are read by `hhrlhf pm score` and the data layer."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from policy_support import (
-    ENV,
     build_tiny,
     first_rows,
     one_thread,  # noqa: F401  # autouse
+    run_cli,
 )
 
 from hhrlhf.policy import Policy
@@ -80,13 +78,13 @@ def test_sampling_is_seeded_and_filters_tails(tiny: tuple[Policy, Path]) -> None
 
 
 def test_generate_command_feeds_pm_score(tiny: tuple[Policy, Path], real_file: Path,
-                                         tmp_path: Path) -> None:
+                                         tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "samples.jsonl"
-    r = subprocess.run([sys.executable, "-m", "hhrlhf.cli", "generate", str(tiny[1]),
-                        str(real_file), "--n", "3", "--max-prompts", "4", "--max-new-tokens",
-                        "12", "--seed", "1", "-o", str(out)], env=ENV, capture_output=True,
-                       text=True, check=False)
-    assert r.returncode == 0, r.stderr
+    code, _, err = run_cli(["generate", str(tiny[1]), str(real_file), "--n", "3",
+                            "--max-prompts", "4", "--max-new-tokens", "12", "--seed", "1", "-o",
+                            str(out)], capsys, monkeypatch)
+    assert code == 0, err
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(rows) == 12
     assert [r["sample"] for r in rows[:3]] == [0, 1, 2]
@@ -100,19 +98,18 @@ def test_generate_command_feeds_pm_score(tiny: tuple[Policy, Path], real_file: P
 
     pm_dir = tmp_path / "pm"
     LexicalPreferenceModel.fit(first_rows(real_file, 200)).save(pm_dir)
-    scored = subprocess.run([sys.executable, "-m", "hhrlhf.cli", "pm", "score", str(pm_dir),
-                             str(out)], env=ENV, capture_output=True, text=True, check=True)
-    scores = [json.loads(x) for x in scored.stdout.splitlines()]
+    code, stdout, err = run_cli(["pm", "score", str(pm_dir), str(out)], capsys, monkeypatch)
+    assert code == 0, err
+    scores = [json.loads(x) for x in stdout.splitlines()]
     assert [s["id"] for s in scores] == [r["id"] for r in rows]
     # stdin, greedy: a typed line is a prompt
-    r = subprocess.run([sys.executable, "-m", "hhrlhf.cli", "generate", str(tiny[1]),
-                        "--temperature", "0", "--max-new-tokens", "5"],
-                       input="Human: How do I bake bread?\n", env=ENV, capture_output=True,
-                       text=True, check=True)
-    row = json.loads(r.stdout)
+    code, stdout, err = run_cli(["generate", str(tiny[1]), "--temperature", "0",
+                                 "--max-new-tokens", "5"], capsys, monkeypatch,
+                                stdin="Human: How do I bake bread?\n")
+    assert code == 0, err
+    row = json.loads(stdout)
     assert row["text"].startswith("\n\nHuman: How do I bake bread?\n\nAssistant:")
     # refusing to write over an input
-    bad = subprocess.run([sys.executable, "-m", "hhrlhf.cli", "generate", str(tiny[1]),
-                          str(out), "-o", str(out)], env=ENV, capture_output=True, text=True,
-                         check=False)
-    assert bad.returncode == 2 and "refusing to write over an input" in bad.stderr
+    code, _, err = run_cli(["generate", str(tiny[1]), str(out), "-o", str(out)], capsys,
+                           monkeypatch)
+    assert code == 2 and "refusing to write over an input" in err
