@@ -141,6 +141,7 @@ def test_one_line_errors(tiny: Policy, real_file: Path, tmp_path: Path,
         tmp_path / "bert")
     # a causal LM whose tokenizer lacks the HH chat format
     tiny.save(tmp_path / "plain")
+    tiny.save(tmp_path / "good")
     tok = AutoTokenizer.from_pretrained(tmp_path / "plain")
     tok.chat_template = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
     tok.save_pretrained(tmp_path / "plain")
@@ -150,6 +151,8 @@ def test_one_line_errors(tiny: Policy, real_file: Path, tmp_path: Path,
         (["--init", "tiny", "--set", "lr=-1"], "config lr=-1.0: must be positive"),
         (["--init", "tiny", "--set", "nope=1"], "unknown config key 'nope'"),
         (["--policy", str(tmp_path / "bert"), "--init", "tiny"], "exactly one of policy"),
+        (["--policy", str(tmp_path / "good"), "--max-length", "600"],
+         "max_length 600 exceeds the 512 positions of the policy"),
     ]
     for extra, needle in cases:
         code, _, stderr = run_cli(["sft", str(real_file), "--out", str(tmp_path / "run"), "-q",

@@ -148,6 +148,8 @@ def generate(model: str, sources: tuple[str, ...], n: int, temperature: float, t
     if threads:
         torch.set_num_threads(threads)
     policy = Policy.load(model)
+    policy.check_length(max_prompt_length + max_new_tokens,
+                        "--max-prompt-length + --max-new-tokens")
     if torch.cuda.is_available():
         policy.net.to("cuda")
     encoder = PolicyEncoder(policy.tokenizer, max_prompt_length + max_new_tokens)

@@ -160,6 +160,7 @@ def train_dpo(config: DPOConfig, rows: list[Comparison] | None = None, *,
         rows, skipped = filter_rows(rows, (), config.max_rows)
     train_rows, held = split_rows(config, rows, eval_rows)
     policy = Policy.load(config.policy, config.attn_implementation)
+    policy.check_length(config.max_length)
     ref_net = (Policy.load(config.reference, config.attn_implementation).net
                if config.reference else copy.deepcopy(policy.net))
     ref_net.requires_grad_(False).eval()

@@ -151,6 +151,7 @@ def train_sft(config: SFTConfig, rows: list[Comparison] | None = None, *,
         raise HHRLHFError("no training rows left (all skipped or none given)")
     out = Path(config.out_dir) if config.out_dir else None
     policy = start_policy(config, [c.chosen_raw for c in train_rows], out)
+    policy.check_length(config.max_length)
     policy.net.to(accelerator.device)
     encoder = PolicyEncoder(policy.tokenizer, config.max_length)
     data = encoder.encode_sft([c.chosen_dialogue for c in train_rows])
