@@ -154,10 +154,11 @@ def train_dpo(config: DPOConfig, rows: list[Comparison] | None = None, *,
         torch.set_num_threads(config.threads)
     accelerator = accelerator_for(config)
     set_seed(config.seed)
+    # every row is read: flagged ones are left out (and counted) by the encoder
     if rows is None:
-        rows, skipped = load_rows(config.data, (), config.max_rows)
+        rows, _ = load_rows(config.data, (), config.max_rows)
     else:
-        rows, skipped = filter_rows(rows, (), config.max_rows)
+        rows, _ = filter_rows(rows, (), config.max_rows)
     train_rows, held = split_rows(config, rows, eval_rows)
     policy = Policy.load(config.policy, config.attn_implementation)
     policy.check_length(config.max_length)
@@ -267,7 +268,7 @@ def train_dpo(config: DPOConfig, rows: list[Comparison] | None = None, *,
     window = steps[-FINAL_WINDOW:]
     left_out = dict(data.left_out)
     result.metrics.update({
-        "train_pairs": len(data), "skipped_rows": skipped, "left_out": left_out,
+        "train_pairs": len(data), "left_out": left_out,
         "eval_rows": len(held),
         "train_loss": float(np.mean([r["loss"] for r in window])) if window else None,
         "train_accuracy": float(np.mean([r["accuracy"] for r in window])) if window else None,
