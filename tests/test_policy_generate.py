@@ -113,3 +113,33 @@ def test_generate_command_feeds_pm_score(tiny: tuple[Policy, Path], real_file: P
     code, _, err = run_cli(["generate", str(tiny[1]), str(out), "-o", str(out)], capsys,
                            monkeypatch)
     assert code == 2 and "refusing to write over an input" in err
+
+
+def test_a_sample_stops_at_the_next_human_turn(tiny: tuple[Policy, Path]) -> None:
+    """A real Llama whose logits are pushed to the first token of " Sure" after the prompt,
+    then to the Human marker: the sample stops there, the marker cut from its text (and kept going with
+    stop_at_human=False)."""
+    policy = tiny[0]
+    tok = policy.tokenizer
+    sure = tok(" Sure", add_special_tokens=False)["input_ids"]
+    human = tok("\n\nHuman:", add_special_tokens=False)["input_ids"]
+    assert len(human) == 1  # the tiny tokenizer's role markers are single tokens
+
+    class Pushed(torch.nn.Module):
+        def __init__(self, net: torch.nn.Module):
+            super().__init__()
+            self.net = net
+
+        def forward(self, input_ids: torch.Tensor, **kw: object) -> object:
+            out = self.net(input_ids=input_ids, **kw)
+            target = sure[0] if input_ids.shape[1] > 1 else human[0]  # prefill, then decode
+            out.logits[..., target] += 1e4
+            return out
+
+    prompts, _ = PolicyEncoder(tok, 64).encode_prompts([Dialogue.parse("\n\nHuman: hi")], 32)
+    sampler = Sampler(Pushed(policy.net), tok)
+    s = sampler.sample(prompts, n=2, max_new_tokens=6, temperature=0)
+    assert [x.stop for x in s] == ["human", "human"]
+    assert s[0].text == tok.decode([sure[0]]) and s[0].tokens == [sure[0], human[0]]
+    s = sampler.sample(prompts, n=1, max_new_tokens=6, temperature=0, stop_at_human=False)
+    assert s[0].stop == "length" and len(s[0].tokens) == 6

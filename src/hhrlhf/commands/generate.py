@@ -93,8 +93,9 @@ def _has_pairs(path: Path) -> bool:
 @click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus mass.")
 @click.option("--top-k", type=int, default=0, show_default=True, help="0 = no top-k.")
 @click.option("--max-new-tokens", type=int, default=128, show_default=True)
-@click.option("--max-prompt-length", type=int, default=512, show_default=True,
-              help="Prompt tokens kept (the end of the dialogue).")
+@click.option("--max-prompt-length", type=int, default=0,
+              help="Prompt tokens kept (the end of the dialogue); default: 512, or what the "
+                   "model's positions leave beside --max-new-tokens.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=int, default=64, show_default=True,
               help="Sequences decoded together (prompts x samples).")
@@ -120,7 +121,7 @@ def generate(model: str, sources: tuple[str, ...], n: int, temperature: float, t
     for name, value, low in (("--n", n, 1), ("--max-new-tokens", max_new_tokens, 1),
                              ("--batch-size", batch_size, 1), ("--max-prompts", max_prompts, 0),
                              ("--top-k", top_k, 0), ("--max-prompt-length", max_prompt_length,
-                                                     4)):
+                                                     0)):
         if value < low:
             raise HHRLHFError(f"{name} must be at least {low}")
     if temperature < 0 or not 0 < top_p <= 1:
@@ -148,6 +149,12 @@ def generate(model: str, sources: tuple[str, ...], n: int, temperature: float, t
     if threads:
         torch.set_num_threads(threads)
     policy = Policy.load(model)
+    if not max_prompt_length:
+        positions = getattr(policy.config, "max_position_embeddings", None) or 1 << 30
+        max_prompt_length = min(512, positions - max_new_tokens)
+        if max_prompt_length < 4:
+            raise HHRLHFError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt "
+                              f"in the policy's {positions} positions")
     policy.check_length(max_prompt_length + max_new_tokens,
                         "--max-prompt-length + --max-new-tokens")
     if torch.cuda.is_available():
