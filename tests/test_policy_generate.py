@@ -18,7 +18,7 @@ from policy_support import (
 
 from hhrlhf.policy import Policy
 from hhrlhf.policy.encode import PolicyEncoder
-from hhrlhf.policy.sample import Sampler, filter_logits
+from hhrlhf.policy.sample import Sampler, draw, filter_logits
 from hhrlhf.records import Dialogue
 
 
@@ -143,3 +143,11 @@ def test_a_sample_stops_at_the_next_human_turn(tiny: tuple[Policy, Path]) -> Non
     assert s[0].text == tok.decode([sure[0]]) and s[0].tokens == [sure[0], human[0]]
     s = sampler.sample(prompts, n=1, max_new_tokens=6, temperature=0, stop_at_human=False)
     assert s[0].stop == "length" and len(s[0].tokens) == 6
+
+
+def test_draws_follow_the_distribution() -> None:
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05, 0.0]]).repeat(40000, 1)
+    got = draw(probs, torch.Generator().manual_seed(0))
+    freq = torch.bincount(got, minlength=5).double() / len(got)
+    torch.testing.assert_close(freq, probs[0].double(), rtol=0, atol=0.01)
+    assert freq[4] == 0

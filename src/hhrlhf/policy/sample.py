@@ -48,6 +48,13 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
     return logits
 
 
+def draw(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """One index per row, drawn from ``probs`` exactly: the argmax of p / E with E ~ Exp(1)
+    (the exponential race); several times faster than ``torch.multinomial`` on a CPU."""
+    race = torch.empty_like(probs).exponential_(1.0, generator=gen)
+    return (probs / race).argmax(-1)
+
+
 def _cache_of(out: Any) -> Any:
     cache = getattr(out, "cache", None)
     return cache if cache is not None else out.past_key_values
@@ -138,8 +145,7 @@ class Sampler:
             if temperature == 0:
                 nxt = logits.argmax(-1)
             else:
-                probs = filter_logits(logits, temperature, top_k, top_p).softmax(-1)
-                nxt = torch.multinomial(probs, 1, generator=gen)[:, 0]
+                nxt = draw(filter_logits(logits, temperature, top_k, top_p).softmax(-1), gen)
             nxt = torch.where(done, pad, nxt)
             out_ids[:, step] = nxt
             ended = ~done & (nxt == self.eos_id)
