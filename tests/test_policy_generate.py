@@ -146,7 +146,7 @@ def test_a_sample_stops_at_the_next_human_turn(tiny: tuple[Policy, Path]) -> Non
 
 
 def test_draws_follow_the_distribution() -> None:
-    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05, 0.0]]).repeat(40000, 1)
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05, 0.0]]).repeat(40000, 1)  # a zero at the end
     got = draw(probs, torch.Generator().manual_seed(0))
     freq = torch.bincount(got, minlength=5).double() / len(got)
     torch.testing.assert_close(freq, probs[0].double(), rtol=0, atol=0.01)
