@@ -41,3 +41,24 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def run_cli(args: list[str], capsys: pytest.CaptureFixture[str],
+            monkeypatch: pytest.MonkeyPatch, stdin: str | None = None) -> tuple[int, str, str]:
+    """``hhrlhf ARGS`` in this process (the real entry point, without a new interpreter's
+    start-up): (exit status, stdout, stderr)."""
+    import io
+    import sys
+
+    from hhrlhf.cli import main
+
+    if stdin is not None:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    capsys.readouterr()
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as e:
+        code = int(e.code or 0)
+    out = capsys.readouterr()
+    return code, out.out, out.err

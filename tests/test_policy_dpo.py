@@ -152,3 +152,33 @@ def test_a_dpo_policy_is_a_preference_model(folders: dict[str, Path], real_file:
         want = 0.2 * (_full_logprob(pol.net, p, c) - _full_logprob(ref.net, p, c))
         assert chosen[i] == pytest.approx(want, abs=1e-4)
     assert np.std(chosen - rejected) > 1e-4
+
+
+def test_a_family_that_cannot_pack_takes_full_rows(folders: dict[str, Path], real_file: Path,
+                                                   tmp_path: Path) -> None:
+    """Bloom places tokens by ALiBi (their index in the row), so it is not packable: DPO reads
+    it as full rows, and the loss still equals the formula."""
+    from transformers import AutoTokenizer, BloomConfig, BloomForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(folders["policy"])
+    for name, seed in (("bloom", 0), ("bloom-ref", 1)):
+        torch.manual_seed(seed)
+        BloomForCausalLM(BloomConfig(vocab_size=len(tok), hidden_size=32, n_layer=2, n_head=2,
+                                     eos_token_id=tok.eos_token_id)).save_pretrained(
+            tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    rows = first_rows(real_file, 6)
+    cfg = DPOConfig(policy=str(tmp_path / "bloom"), reference=str(tmp_path / "bloom-ref"),
+                    out_dir="", max_steps=1, batch_size=len(rows), max_length=96, beta=0.3,
+                    progress=False, threads=1, kl_prompts=0)
+    result = train_dpo(cfg, rows)
+    assert result.metrics["shared_prompt"] is False
+    assert "bloom is not among the families" in result.metrics["shared_prompt_off"]
+    pol, ref = Policy.load(tmp_path / "bloom"), Policy.load(tmp_path / "bloom-ref")
+    data = PolicyEncoder(pol.tokenizer, 96).encode_pairs(rows, cfg.skip_flags)
+    losses = []
+    for p, (c, r) in zip(data.prompts, data.responses):
+        m = 0.3 * ((_full_logprob(pol.net, p, c) - _full_logprob(ref.net, p, c))
+                   - (_full_logprob(pol.net, p, r) - _full_logprob(ref.net, p, r)))
+        losses.append(math.log1p(math.exp(-m)))
+    assert result.history[0]["loss"] == pytest.approx(np.mean(losses), abs=1e-4)

@@ -4,23 +4,21 @@ JSON Lines are read by `hhrlhf pm score` and the data layer."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from policy_support import (
-    ENV,
     build_tiny,
     first_rows,
     one_thread,  # noqa: F401  # autouse
+    run_cli,
 )
 
 from hhrlhf.policy import Policy
 from hhrlhf.policy.encode import PolicyEncoder
-from hhrlhf.policy.sample import Sampler, filter_logits
+from hhrlhf.policy.sample import Sampler, draw, filter_logits
 from hhrlhf.records import Dialogue
 
 
@@ -80,13 +78,13 @@ def test_sampling_is_seeded_and_filters_tails(tiny: tuple[Policy, Path]) -> None
 
 
 def test_generate_command_feeds_pm_score(tiny: tuple[Policy, Path], real_file: Path,
-                                         tmp_path: Path) -> None:
+                                         tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "samples.jsonl"
-    r = subprocess.run([sys.executable, "-m", "hhrlhf.cli", "generate", str(tiny[1]),
-                        str(real_file), "--n", "3", "--max-prompts", "4", "--max-new-tokens",
-                        "12", "--seed", "1", "-o", str(out)], env=ENV, capture_output=True,
-                       text=True, check=False)
-    assert r.returncode == 0, r.stderr
+    code, _, err = run_cli(["generate", str(tiny[1]), str(real_file), "--n", "3",
+                            "--max-prompts", "4", "--max-new-tokens", "12", "--seed", "1", "-o",
+                            str(out)], capsys, monkeypatch)
+    assert code == 0, err
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(rows) == 12
     assert [r["sample"] for r in rows[:3]] == [0, 1, 2]
@@ -100,19 +98,56 @@ def test_generate_command_feeds_pm_score(tiny: tuple[Policy, Path], real_file: P
 
     pm_dir = tmp_path / "pm"
     LexicalPreferenceModel.fit(first_rows(real_file, 200)).save(pm_dir)
-    scored = subprocess.run([sys.executable, "-m", "hhrlhf.cli", "pm", "score", str(pm_dir),
-                             str(out)], env=ENV, capture_output=True, text=True, check=True)
-    scores = [json.loads(x) for x in scored.stdout.splitlines()]
+    code, stdout, err = run_cli(["pm", "score", str(pm_dir), str(out)], capsys, monkeypatch)
+    assert code == 0, err
+    scores = [json.loads(x) for x in stdout.splitlines()]
     assert [s["id"] for s in scores] == [r["id"] for r in rows]
     # stdin, greedy: a typed line is a prompt
-    r = subprocess.run([sys.executable, "-m", "hhrlhf.cli", "generate", str(tiny[1]),
-                        "--temperature", "0", "--max-new-tokens", "5"],
-                       input="Human: How do I bake bread?\n", env=ENV, capture_output=True,
-                       text=True, check=True)
-    row = json.loads(r.stdout)
+    code, stdout, err = run_cli(["generate", str(tiny[1]), "--temperature", "0",
+                                 "--max-new-tokens", "5"], capsys, monkeypatch,
+                                stdin="Human: How do I bake bread?\n")
+    assert code == 0, err
+    row = json.loads(stdout)
     assert row["text"].startswith("\n\nHuman: How do I bake bread?\n\nAssistant:")
     # refusing to write over an input
-    bad = subprocess.run([sys.executable, "-m", "hhrlhf.cli", "generate", str(tiny[1]),
-                          str(out), "-o", str(out)], env=ENV, capture_output=True, text=True,
-                         check=False)
-    assert bad.returncode == 2 and "refusing to write over an input" in bad.stderr
+    code, _, err = run_cli(["generate", str(tiny[1]), str(out), "-o", str(out)], capsys,
+                           monkeypatch)
+    assert code == 2 and "refusing to write over an input" in err
+
+
+def test_a_sample_stops_at_the_next_human_turn(tiny: tuple[Policy, Path]) -> None:
+    """A real Llama whose logits are pushed to the first token of " Sure" after the prompt,
+    then to the Human marker: the sample stops there, the marker cut from its text (and kept going with
+    stop_at_human=False)."""
+    policy = tiny[0]
+    tok = policy.tokenizer
+    sure = tok(" Sure", add_special_tokens=False)["input_ids"]
+    human = tok("\n\nHuman:", add_special_tokens=False)["input_ids"]
+    assert len(human) == 1  # the tiny tokenizer's role markers are single tokens
+
+    class Pushed(torch.nn.Module):
+        def __init__(self, net: torch.nn.Module):
+            super().__init__()
+            self.net = net
+
+        def forward(self, input_ids: torch.Tensor, **kw: object) -> object:
+            out = self.net(input_ids=input_ids, **kw)
+            target = sure[0] if input_ids.shape[1] > 1 else human[0]  # prefill, then decode
+            out.logits[..., target] += 1e4
+            return out
+
+    prompts, _ = PolicyEncoder(tok, 64).encode_prompts([Dialogue.parse("\n\nHuman: hi")], 32)
+    sampler = Sampler(Pushed(policy.net), tok)
+    s = sampler.sample(prompts, n=2, max_new_tokens=6, temperature=0)
+    assert [x.stop for x in s] == ["human", "human"]
+    assert s[0].text == tok.decode([sure[0]]) and s[0].tokens == [sure[0], human[0]]
+    s = sampler.sample(prompts, n=1, max_new_tokens=6, temperature=0, stop_at_human=False)
+    assert s[0].stop == "length" and len(s[0].tokens) == 6
+
+
+def test_draws_follow_the_distribution() -> None:
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05, 0.0]]).repeat(40000, 1)  # a zero at the end
+    got = draw(probs, torch.Generator().manual_seed(0))
+    freq = torch.bincount(got, minlength=5).double() / len(got)
+    torch.testing.assert_close(freq, probs[0].double(), rtol=0, atol=0.01)
+    assert freq[4] == 0

@@ -18,6 +18,7 @@ from policy_support import (
     build_tiny,
     first_rows,
     one_thread,  # noqa: F401  # autouse
+    run_cli,
 )
 
 from hhrlhf.errors import HHRLHFError
@@ -92,7 +93,7 @@ def test_sft_learns_and_evaluates(tiny: Policy, real_file: Path, tmp_path: Path)
 def test_resume_after_sigkill_ends_with_the_same_weights(real_file: Path, tmp_path: Path
                                                           ) -> None:
     args = [sys.executable, "-m", "hhrlhf.cli", "sft", str(real_file), "--init", "tiny",
-            "--max-steps", "24", "--max-rows", "200", "--batch-size", "4", "--max-length", "64",
+            "--max-steps", "16", "--max-rows", "120", "--batch-size", "4", "--max-length", "64",
             "--lr", "1e-3", "-q", "--set", "holdout_folds=5", "--set", "eval_every=6",
             "--set", "save_every=4", "--set", "weight_decay=0.01", "--set", "threads=1",
             *[f"--set=tiny_{k}={v}" for k, v in (("vocab_size", TINY.vocab_size),
@@ -123,18 +124,15 @@ def test_resume_after_sigkill_ends_with_the_same_weights(real_file: Path, tmp_pa
     ra, rb = (json.loads((d / "result.json").read_text()) for d in (a, b))
     for key in ("seconds", "train_seconds", "tokens_per_s"):
         ra.pop(key), rb.pop(key)
-    assert ra == rb and ra["steps"] == 24 and "eval_loss" in ra
+    assert ra == rb and ra["steps"] == 16 and "eval_loss" in ra
     pa, pb = (Policy.load(d / "model") for d in (a, b))
     for (ka, va), (kb, vb) in zip(pa.net.state_dict().items(), pb.net.state_dict().items()):
         assert ka == kb and torch.equal(va, vb)
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "hhrlhf.cli", *args], env=ENV,
-                          capture_output=True, text=True, check=False)
-
-
-def test_one_line_errors(tiny: Policy, real_file: Path, tmp_path: Path) -> None:
+def test_one_line_errors(tiny: Policy, real_file: Path, tmp_path: Path,
+                         capsys: pytest.CaptureFixture[str],
+                         monkeypatch: pytest.MonkeyPatch) -> None:
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     # a folder that is not a causal LM
@@ -143,6 +141,7 @@ def test_one_line_errors(tiny: Policy, real_file: Path, tmp_path: Path) -> None:
         tmp_path / "bert")
     # a causal LM whose tokenizer lacks the HH chat format
     tiny.save(tmp_path / "plain")
+    tiny.save(tmp_path / "good")
     tok = AutoTokenizer.from_pretrained(tmp_path / "plain")
     tok.chat_template = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
     tok.save_pretrained(tmp_path / "plain")
@@ -152,13 +151,16 @@ def test_one_line_errors(tiny: Policy, real_file: Path, tmp_path: Path) -> None:
         (["--init", "tiny", "--set", "lr=-1"], "config lr=-1.0: must be positive"),
         (["--init", "tiny", "--set", "nope=1"], "unknown config key 'nope'"),
         (["--policy", str(tmp_path / "bert"), "--init", "tiny"], "exactly one of policy"),
+        (["--policy", str(tmp_path / "good"), "--max-length", "600"],
+         "max_length 600 exceeds the 512 positions of the policy"),
     ]
     for extra, needle in cases:
-        r = _cli("sft", str(real_file), "--out", str(tmp_path / "run"), "-q", *extra)
-        assert r.returncode == 2, r.stderr
-        err = [x for x in r.stderr.splitlines() if x.startswith("hhrlhf: error")]
-        assert len(err) == 1 and needle in err[0], r.stderr
-        assert "Traceback" not in r.stderr
+        code, _, stderr = run_cli(["sft", str(real_file), "--out", str(tmp_path / "run"), "-q",
+                                   *extra], capsys, monkeypatch)
+        assert code == 2, stderr
+        err = [x for x in stderr.splitlines() if x.startswith("hhrlhf: error")]
+        assert len(err) == 1 and needle in err[0], stderr
+        assert "Traceback" not in stderr
     assert not (tmp_path / "run").exists()  # no half-made run folder
     with pytest.raises(HHRLHFError, match="no chat template"):
         tok.chat_template = None

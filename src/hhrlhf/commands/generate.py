@@ -36,14 +36,14 @@ _CHUNK = 256  # prompts read before sampling: bounded memory on endless stdin
 def _prompts(sources: tuple[str, ...], unique: bool) -> Iterator[tuple[str, Any]]:
     """(prompt id, Dialogue of the prompt turns) for every input prompt, in order."""
     from hhrlhf.commands.pm_score import _lines, parse_row
-    from hhrlhf.read import is_redteam_file, read_source_comparisons, resolve
+    from hhrlhf.read import read_source_comparisons, resolve
     from hhrlhf.records import Comparison, Dialogue
 
     seen: set[str] = set()
     for src in sources or ("-",):
         path = Path(src)
-        is_rows = src != "-" and (not path.exists() or path.suffix == ".gz" and not
-                                  is_redteam_file(path) and _has_pairs(path))
+        # a subset name, or a file of preference rows (the official format, any suffix)
+        is_rows = src != "-" and (not path.exists() or _has_pairs(path))
         if is_rows:
             for source in resolve([src]):
                 if source.is_redteam:
@@ -78,8 +78,8 @@ def _has_pairs(path: Path) -> bool:
 
     try:
         for _, obj in iter_json_rows(path):
-            return isinstance(obj, dict) and "chosen" in obj
-    except HHRLHFError:
+            return isinstance(obj, dict) and "chosen" in obj and "text" not in obj
+    except HHRLHFError:  # not JSON: plain lines, one dialogue each
         return False
     return False
 
@@ -93,8 +93,9 @@ def _has_pairs(path: Path) -> bool:
 @click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus mass.")
 @click.option("--top-k", type=int, default=0, show_default=True, help="0 = no top-k.")
 @click.option("--max-new-tokens", type=int, default=128, show_default=True)
-@click.option("--max-prompt-length", type=int, default=512, show_default=True,
-              help="Prompt tokens kept (the end of the dialogue).")
+@click.option("--max-prompt-length", type=int, default=0,
+              help="Prompt tokens kept (the end of the dialogue); default: 512, or what the "
+                   "model's positions leave beside --max-new-tokens.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=int, default=64, show_default=True,
               help="Sequences decoded together (prompts x samples).")
@@ -120,7 +121,7 @@ def generate(model: str, sources: tuple[str, ...], n: int, temperature: float, t
     for name, value, low in (("--n", n, 1), ("--max-new-tokens", max_new_tokens, 1),
                              ("--batch-size", batch_size, 1), ("--max-prompts", max_prompts, 0),
                              ("--top-k", top_k, 0), ("--max-prompt-length", max_prompt_length,
-                                                     4)):
+                                                     0)):
         if value < low:
             raise HHRLHFError(f"{name} must be at least {low}")
     if temperature < 0 or not 0 < top_p <= 1:
@@ -148,6 +149,14 @@ def generate(model: str, sources: tuple[str, ...], n: int, temperature: float, t
     if threads:
         torch.set_num_threads(threads)
     policy = Policy.load(model)
+    if not max_prompt_length:
+        positions = getattr(policy.config, "max_position_embeddings", None) or 1 << 30
+        max_prompt_length = min(512, positions - max_new_tokens)
+        if max_prompt_length < 4:
+            raise HHRLHFError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt "
+                              f"in the policy's {positions} positions")
+    policy.check_length(max_prompt_length + max_new_tokens,
+                        "--max-prompt-length + --max-new-tokens")
     if torch.cuda.is_available():
         policy.net.to("cuda")
     encoder = PolicyEncoder(policy.tokenizer, max_prompt_length + max_new_tokens)
@@ -169,9 +178,11 @@ def generate(model: str, sources: tuple[str, ...], n: int, temperature: float, t
 
     def sampled(chunk: list[tuple[str, Any]], chunk_no: int) -> Iterator[dict[str, Any]]:
         prompts, _ = encoder.encode_prompts([d for _, d in chunk], max_prompt_length)
-        samples = sampler.sample(prompts, n=n, max_new_tokens=max_new_tokens,
-                                 temperature=temperature, top_p=top_p, top_k=top_k,
-                                 seed=seed + chunk_no, batch_size=batch_size)
+        # bf16 on a GPU (as training there), fp32 on a CPU
+        with torch.autocast("cuda", torch.bfloat16, enabled=torch.cuda.is_available()):
+            samples = sampler.sample(prompts, n=n, max_new_tokens=max_new_tokens,
+                                     temperature=temperature, top_p=top_p, top_k=top_k,
+                                     seed=seed + chunk_no, batch_size=batch_size)
         for s in samples:
             pid, d = chunk[s.prompt_index]
             yield {"id": f"{pid}/{s.sample_index}", "prompt_id": pid, "sample": s.sample_index,

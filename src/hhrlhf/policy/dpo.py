@@ -100,8 +100,12 @@ def dpo_loss(policy_lp: torch.Tensor, ref_lp: torch.Tensor, counts: torch.Tensor
 
 
 def reference_logprobs(net: Any, rows: Any, packed: bool, pad_id: int, batch_size: int,
-                       device: torch.device) -> np.ndarray:
-    """(pairs, 2) summed log-probs of chosen and rejected under ``net`` (no gradient)."""
+                       device: torch.device, autocast: Any = None) -> np.ndarray:
+    """(pairs, 2) summed log-probs of chosen and rejected under ``net`` (no gradient), in
+    the precision training runs in (``autocast``: the accelerator's), so that at the first step
+    the policy's log-probs equal these."""
+    import contextlib
+
     from hhrlhf.packing import collate_full, collate_shared
     from hhrlhf.pm.encode import sorted_batches
     from hhrlhf.policy.logprobs import response_logprobs
@@ -110,7 +114,7 @@ def reference_logprobs(net: Any, rows: Any, packed: bool, pad_id: int, batch_siz
     lengths = rows.packed_lengths if packed else rows.full_lengths
     was = net.training
     net.eval()
-    with torch.inference_mode():
+    with torch.inference_mode(), (autocast or contextlib.nullcontext)():
         for idx in sorted_batches(lengths, batch_size):
             batch = (collate_shared if packed else collate_full)([rows.row(i) for i in idx],
                                                                  pad_id)
@@ -150,12 +154,14 @@ def train_dpo(config: DPOConfig, rows: list[Comparison] | None = None, *,
         torch.set_num_threads(config.threads)
     accelerator = accelerator_for(config)
     set_seed(config.seed)
+    # every row is read: flagged ones are left out (and counted) by the encoder
     if rows is None:
-        rows, skipped = load_rows(config.data, (), config.max_rows)
+        rows, _ = load_rows(config.data, (), config.max_rows)
     else:
-        rows, skipped = filter_rows(rows, (), config.max_rows)
+        rows, _ = filter_rows(rows, (), config.max_rows)
     train_rows, held = split_rows(config, rows, eval_rows)
     policy = Policy.load(config.policy, config.attn_implementation)
+    policy.check_length(config.max_length)
     ref_net = (Policy.load(config.reference, config.attn_implementation).net
                if config.reference else copy.deepcopy(policy.net))
     ref_net.requires_grad_(False).eval()
@@ -174,10 +180,10 @@ def train_dpo(config: DPOConfig, rows: list[Comparison] | None = None, *,
     ref_train = ref_held = None
     if config.precompute_reference:
         ref_train = reference_logprobs(ref_net, data, packed, policy.pad_id,
-                                       config.eval_batch_size, dev)
+                                       config.eval_batch_size, dev, accelerator.autocast)
         if held_data is not None:
             ref_held = reference_logprobs(ref_net, held_data, packed, policy.pad_id,
-                                          config.eval_batch_size, dev)
+                                          config.eval_batch_size, dev, accelerator.autocast)
     out = prepare_run_folder(config, resume, accelerator.is_main_process)
     module = LogprobNet(policy.net)
     ref_module = LogprobNet(ref_net)
@@ -262,7 +268,7 @@ def train_dpo(config: DPOConfig, rows: list[Comparison] | None = None, *,
     window = steps[-FINAL_WINDOW:]
     left_out = dict(data.left_out)
     result.metrics.update({
-        "train_pairs": len(data), "skipped_rows": skipped, "left_out": left_out,
+        "train_pairs": len(data), "left_out": left_out,
         "eval_rows": len(held),
         "train_loss": float(np.mean([r["loss"] for r in window])) if window else None,
         "train_accuracy": float(np.mean([r["accuracy"] for r in window])) if window else None,

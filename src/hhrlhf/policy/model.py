@@ -136,6 +136,13 @@ class Policy:
                               f"{rows}", path)
         return cls(net, tok)
 
+    def check_length(self, tokens: int, what: str = "max_length") -> None:
+        """Refuse sequences longer than the model has positions for."""
+        positions = getattr(self.config, "max_position_embeddings", None) or getattr(
+            self.config, "n_positions", None)
+        if positions is not None and tokens > positions:
+            raise HHRLHFError(f"{what} {tokens} exceeds the {positions} positions of the policy")
+
     def save(self, path: str | Path, state_dict: dict[str, Any] | None = None) -> None:
         """An ordinary transformers folder (config, weights, tokenizer); atomic."""
         from hhrlhf.pm.model import quiet_transformers

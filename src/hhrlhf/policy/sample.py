@@ -48,6 +48,22 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
     return logits
 
 
+def draw(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """One index per row, drawn from ``probs`` exactly by the inverse CDF: one uniform number
+    per row (``torch.multinomial`` and the Gumbel/exponential race draw one per vocabulary
+    entry, which dominates a CPU decode step)."""
+    cdf = probs.cumsum(-1)
+    u = torch.rand((probs.shape[0], 1), generator=gen, device=probs.device,
+                   dtype=cdf.dtype) * cdf[:, -1:]
+    # the first index whose cumulative mass exceeds u: a zero-probability entry never is
+    return torch.searchsorted(cdf, u, right=True)[:, 0].clamp_(max=probs.shape[-1] - 1)
+
+
+def _cache_of(out: Any) -> Any:
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
 class Sampler:
     """Samples from a causal LM (``net``) with its tokenizer."""
 
@@ -60,6 +76,13 @@ class Sampler:
         # each token's text, for spotting "\n\nHuman:" across token boundaries
         vocab = len(tokenizer)
         self.pieces = tokenizer.batch_decode([[i] for i in range(vocab)])
+        # tokens whose text holds ":", the last character of "\n\nHuman:"
+        self._colon = torch.tensor([":" in p for p in self.pieces], dtype=torch.bool)
+        # transformers 5 names the KV cache argument `cache` (`past_key_values` is deprecated)
+        import inspect
+
+        params = inspect.signature(net.forward).parameters
+        self.cache_arg = "cache" if "cache" in params else "past_key_values"
 
     @property
     def device(self) -> torch.device:
@@ -67,9 +90,10 @@ class Sampler:
 
     def sample(self, prompts: Sequence[np.ndarray], n: int = 1, max_new_tokens: int = 128,
                temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
-               batch_size: int = 64) -> list[Sample]:
+               batch_size: int = 64, stop_at_human: bool = True) -> list[Sample]:
         """``n`` samples per prompt, ordered prompt by prompt: sample k of prompt i is at
-        ``i * n + k``. ``batch_size``: sequences decoded together (prompts * n)."""
+        ``i * n + k``. ``batch_size``: sequences decoded together (prompts * n).
+        ``stop_at_human=False``: only EOS ends a sample (as HF ``generate``)."""
         gen = torch.Generator(device=self.device).manual_seed(seed)
         per_batch = max(1, batch_size // n)
         order = np.argsort([-len(p) for p in prompts], kind="stable")
@@ -80,7 +104,8 @@ class Sampler:
             for at in range(0, len(order), per_batch):
                 idx = [int(i) for i in order[at: at + per_batch]]
                 for j, s in enumerate(self._batch([prompts[i] for i in idx], n, max_new_tokens,
-                                                  temperature, top_p, top_k, gen)):
+                                                  temperature, top_p, top_k, gen,
+                                                  stop_at_human)):
                     i, k = idx[j // n], j % n
                     s.prompt_index, s.sample_index = i, k
                     out[i * n + k] = s
@@ -90,8 +115,8 @@ class Sampler:
 
     @torch.inference_mode()
     def _batch(self, prompts: list[np.ndarray], n: int, max_new_tokens: int,
-               temperature: float, top_p: float, top_k: int, gen: torch.Generator
-               ) -> list[Sample]:
+               temperature: float, top_p: float, top_k: int, gen: torch.Generator,
+               stop_at_human: bool) -> list[Sample]:
         dev = self.device
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
@@ -103,7 +128,7 @@ class Sampler:
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.net(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
                        logits_to_keep=1)
-        cache = out.cache
+        cache = _cache_of(out)
         logits = out.logits[:, -1].float()
         if n > 1:  # the N samples of a prompt share its prefill
             cache.batch_repeat_interleave(n)
@@ -112,43 +137,50 @@ class Sampler:
             pos = pos.repeat_interleave(n, dim=0)
         rows = logits.shape[0]
         next_pos = pos[:, -1] + 1
-        tokens: list[list[int]] = [[] for _ in range(rows)]
-        tails = [""] * rows
-        stop = ["length"] * rows
+        # Decoding keeps everything on the device: one host sync per step (all done?), and a
+        # look at the text only for rows whose new token holds the marker's final ":".
+        out_ids = torch.full((rows, max_new_tokens), self.pad_id, dtype=torch.long, device=dev)
+        length = torch.full((rows,), max_new_tokens, dtype=torch.long, device=dev)
+        stop = torch.zeros(rows, dtype=torch.long, device=dev)  # 0 length, 1 eos, 2 human
         done = torch.zeros(rows, dtype=torch.bool, device=dev)
+        pad = torch.full((rows,), self.pad_id, dtype=torch.long, device=dev)
+        colon = self._colon.to(dev)
         for step in range(max_new_tokens):
             if temperature == 0:
                 nxt = logits.argmax(-1)
             else:
-                probs = filter_logits(logits, temperature, top_k, top_p).softmax(-1)
-                nxt = torch.multinomial(probs, 1, generator=gen)[:, 0]
-            nxt = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
-            for r, t in enumerate(nxt.tolist()):
-                if done[r]:
-                    continue
-                tokens[r].append(t)
-                if t == self.eos_id:
-                    stop[r] = "eos"
-                    done[r] = True
-                    continue
-                tails[r] = (tails[r] + self.pieces[t])[-64:]
-                if HUMAN_MARKER in tails[r]:
-                    stop[r] = "human"
-                    done[r] = True
-            if bool(done.all()) or step == max_new_tokens - 1:
+                nxt = draw(filter_logits(logits, temperature, top_k, top_p).softmax(-1), gen)
+            nxt = torch.where(done, pad, nxt)
+            out_ids[:, step] = nxt
+            ended = ~done & (nxt == self.eos_id)
+            stop[ended] = 1
+            if stop_at_human:
+                maybe = (~done & ~ended & colon[nxt]).nonzero()[:, 0].tolist()
+                for r in maybe:  # the last tokens' text: 16 tokens hold the 8 characters
+                    tail = "".join(self.pieces[t] for t in
+                                   out_ids[r, max(0, step - 15): step + 1].tolist())
+                    if HUMAN_MARKER in tail:
+                        ended[r] = True
+                        stop[r] = 2
+            length[ended] = step + 1
+            done |= ended
+            if step == max_new_tokens - 1 or bool(done.all()):
                 break
             mask = torch.cat([mask, torch.ones((rows, 1), dtype=mask.dtype, device=dev)], 1)
             out = self.net(input_ids=nxt[:, None], attention_mask=mask,
-                           position_ids=next_pos[:, None], cache=cache,
-                           use_cache=True)
-            cache = out.cache
+                           position_ids=next_pos[:, None], use_cache=True,
+                           **{self.cache_arg: cache})
+            cache = _cache_of(out)
             logits = out.logits[:, -1].float()
             next_pos = next_pos + 1
+        names = ("length", "eos", "human")
         samples = []
-        for r in range(rows):
-            toks = tokens[r][:-1] if stop[r] == "eos" else tokens[r]
-            text = self.tokenizer.decode(toks, skip_special_tokens=False)
-            if stop[r] == "human":
+        for r, (ids_r, n_r, code) in enumerate(zip(out_ids.tolist(), length.tolist(),
+                                                   stop.tolist())):
+            toks = ids_r[:n_r]
+            text = self.tokenizer.decode(toks[:-1] if code == 1 else toks,
+                                         skip_special_tokens=False)
+            if code == 2:
                 text = text[: text.find(HUMAN_MARKER)]
-            samples.append(Sample(-1, -1, tokens[r], text, stop[r]))
+            samples.append(Sample(-1, -1, toks, text, names[code]))
         return samples

@@ -137,15 +137,21 @@ def train_sft(config: SFTConfig, rows: list[Comparison] | None = None, *,
     from accelerate.utils import set_seed
 
     set_seed(config.seed)
+    # Split first, then drop flagged rows: the held-out fold is the same one `hhrlhf dpo`
+    # holds out from the same data (its prompts never trained on by either).
     if rows is None:
-        rows, skipped = load_rows(config.data, config.skip_flags, config.max_rows)
+        rows, _ = load_rows(config.data, (), config.max_rows)
     else:
-        rows, skipped = filter_rows(rows, config.skip_flags, config.max_rows)
+        rows, _ = filter_rows(rows, (), config.max_rows)
     train_rows, held = split_rows(config, rows, eval_rows)
+    train_rows, skipped = filter_rows(train_rows, config.skip_flags, 0)
+    held, held_skipped = filter_rows(held, config.skip_flags, 0)
+    skipped += held_skipped
     if not train_rows:
         raise HHRLHFError("no training rows left (all skipped or none given)")
     out = Path(config.out_dir) if config.out_dir else None
     policy = start_policy(config, [c.chosen_raw for c in train_rows], out)
+    policy.check_length(config.max_length)
     policy.net.to(accelerator.device)
     encoder = PolicyEncoder(policy.tokenizer, config.max_length)
     data = encoder.encode_sft([c.chosen_dialogue for c in train_rows])
