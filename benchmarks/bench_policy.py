@@ -26,8 +26,8 @@ for both).
 Throughput is over the whole training call on both sides, set-up (optimizer, accelerate, data
 loader) included, tokenization not: hhrlhf's run (``seconds`` in its metrics: from the run's
 start to its end), TRL's ``trainer.train()``. Threads: both run with
-``--threads`` torch threads (default 1; on a shared 2-core machine two threads waiting on each
-other make steps erratic). The last line reads ``speedups: dpo <N>x, sft <N>x, sampling <N>x``.
+``--threads`` torch threads (default 1: on 2 cores that also run other work, two threads waiting
+on each other make steps erratic). The last line reads ``speedups: dpo <N>x, sft <N>x, sampling <N>x``.
 
     .venv/bin/python benchmarks/bench_policy.py [--quick] [--steps N] [--batch-size B] ...
 """
@@ -64,7 +64,7 @@ from hhrlhf.records import Comparison
 ROOT = Path(__file__).resolve().parents[1]
 ON_GPU = torch.cuda.is_available()
 PRECISION = "bf16" if ON_GPU else "fp32"
-REAL_FILE = ROOT.parent / "shared" / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
+REAL_FILE = ROOT / "tests" / "data" / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"  # carried in the repo
 SKIP = ["identical_responses", "context_mismatch", "final_turn_not_assistant"]
 
 
@@ -258,8 +258,7 @@ def main() -> None:
     train_rows = rows[:need]
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers "
-          f"{transformers.__version__}, trl {trl.__version__}; load average at start "
-          f"{os.getloadavg()[0]:.1f} (the machine is shared with other work)"
+          f"{transformers.__version__}, trl {trl.__version__}"
           + (f"; GPU {torch.cuda.get_device_name(0)}" if ON_GPU else ""))
     print(f"data: {Path(args.data).name}: {len(rows):,} usable rows ({skipped} left out: "
           f"identical responses, differing contexts); train on the first {need}")

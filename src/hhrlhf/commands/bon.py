@@ -122,6 +122,9 @@ def bon(policy: str, pm: str, sources: tuple[str, ...], n: int, out: str | None,
       hhrlhf bon runs/sft/model runs/pm/model harmless-base/test --max-prompts 200 \\
           --plot bon.png --json
     """
+    from hhrlhf.extras import require
+
+    require("pm", "hhrlhf bon")
     for name, value, low in (("--n", n, 1), ("--max-new-tokens", max_new_tokens, 1),
                              ("--batch-size", batch_size, 1), ("--pm-batch-size", pm_batch_size, 1),
                              ("--max-prompts", max_prompts, 0),

@@ -28,6 +28,9 @@ def dpo(sources: tuple[str, ...], config_file: str | None, assignments: tuple[st
       hhrlhf dpo --policy runs/sft/model --loss ipo --beta 0.5 --out runs/ipo
       hhrlhf dpo --out runs/dpo --resume
     """
+    from hhrlhf.extras import require
+
+    require("pm", "hhrlhf dpo")
     from hhrlhf.policy.dpo import DPOConfig
     from hhrlhf.runs import check_run_folder, resolve_config
 

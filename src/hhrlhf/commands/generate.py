@@ -118,6 +118,9 @@ def generate(model: str, sources: tuple[str, ...], n: int, temperature: float, t
       echo 'Human: How do I bake bread?' | hhrlhf generate runs/dpo/model --temperature 0
       hhrlhf generate runs/dpo/model harmless-base/test --n 4 | hhrlhf pm score runs/pm/model
     """
+    from hhrlhf.extras import require
+
+    require("pm", "hhrlhf generate")
     for name, value, low in (("--n", n, 1), ("--max-new-tokens", max_new_tokens, 1),
                              ("--batch-size", batch_size, 1), ("--max-prompts", max_prompts, 0),
                              ("--top-k", top_k, 0), ("--max-prompt-length", max_prompt_length,

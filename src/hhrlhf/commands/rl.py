@@ -55,6 +55,9 @@ def rl() -> None:
       hhrlhf rl runs/sft/model runs/pm --prompts redteam --algo ppo --out runs/ppo
       hhrlhf rl --out runs/rloo --resume
     """
+    from hhrlhf.extras import require
+
+    require("pm", "hhrlhf rl")
 
 
 def check_pm_folder(path: str) -> None:

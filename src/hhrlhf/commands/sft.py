@@ -79,6 +79,9 @@ def sft(sources: tuple[str, ...], config_file: str | None, assignments: tuple[st
       hhrlhf sft --policy my-llama --config sft.yaml --out runs/sft-llama
       hhrlhf sft --out runs/sft --resume
     """
+    from hhrlhf.extras import require
+
+    require("pm", "hhrlhf sft")
     from hhrlhf.policy.sft import CARD_WARNING, SFTConfig
     from hhrlhf.runs import check_run_folder, resolve_config
 
