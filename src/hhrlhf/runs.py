@@ -360,6 +360,18 @@ class Throughput:
         return self.seen / max(self.train_seconds(), 1e-9)
 
 
+def start(config: LoopConfig) -> Any:
+    """This process set up for a run: torch's CPU threads, the accelerator, the seed."""
+    import torch
+    from accelerate.utils import set_seed
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    accelerator = accelerator_for(config)
+    set_seed(config.seed)
+    return accelerator
+
+
 def accelerator_for(config: LoopConfig) -> Any:
     import torch
     from accelerate import Accelerator
@@ -583,9 +595,6 @@ def reduce_sums(values: list[float], accelerator: Any) -> list[float]:
 
 
 # ---- small helpers -------------------------------------------------------------------------
-TIMING_KEYS = ("seconds", "train_seconds")
-
-
 def rounded(d: dict[str, Any]) -> dict[str, Any]:
     return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in d.items()}
 

@@ -74,28 +74,17 @@ def train(config: TrainConfig, comparisons: Sequence[Comparison] | None = None, 
     """
     import torch
     import torch.nn.functional as F
-    from accelerate.utils import DistributedType, set_seed
+    from accelerate.utils import DistributedType
 
+    from hhrlhf import runs
     from hhrlhf.pm.encode import collate_packed, collate_pairs_full, length_grouped_batches
     from hhrlhf.pm.model import NeuralPreferenceModel
-    from hhrlhf.runs import (
-        Task,
-        accelerator_for,
-        eval_share,
-        finish,
-        prepare_run_folder,
-        reduce_sums,
-        run,
-    )
 
     config = config.validate()
     t_start = time.perf_counter()
-    if config.threads:
-        torch.set_num_threads(config.threads)
     if resume and not config.out_dir:
         raise HHRLHFError("resume needs a run folder (out_dir)")
-    accelerator = accelerator_for(config)
-    set_seed(config.seed)
+    accelerator = runs.start(config)
 
     # ---- data ----------------------------------------------------------------------------
     if comparisons is None:
@@ -125,7 +114,7 @@ def train(config: TrainConfig, comparisons: Sequence[Comparison] | None = None, 
     pairs = pm.encoder.encode_pairs(train_rows)
     eval_pairs = pm.encoder.encode_pairs(eval_rows) if eval_rows else None
     # The run folder appears once data and model have loaded: a bad row or backbone leaves none.
-    out = prepare_run_folder(config, resume, accelerator.is_main_process)
+    out = runs.prepare_run_folder(config, resume, accelerator.is_main_process)
     packed = pm.shared_context
     lengths = pairs.packed_len if packed else np.maximum(pairs.chosen_len, pairs.rejected_len)
     collate = collate_packed if packed else collate_pairs_full
@@ -141,13 +130,13 @@ def train(config: TrainConfig, comparisons: Sequence[Comparison] | None = None, 
     def evaluate(model: Any) -> dict[str, float]:
         """Loss and accuracy on the eval pairs (each process scores its share)."""
         assert eval_pairs is not None
-        share, weight = eval_share(len(eval_pairs), accelerator)
+        share, weight = runs.eval_share(len(eval_pairs), accelerator)
         t0 = time.perf_counter()
         c, r = pm.score_encoded_pairs(eval_pairs.subset(share), config.eval_batch_size, net=model)
         seconds = time.perf_counter() - t0
         margin = torch.from_numpy(c - r).double()
         w = torch.from_numpy(weight)
-        total, right, ties, n = reduce_sums(
+        total, right, ties, n = runs.reduce_sums(
             [float((-F.logsigmoid(margin) * w).sum()), float(((margin > 0) * w).sum()),
              float(((margin == 0) * w).sum()), float(w.sum())], accelerator)
         return {"eval_loss": total / n, "eval_accuracy": right / n, "eval_ties": ties / n,
@@ -156,13 +145,13 @@ def train(config: TrainConfig, comparisons: Sequence[Comparison] | None = None, 
     def save(path: Any, weights: dict[str, Any] | None) -> None:
         pm.save(path, state_dict=weights)
 
-    task = Task(module=pm.reward_net, size=len(pairs),
+    task = runs.Task(module=pm.reward_net, size=len(pairs),
                 batches=lambda epoch: length_grouped_batches(
                     lengths, config.batch_size, config.seed, epoch, config.group_by_length),
                 collate=lambda idx: collate(pairs, idx, pm.pad_id), loss=loss, save=save,
                 evaluate=evaluate if eval_pairs is not None else None,
                 throughput="pairs", name="pm train", log_rate=True)
-    result = run(config, task, accelerator, out, resume)
+    result = runs.run(config, task, accelerator, out, resume)
     pm.reward_net = result.module
 
     # ---- the end: summarise ------------------------------------------------------------------
@@ -198,6 +187,6 @@ def train(config: TrainConfig, comparisons: Sequence[Comparison] | None = None, 
     if "eval_pairs_per_s" in final:
         metrics["eval_pairs_per_s"] = final["eval_pairs_per_s"]
     metrics["main_process"] = result.metrics["main_process"]
-    finish(out, metrics)
+    runs.finish(out, metrics)
     accelerator.free_memory()
     return TrainResult(pm, metrics, result.history)
