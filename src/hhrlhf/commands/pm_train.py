@@ -6,16 +6,10 @@ options below and ``--set key=value``. Everything is checked before torch is imp
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import click
-
-from hhrlhf.errors import HHRLHFError
-
-# keys that may differ when a run is resumed: they change nothing the run computes
-_RESUME_MAY_CHANGE = {"progress", "keep_checkpoints", "save_every", "threads"}
 
 
 @click.command("train")
@@ -46,19 +40,11 @@ def train(sources: tuple[str, ...], config_file: str | None, assignments: tuple[
       hhrlhf pm train --config pm.yaml --set lr=1e-4 --set max_steps=2000
       hhrlhf pm train --out runs/minilm --resume
     """
-    from hhrlhf.pm.config import (
-        TrainConfig,
-        apply_overrides,
-        load_config,
-        parse_assignments,
-        read_config_file,
-        resolve_backbone,
-    )
+    from hhrlhf.pm.config import TrainConfig, parse_assignments, resolve_backbone
     from hhrlhf.read import resolve
+    from hhrlhf.runs import check_run_folder, resolve_config
 
     explicit: dict[str, Any] = {}
-    if config_file:
-        explicit.update(read_config_file(config_file))
     for key, value in (("data", list(sources) or None), ("out_dir", out_dir),
                        ("backbone", backbone), ("eval_data", list(eval_data) or None),
                        ("max_steps", max_steps), ("max_pairs", max_pairs),
@@ -67,27 +53,10 @@ def train(sources: tuple[str, ...], config_file: str | None, assignments: tuple[
         if value is not None:
             explicit[key] = value
     explicit.update(parse_assignments(assignments))
-    config = load_config(overrides=explicit)
-
-    if resume:
-        saved_file = Path(config.out_dir) / "config.json"
-        if not saved_file.is_file():
-            raise HHRLHFError("no run to resume here (no config.json)", config.out_dir)
-        saved = apply_overrides(TrainConfig(), json.loads(saved_file.read_text()),
-                                str(saved_file))
-        wanted = apply_overrides(saved, explicit).validate()
-        changed = [k for k, v in wanted.to_dict().items()
-                   if v != saved.to_dict()[k] and k not in _RESUME_MAY_CHANGE]
-        if changed:
-            raise HHRLHFError("--resume continues a run with its saved settings; these differ: "
-                              + ", ".join(changed))
-        config = wanted
+    config = resolve_config(TrainConfig, config_file, explicit, resume)
 
     # Fail on a bad source, backbone or run folder now, not after loading torch.
-    from hhrlhf.pm.train import refuse_to_overwrite_run  # imports no torch
-
-    if config.out_dir and not resume:
-        refuse_to_overwrite_run(Path(config.out_dir))
+    check_run_folder(config.out_dir, resume)
     resolve(config.data)
     if config.eval_data:
         resolve(config.eval_data)
