@@ -152,3 +152,29 @@ def test_a_dpo_policy_is_a_preference_model(folders: dict[str, Path], real_file:
         want = 0.2 * (_full_logprob(pol.net, p, c) - _full_logprob(ref.net, p, c))
         assert chosen[i] == pytest.approx(want, abs=1e-4)
     assert np.std(chosen - rejected) > 1e-4
+
+
+def test_resume_takes_the_saved_configuration(tmp_path: Path, real_file: Path) -> None:
+    """`hhrlhf dpo --out RUN --resume` alone continues RUN with its saved settings (no --policy
+    needed); a setting that changes what the run computes is refused, one that does not is
+    taken."""
+    import subprocess
+
+    from policy_support import ENV
+
+    from hhrlhf.runs import resolve_config, write_json
+
+    run = tmp_path / "run"
+    gone = tmp_path / "gone-policy"
+    write_json(run / "config.json", DPOConfig(policy=str(gone), data=[str(real_file)],
+                                              out_dir=str(run), beta=0.3).to_dict())
+    cfg = resolve_config(DPOConfig, None, {"out_dir": str(run), "progress": False}, resume=True)
+    assert (cfg.policy, cfg.beta, cfg.progress) == (str(gone), 0.3, False)
+    with pytest.raises(HHRLHFError, match="these differ: beta"):
+        resolve_config(DPOConfig, None, {"out_dir": str(run), "beta": 0.5}, resume=True)
+    # the command checks the saved policy (gone here) instead of asking for one
+    proc = subprocess.run([str(Path(".venv/bin/hhrlhf").resolve()), "dpo", "--out", str(run),
+                           "--resume", "-q"], capture_output=True, text=True, env=ENV,
+                          timeout=120, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == f"hhrlhf: error: {gone}: no such backbone folder"

@@ -165,6 +165,23 @@ def test_one_line_errors(tmp_path: Path, tiny: tuple[Path, list], lexical_pm: Pa
     assert not out.exists()  # no half-made run folder
 
 
+def test_resume_takes_the_saved_configuration(tmp_path: Path, tiny: tuple[Path, list]
+                                              ) -> None:
+    """`hhrlhf rl --out RUN --resume` continues RUN with the policy and PM it saved."""
+    from hhrlhf.rl.train import RLConfig
+    from hhrlhf.runs import resolve_config, write_json
+
+    policy, _ = tiny
+    run, gone = tmp_path / "run", tmp_path / "gone-pm"
+    write_json(run / "config.json", RLConfig(policy=str(policy), pm=str(gone), algo="ppo",
+                                             out_dir=str(run)).to_dict())
+    cfg = resolve_config(RLConfig, None, {"out_dir": str(run)}, resume=True)
+    assert (cfg.policy, cfg.pm, cfg.algo) == (str(policy), str(gone), "ppo")
+    proc = run_cli("rl", "--out", str(run), "--resume", "-q", check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == f"hhrlhf: error: {gone}: no such preference model folder"
+
+
 def test_kill9_resume_gives_identical_results(tmp_path: Path, tiny: tuple[Path, list],
                                               lexical_pm: Path, real_file: Path) -> None:
     """A run killed (SIGKILL) after a checkpoint and resumed ends with the same metrics and

@@ -120,15 +120,6 @@ def train(args: tuple[str, ...], config_file: str | None, assignments: tuple[str
     if quiet:
         explicit["progress"] = False
     explicit.update(parse_assignments(assignments))
-    if resume and not args and explicit.get("out_dir"):
-        # the saved run names its policy and PM; validation needs them before it is read
-        saved = Path(explicit["out_dir"]) / "config.json"
-        if saved.is_file():
-            try:
-                known = json.loads(saved.read_text())
-            except ValueError:
-                raise HHRLHFError("unreadable run configuration", saved) from None
-            explicit.update({key: known[key] for key in ("policy", "pm") if key in known})
     config = resolve_config(RLConfig, config_file, explicit, resume)
     check_run_folder(config.out_dir, resume)
     resolve_backbone(config.policy)
