@@ -47,6 +47,8 @@ def tiny(tmp_path_factory: pytest.TempPathFactory, real_file: Path) -> tuple[Pat
     return folder, [Dialogue(c.prompt, c.chosen_dialogue.preamble) for c in rows]
 
 
+# the per-step statistics are read from detached tensors (no torch UserWarning)
+@pytest.mark.filterwarnings("error:Converting a tensor with requires_grad=True")
 @pytest.mark.parametrize("algo", ["rloo", "ppo"])
 def test_rl_raises_a_learnable_reward(tiny: tuple[Path, list], algo: str) -> None:
     from hhrlhf.rl.train import RLConfig, train_rl
@@ -122,6 +124,28 @@ def test_redteam_prompts_are_opening_human_turns(tmp_path: Path, real_file: Path
         load_prompts([str(path)], "records")
     with pytest.raises(HHRLHFError, match="preference rows"):
         load_prompts([str(real_file)], "redteam")
+
+
+def test_rl_and_rl_eval_read_the_same_redteam_openings(tmp_path: Path) -> None:
+    """`hhrlhf rl --prompts redteam` and `hhrlhf rl eval --redteam` take the same prompts: each
+    transcript's opening Human turn, an empty one left out, each distinct text once."""
+    import gzip
+
+    from redteam_gen import make_rows
+
+    from hhrlhf.rl.prompts import load_prompts, redteam_openings
+
+    rows, _ = make_rows(100, seed=5)
+    rows[0]["transcript"] = "\n\nHuman: \n\nAssistant: What do you mean?"
+    rows[1]["transcript"] = "\n\nHuman: same start\n\nAssistant: one"
+    rows[2]["transcript"] = "\n\nHuman:same start\n\nAssistant: two"
+    path = tmp_path / "red_team_attempts.jsonl.gz"
+    path.write_bytes(gzip.compress(json.dumps(rows).encode()))
+    got = load_prompts([str(path)], "redteam")
+    assert got == redteam_openings([str(path)])
+    texts = [d.turns[0].text for d in got]
+    assert texts[0] == "same start" and "" not in texts and len(set(texts)) == len(texts)
+    assert load_prompts([str(path)], "redteam", limit=3) == got[:3]
 
 
 @pytest.fixture(scope="module")
