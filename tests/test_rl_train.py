@@ -203,7 +203,7 @@ def test_resume_takes_the_saved_configuration(tmp_path: Path, tiny: tuple[Path, 
     assert (cfg.policy, cfg.pm, cfg.algo) == (str(policy), str(gone), "ppo")
     proc = run_cli("rl", "--out", str(run), "--resume", "-q", check=False)
     assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.strip() == f"hhrlhf: error: {gone}: no such preference model folder"
+    assert proc.stderr.strip() == f"hhrlhf: error: {gone}: no such model folder"
 
 
 def test_kill9_resume_gives_identical_results(tmp_path: Path, tiny: tuple[Path, list],

@@ -203,16 +203,24 @@ class RunResult:
     module: Any  # the trained module, unwrapped
 
 
-def accelerator_for(config: RunConfig) -> Any:
+def start_run(config: C) -> tuple[C, Any]:
+    """The validated ``config`` and its accelerator (bf16 on a GPU under ``auto``), with
+    torch's CPU threads set and every RNG seeded: how each training run begins."""
     import torch
     from accelerate import Accelerator
+    from accelerate.utils import set_seed
 
+    config = config.validate()
+    if config.threads:
+        torch.set_num_threads(config.threads)
     mixed = config.mixed_precision
     if mixed == "auto":
         mixed = "bf16" if torch.cuda.is_available() else "no"
     # cpu=True on a machine without a GPU: lets `accelerate launch`/torchrun run DDP over CPU
     # processes (gloo); a single process is unaffected.
-    return Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
+    set_seed(config.seed)
+    return config, accelerator
 
 
 def prepare_run_folder(config: RunConfig, resume: bool, is_main: bool) -> Path | None:
@@ -239,7 +247,6 @@ def run(config: RunConfig, task: Task, accelerator: Any, out: Path | None, resum
     t_start = time.perf_counter()
     is_main = accelerator.is_main_process
     ckpt_root = out / "checkpoints" if out else None
-    latest = latest_checkpoint(ckpt_root) if (resume and ckpt_root) else None
 
     class EpochBatches(Sampler[list[int]]):
         def __init__(self, epoch: int):
@@ -273,16 +280,10 @@ def run(config: RunConfig, task: Task, accelerator: Any, out: Path | None, resum
     accelerator.register_for_checkpointing(scheduler)
 
     step, epoch, batches_done = 0, 0, 0
-    history: list[dict[str, Any]] = []
-    if latest is not None:
-        assert out is not None
-        accelerator.load_state(str(latest / "state"))
-        state = json.loads((latest / "trainer_state.json").read_text())
+    state, history = restore_checkpoint(accelerator, out) if (resume and out) else (None, [])
+    if state is not None:
         step, epoch, batches_done = state["step"], state["epoch"], state["batches_done"]
-        history = [r for r in read_jsonl(out / "metrics.jsonl") if r["step"] <= step]
-        if is_main:  # drop what the killed run logged after its last checkpoint
-            write_jsonl(out / "metrics.jsonl", history)
-    metrics_file = (open(out / "metrics.jsonl", "a" if latest else "w")  # noqa: SIM115
+    metrics_file = (open(out / "metrics.jsonl", "a" if state else "w")  # noqa: SIM115
                     if (out and is_main) else None)
 
     def log(record: dict[str, Any]) -> None:
@@ -293,23 +294,9 @@ def run(config: RunConfig, task: Task, accelerator: Any, out: Path | None, resum
 
     def save_checkpoint() -> None:
         assert ckpt_root is not None
-        final = ckpt_root / f"step-{step:08d}"
-        tmp = ckpt_root / f".tmp-step-{step:08d}"
-        if is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp / "state"))
-        weights = accelerator.get_state_dict(model)
-        if is_main:
-            task.save(tmp / "model", weights)
-            write_json(tmp / "trainer_state.json",
-                       {"step": step, "epoch": epoch, "batches_done": batches_done})
-            shutil.rmtree(final, ignore_errors=True)
-            os.rename(tmp, final)
-            for old in checkpoints(ckpt_root)[: -config.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
-        accelerator.wait_for_everyone()
+        write_checkpoint(accelerator, model, ckpt_root, step,
+                         {"epoch": epoch, "batches_done": batches_done}, task.save,
+                         config.keep_checkpoints)
 
     bar = tqdm(total=total_steps, initial=step, desc=task.name, unit="step", file=sys.stderr,
                disable=not (config.progress and is_main), dynamic_ncols=True)

@@ -126,8 +126,6 @@ def train_dpo(config: DPOConfig, rows: list[Comparison] | None = None, *,
     """DPO from ``config.policy`` on ``rows`` (or ``config.data``)."""
     import copy
 
-    from accelerate.utils import set_seed
-
     from hhrlhf.packing import collate_full, collate_shared, packing_problem
     from hhrlhf.pm.encode import length_grouped_batches, sorted_batches
     from hhrlhf.pm.train import filter_rows, load_rows
@@ -137,19 +135,15 @@ def train_dpo(config: DPOConfig, rows: list[Comparison] | None = None, *,
     from hhrlhf.policy.sft import split_rows
     from hhrlhf.runs import (
         Task,
-        accelerator_for,
         eval_share,
         finish,
         prepare_run_folder,
         reduce_sums,
         run,
+        start_run,
     )
 
-    config = config.validate()
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    accelerator = accelerator_for(config)
-    set_seed(config.seed)
+    config, accelerator = start_run(config)
     if rows is None:
         rows, skipped = load_rows(config.data, (), config.max_rows)
     else:
