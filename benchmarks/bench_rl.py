@@ -52,7 +52,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 ON_GPU = torch.cuda.is_available()
 PRECISION = "bf16" if ON_GPU else "fp32"
-REAL_FILE = ROOT.parent / "shared" / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
+REAL_FILE = ROOT / "tests" / "data" / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
 HUMAN = "\n\nHuman:"
 
 

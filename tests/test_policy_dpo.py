@@ -170,6 +170,11 @@ def test_resume_takes_the_saved_configuration(tmp_path: Path, real_file: Path) -
                                               out_dir=str(run), beta=0.3).to_dict())
     cfg = resolve_config(DPOConfig, None, {"out_dir": str(run), "progress": False}, resume=True)
     assert (cfg.policy, cfg.beta, cfg.progress) == (str(gone), 0.3, False)
+    moved = tmp_path / "moved"
+    run.rename(moved)  # a moved run resumes where it is now
+    cfg = resolve_config(DPOConfig, None, {"out_dir": f"{moved}/"}, resume=True)
+    assert (cfg.out_dir, cfg.policy) == (f"{moved}/", str(gone))
+    moved.rename(run)
     with pytest.raises(HHRLHFError, match="these differ: beta"):
         resolve_config(DPOConfig, None, {"out_dir": str(run), "beta": 0.5}, resume=True)
     # the command checks the saved policy (gone here) instead of asking for one

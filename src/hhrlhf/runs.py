@@ -46,8 +46,10 @@ if TYPE_CHECKING:
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
 ATTENTIONS = ("auto", "sdpa", "eager")
-# keys that may differ when a run is resumed: they change nothing the run computes
-RESUME_MAY_CHANGE = frozenset({"progress", "keep_checkpoints", "save_every", "threads"})
+# keys that may differ when a run is resumed: they change nothing the run computes (out_dir:
+# the run is where --out finds it, under whatever spelling of the path, or moved)
+RESUME_MAY_CHANGE = frozenset({"progress", "keep_checkpoints", "save_every", "threads",
+                               "out_dir"})
 
 
 @dataclass

@@ -33,10 +33,9 @@ import torch.nn.functional as F
 
 from hhrlhf.errors import HHRLHFError
 from hhrlhf.records import Comparison
+from hhrlhf.registry import PREFERENCE_TRAIN
 from hhrlhf.runs import RunConfig, RunResult
 
-PREFERENCE_TRAIN = ["harmless-base/train", "helpful-base/train",
-                    "helpful-rejection-sampled/train", "helpful-online/train"]
 LOSSES = ("sigmoid", "ipo")
 FINAL_WINDOW = 50
 

@@ -10,19 +10,17 @@ from typing import TYPE_CHECKING
 
 from hhrlhf.errors import HHRLHFError
 from hhrlhf.records import HUMAN, Dialogue
+from hhrlhf.registry import PREFERENCE_TRAIN, REDTEAM_SUBSET
 
 if TYPE_CHECKING:
     from hhrlhf.read import Source
 
 PROMPT_KINDS = ("records", "redteam")
-REDTEAM = "red-team-attempts"
-PREFERENCE_TRAIN = ["harmless-base/train", "helpful-base/train",
-                    "helpful-rejection-sampled/train", "helpful-online/train"]
 
 
 def default_sources(kind: str) -> list[str]:
     """The sources when none are named: the preference train splits, or the red-team file."""
-    return [REDTEAM] if kind == "redteam" else list(PREFERENCE_TRAIN)
+    return [REDTEAM_SUBSET] if kind == "redteam" else list(PREFERENCE_TRAIN)
 
 
 def _is_redteam(path: object) -> bool:
