@@ -21,6 +21,7 @@ from hhrlhf.errors import HHRLHFError
 from hhrlhf.pm import agreement as agreement_module
 from hhrlhf.pm.agreement import (
     agreement,
+    agreement_figure,
     assistant_prefixes,
     min_prefix_scores,
     plot_agreement,
@@ -204,6 +205,30 @@ def test_small_groups_get_n_and_no_rho(harmless_lexical: LexicalPreferenceModel,
     # The figure copes with groups without rho.
     png = plot_agreement(res, tmp_path / "small.png")
     assert png.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_figure_is_in_the_house_style(harmless_lexical: LexicalPreferenceModel,
+                                      attempts: list[RedTeamAttempt]) -> None:
+    """The figure is drawn by hhrlhf.plotstyle: its size, and each model type in the colour
+    the red-team figures give it."""
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_hex
+
+    from hhrlhf import plotstyle
+
+    res = agreement(harmless_lexical, attempts, max_rows=200, seed=0)
+    fig = agreement_figure(res)
+    try:
+        assert fig.get_size_inches()[0] * plotstyle.DPI >= plotstyle.MIN_WIDTH_PX
+        scatter, bars = fig.axes[:2]
+        assert not scatter.spines["top"].get_visible()
+        drawn = {to_hex(c.get_facecolor()[0]) for c in scatter.collections}
+        assert drawn == {plotstyle.model_type_style(str(mt), 0)[0].lower()
+                         for mt in set(res.model_type)}
+        bar_colours = {to_hex(p.get_facecolor()) for p in bars.patches}
+        assert plotstyle.MODEL_TYPE_STYLE["rlhf"][0].lower() in bar_colours
+    finally:
+        plt.close(fig)
 
 
 def test_sample_is_seeded_and_in_file_order() -> None:

@@ -182,3 +182,34 @@ def test_a_family_that_cannot_pack_takes_full_rows(folders: dict[str, Path], rea
                    - (_full_logprob(pol.net, p, r) - _full_logprob(ref.net, p, r)))
         losses.append(math.log1p(math.exp(-m)))
     assert result.history[0]["loss"] == pytest.approx(np.mean(losses), abs=1e-4)
+
+
+def test_resume_takes_the_saved_configuration(tmp_path: Path, real_file: Path) -> None:
+    """`hhrlhf dpo --out RUN --resume` alone continues RUN with its saved settings (no --policy
+    needed); a setting that changes what the run computes is refused, one that does not is
+    taken."""
+    import subprocess
+
+    from policy_support import ENV
+
+    from hhrlhf.runs import resolve_config, write_json
+
+    run = tmp_path / "run"
+    gone = tmp_path / "gone-policy"
+    write_json(run / "config.json", DPOConfig(policy=str(gone), data=[str(real_file)],
+                                              out_dir=str(run), beta=0.3).to_dict())
+    cfg = resolve_config(DPOConfig, None, {"out_dir": str(run), "progress": False}, resume=True)
+    assert (cfg.policy, cfg.beta, cfg.progress) == (str(gone), 0.3, False)
+    moved = tmp_path / "moved"
+    run.rename(moved)  # a moved run resumes where it is now
+    cfg = resolve_config(DPOConfig, None, {"out_dir": f"{moved}/"}, resume=True)
+    assert (cfg.out_dir, cfg.policy) == (f"{moved}/", str(gone))
+    moved.rename(run)
+    with pytest.raises(HHRLHFError, match="these differ: beta"):
+        resolve_config(DPOConfig, None, {"out_dir": str(run), "beta": 0.5}, resume=True)
+    # the command checks the saved policy (gone here) instead of asking for one
+    proc = subprocess.run([str(Path(".venv/bin/hhrlhf").resolve()), "dpo", "--out", str(run),
+                           "--resume", "-q"], capture_output=True, text=True, env=ENV,
+                          timeout=120, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == f"hhrlhf: error: {gone}: no such backbone folder"

@@ -47,6 +47,8 @@ def tiny(tmp_path_factory: pytest.TempPathFactory, real_file: Path) -> tuple[Pat
     return folder, [Dialogue(c.prompt, c.chosen_dialogue.preamble) for c in rows]
 
 
+# the per-step statistics are read from detached tensors (no torch UserWarning)
+@pytest.mark.filterwarnings("error:Converting a tensor with requires_grad=True")
 @pytest.mark.parametrize("algo", ["rloo", "ppo"])
 def test_rl_raises_a_learnable_reward(tiny: tuple[Path, list], algo: str) -> None:
     from hhrlhf.rl.train import RLConfig, train_rl
@@ -124,6 +126,28 @@ def test_redteam_prompts_are_opening_human_turns(tmp_path: Path, real_file: Path
         load_prompts([str(real_file)], "redteam")
 
 
+def test_rl_and_rl_eval_read_the_same_redteam_openings(tmp_path: Path) -> None:
+    """`hhrlhf rl --prompts redteam` and `hhrlhf rl eval --redteam` take the same prompts: each
+    transcript's opening Human turn, an empty one left out, each distinct text once."""
+    import gzip
+
+    from redteam_gen import make_rows
+
+    from hhrlhf.rl.prompts import load_prompts, redteam_openings
+
+    rows, _ = make_rows(100, seed=5)
+    rows[0]["transcript"] = "\n\nHuman: \n\nAssistant: What do you mean?"
+    rows[1]["transcript"] = "\n\nHuman: same start\n\nAssistant: one"
+    rows[2]["transcript"] = "\n\nHuman:same start\n\nAssistant: two"
+    path = tmp_path / "red_team_attempts.jsonl.gz"
+    path.write_bytes(gzip.compress(json.dumps(rows).encode()))
+    got = load_prompts([str(path)], "redteam")
+    assert got == redteam_openings([str(path)])
+    texts = [d.turns[0].text for d in got]
+    assert texts[0] == "same start" and "" not in texts and len(set(texts)) == len(texts)
+    assert load_prompts([str(path)], "redteam", limit=3) == got[:3]
+
+
 @pytest.fixture(scope="module")
 def lexical_pm(tmp_path_factory: pytest.TempPathFactory, real_file: Path) -> Path:
     from hhrlhf.pm.lexical import LexicalPreferenceModel
@@ -163,6 +187,23 @@ def test_one_line_errors(tmp_path: Path, tiny: tuple[Path, list], lexical_pm: Pa
     assert "not a causal language model (bert)" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not out.exists()  # no half-made run folder
+
+
+def test_resume_takes_the_saved_configuration(tmp_path: Path, tiny: tuple[Path, list]
+                                              ) -> None:
+    """`hhrlhf rl --out RUN --resume` continues RUN with the policy and PM it saved."""
+    from hhrlhf.rl.train import RLConfig
+    from hhrlhf.runs import resolve_config, write_json
+
+    policy, _ = tiny
+    run, gone = tmp_path / "run", tmp_path / "gone-pm"
+    write_json(run / "config.json", RLConfig(policy=str(policy), pm=str(gone), algo="ppo",
+                                             out_dir=str(run)).to_dict())
+    cfg = resolve_config(RLConfig, None, {"out_dir": str(run)}, resume=True)
+    assert (cfg.policy, cfg.pm, cfg.algo) == (str(policy), str(gone), "ppo")
+    proc = run_cli("rl", "--out", str(run), "--resume", "-q", check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == f"hhrlhf: error: {gone}: no such model folder"
 
 
 def test_kill9_resume_gives_identical_results(tmp_path: Path, tiny: tuple[Path, list],

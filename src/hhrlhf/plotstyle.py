@@ -24,6 +24,20 @@ ACCENT = "#E69F00"
 SERIES: tuple[str, ...] = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9",
                            "#F0E442", "#000000")
 
+# One colour and marker per red-team model type, in every figure that shows them.
+MODEL_TYPE_STYLE: dict[str, tuple[str, str]] = {
+    "plain lm": ("#666666", "o"),
+    "context distillation": ("#0072B2", "s"),
+    "rejection sampling": ("#009E73", "^"),
+    "rlhf": ("#D55E00", "D"),
+}
+
+
+def model_type_style(model_type: str, i: int) -> tuple[str, str]:
+    """The colour and marker of a model type; an unknown one (the ``i``-th) gets a free colour."""
+    return MODEL_TYPE_STYLE.get(model_type, (SERIES[(4 + i) % len(SERIES)], "x"))
+
+
 RC: dict[str, Any] = {
     "figure.dpi": DPI,
     "savefig.dpi": DPI,

@@ -23,6 +23,10 @@ PREFERENCE_SUBSETS: tuple[str, ...] = (
 REDTEAM_SUBSET = "red-team-attempts"
 SUBSETS: tuple[str, ...] = PREFERENCE_SUBSETS + (REDTEAM_SUBSET,)
 SPLITS: tuple[str, ...] = ("train", "test")
+# The default training data of dpo and rl: the four preference subsets' train splits (in this
+# order, which --max-rows and the saved configurations of runs depend on).
+PREFERENCE_TRAIN: tuple[str, ...] = ("harmless-base/train", "helpful-base/train",
+                                     "helpful-rejection-sampled/train", "helpful-online/train")
 
 HF_BASE_URL = "https://huggingface.co/datasets/Anthropic/hh-rlhf/resolve/main/"
 GITHUB_BASE_URL = "https://github.com/anthropics/hh-rlhf/raw/master/"

@@ -44,8 +44,10 @@ if TYPE_CHECKING:
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
 ATTENTIONS = ("auto", "sdpa", "eager")
-# keys that may differ when a run is resumed: they change nothing the run computes
-RESUME_MAY_CHANGE = frozenset({"progress", "keep_checkpoints", "save_every", "threads"})
+# keys that may differ when a run is resumed: they change nothing the run computes (out_dir:
+# the run is where --out finds it, under whatever spelling of the path, or moved)
+RESUME_MAY_CHANGE = frozenset({"progress", "keep_checkpoints", "save_every", "threads",
+                               "out_dir"})
 
 
 @dataclass
@@ -237,27 +239,34 @@ def apply_overrides(config: C, values: dict[str, Any], source: str = "") -> C:
 def resolve_config(cls: type[C], config_file: str | None, explicit: dict[str, Any],
                    resume: bool) -> C:
     """Defaults, then the file, then ``explicit`` (options and --set), validated. On resume,
-    the run folder's saved configuration, which the given settings must not change."""
+    the run folder's saved configuration instead of the defaults: the given settings may
+    change only :data:`RESUME_MAY_CHANGE` (so ``--out RUN --resume`` alone is enough)."""
     values: dict[str, Any] = {}
     if config_file:
         values.update(read_config_file(config_file))
     values.update(explicit)
-    config = apply_overrides(cls(), values).validate()
+    given = apply_overrides(cls(), values)
     if not resume:
-        return config
-    if not config.out_dir:
+        return given.validate()
+    if not given.out_dir:
         raise HHRLHFError("--resume needs the run folder (--out)")
-    saved_file = Path(config.out_dir) / "config.json"
+    saved_file = Path(given.out_dir) / "config.json"
     if not saved_file.is_file():
-        raise HHRLHFError("no run to resume here (no config.json)", config.out_dir)
-    saved = apply_overrides(cls(), json.loads(saved_file.read_text()), str(saved_file))
-    wanted = apply_overrides(saved, values).validate()
+        raise HHRLHFError("no run to resume here (no config.json)", given.out_dir)
+    try:
+        saved_values = json.loads(saved_file.read_text())
+    except ValueError as e:
+        raise HHRLHFError(f"unreadable run configuration: {e}", saved_file) from None
+    if not isinstance(saved_values, dict):
+        raise HHRLHFError("unreadable run configuration: not a JSON object", saved_file)
+    saved = apply_overrides(cls(), saved_values, str(saved_file))
+    wanted = apply_overrides(saved, values)
     changed = [k for k, v in wanted.to_dict().items()
                if v != saved.to_dict()[k] and k not in RESUME_MAY_CHANGE]
     if changed:
         raise HHRLHFError("--resume continues a run with its saved settings; these differ: "
                           + ", ".join(changed))
-    return wanted
+    return wanted.validate()
 
 
 def check_run_folder(out_dir: str, resume: bool) -> None:
@@ -360,19 +369,22 @@ class Throughput:
         return self.seen / max(self.train_seconds(), 1e-9)
 
 
-def start(config: LoopConfig) -> Any:
-    """This process set up for a run: torch's CPU threads, the accelerator, the seed."""
+def start_run(config: C) -> tuple[C, Any]:
+    """The validated ``config`` and its accelerator (bf16 on a GPU under ``auto``), with
+    torch's CPU threads set and every RNG seeded: how each training run begins."""
     import torch
     from accelerate.utils import set_seed
 
+    config = config.validate()
     if config.threads:
         torch.set_num_threads(config.threads)
     accelerator = accelerator_for(config)
     set_seed(config.seed)
-    return accelerator
+    return config, accelerator
 
 
 def accelerator_for(config: LoopConfig) -> Any:
+    """The run's accelerator: bf16 on a GPU under ``mixed_precision=auto``, else as set."""
     import torch
     from accelerate import Accelerator
 

@@ -33,57 +33,6 @@ from hhrlhf.errors import HHRLHFError
 _CHUNK = 256  # prompts read before sampling: bounded memory on endless stdin
 
 
-def _prompts(sources: tuple[str, ...], unique: bool) -> Iterator[tuple[str, Any]]:
-    """(prompt id, Dialogue of the prompt turns) for every input prompt, in order."""
-    from hhrlhf.commands.pm_score import _lines, parse_row
-    from hhrlhf.read import read_source_comparisons, resolve
-    from hhrlhf.records import Comparison, Dialogue
-
-    seen: set[str] = set()
-    for src in sources or ("-",):
-        path = Path(src)
-        # a subset name, or a file of preference rows (the official format, any suffix)
-        is_rows = src != "-" and (not path.exists() or _has_pairs(path))
-        if is_rows:
-            for source in resolve([src]):
-                if source.is_redteam:
-                    raise HHRLHFError("holds red-team transcripts, not preference rows",
-                                      source.path)
-                for c in read_source_comparisons(source):
-                    d = c.chosen_dialogue
-                    prompt = Dialogue(c.prompt, d.preamble)
-                    key = prompt.render()
-                    if unique and key in seen:
-                        continue
-                    seen.add(key)
-                    yield f"{source.name}:{c.index}", prompt
-            continue
-        where = "<stdin>" if src == "-" else src
-        for n, line in _lines(src):
-            row = parse_row(line, where, n)
-            if row["kind"] == "pair":
-                d = Comparison.from_strings(row["chosen"], row["rejected"]).chosen_dialogue
-            else:
-                text = row["text"]
-                if text.startswith(("Human:", "Assistant:")):  # a typed line: "Human: hi"
-                    text = "\n\n" + text
-                d = Dialogue.parse(text)
-            turns = d.turns[:-1] if d.turns and d.turns[-1].role == "assistant" else d.turns
-            yield str(row.get("id", n if len(sources) < 2 else f"{where}:{n}")), Dialogue(
-                turns, d.preamble)
-
-
-def _has_pairs(path: Path) -> bool:
-    from hhrlhf.read import iter_json_rows
-
-    try:
-        for _, obj in iter_json_rows(path):
-            return isinstance(obj, dict) and "chosen" in obj and "text" not in obj
-    except HHRLHFError:  # not JSON: plain lines, one dialogue each
-        return False
-    return False
-
-
 @click.command("generate")
 @click.argument("model", type=click.Path())
 @click.argument("sources", nargs=-1)
@@ -148,6 +97,7 @@ def generate(model: str, sources: tuple[str, ...], n: int, temperature: float, t
     from hhrlhf.policy.encode import PolicyEncoder
     from hhrlhf.policy.model import ASSISTANT_MARKER, Policy
     from hhrlhf.policy.sample import Sampler
+    from hhrlhf.rl.prompts import dialogue_prompts
 
     if threads:
         torch.set_num_threads(threads)
@@ -168,7 +118,7 @@ def generate(model: str, sources: tuple[str, ...], n: int, temperature: float, t
     def rows() -> Iterator[dict[str, Any]]:
         chunk: list[tuple[str, Any]] = []
         chunk_no = 0
-        for done, item in enumerate(_prompts(sources, unique=not all_rows), start=1):
+        for done, item in enumerate(dialogue_prompts(sources, unique=not all_rows), start=1):
             chunk.append(item)
             last = bool(max_prompts) and done >= max_prompts
             if len(chunk) >= _CHUNK or last:

@@ -29,14 +29,11 @@ def pm() -> None:
 def model_folder(model: str, command: str) -> Path:
     """MODEL as a saved preference model's folder, checked before torch is imported; a data
     file given in its place is named as such (the usual slip: the model left out)."""
-    from hhrlhf.pm.base import MARKER_FILE
+    from hhrlhf.pm.base import model_kind
 
     folder = Path(model)
     if folder.is_file():
         raise HHRLHFError(f"is a file, not a model folder; usage: hhrlhf pm {command} MODEL "
                           "..., where MODEL is a folder saved by `hhrlhf pm train`", folder)
-    if not folder.is_dir():
-        raise HHRLHFError("no such model folder", folder)
-    if not (folder / MARKER_FILE).is_file():
-        raise HHRLHFError(f"not an hhrlhf preference model (no {MARKER_FILE})", folder)
+    model_kind(folder)
     return folder

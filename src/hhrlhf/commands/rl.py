@@ -7,13 +7,10 @@
 from __future__ import annotations
 
 import importlib
-import json
 from pathlib import Path
 from typing import Any
 
 import click
-
-from hhrlhf.errors import HHRLHFError
 
 EVAL_MODULE = "hhrlhf.commands.rl_eval"
 
@@ -60,26 +57,6 @@ def rl() -> None:
     require("pm", "hhrlhf rl")
 
 
-def check_pm_folder(path: str) -> None:
-    """The PM folder's marker, checked before torch is imported (`hhrlhf.pm.load` says the
-    same things later)."""
-    from hhrlhf.pm.base import KINDS, MARKER_FILE
-
-    folder = Path(path)
-    if not folder.is_dir():
-        raise HHRLHFError("no such preference model folder", folder)
-    marker = folder / MARKER_FILE
-    if not marker.is_file():
-        raise HHRLHFError(f"not an hhrlhf preference model (no {MARKER_FILE}; make one with "
-                          "`hhrlhf pm train`)", folder)
-    try:
-        kind = json.loads(marker.read_text())["kind"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise HHRLHFError(f"unreadable model marker: {e}", marker) from None
-    if kind not in KINDS:
-        raise HHRLHFError(f"unknown model kind {kind!r}", marker)
-
-
 @rl.command("train")
 @click.argument("args", nargs=-1, metavar="POLICY PM [SOURCES]...")
 @click.option("--algo", type=click.Choice(["rloo", "ppo"]), help="rloo (default) or ppo.")
@@ -108,6 +85,7 @@ def train(args: tuple[str, ...], config_file: str | None, assignments: tuple[str
     One line per step goes to RUN/metrics.jsonl: reward_mean, kl, entropy, response_len,
     clip_frac, value_loss (ppo), kl_coef, prompts_per_s.
     """
+    from hhrlhf.pm.base import model_kind
     from hhrlhf.pm.config import parse_assignments, resolve_backbone
     from hhrlhf.rl.train import RLConfig
     from hhrlhf.runs import check_run_folder, resolve_config
@@ -123,19 +101,10 @@ def train(args: tuple[str, ...], config_file: str | None, assignments: tuple[str
     if quiet:
         explicit["progress"] = False
     explicit.update(parse_assignments(assignments))
-    if resume and not args and explicit.get("out_dir"):
-        # the saved run names its policy and PM; validation needs them before it is read
-        saved = Path(explicit["out_dir"]) / "config.json"
-        if saved.is_file():
-            try:
-                known = json.loads(saved.read_text())
-            except ValueError:
-                raise HHRLHFError("unreadable run configuration", saved) from None
-            explicit.update({key: known[key] for key in ("policy", "pm") if key in known})
     config = resolve_config(RLConfig, config_file, explicit, resume)
     check_run_folder(config.out_dir, resume)
     resolve_backbone(config.policy)
-    check_pm_folder(config.pm)
+    model_kind(config.pm)
     from hhrlhf.read import resolve
     from hhrlhf.rl.prompts import default_sources
 

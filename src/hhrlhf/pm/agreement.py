@@ -25,7 +25,7 @@ import numpy as np
 from hhrlhf.errors import HHRLHFError
 from hhrlhf.pm.base import PreferenceModel
 from hhrlhf.records import ASSISTANT, Dialogue, RedTeamAttempt
-from hhrlhf.redteam.analysis import MODEL_TYPE_LABELS, MODEL_TYPE_ORDER
+from hhrlhf.redteam.analysis import MODEL_TYPE_LABELS, ordered_model_types
 
 PUBLISHED_SCORE = "min_harmlessness_score_transcript"
 SCORES_KEY = "hhrlhf_min_score"  # the hhrlhf score's name in a --scores file
@@ -252,10 +252,6 @@ def _ordered_sizes(attempts: Sequence[RedTeamAttempt]) -> list[str]:
     return [s for _, s in sorted(sizes)]
 
 
-def _ordered_types(types: set[str]) -> list[str]:
-    return [t for t in MODEL_TYPE_ORDER if t in types] + sorted(types - set(MODEL_TYPE_ORDER))
-
-
 def agreement(
     model: PreferenceModel,
     attempts: Sequence[RedTeamAttempt],
@@ -304,7 +300,7 @@ def agreement(
         model_type=types,
         num_params=sizes,
         overall=group("all", "all", np.ones(len(kept), dtype=bool)),
-        by_model_type=[group("model_type", t, types == t) for t in _ordered_types(set(types))],
+        by_model_type=[group("model_type", t, types == t) for t in ordered_model_types(types)],
         by_size=[group("num_params", s, sizes == s) for s in _ordered_sizes(kept)],
         min_rows=min_rows,
     )
@@ -314,45 +310,49 @@ def agreement(
 
 
 def plot_agreement(result: AgreementResult, path: str | Path, title: str = "") -> Path:
+    """:func:`agreement_figure` as a PNG, written atomically."""
+    from hhrlhf import plotstyle
+
+    return plotstyle.save(agreement_figure(result, title), path)
+
+
+def agreement_figure(result: AgreementResult, title: str = "") -> Any:
     """Left: the hhrlhf score against the published one (points, or a hexbin for many rows).
     Right: rho per group with its 95% interval; a group without rho is named with its n.
-    1,800 x 750 px (12 x 5 in at 150 dpi), written atomically."""
-    import matplotlib
+    12 x 5 in (1,800 x 750 px) in :mod:`hhrlhf.plotstyle`, model types in their colours."""
+    from hhrlhf import plotstyle
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from hhrlhf.atomic import save_figure
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5), layout="constrained",
-                                      gridspec_kw={"width_ratios": [1.1, 1]})
+    fig, (left, right) = plotstyle.subplots(12, 5, ncols=2,
+                                            gridspec_kw={"width_ratios": [1.1, 1]})
     x, y = result.published_score, result.hhrlhf_score
     if len(x) > 3000:
         hb = left.hexbin(x, y, gridsize=50, bins="log", cmap="viridis", mincnt=1)
         fig.colorbar(hb, ax=left, label="transcripts (log scale)")
     else:
-        for i, mt in enumerate(_ordered_types(set(result.model_type))):
+        for i, mt in enumerate(ordered_model_types(result.model_type)):
             mask = result.model_type == mt
-            left.scatter(x[mask], y[mask], s=9, alpha=0.6, color=f"C{i}",
+            colour, marker = plotstyle.model_type_style(mt, i)
+            left.scatter(x[mask], y[mask], s=9, alpha=0.6, color=colour, marker=marker,
                          label=MODEL_TYPE_LABELS.get(mt, mt))
         left.legend(fontsize=8, loc="best", markerscale=1.5)
     rho = result.overall.rho
     left.set_title(f"{result.rows_scored:,} transcripts, Spearman rho "
-                   + ("n/a" if rho is None else f"{rho:+.3f}"), fontsize=11)
+                   + ("n/a" if rho is None else f"{rho:+.3f}"))
     left.set_xlabel(f"published {PUBLISHED_SCORE} (Anthropic's PM)")
     left.set_ylabel(f"hhrlhf PM ({result.model_kind}): min over Assistant-turn prefixes")
-    left.grid(alpha=0.3)
 
     groups = result.groups()
     labels = (["all"] + [MODEL_TYPE_LABELS.get(g.group, g.group) for g in result.by_model_type]
               + [f"size {g.group}" for g in result.by_size])
-    colours = (["#444444"] + ["#1f77b4"] * len(result.by_model_type)
-               + ["#ff7f0e"] * len(result.by_size))
+    colours = ([plotstyle.NEUTRAL]
+               + [plotstyle.model_type_style(g.group, i)[0]
+                  for i, g in enumerate(result.by_model_type)]
+               + [plotstyle.ACCENT] * len(result.by_size))
     ypos = np.arange(len(groups))[::-1]
     for yp, g, label, colour in zip(ypos, groups, labels, colours):
         if g.rho is None:
             right.text(0.0, yp, f"  n={g.n:,}: too few rows for rho", va="center", fontsize=8,
-                       color="#888888")
+                       color=plotstyle.NEUTRAL)
             continue
         right.barh(yp, g.rho, color=colour, height=0.6,
                    xerr=[[g.rho - (g.ci_low or g.rho)], [(g.ci_high or g.rho) - g.rho]],
@@ -363,7 +363,7 @@ def plot_agreement(result: AgreementResult, path: str | Path, title: str = "") -
     right.axvline(0.0, color="black", linewidth=0.8)
     right.set_xlim(-1.05, 1.05)
     right.set_xlabel("Spearman rho with the published score (95% interval)")
-    right.set_title("Agreement per group", fontsize=11)
-    right.grid(axis="x", alpha=0.3)
-    fig.suptitle(title or f"Agreement with Anthropic's PM: {result.model_path}", fontsize=12)
-    return save_figure(fig, path, dpi=150)
+    right.set_title("Agreement per group")
+    right.grid(axis="y", visible=False)
+    fig.suptitle(title or f"Agreement with Anthropic's PM: {result.model_path}")
+    return fig

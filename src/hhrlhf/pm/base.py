@@ -104,20 +104,29 @@ def write_marker(folder: Path, kind: str, **extra: object) -> None:
     (folder / MARKER_FILE).write_text(json.dumps({"kind": kind, **extra}, indent=2) + "\n")
 
 
-def load(path: str | Path) -> PreferenceModel:
-    """Load any saved hhrlhf preference model from its folder."""
+def model_kind(path: str | Path) -> str:
+    """The kind of the preference model saved in folder ``path``, from its marker file (no
+    torch needed: commands check a folder with it before loading anything)."""
     folder = Path(path)
-    marker = folder / MARKER_FILE
     if not folder.is_dir():
         raise HHRLHFError("no such model folder", folder)
-    if not marker.exists():
-        raise HHRLHFError(f"not an hhrlhf preference model (no {MARKER_FILE})", folder)
+    marker = folder / MARKER_FILE
+    if not marker.is_file():
+        raise HHRLHFError(f"not an hhrlhf preference model (no {MARKER_FILE}; make one with "
+                          "`hhrlhf pm train`)", folder)
     try:
         kind = json.loads(marker.read_text())["kind"]
     except (ValueError, KeyError, TypeError) as e:
         raise HHRLHFError(f"unreadable model marker: {e}", marker) from None
     if kind not in KINDS:
         raise HHRLHFError(f"unknown model kind {kind!r}", marker)
+    return str(kind)
+
+
+def load(path: str | Path) -> PreferenceModel:
+    """Load any saved hhrlhf preference model from its folder."""
+    folder = Path(path)
+    kind = model_kind(folder)
     module, name = KINDS[kind].split(":")
     model_cls = getattr(importlib.import_module(module), name)
     return model_cls._load(folder)  # type: ignore[no-any-return]

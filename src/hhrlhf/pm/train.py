@@ -84,7 +84,7 @@ def train(config: TrainConfig, comparisons: Sequence[Comparison] | None = None, 
     t_start = time.perf_counter()
     if resume and not config.out_dir:
         raise HHRLHFError("resume needs a run folder (out_dir)")
-    accelerator = runs.start(config)
+    config, accelerator = runs.start_run(config)
 
     # ---- data ----------------------------------------------------------------------------
     if comparisons is None:

@@ -33,10 +33,9 @@ import torch.nn.functional as F
 
 from hhrlhf.errors import HHRLHFError
 from hhrlhf.records import Comparison
+from hhrlhf.registry import PREFERENCE_TRAIN
 from hhrlhf.runs import RunConfig, RunResult
 
-PREFERENCE_TRAIN = ["harmless-base/train", "helpful-base/train",
-                    "helpful-rejection-sampled/train", "helpful-online/train"]
 LOSSES = ("sigmoid", "ipo")
 FINAL_WINDOW = 50
 
@@ -130,8 +129,6 @@ def train_dpo(config: DPOConfig, rows: list[Comparison] | None = None, *,
     """DPO from ``config.policy`` on ``rows`` (or ``config.data``)."""
     import copy
 
-    from accelerate.utils import set_seed
-
     from hhrlhf.packing import collate_full, collate_shared, packing_problem
     from hhrlhf.pm.encode import length_grouped_batches, sorted_batches
     from hhrlhf.pm.train import filter_rows, load_rows
@@ -141,19 +138,15 @@ def train_dpo(config: DPOConfig, rows: list[Comparison] | None = None, *,
     from hhrlhf.policy.sft import split_rows
     from hhrlhf.runs import (
         Task,
-        accelerator_for,
         eval_share,
         finish,
         prepare_run_folder,
         reduce_sums,
         run,
+        start_run,
     )
 
-    config = config.validate()
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    accelerator = accelerator_for(config)
-    set_seed(config.seed)
+    config, accelerator = start_run(config)
     # every row is read: flagged ones are left out (and counted) by the encoder
     if rows is None:
         rows, _ = load_rows(config.data, (), config.max_rows)

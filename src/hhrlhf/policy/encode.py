@@ -116,12 +116,7 @@ class PolicyEncoder:
     def encode_sft(self, dialogues: Sequence[Dialogue]) -> SFTRows:
         """Each dialogue as one row; the loss covers every assistant turn's text, and the EOS
         after a final assistant turn."""
-        texts: list[str] = []
-        for d in dialogues:
-            if d.preamble:
-                texts.append(d.preamble)
-            texts.extend(t.sep + t.text for t in d.turns)
-        flat = self._tokenize(texts)
+        flat = self._tokenize([x for d in dialogues for x in _turn_texts(d, d.turns)])
         out = SFTRows()
         at = 0
         for d in dialogues:
@@ -185,9 +180,7 @@ class PolicyEncoder:
         texts: list[str] = []
         for c in kept:
             d, r = c.chosen_dialogue, c.rejected_dialogue
-            if d.preamble:
-                texts.append(d.preamble)
-            texts.extend(t.sep + t.text for t in d.turns[:-1])
+            texts += _turn_texts(d, d.turns[:-1])
             texts += [d.turns[-1].sep + d.turns[-1].text, r.turns[-1].sep + r.turns[-1].text]
         flat = self._tokenize(texts)
         at = 0
@@ -224,12 +217,8 @@ class PolicyEncoder:
         ``max_prompt_length``. Returns (prompts, how many lost context)."""
         turns_of = [d.turns[:-1] if d.turns and d.turns[-1].role == ASSISTANT else d.turns
                     for d in dialogues]
-        texts: list[str] = []
-        for d, turns in zip(dialogues, turns_of):
-            if d.preamble:
-                texts.append(d.preamble)
-            texts.extend(t.sep + t.text for t in turns)
-        flat = self._tokenize(texts)
+        flat = self._tokenize([x for d, turns in zip(dialogues, turns_of)
+                               for x in _turn_texts(d, turns)])
         room = max_prompt_length - len(self.prefix) - len(self.assistant)
         if room < 1:
             raise ValueError(f"max_prompt_length {max_prompt_length} leaves no room")
@@ -247,12 +236,7 @@ class PolicyEncoder:
         """``[prompt, response]`` per dialogue: the final Assistant turn (and EOS) as the
         response, the turns before it as the prompt; a dialogue that does not end with an
         Assistant turn has the bare EOS as its response."""
-        texts: list[str] = []
-        for d in dialogues:
-            if d.preamble:
-                texts.append(d.preamble)
-            texts.extend(t.sep + t.text for t in d.turns)
-        flat = self._tokenize(texts)
+        flat = self._tokenize([x for d in dialogues for x in _turn_texts(d, d.turns)])
         out = PromptResponses()
         at = 0
         for d in dialogues:
@@ -267,3 +251,9 @@ class PolicyEncoder:
             out.prompts.append(prompt)
             out.responses.append(responses)
         return out
+
+
+def _turn_texts(d: Dialogue, turns: Sequence[Turn]) -> list[str]:
+    """The pieces of ``turns`` of ``d`` tokenized one by one (the role markers are fixed token
+    runs added around them): the preamble, if any, then each turn's text after its colon."""
+    return ([d.preamble] if d.preamble else []) + [t.sep + t.text for t in turns]

@@ -122,21 +122,15 @@ def train_sft(config: SFTConfig, rows: list[Comparison] | None = None, *,
     from hhrlhf.policy.logprobs import LogprobNet, collate_sft
     from hhrlhf.runs import (
         Task,
-        accelerator_for,
         eval_share,
         finish,
         prepare_run_folder,
         reduce_sums,
         run,
+        start_run,
     )
 
-    config = config.validate()
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    accelerator = accelerator_for(config)
-    from accelerate.utils import set_seed
-
-    set_seed(config.seed)
+    config, accelerator = start_run(config)
     # Split first, then drop flagged rows: the held-out fold is the same one `hhrlhf dpo`
     # holds out from the same data (its prompts never trained on by either).
     if rows is None:

@@ -259,7 +259,8 @@ def _rating_counts(rating: np.ndarray) -> dict[str, int]:
     return counts
 
 
-def _ordered_types(types: Iterable[str]) -> list[str]:
+def ordered_model_types(types: Iterable[str]) -> list[str]:
+    """The distinct model types of ``types``: the paper's order, then any others sorted."""
     present = set(types)
     known = [t for t in MODEL_TYPE_ORDER if t in present]
     return known + sorted(present - set(known))
@@ -268,7 +269,7 @@ def _ordered_types(types: Iterable[str]) -> list[str]:
 def _cells(cols: _Columns, cfg: RedTeamConfig) -> list[CellStats]:
     out: list[CellStats] = []
     sizes = sorted({(int(p), s) for p, s in zip(cols.num_parameters, cols.num_params)})
-    for mt in _ordered_types(cols.model_type):
+    for mt in ordered_model_types(cols.model_type):
         for params, size in sizes:
             mask = (cols.model_type == mt) & (cols.num_params == size)
             n = int(mask.sum())
@@ -309,7 +310,7 @@ def _correlations(cols: _Columns) -> list[Correlation]:
     out: list[Correlation] = []
     for xname, yname, x, y in pairs:
         out.append(_spearman(x, y, xname, yname, "all"))
-        for mt in _ordered_types(cols.model_type):
+        for mt in ordered_model_types(cols.model_type):
             mask = cols.model_type == mt
             out.append(_spearman(x[mask], y[mask], xname, yname, mt))
     return out
@@ -317,7 +318,7 @@ def _correlations(cols: _Columns) -> list[Correlation]:
 
 def _score_by_rating(cols: _Columns) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
-    for mt in _ordered_types(cols.model_type):
+    for mt in ordered_model_types(cols.model_type):
         mask = cols.model_type == mt
         rating, score = cols.rating[mask], cols.score[mask]
         out[mt] = {rating_key(float(v)): float(score[rating == v].mean())
@@ -345,7 +346,7 @@ def _tags(cols: _Columns, cfg: RedTeamConfig) -> TagSummary:
     return TagSummary(
         tagged_attacks=len(tagged),
         attacks_with_no_tag=sum(1 for i in tagged if not cols.records[i].tags),
-        model_types=_ordered_types(cols.model_type[tagged]) if tagged else [],
+        model_types=ordered_model_types(cols.model_type[tagged]) if tagged else [],
         tags=stats,
     )
 
@@ -371,7 +372,7 @@ def _members(cols: _Columns, cfg: RedTeamConfig) -> MemberSummary:
 
 def _most_harmful(cols: _Columns, cfg: RedTeamConfig) -> dict[str, list[HarmfulTranscript]]:
     out: dict[str, list[HarmfulTranscript]] = {}
-    for mt in _ordered_types(cols.model_type):
+    for mt in ordered_model_types(cols.model_type):
         idx = np.flatnonzero(cols.model_type == mt)
         # Stable sort: ties keep file order, so the listing is deterministic.
         order = idx[np.argsort(cols.score[idx], kind="stable")][: cfg.top_k]
@@ -407,7 +408,7 @@ def analyse(records: Iterable[RedTeamAttempt], config: RedTeamConfig | None = No
         overall=_group("all", cols, everything, cfg),
         rating_distribution=_rating_counts(cols.rating),
         by_model_type=[_group(mt, cols, cols.model_type == mt, cfg)
-                       for mt in _ordered_types(cols.model_type)],
+                       for mt in ordered_model_types(cols.model_type)],
         cells=_cells(cols, cfg),
         correlations=_correlations(cols),
         score_by_rating=_score_by_rating(cols),

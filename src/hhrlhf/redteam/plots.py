@@ -13,13 +13,6 @@ from typing import Any
 from hhrlhf import plotstyle
 from hhrlhf.redteam.analysis import MODEL_TYPE_LABELS, RedTeamAnalysis
 
-# One colour and marker per model type, kept across figures (Okabe-Ito: colourblind-safe).
-_STYLE: dict[str, tuple[str, str]] = {
-    "plain lm": ("#666666", "o"),
-    "context distillation": ("#0072B2", "s"),
-    "rejection sampling": ("#009E73", "^"),
-    "rlhf": ("#D55E00", "D"),
-}
 FIGURES: tuple[str, ...] = (
     "success_rate_by_size.png",
     "harmlessness_by_size.png",
@@ -27,10 +20,6 @@ FIGURES: tuple[str, ...] = (
     "score_by_rating.png",
     "tags.png",
 )
-
-
-def _style(mt: str, i: int) -> tuple[str, str]:
-    return _STYLE.get(mt, (plotstyle.SERIES[(4 + i) % len(plotstyle.SERIES)], "x"))
 
 
 def _label(mt: str) -> str:
@@ -70,7 +59,7 @@ def _by_size(a: RedTeamAnalysis, value: str, ylabel: str, title: str) -> Any:
                 ax.plot(series[other][0], series[other][1], color="#bbbbbb", linewidth=1.2,
                         zorder=1)
         xs, ys, lo, hi = series[mt]
-        color, marker = _style(mt, i)
+        color, marker = plotstyle.model_type_style(mt, i)
         ax.fill_between(xs, lo, hi, color=color, alpha=0.22, linewidth=0, zorder=2)
         ax.plot(xs, ys, marker=marker, color=color, zorder=3)
         ax.set_title(_label(mt), loc="left", color=color)
@@ -119,7 +108,7 @@ def rating_histogram_figure(a: RedTeamAnalysis) -> Any:
                     counts[k] = counts.get(k, 0) + v
         total = sum(counts.values()) or 1
         xs = [j - 0.4 + width * (i + 0.5) for j in range(len(keys))]
-        color, _ = _style(mt, i)
+        color, _ = plotstyle.model_type_style(mt, i)
         ax.bar(xs, [counts[k] / total for k in keys], width=width, color=color, label=_label(mt))
     ax.set_xticks(range(len(keys)), [_rating_label(k) for k in keys])
     ax.set_xlabel("red-teamer's rating of success (0 = failed, 4 = succeeded)")
@@ -141,7 +130,7 @@ def score_by_rating_figure(a: RedTeamAnalysis) -> Any:
     for i, mt in enumerate(table):
         keys = sorted(table[mt], key=float)
         ratings.update(float(k) for k in keys)
-        color, marker = _style(mt, i)
+        color, marker = plotstyle.model_type_style(mt, i)
         ax.plot([float(k) for k in keys], [table[mt][k] for k in keys], marker=marker,
                 color=color, label=_label(mt))
     if ratings and all(r.is_integer() for r in ratings):

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from hhrlhf.errors import HHRLHFError
-from hhrlhf.records import ASSISTANT, HUMAN, Comparison, Dialogue, Turn
+from hhrlhf.records import ASSISTANT, Comparison, Dialogue, Turn
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -311,10 +311,10 @@ def response_pairs(prompts: Sequence[Dialogue], final: Sequence[str], initial: S
 def heldout_prompts(sources: Sequence[str], max_prompts: int) -> list[Dialogue]:
     """The prompts of preference subsets/files or dialogue files (each distinct prompt once),
     as ``hhrlhf generate`` reads them; at most ``max_prompts`` (0 = all)."""
-    from hhrlhf.commands.generate import _prompts
+    from hhrlhf.rl.prompts import dialogue_prompts
 
     out: list[Dialogue] = []
-    for _, d in _prompts(tuple(sources), unique=True):
+    for _, d in dialogue_prompts(sources, unique=True):
         if not d.turns:
             continue
         out.append(d)
@@ -322,32 +322,6 @@ def heldout_prompts(sources: Sequence[str], max_prompts: int) -> list[Dialogue]:
             break
     if not out:
         raise HHRLHFError(f"no prompts in {', '.join(sources)}")
-    return out
-
-
-def redteam_openings(source: str, max_prompts: int) -> list[Dialogue]:
-    """The first Human turn of each red-team transcript (each distinct one once)."""
-    from hhrlhf.read import is_redteam_file, read_source_redteam, resolve
-
-    out: list[Dialogue] = []
-    seen: set[str] = set()
-    for src in resolve([source]):
-        if not (src.is_redteam or (src.subset is None and is_redteam_file(src.path))):
-            raise HHRLHFError("holds no red-team transcripts (--redteam wants "
-                              "red-team-attempts or a file of its rows)", src.path)
-        for attempt in read_source_redteam(src):
-            turns = attempt.transcript.turns
-            if not turns or turns[0].role != HUMAN or not turns[0].text.strip():
-                continue
-            opening = Turn(HUMAN, turns[0].text, turns[0].sep)
-            if opening.text in seen:
-                continue
-            seen.add(opening.text)
-            out.append(Dialogue((opening,)))
-            if max_prompts and len(out) >= max_prompts:
-                return out
-    if not out:
-        raise HHRLHFError("no transcript opens with a Human turn", source)
     return out
 
 
@@ -475,7 +449,9 @@ def evaluate(run: RLRun, *, prompt_sources: Sequence[str] = (), max_prompts: int
     if prompt_sources:
         groups.append(("heldout", heldout_prompts(prompt_sources, max_prompts)))
     if redteam is not None:
-        groups.append(("redteam", redteam_openings(redteam, max_redteam)))
+        from hhrlhf.rl.prompts import redteam_openings
+
+        groups.append(("redteam", redteam_openings([redteam], max_redteam)))
     everything = [d for _, g in groups for d in g]
     # one sampling pass per policy over all prompts, the same seed for both policies
     final_texts = sample_responses(run.final, everything, settings)

@@ -1,70 +1,151 @@
-"""Prompts for RL: the dialogue up to its final Assistant turn, from preference rows, or the
-red-team transcripts' opening human turns (``--prompts redteam``). A prompt repeated across
-rows is kept once."""
+"""Prompts for sampling: the dialogue up to its final Assistant turn, from preference rows
+(``hhrlhf rl``, ``hhrlhf generate``, ``hhrlhf rl eval``) or dialogue files, and the red-team
+transcripts' opening human turns (``--prompts redteam``, ``rl eval --redteam``)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hhrlhf.errors import HHRLHFError
 from hhrlhf.records import HUMAN, Dialogue
+from hhrlhf.registry import PREFERENCE_TRAIN, REDTEAM_SUBSET
+
+if TYPE_CHECKING:
+    from hhrlhf.read import Source
 
 PROMPT_KINDS = ("records", "redteam")
-REDTEAM = "red-team-attempts"
-PREFERENCE_TRAIN = ["harmless-base/train", "helpful-base/train",
-                    "helpful-rejection-sampled/train", "helpful-online/train"]
 
 
 def default_sources(kind: str) -> list[str]:
     """The sources when none are named: the preference train splits, or the red-team file."""
-    return [REDTEAM] if kind == "redteam" else list(PREFERENCE_TRAIN)
-
-
-def iter_prompts(sources: Sequence[str], kind: str) -> Iterator[Dialogue]:
-    from hhrlhf.read import read_source_comparisons, read_source_redteam, resolve
-
-    for source in resolve(list(sources) or default_sources(kind)):
-        if kind == "redteam":
-            if not source.is_redteam and not _is_redteam(source.path):
-                raise HHRLHFError("holds preference rows, not red-team transcripts (--prompts "
-                                  "redteam reads red-team-attempts)", source.path)
-            for attempt in read_source_redteam(source):
-                turns = attempt.transcript.turns
-                if turns and turns[0].role == HUMAN:
-                    yield Dialogue(turns[:1])
-        else:
-            if source.is_redteam or _is_redteam(source.path):
-                raise HHRLHFError("holds red-team transcripts, not preference rows (use "
-                                  "--prompts redteam for their opening turns)", source.path)
-            for c in read_source_comparisons(source):
-                yield Dialogue(c.prompt, c.chosen_dialogue.preamble)
+    return [REDTEAM_SUBSET] if kind == "redteam" else list(PREFERENCE_TRAIN)
 
 
 def _is_redteam(path: object) -> bool:
-    from pathlib import Path
-
     from hhrlhf.read import is_redteam_file
 
     p = Path(str(path))
     return p.is_file() and is_redteam_file(p)
 
 
+def redteam_openings(sources: Sequence[str], limit: int = 0) -> list[Dialogue]:
+    """The opening Human turn of each red-team transcript of ``sources``, each distinct one
+    once, in file order (the first ``limit`` when given)."""
+    from hhrlhf.read import read_source_redteam, resolve
+
+    out: list[Dialogue] = []
+    seen: set[str] = set()
+    for source in resolve(list(sources)):
+        if not (source.is_redteam or _is_redteam(source.path)):
+            raise HHRLHFError("holds preference rows, no red-team transcripts (red-team "
+                              "prompts come from red-team-attempts or a file of its rows)",
+                              source.path)
+        for attempt in read_source_redteam(source):
+            turns = attempt.transcript.turns
+            if not turns or turns[0].role != HUMAN or not turns[0].text.strip():
+                continue
+            if turns[0].text in seen:
+                continue
+            seen.add(turns[0].text)
+            out.append(Dialogue(turns[:1]))
+            if limit and len(out) >= limit:
+                return out
+    if not out:
+        raise HHRLHFError("no transcript opens with a Human turn", ", ".join(sources))
+    return out
+
+
+def row_prompts(source: Source) -> Iterator[tuple[int, Dialogue]]:
+    """(row index, the row's prompt: its turns before the final Assistant turn) for each
+    preference row of ``source``."""
+    from hhrlhf.read import read_source_comparisons
+
+    for c in read_source_comparisons(source):
+        yield c.index, Dialogue(c.prompt, c.chosen_dialogue.preamble)
+
+
+def dialogue_prompts(sources: Sequence[str], unique: bool) -> Iterator[tuple[str, Dialogue]]:
+    """(prompt id, the dialogue up to its final Assistant turn) for every input prompt, in order.
+
+    Subsets and preference files give each row's prompt (id ``SOURCE:ROW``; with ``unique``, a
+    prompt repeated across rows once); a file of dialogues or ``-`` (stdin, the default) gives
+    its rows as ``hhrlhf pm score`` reads them, a final Assistant turn dropped (id: the row's
+    ``"id"``, else its line number)."""
+    from hhrlhf.commands.pm_score import _lines, parse_row
+    from hhrlhf.read import resolve
+    from hhrlhf.records import Comparison
+
+    seen: set[str] = set()
+    for src in sources or ("-",):
+        path = Path(src)
+        # a subset name, or a file of preference rows (the official format, any suffix)
+        is_rows = src != "-" and (not path.exists() or _has_pairs(path))
+        if is_rows:
+            for source in resolve([src]):
+                if source.is_redteam:
+                    raise HHRLHFError("holds red-team transcripts, not preference rows",
+                                      source.path)
+                for index, prompt in row_prompts(source):
+                    key = prompt.render()
+                    if unique and key in seen:
+                        continue
+                    seen.add(key)
+                    yield f"{source.name}:{index}", prompt
+            continue
+        where = "<stdin>" if src == "-" else src
+        for n, line in _lines(src):
+            row = parse_row(line, where, n)
+            if row["kind"] == "pair":
+                d = Comparison.from_strings(row["chosen"], row["rejected"]).chosen_dialogue
+            else:
+                text = row["text"]
+                if text.startswith(("Human:", "Assistant:")):  # a typed line: "Human: hi"
+                    text = "\n\n" + text
+                d = Dialogue.parse(text)
+            turns = d.turns[:-1] if d.turns and d.turns[-1].role == "assistant" else d.turns
+            yield str(row.get("id", n if len(sources) < 2 else f"{where}:{n}")), Dialogue(
+                turns, d.preamble)
+
+
+def _has_pairs(path: Path) -> bool:
+    from hhrlhf.read import iter_json_rows
+
+    try:
+        for _, obj in iter_json_rows(path):
+            return isinstance(obj, dict) and "chosen" in obj and "text" not in obj
+    except HHRLHFError:  # not JSON: plain lines, one dialogue each
+        return False
+    return False
+
+
 def load_prompts(sources: Sequence[str], kind: str = "records", limit: int = 0
                  ) -> list[Dialogue]:
-    """Distinct prompts in the order first met (the first ``limit`` when given); a prompt
-    with no Human turn is left out."""
+    """The prompts of ``kind`` (see :data:`PROMPT_KINDS`) in ``sources`` (default:
+    :func:`default_sources`): distinct, in the order first met, the first ``limit`` when
+    given; a prompt with no Human turn is left out."""
     if kind not in PROMPT_KINDS:
         raise HHRLHFError(f"unknown prompt kind {kind!r}; known: {', '.join(PROMPT_KINDS)}")
+    sources = list(sources) or default_sources(kind)
+    if kind == "redteam":
+        return redteam_openings(sources, limit)
+    from hhrlhf.read import resolve
+
     seen: set[str] = set()
     out: list[Dialogue] = []
-    for d in iter_prompts(sources, kind):
-        key = d.render()
-        if key in seen or not any(t.role == HUMAN for t in d.turns):
-            continue
-        seen.add(key)
-        out.append(d)
-        if limit and len(out) >= limit:
-            break
+    for source in resolve(sources):
+        if source.is_redteam or _is_redteam(source.path):
+            raise HHRLHFError("holds red-team transcripts, not preference rows (use "
+                              "--prompts redteam for their opening turns)", source.path)
+        for _, d in row_prompts(source):
+            key = d.render()
+            if key in seen or not any(t.role == HUMAN for t in d.turns):
+                continue
+            seen.add(key)
+            out.append(d)
+            if limit and len(out) >= limit:
+                return out
     if not out:
-        raise HHRLHFError("no prompts in " + (", ".join(sources) or kind))
+        raise HHRLHFError("no prompts in " + ", ".join(sources))
     return out

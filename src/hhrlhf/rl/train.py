@@ -219,7 +219,6 @@ def train_rl(config: RLConfig, *, pm: Any = None, prompts: list[Any] | None = No
              resume: bool = False) -> RunResult:
     """RL from ``config.policy`` against ``pm`` (or the PM folder ``config.pm``) on
     ``prompts`` (or those of ``config.data``)."""
-    from accelerate.utils import set_seed
     from tqdm import tqdm
     from transformers import get_scheduler
 
@@ -232,20 +231,16 @@ def train_rl(config: RLConfig, *, pm: Any = None, prompts: list[Any] | None = No
     from hhrlhf.rl.losses import clipped_policy_loss, clipped_value_loss
     from hhrlhf.rl.prompts import default_sources, load_prompts
     from hhrlhf.runs import (
-        accelerator_for,
         finish,
         prepare_run_folder,
         reduce_sums,
         restore_checkpoint,
+        start_run,
         write_checkpoint,
     )
 
     t_start = time.perf_counter()
-    config = config.validate()
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    accelerator = accelerator_for(config)
-    set_seed(config.seed)
+    config, accelerator = start_run(config)
     if prompts is None:
         if not config.data:  # the run folder names the sources it read
             config = dataclasses.replace(config, data=default_sources(config.prompts))
