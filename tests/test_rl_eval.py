@@ -176,7 +176,11 @@ def test_changed_policy_win_rates_table_plot_and_json(parts: dict[str, Path], tm
     pms = doc["win_rate"]["pms"]
     for p in pms + doc["redteam"]["pms"]:
         assert 0 <= p["win_interval"]["low"] <= p["win_rate"] <= p["win_interval"]["high"] <= 1
-        assert p["elo"] == pytest.approx(400 * math.log10(p["win_rate"] / (1 - p["win_rate"])))
+        if 0 < p["win_rate"] < 1:
+            assert p["elo"] == pytest.approx(
+                400 * math.log10(p["win_rate"] / (1 - p["win_rate"])))
+        else:  # one policy won every prompt: an infinite Elo, written as null in the JSON
+            assert p["elo"] is None
         assert p["wins"] + p["ties"] + p["losses"] == p["prompts"]
     assert sum(p["ties"] for p in pms) < sum(p["prompts"] for p in pms)  # the policy changed
     assert doc["win_rate"]["divergence"] == pytest.approx(pms[0]["win_rate"] - pms[1]["win_rate"])
