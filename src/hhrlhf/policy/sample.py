@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers.cache_utils import DynamicLayer
 
 from hhrlhf.policy.model import HUMAN_MARKER
 
@@ -57,6 +58,51 @@ def draw(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
                    dtype=cdf.dtype) * cdf[:, -1:]
     # the first index whose cumulative mass exceeds u: a zero-probability entry never is
     return torch.searchsorted(cdf, u, right=True)[:, 0].clamp_(max=probs.shape[-1] - 1)
+
+
+class _PreallocatedLayer(DynamicLayer):
+    """A ``DynamicLayer`` whose keys and values live in buffers allocated once for the whole
+    decode: ``update`` writes the new step in place and hands the model a view of the filled
+    part, where ``DynamicLayer`` concatenates (a copy of the whole cache per layer per step)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, repeats: int, capacity: int):
+        super().__init__()
+        rows, heads, length, _ = keys.shape
+        self.key_buffer = keys.new_empty((rows * repeats, heads, capacity, keys.shape[-1]))
+        self.value_buffer = values.new_empty((rows * repeats, heads, capacity, values.shape[-1]))
+        # each prompt's prefill copied to its `repeats` rows straight into the buffer
+        self.key_buffer.view(rows, repeats, heads, capacity, -1)[:, :, :, :length] = keys[:, None]
+        self.value_buffer.view(rows, repeats, heads, capacity, -1)[:, :, :, :length] = \
+            values[:, None]
+        self.device = keys.device
+        self.is_initialized = True
+        self.length = length
+        self._expose()
+
+    def _expose(self) -> tuple[torch.Tensor, torch.Tensor]:
+        keys = self.keys = self.key_buffer[:, :, : self.length]
+        values = self.values = self.value_buffer[:, :, : self.length]
+        return keys, values
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + key_states.shape[-2]
+        self.key_buffer[:, :, self.length: end] = key_states
+        self.value_buffer[:, :, self.length: end] = value_states
+        self.length = end
+        return self._expose()
+
+
+def _preallocate(cache: Any, repeats: int, capacity: int) -> bool:
+    """Swap the cache's layers for preallocated ones holding each row ``repeats`` times;
+    False (the cache untouched) when a layer is not a plain ``DynamicLayer``."""
+    layers = getattr(cache, "layers", None)
+    if not layers or any(type(layer) is not DynamicLayer or not layer.is_initialized
+                         for layer in layers):
+        return False
+    cache.layers = [_PreallocatedLayer(layer.keys, layer.values, repeats, capacity)
+                    for layer in layers]
+    return True
 
 
 def _cache_of(out: Any) -> Any:
@@ -130,13 +176,17 @@ class Sampler:
                        logits_to_keep=1)
         cache = _cache_of(out)
         logits = out.logits[:, -1].float()
-        if n > 1:  # the N samples of a prompt share its prefill
-            cache.batch_repeat_interleave(n)
+        if not _preallocate(cache, n, width + max_new_tokens) and n > 1:
+            cache.batch_repeat_interleave(n)  # the N samples of a prompt share its prefill
+        if n > 1:
             logits = logits.repeat_interleave(n, dim=0)
             mask = mask.repeat_interleave(n, dim=0)
             pos = pos.repeat_interleave(n, dim=0)
         rows = logits.shape[0]
         next_pos = pos[:, -1] + 1
+        # the attention mask of the whole decode, allocated once; each step sees one more column
+        full_mask = torch.ones((rows, width + max_new_tokens), dtype=mask.dtype, device=dev)
+        full_mask[:, :width] = mask
         # Decoding keeps everything on the device: one host sync per step (all done?), and a
         # look at the text only for rows whose new token holds the marker's final ":".
         out_ids = torch.full((rows, max_new_tokens), self.pad_id, dtype=torch.long, device=dev)
@@ -166,8 +216,7 @@ class Sampler:
             done |= ended
             if step == max_new_tokens - 1 or bool(done.all()):
                 break
-            mask = torch.cat([mask, torch.ones((rows, 1), dtype=mask.dtype, device=dev)], 1)
-            out = self.net(input_ids=nxt[:, None], attention_mask=mask,
+            out = self.net(input_ids=nxt[:, None], attention_mask=full_mask[:, : width + step + 1],
                            position_ids=next_pos[:, None], use_cache=True,
                            **{self.cache_arg: cache})
             cache = _cache_of(out)
