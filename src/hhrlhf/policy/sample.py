@@ -49,13 +49,19 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
     return logits
 
 
-def draw(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def draw(probs: torch.Tensor, gen: torch.Generator, rows: torch.Tensor | None = None,
+         total: int = 0) -> torch.Tensor:
     """One index per row, drawn from ``probs`` exactly by the inverse CDF: one uniform number
     per row (``torch.multinomial`` and the Gumbel/exponential race draw one per vocabulary
-    entry, which dominates a CPU decode step)."""
+    entry, which dominates a CPU decode step). ``rows``: which of ``total`` rows ``probs``
+    holds; the generator still draws ``total`` numbers, so a row's draws do not depend on
+    which other rows are still decoding."""
     cdf = probs.cumsum(-1)
-    u = torch.rand((probs.shape[0], 1), generator=gen, device=probs.device,
-                   dtype=cdf.dtype) * cdf[:, -1:]
+    count = probs.shape[0] if rows is None else total
+    u = torch.rand((count, 1), generator=gen, device=probs.device, dtype=cdf.dtype)
+    if rows is not None:
+        u = u[rows]
+    u = u * cdf[:, -1:]
     # the first index whose cumulative mass exceeds u: a zero-probability entry never is
     return torch.searchsorted(cdf, u, right=True)[:, 0].clamp_(max=probs.shape[-1] - 1)
 
@@ -92,6 +98,12 @@ class _PreallocatedLayer(DynamicLayer):
         self.length = end
         return self._expose()
 
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only ``rows`` (the buffers copied once, smaller)."""
+        self.key_buffer = self.key_buffer.index_select(0, rows)
+        self.value_buffer = self.value_buffer.index_select(0, rows)
+        self._expose()
+
 
 def _preallocate(cache: Any, repeats: int, capacity: int) -> bool:
     """Swap the cache's layers for preallocated ones holding each row ``repeats`` times;
@@ -112,6 +124,10 @@ def _cache_of(out: Any) -> Any:
 
 class Sampler:
     """Samples from a causal LM (``net``) with its tokenizer."""
+
+    # Finished rows leave the decode batch (the KV cache compacted) once at most this share
+    # of the rows still in it are running; 0 never compacts. Results do not depend on it.
+    compact_at: float = 0.5
 
     def __init__(self, net: Any, tokenizer: Any):
         self.net = net
@@ -176,7 +192,8 @@ class Sampler:
                        logits_to_keep=1)
         cache = _cache_of(out)
         logits = out.logits[:, -1].float()
-        if not _preallocate(cache, n, width + max_new_tokens) and n > 1:
+        compactable = _preallocate(cache, n, width + max_new_tokens)
+        if not compactable and n > 1:
             cache.batch_repeat_interleave(n)  # the N samples of a prompt share its prefill
         if n > 1:
             logits = logits.repeat_interleave(n, dim=0)
@@ -195,11 +212,19 @@ class Sampler:
         done = torch.zeros(rows, dtype=torch.bool, device=dev)
         pad = torch.full((rows,), self.pad_id, dtype=torch.long, device=dev)
         colon = self._colon.to(dev)
+        # the rows still in the decode batch (all of them until the first compaction)
+        live: torch.Tensor | None = None
         for step in range(max_new_tokens):
             if temperature == 0:
-                nxt = logits.argmax(-1)
+                picked = logits.argmax(-1)
             else:
-                nxt = draw(filter_logits(logits, temperature, top_k, top_p).softmax(-1), gen)
+                picked = draw(filter_logits(logits, temperature, top_k, top_p).softmax(-1), gen,
+                              live, rows)
+            if live is None:
+                nxt = picked
+            else:
+                nxt = pad.clone()
+                nxt[live] = picked
             nxt = torch.where(done, pad, nxt)
             out_ids[:, step] = nxt
             ended = ~done & (nxt == self.eos_id)
@@ -216,7 +241,19 @@ class Sampler:
             done |= ended
             if step == max_new_tokens - 1 or bool(done.all()):
                 break
-            out = self.net(input_ids=nxt[:, None], attention_mask=full_mask[:, : width + step + 1],
+            if compactable and self.compact_at > 0:
+                running = (~done).nonzero()[:, 0]
+                in_batch = rows if live is None else len(live)
+                if len(running) <= self.compact_at * in_batch:
+                    # positions of the running rows among the rows in the batch
+                    at_rows = running if live is None else torch.searchsorted(live, running)
+                    for layer in cache.layers:
+                        layer.keep(at_rows)
+                    full_mask = full_mask.index_select(0, at_rows)
+                    next_pos = next_pos.index_select(0, at_rows)
+                    live = running
+            fed = nxt if live is None else nxt[live]
+            out = self.net(input_ids=fed[:, None], attention_mask=full_mask[:, : width + step + 1],
                            position_ids=next_pos[:, None], use_cache=True,
                            **{self.cache_arg: cache})
             cache = _cache_of(out)
