@@ -35,7 +35,8 @@ class Sample:
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float
                   ) -> torch.Tensor:
     """Logits with temperature applied and the top-k / nucleus tails set to -inf."""
-    logits = logits / temperature
+    if temperature != 1:
+        logits = logits / temperature
     if 0 < top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -127,7 +128,7 @@ class Sampler:
 
     # Finished rows leave the decode batch (the KV cache compacted) once at most this share
     # of the rows still in it are running; 0 never compacts. Results do not depend on it.
-    compact_at: float = 0.5
+    compact_at: float = 0.75
 
     def __init__(self, net: Any, tokenizer: Any):
         self.net = net
@@ -228,7 +229,7 @@ class Sampler:
             nxt = torch.where(done, pad, nxt)
             out_ids[:, step] = nxt
             ended = ~done & (nxt == self.eos_id)
-            stop[ended] = 1
+            stop.masked_fill_(ended, 1)  # no host sync, unlike stop[ended] = 1
             if stop_at_human:
                 maybe = (~done & ~ended & colon[nxt]).nonzero()[:, 0].tolist()
                 for r in maybe:  # the last tokens' text: 16 tokens hold the 8 characters
@@ -237,21 +238,23 @@ class Sampler:
                     if HUMAN_MARKER in tail:
                         ended[r] = True
                         stop[r] = 2
-            length[ended] = step + 1
+            length.masked_fill_(ended, step + 1)
             done |= ended
-            if step == max_new_tokens - 1 or bool(done.all()):
+            if step == max_new_tokens - 1:
                 break
-            if compactable and self.compact_at > 0:
+            running_count = int((~done).sum())  # a host sync: are all done? compact?
+            if running_count == 0:
+                break
+            in_batch = rows if live is None else len(live)
+            if compactable and running_count <= self.compact_at * in_batch:
                 running = (~done).nonzero()[:, 0]
-                in_batch = rows if live is None else len(live)
-                if len(running) <= self.compact_at * in_batch:
-                    # positions of the running rows among the rows in the batch
-                    at_rows = running if live is None else torch.searchsorted(live, running)
-                    for layer in cache.layers:
-                        layer.keep(at_rows)
-                    full_mask = full_mask.index_select(0, at_rows)
-                    next_pos = next_pos.index_select(0, at_rows)
-                    live = running
+                # positions of the running rows among the rows in the batch
+                at_rows = running if live is None else torch.searchsorted(live, running)
+                for layer in cache.layers:
+                    layer.keep(at_rows)
+                full_mask = full_mask.index_select(0, at_rows)
+                next_pos = next_pos.index_select(0, at_rows)
+                live = running
             fed = nxt if live is None else nxt[live]
             out = self.net(input_ids=fed[:, None], attention_mask=full_mask[:, : width + step + 1],
                            position_ids=next_pos[:, None], use_cache=True,
