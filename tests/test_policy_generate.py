@@ -151,3 +151,35 @@ def test_draws_follow_the_distribution() -> None:
     freq = torch.bincount(got, minlength=5).double() / len(got)
     torch.testing.assert_close(freq, probs[0].double(), rtol=0, atol=0.01)
     assert freq[4] == 0
+
+
+def test_finished_rows_leave_the_batch_without_changing_results(tiny: tuple[Policy, Path],
+                                                                real_file: Path) -> None:
+    policy = Policy.load(tiny[1])
+    # an LM head that ends samples early and at different steps: every token but EOS near
+    # logit 0, EOS's logit large or small depending on the hidden state
+    torch.manual_seed(11)
+    with torch.no_grad():
+        head = policy.net.lm_head.weight
+        head.normal_(std=1e-3)
+        head[policy.eos_id].normal_(std=0.6)
+    prompts, _ = PolicyEncoder(policy.tokenizer, 256).encode_prompts(
+        [c.chosen_dialogue for c in first_rows(real_file, 4)], 200)
+    batch_rows: list[int] = []
+    hook = policy.net.get_input_embeddings().register_forward_hook(
+        lambda _m, args, _out: batch_rows.append(int(args[0].shape[0])))
+    sampler = Sampler(policy.net, policy.tokenizer)
+    try:
+        kept = sampler.sample(prompts, n=8, max_new_tokens=40, seed=2, batch_size=32)
+        compacted_rows, batch_rows[:] = list(batch_rows), []
+        sampler.compact_at = 0
+        whole = sampler.sample(prompts, n=8, max_new_tokens=40, seed=2, batch_size=32)
+    finally:
+        hook.remove()
+    assert set(batch_rows) == {4, 32}  # the prefill, then all 32 rows every step
+    assert compacted_rows[0] == 4 and min(compacted_rows[1:]) < 16  # finished rows left
+    stops = [s.stop for s in whole]
+    assert "eos" in stops and "length" in stops
+    assert len({len(s.tokens) for s in whole}) > 3
+    assert [(s.tokens, s.text, s.stop) for s in kept] == [(s.tokens, s.text, s.stop)
+                                                          for s in whole]

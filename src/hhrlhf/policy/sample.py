@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers.cache_utils import DynamicLayer
 
 from hhrlhf.policy.model import HUMAN_MARKER
 
@@ -34,7 +35,8 @@ class Sample:
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float
                   ) -> torch.Tensor:
     """Logits with temperature applied and the top-k / nucleus tails set to -inf."""
-    logits = logits / temperature
+    if temperature != 1:
+        logits = logits / temperature
     if 0 < top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -48,15 +50,72 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
     return logits
 
 
-def draw(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def draw(probs: torch.Tensor, gen: torch.Generator, rows: torch.Tensor | None = None,
+         total: int = 0) -> torch.Tensor:
     """One index per row, drawn from ``probs`` exactly by the inverse CDF: one uniform number
     per row (``torch.multinomial`` and the Gumbel/exponential race draw one per vocabulary
-    entry, which dominates a CPU decode step)."""
+    entry, which dominates a CPU decode step). ``rows``: which of ``total`` rows ``probs``
+    holds; the generator still draws ``total`` numbers, so a row's draws do not depend on
+    which other rows are still decoding."""
     cdf = probs.cumsum(-1)
-    u = torch.rand((probs.shape[0], 1), generator=gen, device=probs.device,
-                   dtype=cdf.dtype) * cdf[:, -1:]
+    count = probs.shape[0] if rows is None else total
+    u = torch.rand((count, 1), generator=gen, device=probs.device, dtype=cdf.dtype)
+    if rows is not None:
+        u = u[rows]
+    u = u * cdf[:, -1:]
     # the first index whose cumulative mass exceeds u: a zero-probability entry never is
     return torch.searchsorted(cdf, u, right=True)[:, 0].clamp_(max=probs.shape[-1] - 1)
+
+
+class _PreallocatedLayer(DynamicLayer):
+    """A ``DynamicLayer`` whose keys and values live in buffers allocated once for the whole
+    decode: ``update`` writes the new step in place and hands the model a view of the filled
+    part, where ``DynamicLayer`` concatenates (a copy of the whole cache per layer per step)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, repeats: int, capacity: int):
+        super().__init__()
+        rows, heads, length, _ = keys.shape
+        self.key_buffer = keys.new_empty((rows * repeats, heads, capacity, keys.shape[-1]))
+        self.value_buffer = values.new_empty((rows * repeats, heads, capacity, values.shape[-1]))
+        # each prompt's prefill copied to its `repeats` rows straight into the buffer
+        self.key_buffer.view(rows, repeats, heads, capacity, -1)[:, :, :, :length] = keys[:, None]
+        self.value_buffer.view(rows, repeats, heads, capacity, -1)[:, :, :, :length] = \
+            values[:, None]
+        self.device = keys.device
+        self.is_initialized = True
+        self.length = length
+        self._expose()
+
+    def _expose(self) -> tuple[torch.Tensor, torch.Tensor]:
+        keys = self.keys = self.key_buffer[:, :, : self.length]
+        values = self.values = self.value_buffer[:, :, : self.length]
+        return keys, values
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + key_states.shape[-2]
+        self.key_buffer[:, :, self.length: end] = key_states
+        self.value_buffer[:, :, self.length: end] = value_states
+        self.length = end
+        return self._expose()
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only ``rows`` (the buffers copied once, smaller)."""
+        self.key_buffer = self.key_buffer.index_select(0, rows)
+        self.value_buffer = self.value_buffer.index_select(0, rows)
+        self._expose()
+
+
+def _preallocate(cache: Any, repeats: int, capacity: int) -> bool:
+    """Swap the cache's layers for preallocated ones holding each row ``repeats`` times;
+    False (the cache untouched) when a layer is not a plain ``DynamicLayer``."""
+    layers = getattr(cache, "layers", None)
+    if not layers or any(type(layer) is not DynamicLayer or not layer.is_initialized
+                         for layer in layers):
+        return False
+    cache.layers = [_PreallocatedLayer(layer.keys, layer.values, repeats, capacity)
+                    for layer in layers]
+    return True
 
 
 def _cache_of(out: Any) -> Any:
@@ -66,6 +125,10 @@ def _cache_of(out: Any) -> Any:
 
 class Sampler:
     """Samples from a causal LM (``net``) with its tokenizer."""
+
+    # Finished rows leave the decode batch (the KV cache compacted) once at most this share
+    # of the rows still in it are running; 0 never compacts. Results do not depend on it.
+    compact_at: float = 0.75
 
     def __init__(self, net: Any, tokenizer: Any):
         self.net = net
@@ -130,13 +193,18 @@ class Sampler:
                        logits_to_keep=1)
         cache = _cache_of(out)
         logits = out.logits[:, -1].float()
-        if n > 1:  # the N samples of a prompt share its prefill
-            cache.batch_repeat_interleave(n)
+        compactable = _preallocate(cache, n, width + max_new_tokens)
+        if not compactable and n > 1:
+            cache.batch_repeat_interleave(n)  # the N samples of a prompt share its prefill
+        if n > 1:
             logits = logits.repeat_interleave(n, dim=0)
             mask = mask.repeat_interleave(n, dim=0)
             pos = pos.repeat_interleave(n, dim=0)
         rows = logits.shape[0]
         next_pos = pos[:, -1] + 1
+        # the attention mask of the whole decode, allocated once; each step sees one more column
+        full_mask = torch.ones((rows, width + max_new_tokens), dtype=mask.dtype, device=dev)
+        full_mask[:, :width] = mask
         # Decoding keeps everything on the device: one host sync per step (all done?), and a
         # look at the text only for rows whose new token holds the marker's final ":".
         out_ids = torch.full((rows, max_new_tokens), self.pad_id, dtype=torch.long, device=dev)
@@ -145,15 +213,23 @@ class Sampler:
         done = torch.zeros(rows, dtype=torch.bool, device=dev)
         pad = torch.full((rows,), self.pad_id, dtype=torch.long, device=dev)
         colon = self._colon.to(dev)
+        # the rows still in the decode batch (all of them until the first compaction)
+        live: torch.Tensor | None = None
         for step in range(max_new_tokens):
             if temperature == 0:
-                nxt = logits.argmax(-1)
+                picked = logits.argmax(-1)
             else:
-                nxt = draw(filter_logits(logits, temperature, top_k, top_p).softmax(-1), gen)
+                picked = draw(filter_logits(logits, temperature, top_k, top_p).softmax(-1), gen,
+                              live, rows)
+            if live is None:
+                nxt = picked
+            else:
+                nxt = pad.clone()
+                nxt[live] = picked
             nxt = torch.where(done, pad, nxt)
             out_ids[:, step] = nxt
             ended = ~done & (nxt == self.eos_id)
-            stop[ended] = 1
+            stop.masked_fill_(ended, 1)  # no host sync, unlike stop[ended] = 1
             if stop_at_human:
                 maybe = (~done & ~ended & colon[nxt]).nonzero()[:, 0].tolist()
                 for r in maybe:  # the last tokens' text: 16 tokens hold the 8 characters
@@ -162,12 +238,25 @@ class Sampler:
                     if HUMAN_MARKER in tail:
                         ended[r] = True
                         stop[r] = 2
-            length[ended] = step + 1
+            length.masked_fill_(ended, step + 1)
             done |= ended
-            if step == max_new_tokens - 1 or bool(done.all()):
+            if step == max_new_tokens - 1:
                 break
-            mask = torch.cat([mask, torch.ones((rows, 1), dtype=mask.dtype, device=dev)], 1)
-            out = self.net(input_ids=nxt[:, None], attention_mask=mask,
+            running_count = int((~done).sum())  # a host sync: are all done? compact?
+            if running_count == 0:
+                break
+            in_batch = rows if live is None else len(live)
+            if compactable and running_count <= self.compact_at * in_batch:
+                running = (~done).nonzero()[:, 0]
+                # positions of the running rows among the rows in the batch
+                at_rows = running if live is None else torch.searchsorted(live, running)
+                for layer in cache.layers:
+                    layer.keep(at_rows)
+                full_mask = full_mask.index_select(0, at_rows)
+                next_pos = next_pos.index_select(0, at_rows)
+                live = running
+            fed = nxt if live is None else nxt[live]
+            out = self.net(input_ids=fed[:, None], attention_mask=full_mask[:, : width + step + 1],
                            position_ids=next_pos[:, None], use_cache=True,
                            **{self.cache_arg: cache})
             cache = _cache_of(out)
