@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from hhrlhf.policy.sample import SampleSettings
 from hhrlhf.records import ASSISTANT, Dialogue, Turn
 
 REJECTED_RULES = ("worst", "random")
@@ -48,15 +49,10 @@ _NEW_TURN = re.compile(r"\n\n(?:Human|Assistant):")
 
 
 @dataclass(frozen=True)
-class BonSettings:
+class BonSettings(SampleSettings):
+    """Best-of-N: the sampling settings, N, and how many dialogues the PM scores together."""
+
     n: int = 16
-    max_new_tokens: int = 128
-    max_prompt_length: int = 512
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int = 0
-    batch_size: int = 64  # sequences sampled together (prompts x n)
     pm_batch_size: int = 32  # dialogues scored together (a packed row of N counts N)
     rejected: str = "worst"
 

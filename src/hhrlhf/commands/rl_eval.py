@@ -77,8 +77,8 @@ def rl_eval(run: str, prompt_sources: tuple[str, ...], max_prompts: int, heldout
       hhrlhf rl eval runs/rloo --prompts harmless-base/test --heldout-pm runs/pm-b/model \\
           --redteam red-team-attempts --json
     """
+    from hhrlhf.policy.sample import SampleSettings
     from hhrlhf.rl.evaluation import (
-        SampleSettings,
         check_output,
         evaluate,
         format_table,

@@ -23,6 +23,19 @@ from transformers.cache_utils import DynamicLayer
 from hhrlhf.policy.model import HUMAN_MARKER
 
 
+@dataclass(frozen=True)
+class SampleSettings:
+    """How responses are sampled: the one set of knobs `generate`, `bon` and `rl eval` share."""
+
+    max_new_tokens: int = 128
+    max_prompt_length: int = 512
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    batch_size: int = 64  # sequences sampled together (prompts x samples)
+
+
 @dataclass
 class Sample:
     prompt_index: int

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from hhrlhf.errors import HHRLHFError
+from hhrlhf.policy.sample import SampleSettings
 from hhrlhf.records import ASSISTANT, Comparison, Dialogue, Turn
 
 CONFIG_FILE = "config.json"
@@ -246,15 +247,6 @@ def compare_scores(pm: str, pm_path: str, final: np.ndarray, initial: np.ndarray
 
 
 # -- sampling and scoring ----------------------------------------------------------------------
-@dataclass(frozen=True)
-class SampleSettings:
-    max_new_tokens: int = 128
-    max_prompt_length: int = 512
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int = 0
-    batch_size: int = 64
 
 
 def response_turn(text: str) -> Turn:
@@ -420,10 +412,11 @@ def curve_fit(points: Sequence[CurvePoint]) -> tuple[LinearFit | None, int]:
 
 def evaluate(run: RLRun, *, prompt_sources: Sequence[str] = (), max_prompts: int = 200,
              redteam: str | None = None, max_redteam: int = 200, heldout_pm: str | None = None,
-             settings: SampleSettings = SampleSettings(), bootstrap: int = 1000,
+             settings: SampleSettings | None = None, bootstrap: int = 1000,
              checkpoints: bool = False) -> Evaluation:
     """Everything ``hhrlhf rl eval`` reports. Sampling is skipped without prompt sources.
     ``checkpoints``: also the win rates of every kept checkpoint on the held-out prompts."""
+    settings = settings or SampleSettings()
     curve = read_curve(run)
     fit, clipped = curve_fit(curve)
     result = Evaluation(str(run.folder), run.algo, run.initial, str(run.final), curve, fit,
