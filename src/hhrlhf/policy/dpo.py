@@ -131,7 +131,6 @@ def train_dpo(config: DPOConfig, rows: list[Comparison] | None = None, *,
 
     from hhrlhf.packing import collate_full, collate_shared, packing_problem
     from hhrlhf.pm.encode import length_grouped_batches, sorted_batches
-    from hhrlhf.pm.train import filter_rows, load_rows
     from hhrlhf.policy.encode import PolicyEncoder
     from hhrlhf.policy.logprobs import LogprobNet, per_response
     from hhrlhf.policy.model import Policy
@@ -148,11 +147,7 @@ def train_dpo(config: DPOConfig, rows: list[Comparison] | None = None, *,
 
     config, accelerator = start_run(config)
     # every row is read: flagged ones are left out (and counted) by the encoder
-    if rows is None:
-        rows, _ = load_rows(config.data, (), config.max_rows)
-    else:
-        rows, _ = filter_rows(rows, (), config.max_rows)
-    train_rows, held = split_rows(config, rows, eval_rows)
+    train_rows, held = split_rows(config, config.data, rows, eval_rows)
     policy = Policy.load(config.policy, config.attn_implementation)
     policy.check_length(config.max_length)
     ref_net = (Policy.load(config.reference, config.attn_implementation).net

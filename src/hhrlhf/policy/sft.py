@@ -68,12 +68,18 @@ class SFTConfig(RunConfig):
         return self
 
 
-def split_rows(config: RunConfig, rows: list[Comparison], eval_rows: list[Comparison] | None
-               ) -> tuple[list[Comparison], list[Comparison]]:
-    """(train, held-out): ``eval_rows``, else fold 0 of ``holdout_folds`` folds grouped by
-    prompt, else ``config.eval_data``."""
+def split_rows(config: RunConfig, data: list[str], rows: list[Comparison] | None,
+               eval_rows: list[Comparison] | None) -> tuple[list[Comparison], list[Comparison]]:
+    """(train, held-out). The rows: ``rows``, else those of the sources ``data``, the first
+    ``max_rows`` of them, none left out yet (each trainer drops flagged rows its own way).
+    Held out: ``eval_rows``, else fold 0 of ``holdout_folds`` folds grouped by prompt, else
+    ``config.eval_data``."""
     from hhrlhf.pm.train import filter_rows, load_rows
 
+    if rows is None:
+        rows, _ = load_rows(data, (), config.max_rows)
+    else:
+        rows, _ = filter_rows(rows, (), config.max_rows)
     if eval_rows is not None:
         return rows, filter_rows(eval_rows, (), config.eval_max_rows)[0]
     if config.holdout_folds:
@@ -117,7 +123,7 @@ def train_sft(config: SFTConfig, rows: list[Comparison] | None = None, *,
     import torch
 
     from hhrlhf.pm.encode import length_grouped_batches, sorted_batches
-    from hhrlhf.pm.train import filter_rows, load_rows
+    from hhrlhf.pm.train import filter_rows
     from hhrlhf.policy.encode import PolicyEncoder
     from hhrlhf.policy.logprobs import LogprobNet, collate_sft
     from hhrlhf.runs import (
@@ -133,11 +139,7 @@ def train_sft(config: SFTConfig, rows: list[Comparison] | None = None, *,
     config, accelerator = start_run(config)
     # Split first, then drop flagged rows: the held-out fold is the same one `hhrlhf dpo`
     # holds out from the same data (its prompts never trained on by either).
-    if rows is None:
-        rows, _ = load_rows(config.data, (), config.max_rows)
-    else:
-        rows, _ = filter_rows(rows, (), config.max_rows)
-    train_rows, held = split_rows(config, rows, eval_rows)
+    train_rows, held = split_rows(config, config.data, rows, eval_rows)
     train_rows, skipped = filter_rows(train_rows, config.skip_flags, 0)
     held, held_skipped = filter_rows(held, config.skip_flags, 0)
     skipped += held_skipped
