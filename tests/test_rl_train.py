@@ -71,14 +71,17 @@ def test_rl_raises_a_learnable_reward(tiny: tuple[Path, list], algo: str) -> Non
 
 
 def test_packed_kl_equals_unpacked(tiny: tuple[Path, list]) -> None:
-    """The per-token KL (and entropy) from one packed row [prompt, r1..r4] per prompt equals
-    the one from four full rows prompt + r_i."""
+    """The trainer's readings of a rollout (per-token log-probs and entropy, the sequence KL)
+    from one packed row [prompt, r1..r4] per prompt equal those from four full rows
+    prompt + r_i."""
+    from contextlib import nullcontext
+
     from hhrlhf.packing import collate_full, collate_shared
     from hhrlhf.policy import Policy
     from hhrlhf.policy.encode import PolicyEncoder
     from hhrlhf.policy.sample import Sampler
-    from hhrlhf.rl.advantages import kl_estimate
-    from hhrlhf.rl.train import token_outputs
+    from hhrlhf.rl.algorithms import sequence_kl
+    from hhrlhf.rl.rollout import Rollout, owners, read_without_grad
 
     folder, prompts = tiny
     policy = Policy.load(folder)
@@ -91,15 +94,17 @@ def test_packed_kl_equals_unpacked(tiny: tuple[Path, list]) -> None:
     samples = Sampler(policy.net, policy.tokenizer).sample(ids, n=4, max_new_tokens=12, seed=3)
     rows = [(p, [np.asarray(samples[j * 4 + m].tokens) for m in range(4)])
             for j, p in enumerate(ids)]
+    cpu = torch.device("cpu")
     results = []
-    with torch.no_grad():
-        for collate in (collate_shared, collate_full):
-            batch = collate(rows, policy.pad_id)
-            lp, ent, _ = token_outputs(policy.net, batch)
-            ref_lp, _, _ = token_outputs(ref, batch)
-            kl = kl_estimate(lp, ref_lp, "k1")
-            seq = torch.zeros(24, dtype=kl.dtype).index_add_(0, batch["tok_owner"], kl)
-            results.append((kl, ent, seq))
+    for collate in (collate_shared, collate_full):
+        def read(net: object, collate: object = collate) -> tuple:
+            return read_without_grad(net, rows, collate, policy.pad_id, 4, cpu, nullcontext)
+        lp, ent, _ = read(policy.net)
+        ref_lp, _, _ = read(ref)
+        lens = [sum(len(r) for r in rs) for _, rs in rows]
+        ro = Rollout(rows, 4, np.zeros(24), np.concatenate([[0], np.cumsum(lens)]),
+                     owners(rows, cpu), lp, ref_lp, ent, None, [])
+        results.append((lp - ref_lp, ent, sequence_kl(ro)))
     (kl_p, ent_p, seq_p), (kl_f, ent_f, seq_f) = results
     assert seq_p.abs().max() > 0.01  # not trivially zero
     torch.testing.assert_close(kl_p, kl_f, atol=1e-5, rtol=1e-4)

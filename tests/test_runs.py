@@ -83,10 +83,12 @@ def test_a_step_logs_the_tokens_of_all_its_micro_batches(start: Path,
     ("bach_size", "did you mean 'batch_size'"),
 ])
 def test_an_unknown_key_gets_the_key_meant(key: str, hint: str) -> None:
+    from hhrlhf.policy.sft import SFTConfig
     from hhrlhf.rl.train import RLConfig
 
+    config = SFTConfig() if key == "gradient_accumulation_steps" else RLConfig()
     with pytest.raises(HHRLHFError) as e:
-        apply_overrides(RLConfig(), {key: "1"})
+        apply_overrides(config, {key: "1"})
     message = str(e.value)
     assert message == f"unknown config key {key!r}; {hint}" or (
         message.startswith(f"unknown config key {key!r}; {hint}"))
@@ -94,5 +96,5 @@ def test_an_unknown_key_gets_the_key_meant(key: str, hint: str) -> None:
 
 
 def test_an_unknown_key_with_no_near_name_lists_the_known_ones() -> None:
-    with pytest.raises(HHRLHFError, match="known: eval_data, max_length"):
+    with pytest.raises(HHRLHFError, match="known: max_length, attn_implementation"):
         apply_overrides(LoopConfig(), {"zzz": "1"})

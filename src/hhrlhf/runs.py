@@ -16,7 +16,7 @@ Checkpoints are written to a temporary folder and renamed, so a killed run leave
 checkpoint or none; ``resume=True`` continues from the newest one and ends with the same
 metrics and weights as a run that was never stopped (same batches, RNG and optimizer state).
 
-Configuration: a dataclass (:class:`LoopConfig` and its subclasses) with defaults, then a YAML,
+Configuration: a dataclass (:class:`CommonConfig`, :class:`LoopConfig` and their subclasses) with defaults, then a YAML,
 TOML or JSON file, then ``--set key=value``; checked before torch is imported.
 """
 
@@ -51,16 +51,14 @@ RESUME_MAY_CHANGE = frozenset({"progress", "keep_checkpoints", "save_every", "th
 
 
 @dataclass
-class LoopConfig:
-    """What :func:`run` reads: optimisation, precision, run folder, logging (and the
-    evaluation data and token length every trainer has)."""
+class CommonConfig:
+    """What every trainer reads (``hhrlhf rl`` too): optimisation, precision, run folder,
+    progress, and the token length of a sequence."""
 
-    eval_data: list[str] = field(default_factory=list)
     max_length: int = 512
     attn_implementation: str = "auto"  # auto: sdpa where the model has it, else eager
 
     batch_size: int = 16  # rows per process per micro-batch (before gradient accumulation)
-    grad_accum: int = 1
     lr: float = 5e-5
     weight_decay: float = 0.0
     warmup_ratio: float = 0.05
@@ -68,7 +66,6 @@ class LoopConfig:
     max_grad_norm: float = 1.0
     epochs: float = 1.0
     max_steps: int = 0  # 0 = run for ``epochs``
-    group_by_length: bool = True
     seed: int = 0
     mixed_precision: str = "auto"  # auto = bf16 on GPU, fp32 on CPU
     threads: int = 0  # torch CPU threads; 0 = torch's default
@@ -76,15 +73,12 @@ class LoopConfig:
     out_dir: str = ""
     save_every: int = 500  # steps between checkpoints; 0 = only the final model
     keep_checkpoints: int = 2
-    eval_every: int = 0  # steps between evaluations; the end of training always evaluates
-    eval_batch_size: int = 16
     progress: bool = True
 
     def validate(self) -> Self:
-        for key in ("max_length", "batch_size", "grad_accum", "eval_batch_size",
-                    "keep_checkpoints"):
+        for key in ("max_length", "batch_size", "keep_checkpoints"):
             self.at_least(key, 1)
-        for key in ("max_steps", "save_every", "eval_every", "threads"):
+        for key in ("max_steps", "save_every", "threads"):
             self.at_least(key, 0)
         if not self.lr > 0:
             raise self.bad("lr", "must be positive")
@@ -116,6 +110,25 @@ class LoopConfig:
 
 
 @dataclass
+class LoopConfig(CommonConfig):
+    """What :func:`run`'s loop over batches of rows reads besides: gradient accumulation,
+    length grouping, and the evaluation data and schedule."""
+
+    eval_data: list[str] = field(default_factory=list)
+    grad_accum: int = 1
+    group_by_length: bool = True
+    eval_every: int = 0  # steps between evaluations; the end of training always evaluates
+    eval_batch_size: int = 16
+
+    def validate(self) -> Self:
+        super().validate()
+        for key in ("grad_accum", "eval_batch_size"):
+            self.at_least(key, 1)
+        self.at_least("eval_every", 0)
+        return self
+
+
+@dataclass
 class RunConfig(LoopConfig):
     """A policy trainer's settings (SFT, DPO, RL): training rows counted as rows, and an
     optional held-out fold of them."""
@@ -134,7 +147,7 @@ class RunConfig(LoopConfig):
         return self
 
 
-C = TypeVar("C", bound=LoopConfig)
+C = TypeVar("C", bound=CommonConfig)
 
 
 def coerce(key: str, value: Any, typ: Any) -> Any:
@@ -425,7 +438,7 @@ def start_run(config: C) -> tuple[C, Any]:
     return config, accelerator
 
 
-def accelerator_for(config: LoopConfig) -> Any:
+def accelerator_for(config: CommonConfig) -> Any:
     """The run's accelerator: bf16 on a GPU under ``mixed_precision=auto``, else as set."""
     import torch
     from accelerate import Accelerator
@@ -438,7 +451,7 @@ def accelerator_for(config: LoopConfig) -> Any:
     return Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
 
 
-def prepare_run_folder(config: LoopConfig, resume: bool, is_main: bool) -> Path | None:
+def prepare_run_folder(config: CommonConfig, resume: bool, is_main: bool) -> Path | None:
     """The run folder with config.json written (main process); None for in-memory runs."""
     out = Path(config.out_dir) if config.out_dir else None
     if resume and out is None:
@@ -454,10 +467,8 @@ def prepare_run_folder(config: LoopConfig, resume: bool, is_main: bool) -> Path 
 def run(config: LoopConfig, task: Task, accelerator: Any, out: Path | None, resume: bool
         ) -> RunResult:
     """Train ``task.module`` by ``task.loss``; checkpoints, resume, evaluation, logging."""
-    import torch
     from torch.utils.data import DataLoader, Sampler
     from tqdm import tqdm
-    from transformers import get_scheduler
 
     t_start = time.perf_counter()
     is_main = accelerator.is_main_process
@@ -497,15 +508,8 @@ def run(config: LoopConfig, task: Task, accelerator: Any, out: Path | None, resu
     steps_per_epoch = max(1, math.ceil(batches_per_epoch / config.grad_accum))
     total_steps = config.max_steps or math.ceil(config.epochs * steps_per_epoch)
 
-    params = [p for p in task.module.parameters() if p.requires_grad]
-    try:  # the fused kernel (CPU and GPU, torch >= 2.4): one kernel for all parameters
-        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay,
-                                      fused=True)
-    except (RuntimeError, TypeError):
-        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = get_scheduler(config.scheduler, optimizer,
-                              num_warmup_steps=int(config.warmup_ratio * total_steps),
-                              num_training_steps=total_steps)
+    optimizer, scheduler = make_optimizer(
+        [p for p in task.module.parameters() if p.requires_grad], config, total_steps)
     model, optimizer = accelerator.prepare(task.module, optimizer)
     accelerator.register_for_checkpointing(scheduler)  # stepped by us: once per optimizer step
 
@@ -517,14 +521,8 @@ def run(config: LoopConfig, task: Task, accelerator: Any, out: Path | None, resu
         if state is not None:
             step, epoch, batches_done = state["step"], state["epoch"], state["batches_done"]
             throughput = Throughput.from_state(state)
-    metrics_file = (open(out / "metrics.jsonl", "a" if step else "w")  # noqa: SIM115
-                    if (out and is_main) else None)
-
-    def log(record: dict[str, Any]) -> None:
-        history.append(record)
-        if metrics_file is not None:
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
+    metrics_log = MetricsLog(out, is_main, history, append=step > 0)
+    log = metrics_log.log
 
     bar = tqdm(total=total_steps, initial=step, desc=task.name, unit="step", file=sys.stderr,
                disable=not (config.progress and is_main), dynamic_ncols=True)
@@ -558,10 +556,8 @@ def run(config: LoopConfig, task: Task, accelerator: Any, out: Path | None, resu
                 continue
             scheduler.step()
             step += 1
-            names = sorted(sums)
-            if accelerator.num_processes > 1:  # the step's statistics over all processes
-                flat = reduce_sums([v for n in names for v in sums[n]], accelerator)
-                sums = {n: flat[2 * i: 2 * i + 2] for i, n in enumerate(names)}
+            sums = {n: list(v) for n, v in reduce_stats(  # over all processes
+                {n: (v[0], v[1]) for n, v in sums.items()}, accelerator).items()}
             throughput.add(sums.get(task.throughput, [0.0, 0.0])[0])
             record: dict[str, Any] = {"step": step, "epoch": epoch}
             record.update({n: round(s / c, 6) for n, (s, c) in sums.items()
@@ -608,8 +604,7 @@ def run(config: LoopConfig, task: Task, accelerator: Any, out: Path | None, resu
                                f"{task.throughput}_per_s": throughput.per_s(),
                                "train_seconds": throughput.train_seconds(),
                                "processes": accelerator.num_processes}
-    if metrics_file is not None:
-        metrics_file.close()
+    metrics_log.close()
     accelerator.wait_for_everyone()
     weights = accelerator.get_state_dict(model) if out is not None else None
     metrics["seconds"] = time.perf_counter() - t_start
@@ -639,6 +634,63 @@ def eval_share(n: int, accelerator: Any) -> tuple[Any, Any]:
     share = np.arange(rank * per, (rank + 1) * per)
     weight = (share < n).astype(np.float64)
     return np.where(share < n, share, 0), weight
+
+
+def make_optimizer(params: list[Any], config: CommonConfig, optimizer_steps: int
+                   ) -> tuple[Any, Any]:
+    """AdamW (the fused kernel where torch has it: one kernel for all parameters) and the
+    configured schedule over ``optimizer_steps`` steps, warmup included: every trainer's."""
+    import torch
+    from transformers import get_scheduler
+
+    try:  # fused: CPU and GPU, torch >= 2.4
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay,
+                                      fused=True)
+    except (RuntimeError, TypeError):
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = get_scheduler(config.scheduler, optimizer,
+                              num_warmup_steps=int(config.warmup_ratio * optimizer_steps),
+                              num_training_steps=optimizer_steps)
+    return optimizer, scheduler
+
+
+class MetricsLog:
+    """``metrics.jsonl`` of a run (written by the main process; every record also kept in
+    ``history``): one JSON object a line, flushed as it is logged, appended to on resume."""
+
+    def __init__(self, out: Path | None, is_main: bool, history: list[dict[str, Any]],
+                 append: bool):
+        self.history = history
+        self._file = (open(out / "metrics.jsonl", "a" if append else "w")  # noqa: SIM115
+                      if (out is not None and is_main) else None)
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.history.append(record)
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def strip_prefix(state: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """The entries of a state dict under ``prefix``, named without it (a submodule's weights:
+    ``net.`` of a module that wraps the policy's decoder)."""
+    return {key[len(prefix):]: v for key, v in state.items() if key.startswith(prefix)}
+
+
+def reduce_stats(stats: dict[str, tuple[float, float]], accelerator: Any
+                 ) -> dict[str, tuple[float, float]]:
+    """``{name: (sum, count)}`` summed over all processes, in sorted name order (a single
+    process: unchanged)."""
+    names = sorted(stats)
+    if accelerator.num_processes == 1:
+        return {n: stats[n] for n in names}
+    flat = reduce_sums([v for n in names for v in stats[n]], accelerator)
+    return {n: (flat[2 * i], flat[2 * i + 1]) for i, n in enumerate(names)}
 
 
 def reduce_sums(values: list[float], accelerator: Any) -> list[float]:

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -43,14 +43,24 @@ import numpy as np
 import torch
 
 from hhrlhf.errors import HHRLHFError
+from hhrlhf.rl.algorithms import PPO, RLOO, Algorithm, Minibatch, Targets
 from hhrlhf.rl.prompts import PROMPT_KINDS
-from hhrlhf.runs import RunConfig, RunResult
+from hhrlhf.rl.rollout import (
+    Rollout,
+    owners,
+    read_without_grad,
+    response_dialogue,  # noqa: F401  # re-exported: benchmarks score samples with it
+    score_samples,
+    token_outputs,
+)
+from hhrlhf.runs import CommonConfig, RunResult
 
 ALGOS = ("rloo", "ppo")
+FINAL_WINDOW = 10  # the summary's final reward and KL: the mean over the last steps
 
 
 @dataclass
-class RLConfig(RunConfig):
+class RLConfig(CommonConfig):
     policy: str = ""  # the initial policy (a causal LM folder), e.g. an SFT run's model/
     pm: str = ""  # the preference model folder (hhrlhf pm train, lexical, dpo)
     data: list[str] = field(default_factory=list)  # prompt sources; [] = the default of `prompts`
@@ -148,99 +158,48 @@ class ActorCritic(torch.nn.Module):
         return token_outputs(self.net, batch, self.value_head)
 
 
-def token_outputs(net: Any, batch: dict[str, torch.Tensor], value_head: Any = None
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Per flat response token: log-prob, entropy of the policy's distribution there, and the
-    value of the state before it (PPO). The vocabulary projection runs at response positions
-    only (:mod:`hhrlhf.policy.logprobs`)."""
-    from hhrlhf.policy.logprobs import hidden_states, project
-
-    h = hidden_states(net, batch)[batch["tok_row"], batch["tok_pred"]]
-    logits = project(net, h).float()
-    logsm = torch.log_softmax(logits, dim=-1)
-    lp = logsm.gather(-1, batch["tok_target"][:, None])[:, 0]
-    entropy = -(logsm.exp() * logsm).sum(-1)
-    values = value_head(h).float()[:, 0] if value_head is not None else None
-    return lp, entropy, values
-
-
-@dataclass
-class Rollout:
-    """One step's samples and what the update needs, flat per token in packed order
-    (prompt, sample, token) and per response (prompt * k + sample)."""
-
-    rows: list[tuple[np.ndarray, list[np.ndarray]]]
-    scores: np.ndarray  # PM score per response
-    tok_start: np.ndarray  # per row: its first token in the flat arrays (len = rows + 1)
-    old_logp: torch.Tensor
-    ref_logp: torch.Tensor
-    entropy: torch.Tensor
-    old_values: torch.Tensor | None = None
-    advantages: torch.Tensor | None = None  # per token (ppo) or per response (rloo)
-    returns: torch.Tensor | None = None  # per token (ppo)
-    seq_kl: torch.Tensor | None = None
-    stops: list[str] = field(default_factory=list)
-
-
-def response_turn(text: str) -> Any:
-    """A sampled response as the final Assistant turn (the sample starts with the space after
-    ``Assistant:``, as the published rows do)."""
-    from hhrlhf.records import ASSISTANT, Turn
-
-    sep = " " if text.startswith(" ") else ""
-    return Turn(ASSISTANT, text[len(sep):], sep)
-
-
-def response_dialogue(prompt: Any, text: str) -> Any:
-    """The prompt dialogue with the sampled response as its final Assistant turn."""
-    from hhrlhf.records import Dialogue
-
-    return Dialogue(prompt.turns + (response_turn(text),), prompt.preamble)
-
-
-def score_samples(pm: Any, prompts: list[Any], texts: list[str], k: int) -> np.ndarray:
-    """PM scores of ``k`` responses per prompt (flat, prompt by prompt): by the PM's
-    ``score_groups`` where it has one (a neural decoder PM packs a prompt's k responses in one
-    row), else dialogue by dialogue."""
-    groups = getattr(pm, "score_groups", None)
-    if groups is not None:
-        turns = [[response_turn(t) for t in texts[j * k: (j + 1) * k]]
-                 for j in range(len(prompts))]
-        return np.asarray(groups(prompts, turns), dtype=np.float64).reshape(-1)
-    dialogues = [response_dialogue(prompts[j // k], t) for j, t in enumerate(texts)]
-    return np.asarray(pm.score(dialogues), dtype=np.float64)
-
-
 def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
+def algorithm_of(config: RLConfig) -> Algorithm:
+    """The configured algorithm, as its small object."""
+    if config.algo == "ppo":
+        return PPO(config.clip_range, config.whiten_advantages, config.whiten_rewards,
+                   config.gamma, config.lam, config.vf_coef, config.vf_clip)
+    return RLOO(config.clip_range, config.whiten_advantages)
 
 
 def train_rl(config: RLConfig, *, pm: Any = None, prompts: list[Any] | None = None,
              resume: bool = False) -> RunResult:
     """RL from ``config.policy`` against ``pm`` (or the PM folder ``config.pm``) on
-    ``prompts`` (or those of ``config.data``)."""
+    ``prompts`` (or those of ``config.data``). One step reads top to bottom at the end: a
+    rollout, the algorithm's targets, ``update_epochs`` x ``minibatches`` optimizer steps, the
+    step's metrics, a checkpoint."""
     from tqdm import tqdm
-    from transformers import get_scheduler
 
     import hhrlhf.pm
     from hhrlhf.packing import collate_full, collate_shared, packing_problem
     from hhrlhf.policy.encode import PolicyEncoder
     from hhrlhf.policy.model import Policy
     from hhrlhf.policy.sample import Sampler
-    from hhrlhf.rl.advantages import AdaptiveKL, gae, leave_one_out, to_padded, whiten
-    from hhrlhf.rl.losses import clipped_policy_loss, clipped_value_loss
+    from hhrlhf.rl.advantages import AdaptiveKL
     from hhrlhf.rl.prompts import default_sources, load_prompts
     from hhrlhf.runs import (
+        MetricsLog,
         finish,
+        make_optimizer,
         prepare_run_folder,
-        reduce_sums,
+        reduce_stats,
         restore_checkpoint,
         start_run,
+        strip_prefix,
         write_checkpoint,
     )
 
     t_start = time.perf_counter()
     config, accelerator = start_run(config)
+    # ---- data, models ----
     if prompts is None:
         if not config.data:  # the run folder names the sources it read
             config = dataclasses.replace(config, data=default_sources(config.prompts))
@@ -255,15 +214,14 @@ def train_rl(config: RLConfig, *, pm: Any = None, prompts: list[Any] | None = No
     dev = accelerator.device
     ref_dev = torch.device(config.ref_device) if config.ref_device else dev
     ref_net = copy.deepcopy(policy.net).requires_grad_(False).eval().to(ref_dev)
-    encoder = PolicyEncoder(policy.tokenizer, config.max_length)
-    prompt_ids, context_cut = encoder.encode_prompts(
+    prompt_ids, context_cut = PolicyEncoder(policy.tokenizer, config.max_length).encode_prompts(
         prompts, config.max_length - config.max_new_tokens)
     problem = packing_problem(policy.config, config.max_length)
-    packed = problem is None
-    collate_rows = collate_shared if packed else collate_full
+    collate = collate_shared if problem is None else collate_full
+    algo = algorithm_of(config)
     k = config.samples_per_prompt
-    ppo = config.algo == "ppo"
 
+    # ---- schedule: each step's prompts and seeds are functions of (seed, step) ----
     world, rank = accelerator.num_processes, accelerator.process_index
     n_prompts = len(prompt_ids)
     per_step = min(config.batch_size, n_prompts)
@@ -271,13 +229,18 @@ def train_rl(config: RLConfig, *, pm: Any = None, prompts: list[Any] | None = No
     total_steps = config.max_steps or math.ceil(config.epochs * steps_per_epoch)
     epochs_per_batch, n_mini = config.epochs_per_batch, config.minibatches_per_epoch
 
-    module = ActorCritic(policy.net, value_head=ppo)
-    params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    optimizer_steps = total_steps * epochs_per_batch * n_mini
-    scheduler = get_scheduler(config.scheduler, optimizer,
-                              num_warmup_steps=int(config.warmup_ratio * optimizer_steps),
-                              num_training_steps=optimizer_steps)
+    def prompts_of(s: int) -> list[int]:
+        """Step ``s``'s prompts: a slice of its epoch's permutation; this process's share."""
+        epoch, at = divmod(s, steps_per_epoch)
+        order = np.random.default_rng(_seed(config.seed, epoch)).permutation(n_prompts)
+        chosen = order[at * per_step: (at + 1) * per_step]
+        return [int(i) for i in chosen[rank::world]]
+
+    # ---- optimisation and the run folder: the shared skeleton ----
+    module = ActorCritic(policy.net, value_head=algo.value_head)
+    optimizer, scheduler = make_optimizer(
+        [p for p in module.parameters() if p.requires_grad], config,
+        total_steps * epochs_per_batch * n_mini)
     model, optimizer = accelerator.prepare(module, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     out = prepare_run_folder(config, resume, accelerator.is_main_process)
@@ -288,44 +251,16 @@ def train_rl(config: RLConfig, *, pm: Any = None, prompts: list[Any] | None = No
         state, history = restore_checkpoint(accelerator, out)
         if state is not None:
             step, kl_ctl.coef = state["step"], state["kl_coef"]
-    metrics_file = (open(out / "metrics.jsonl", "a" if step else "w")  # noqa: SIM115
-                    if (out is not None and accelerator.is_main_process) else None)
+    metrics = MetricsLog(out, accelerator.is_main_process, history, append=step > 0)
 
     def save(path: Path, state: dict[str, Any] | None) -> None:
-        if state is not None:
-            state = {key[4:]: v for key, v in state.items() if key.startswith("net.")}
-        policy.save(path, state)
-
-    def prompts_of(s: int) -> list[int]:
-        """The prompts of step ``s``: a slice of the epoch's permutation; this process's
-        share of them."""
-        epoch, at = divmod(s, steps_per_epoch)
-        order = np.random.default_rng(_seed(config.seed, epoch)).permutation(n_prompts)
-        chosen = order[at * per_step: (at + 1) * per_step]
-        return [int(i) for i in chosen[rank::world]]
+        policy.save(path, strip_prefix(state, "net.") if state is not None else None)
 
     unwrapped = accelerator.unwrap_model(model)
     sampler = Sampler(unwrapped.net, policy.tokenizer)
 
-    def forward_no_grad(net: Any, rows: list[Any], device: torch.device, head: Any = None
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        lps, ents, vals = [], [], []
-        was = net.training
-        net.eval()
-        with torch.no_grad():
-            for i in range(0, len(rows), config.forward_batch_size):
-                batch = collate_rows(rows[i: i + config.forward_batch_size], policy.pad_id)
-                batch = {key: v.to(device) for key, v in batch.items()}
-                with accelerator.autocast():
-                    lp, ent, val = token_outputs(net, batch, head)
-                lps.append(lp.to(dev))
-                ents.append(ent.to(dev))
-                if val is not None:
-                    vals.append(val.to(dev))
-        net.train(was)
-        return torch.cat(lps), torch.cat(ents), (torch.cat(vals) if vals else None)
-
-    def rollout(s: int) -> Rollout:
+    def collect(s: int) -> Rollout:
+        """Step ``s``'s rollout: sample, score, read with the policy and the reference."""
         idx = prompts_of(s)
         samples = sampler.sample([prompt_ids[i] for i in idx], n=k,
                                  max_new_tokens=config.max_new_tokens,
@@ -336,97 +271,68 @@ def train_rl(config: RLConfig, *, pm: Any = None, prompts: list[Any] | None = No
         rows = [(prompt_ids[i], [np.asarray(samples[j * k + m].tokens, dtype=np.int64)
                                  for m in range(k)]) for j, i in enumerate(idx)]
         lens = np.array([sum(len(r) for r in rs) for _, rs in rows])
-        tok_start = np.concatenate([[0], np.cumsum(lens)])
-        old_lp, entropy, old_v = forward_no_grad(unwrapped.net, rows, dev, unwrapped.value_head)
-        ref_lp, _, _ = forward_no_grad(ref_net, rows, ref_dev)
-        return Rollout(rows, scores, tok_start, old_lp, ref_lp, entropy, old_v,
-                       stops=[smp.stop for smp in samples])
+        read = functools.partial(read_without_grad, rows=rows, collate=collate,
+                                 pad_id=policy.pad_id, batch_size=config.forward_batch_size,
+                                 device=dev, autocast=accelerator.autocast)
+        old_lp, entropy, old_v = read(unwrapped.net, value_head=unwrapped.value_head)
+        ref_lp, _, _ = read(ref_net)
+        return Rollout(rows, k, scores, np.concatenate([[0], np.cumsum(lens)]),
+                       owners(rows, dev), old_lp, ref_lp, entropy, old_v,
+                       [smp.stop for smp in samples])
 
-    def owners(ro: Rollout) -> torch.Tensor:
-        counts = [len(r) for _, rs in ro.rows for r in rs]
-        return torch.repeat_interleave(torch.arange(len(counts), device=dev),
-                                       torch.tensor(counts, device=dev))
-
-    def advantages(ro: Rollout) -> None:
-        owner = owners(ro)
-        n_resp = len(ro.rows) * k
-        tok_kl = ro.old_logp - ro.ref_logp  # k1: the per-token penalty of Ziegler et al. / TRL
-        ro.seq_kl = torch.zeros(n_resp, dtype=tok_kl.dtype, device=dev).index_add_(
-            0, owner, tok_kl)
-        scores = torch.as_tensor(ro.scores, dtype=torch.float32, device=dev)
-        coef = kl_ctl.coef
-        if not ppo:
-            rewards = scores - coef * ro.seq_kl
-            adv, _ = leave_one_out(rewards.view(-1, k))
-            adv = adv.reshape(-1)
-            ro.advantages = whiten(adv) if config.whiten_advantages and len(adv) > 1 else adv
-            return
-        assert ro.old_values is not None
-        if config.whiten_rewards and len(scores) > 1:
-            scores = whiten(scores)
-        tok_r, mask = to_padded(-coef * tok_kl, owner, n_resp)
-        last = mask.sum(1) - 1
-        tok_r[torch.arange(n_resp, device=dev), last] += scores
-        values, _ = to_padded(ro.old_values, owner, n_resp)
-        adv, ret = gae(tok_r, values, mask, config.gamma, config.lam)
-        if config.whiten_advantages:
-            adv = whiten(adv, mask)
-        ro.advantages, ro.returns = adv[mask], ret[mask]
-
-    def update(ro: Rollout, s: int) -> dict[str, tuple[float, float]]:
-        sums: dict[str, list[float]] = {}
-
-        def add(name: str, value: float, count: float = 1.0) -> None:
-            acc = sums.setdefault(name, [0.0, 0.0])
-            acc[0] += value * count
-            acc[1] += count
-
-        assert ro.advantages is not None
+    def optimise(ro: Rollout, targets: Targets, s: int) -> dict[str, tuple[float, float]]:
+        """``update_epochs`` passes of ``minibatches`` optimizer steps over the rollout."""
+        sums: dict[str, tuple[float, float]] = {}
         n_rows = len(ro.rows)
         for epoch in range(epochs_per_batch):
             order = np.random.default_rng(_seed(config.seed, s, rank, epoch)).permutation(n_rows)
             for part in np.array_split(order, min(n_mini, n_rows)):
                 part = np.sort(part)  # rows in rollout order: their tokens then stay in order
-                batch = collate_rows([ro.rows[i] for i in part], policy.pad_id)
-                batch = {key: v.to(dev) for key, v in batch.items()}
-                tok = torch.from_numpy(np.concatenate(
-                    [np.arange(ro.tok_start[i], ro.tok_start[i + 1]) for i in part])).to(dev)
-                resp = torch.from_numpy(np.concatenate(
-                    [np.arange(i * k, (i + 1) * k) for i in part])).to(dev)
+                batch = {key: v.to(dev) for key, v in
+                         collate([ro.rows[i] for i in part], policy.pad_id).items()}
+                mb = Minibatch(len(part), torch.from_numpy(ro.tokens_of(part)).to(dev),
+                               torch.from_numpy(ro.responses_of(part)).to(dev),
+                               batch["tok_owner"])
                 with accelerator.autocast():
                     lp, _, values = model(batch)
-                old = ro.old_logp[tok]
-                if ppo:
-                    assert ro.returns is not None and ro.old_values is not None
-                    assert values is not None
-                    pg, clip_frac = clipped_policy_loss(lp, old, ro.advantages[tok],
-                                                        config.clip_range)
-                    vloss, vclip = clipped_value_loss(values, ro.old_values[tok],
-                                                      ro.returns[tok], config.vf_clip)
-                    loss = pg + config.vf_coef * vloss
-                    add("value_loss", float(vloss.detach()), len(tok))
-                    add("value_clip_frac", float(vclip), len(tok))
-                    add("clip_frac", float(clip_frac), len(tok))
-                else:
-                    owner = batch["tok_owner"]
-                    n_resp = len(part) * k
-                    seq_lp = torch.zeros(n_resp, dtype=lp.dtype, device=dev).index_add_(
-                        0, owner, lp)
-                    seq_old = torch.zeros(n_resp, dtype=lp.dtype, device=dev).index_add_(
-                        0, owner, old)
-                    pg, clip_frac = clipped_policy_loss(seq_lp, seq_old, ro.advantages[resp],
-                                                        config.clip_range)
-                    loss = pg
-                    add("clip_frac", float(clip_frac), n_resp)
-                add("policy_loss", float(pg.detach()), len(part))
+                loss, stats = algo.loss(ro, targets, mb, lp, values)
+                for name, (v, c) in stats.items():
+                    acc = sums.get(name, (0.0, 0.0))
+                    sums[name] = (acc[0] + v, acc[1] + c)
                 accelerator.backward(loss)
                 if config.max_grad_norm:
                     accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-        return {name: (v[0], v[1]) for name, v in sums.items()}
+        return sums
 
+    def step_record(ro: Rollout, targets: Targets, stats: dict[str, tuple[float, float]],
+                    s: int) -> dict[str, Any]:
+        """Step ``s``'s metrics, summed over processes. ``kl``: the mean of the responses'
+        summed per-token ``log pi_old - log ref``, a sample estimate (it can be negative)."""
+        n = ro.responses
+        lengths = ro.response_lengths()
+        summed = reduce_stats({
+            "reward_mean": (float(ro.scores.sum()), n),
+            "reward_sq": (float((ro.scores ** 2).sum()), n),
+            "kl": (float(targets.seq_kl.sum()), n),
+            "entropy": (float(ro.entropy.sum()), float(len(ro.entropy))),
+            "response_len": (float(lengths.sum()), n),
+            "stop_eos": (float(sum(x == "eos" for x in ro.stops)), n),
+            "prompts": (float(len(ro.rows)), 1.0),
+            **stats}, accelerator)
+        record: dict[str, Any] = {"step": s + 1}
+        record.update({name: round(v / c, 6) for name, (v, c) in summed.items()
+                       if c and name not in ("reward_sq", "prompts")})
+        var = summed["reward_sq"][0] / summed["reward_sq"][1] - record["reward_mean"] ** 2
+        record["reward_std"] = round(math.sqrt(max(var, 0.0)), 6)
+        record["kl_coef"] = round(kl_ctl.coef, 8)
+        kl_ctl.update(summed["kl"][0] / summed["kl"][1], int(summed["kl"][1]))
+        record["prompts"] = summed["prompts"][0]
+        return record
+
+    # ---- the loop ----
     bar = tqdm(total=total_steps, initial=step, desc=f"rl {config.algo}", unit="step",
                disable=not (config.progress and accelerator.is_main_process),
                dynamic_ncols=True)
@@ -435,35 +341,13 @@ def train_rl(config: RLConfig, *, pm: Any = None, prompts: list[Any] | None = No
     model.train()
     while step < total_steps:
         t0 = time.perf_counter()
-        ro = rollout(step)
+        ro = collect(step)
         t_rollout = time.perf_counter() - t0
-        advantages(ro)
-        stats = update(ro, step)
+        targets = algo.targets(ro, kl_ctl.coef)
+        stats = optimise(ro, targets, step)
         seconds = time.perf_counter() - t0
-        assert ro.seq_kl is not None
-        n_resp = len(ro.scores)
-        lengths = np.array([len(r) for _, rs in ro.rows for r in rs])
-        local: dict[str, tuple[float, float]] = {
-            "reward_mean": (float(ro.scores.sum()), n_resp),
-            "reward_sq": (float((ro.scores ** 2).sum()), n_resp),
-            "kl": (float(ro.seq_kl.sum()), n_resp),
-            "entropy": (float(ro.entropy.sum()), float(len(ro.entropy))),
-            "response_len": (float(lengths.sum()), n_resp),
-            "stop_eos": (float(sum(s == "eos" for s in ro.stops)), n_resp),
-            "prompts": (float(len(ro.rows)), 1.0),
-            **stats}
-        names = sorted(local)
-        flat = reduce_sums([v for name in names for v in local[name]], accelerator) \
-            if world > 1 else [v for name in names for v in local[name]]
-        summed = {name: (flat[2 * i], flat[2 * i + 1]) for i, name in enumerate(names)}
-        record: dict[str, Any] = {"step": step + 1}
-        record.update({name: round(s_ / c, 6) for name, (s_, c) in summed.items()
-                       if c and name not in ("reward_sq", "prompts")})
-        var = summed["reward_sq"][0] / summed["reward_sq"][1] - record["reward_mean"] ** 2
-        record["reward_std"] = round(math.sqrt(max(var, 0.0)), 6)
-        record["kl_coef"] = round(kl_ctl.coef, 8)
-        kl_ctl.update(summed["kl"][0] / summed["kl"][1], int(summed["kl"][1]))
-        batch_prompts = summed["prompts"][0]
+        record = step_record(ro, targets, stats, step)
+        batch_prompts = record.pop("prompts")
         record["prompts_per_s"] = round(batch_prompts / seconds, 4)
         record["rollouts_per_s"] = round(batch_prompts * k / seconds, 4)
         record["rollout_seconds"] = round(t_rollout, 4)
@@ -472,10 +356,7 @@ def train_rl(config: RLConfig, *, pm: Any = None, prompts: list[Any] | None = No
         responses_done += batch_prompts * k
         loop_seconds += seconds
         step += 1
-        history.append(record)
-        if metrics_file is not None:
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
+        metrics.log(record)
         bar.update(1)
         bar.set_postfix(reward=f"{record['reward_mean']:.3f}", kl=f"{record['kl']:.3f}",
                         refresh=False)
@@ -484,15 +365,14 @@ def train_rl(config: RLConfig, *, pm: Any = None, prompts: list[Any] | None = No
             write_checkpoint(accelerator, model, out / "checkpoints", step,
                              {"kl_coef": kl_ctl.coef}, save, config.keep_checkpoints)
     bar.close()
-    if metrics_file is not None:
-        metrics_file.close()
+    metrics.close()
     accelerator.wait_for_everyone()
     weights = accelerator.get_state_dict(model) if out is not None else None
     if out is not None and accelerator.is_main_process:
         save(out / "model", weights)
     steps = [r for r in history if "reward_mean" in r]
-    window = steps[-min(len(steps), 10):]
-    metrics: dict[str, Any] = {
+    window = steps[-min(len(steps), FINAL_WINDOW):]
+    result: dict[str, Any] = {
         "algo": config.algo, "steps": step, "prompts": n_prompts,
         "samples_per_prompt": k, "first_reward": steps[0]["reward_mean"] if steps else None,
         "final_reward": float(np.mean([r["reward_mean"] for r in window])) if window else None,
@@ -500,11 +380,11 @@ def train_rl(config: RLConfig, *, pm: Any = None, prompts: list[Any] | None = No
         "final_window": len(window),
         "prompts_per_s": prompts_done / loop_seconds if loop_seconds else None,
         "rollouts_per_s": responses_done / loop_seconds if loop_seconds else None,
-        "shared_prompt": packed, "shared_prompt_off": problem,
+        "shared_prompt": problem is None, "shared_prompt_off": problem,
         "context_cut_prompts": context_cut, "processes": world,
         "seconds": time.perf_counter() - t_start, "main_process": accelerator.is_main_process}
-    finish(out, metrics)
+    finish(out, result)
     module_out = accelerator.unwrap_model(model)
     module_out.eval()
     policy.net = module_out.net
-    return RunResult(metrics, history, policy)
+    return RunResult(result, history, policy)
