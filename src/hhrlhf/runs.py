@@ -55,25 +55,25 @@ class CommonConfig:
     """What every trainer reads (``hhrlhf rl`` too): optimisation, precision, run folder,
     progress, and the token length of a sequence."""
 
-    max_length: int = 512
+    max_length: int = 512  # tokens per sequence (prompt and response); the end is kept
     attn_implementation: str = "auto"  # auto: sdpa where the model has it, else eager
 
     batch_size: int = 16  # rows per process per micro-batch (before gradient accumulation)
-    lr: float = 5e-5
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.05
-    scheduler: str = "linear"
-    max_grad_norm: float = 1.0
-    epochs: float = 1.0
+    lr: float = 5e-5  # peak learning rate (AdamW)
+    weight_decay: float = 0.0  # AdamW weight decay
+    warmup_ratio: float = 0.05  # share of the optimizer steps spent warming up, in [0, 1)
+    scheduler: str = "linear"  # linear, cosine, constant or constant_with_warmup
+    max_grad_norm: float = 1.0  # clip the gradient norm to this; 0 = no clipping
+    epochs: float = 1.0  # passes over the training data (a fraction is allowed)
     max_steps: int = 0  # 0 = run for ``epochs``
-    seed: int = 0
+    seed: int = 0  # seeds every RNG: data order, dropout, sampling
     mixed_precision: str = "auto"  # auto = bf16 on GPU, fp32 on CPU
     threads: int = 0  # torch CPU threads; 0 = torch's default
 
-    out_dir: str = ""
+    out_dir: str = ""  # the run folder (--out); "" = keep nothing on disk
     save_every: int = 500  # steps between checkpoints; 0 = only the final model
-    keep_checkpoints: int = 2
-    progress: bool = True
+    keep_checkpoints: int = 2  # the newest N checkpoints are kept
+    progress: bool = True  # a progress bar on stderr (-q turns it off)
 
     def validate(self) -> Self:
         for key in ("max_length", "batch_size", "keep_checkpoints"):
@@ -114,11 +114,11 @@ class LoopConfig(CommonConfig):
     """What :func:`run`'s loop over batches of rows reads besides: gradient accumulation,
     length grouping, and the evaluation data and schedule."""
 
-    eval_data: list[str] = field(default_factory=list)
-    grad_accum: int = 1
-    group_by_length: bool = True
+    eval_data: list[str] = field(default_factory=list)  # held-out sources (--eval)
+    grad_accum: int = 1  # micro-batches per optimizer step (gradient accumulation)
+    group_by_length: bool = True  # batches of similar lengths (less padding; order seeded)
     eval_every: int = 0  # steps between evaluations; the end of training always evaluates
-    eval_batch_size: int = 16
+    eval_batch_size: int = 16  # rows per evaluation forward pass
 
     def validate(self) -> Self:
         super().validate()
@@ -136,7 +136,7 @@ class RunConfig(LoopConfig):
     # hold out one of this many folds of the training rows, grouped by prompt (0 = none)
     holdout_folds: int = 0
     max_rows: int = 0  # 0 = all training rows; otherwise the first N usable ones
-    eval_max_rows: int = 0
+    eval_max_rows: int = 0  # 0 = all held-out rows; otherwise the first N
 
     def validate(self) -> Self:
         super().validate()
