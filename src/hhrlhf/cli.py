@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "audit": ("hhrlhf.commands.audit", "audit", "Report rows that break the data's rules."),
     "stats": ("hhrlhf.commands.stats", "stats", "Describe rows, turns, lengths and length bias."),
     "export": ("hhrlhf.commands.export", "export", "Export to TRL, OpenAI chat or Parquet."),
+    "split": ("hhrlhf.commands.split", "split", "Split rows into train/test folds by prompt."),
     "pm": ("hhrlhf.commands.pm", "pm", "Train, evaluate and score preference models."),
     "sft": ("hhrlhf.commands.sft", "sft", "Fine-tune a policy on chosen dialogues (SFT)."),
     "dpo": ("hhrlhf.commands.dpo", "dpo", "Optimise a policy on the preferences (DPO, IPO)."),

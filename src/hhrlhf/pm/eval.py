@@ -22,6 +22,7 @@ import numpy as np
 
 from hhrlhf.audit import prompt_text  # the one definition of "the same prompt"
 from hhrlhf.errors import HHRLHFError
+from hhrlhf.folds import prompt_folds  # re-exported: pm cv and its tests use it here
 from hhrlhf.logistic import sigmoid
 from hhrlhf.pm.base import PreferenceModel
 from hhrlhf.pm.calibration import (
@@ -127,28 +128,6 @@ def chance(comparisons: Sequence[Comparison]) -> MethodScores:
 
 
 # -- folds grouped by prompt, and the lexical baseline --------------------------------------
-
-
-def prompt_folds(comparisons: Sequence[Comparison], folds: int, seed: int = 0) -> np.ndarray:
-    """Fold number (0..folds-1) per row; rows sharing a prompt always share a fold.
-
-    scikit-learn's GroupKFold, groups shuffled with ``seed`` and balanced by size.
-    """
-    from sklearn.model_selection import GroupKFold
-
-    if folds < 2:
-        raise HHRLHFError(f"need at least 2 folds, got {folds}")
-    keys = [prompt_text(c) for c in comparisons]
-    n_groups = len(set(keys))
-    if n_groups < folds:
-        raise HHRLHFError(
-            f"{len(comparisons)} pairs with {n_groups} distinct prompts cannot make {folds} folds"
-        )
-    out = np.empty(len(comparisons), dtype=np.int64)
-    splitter = GroupKFold(n_splits=folds, shuffle=True, random_state=seed)
-    for k, (_, test) in enumerate(splitter.split(np.zeros(len(keys)), groups=keys)):
-        out[test] = k
-    return out
 
 
 def cross_fit_lexical(

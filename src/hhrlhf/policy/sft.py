@@ -83,7 +83,7 @@ def split_rows(config: RunConfig, data: list[str], rows: list[Comparison] | None
     if eval_rows is not None:
         return rows, filter_rows(eval_rows, (), config.eval_max_rows)[0]
     if config.holdout_folds:
-        from hhrlhf.pm.eval import prompt_folds
+        from hhrlhf.folds import prompt_folds
 
         fold = prompt_folds(rows, config.holdout_folds, config.seed)
         held = [c for c, f in zip(rows, fold) if f == 0]
