@@ -81,6 +81,11 @@ class LoopConfig:
     progress: bool = True
 
     def validate(self) -> Self:
+        # a config built in Python skips coerce: nan or inf would pass the range checks below
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise self.bad(f.name, "expected a finite number")
         for key in ("max_length", "batch_size", "grad_accum", "eval_batch_size",
                     "keep_checkpoints"):
             self.at_least(key, 1)
@@ -171,9 +176,12 @@ def coerce(key: str, value: Any, typ: Any) -> Any:
         if isinstance(value, bool):
             raise HHRLHFError(f"config {key}: expected a number, got {value!r}")
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise HHRLHFError(f"config {key}: expected a number, got {value!r}") from None
+        if not math.isfinite(number):  # nan passes every range check after this one
+            raise HHRLHFError(f"config {key}: expected a finite number, got {value!r}")
+        return number
     if typ is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise HHRLHFError(f"config {key}: expected a string, got {value!r}")
