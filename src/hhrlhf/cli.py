@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from hhrlhf.errors import HHRLHFError
+from hhrlhf.errors import HHRLHFError, Terminated
 
 # name -> (module, attribute, one-line help). Keep the help here so `hhrlhf --help` imports
 # nothing heavy.
@@ -77,8 +77,29 @@ def _sentence(message: str) -> str:
     return message[:1].lower() + message[1:] if message[1:2].islower() else message
 
 
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
+def interrupted(e: BaseException) -> None:
+    """Ctrl-C (exit 130) or SIGTERM (143) as one line."""
+    if isinstance(e, Terminated) or isinstance(e.__cause__, Terminated):
+        click.echo("hhrlhf: interrupted (SIGTERM)", err=True)
+        sys.exit(143)
+    click.echo("hhrlhf: interrupted" if isinstance(e, KeyboardInterrupt) else "hhrlhf: aborted",
+               err=True)
+    sys.exit(130)
+
+
 def main(argv: list[str] | None = None) -> Any:
     """Entry point: user mistakes become one line on stderr and exit status 2."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM (a scheduler stopping the job) unwinds like Ctrl-C: temporaries removed, the
+        # run folder's lock released; a training run first ends its step and checkpoints it
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         return cli.main(args=argv, prog_name="hhrlhf", standalone_mode=False)
     except HHRLHFError as e:
@@ -95,12 +116,8 @@ def main(argv: list[str] | None = None) -> Any:
     except click.ClickException as e:
         click.echo(f"hhrlhf: error: {_sentence(e.format_message())}", err=True)
         sys.exit(e.exit_code)
-    except click.exceptions.Abort:
-        click.echo("hhrlhf: aborted", err=True)
-        sys.exit(130)
-    except KeyboardInterrupt:
-        click.echo("hhrlhf: interrupted", err=True)
-        sys.exit(130)
+    except (click.exceptions.Abort, KeyboardInterrupt) as e:  # click: KeyboardInterrupt -> Abort
+        interrupted(e)
     except BrokenPipeError:  # `hhrlhf audit | head`
         sys.stderr.close()
         sys.exit(0)
