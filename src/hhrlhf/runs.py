@@ -661,17 +661,22 @@ class StopRequests:
         raise Terminated
 
 
-def run(config: LoopConfig, task: Task, accelerator: Any, out: Path | None, resume: bool
-        ) -> RunResult:
-    """Train ``task.module`` by ``task.loss``; checkpoints, resume, evaluation, logging. The
-    run folder's lock (:func:`prepare_run_folder`) is released when it fails; :func:`finish`
-    releases it after a run that ends."""
+@contextlib.contextmanager
+def release_on_error(out: Path | None) -> Iterator[None]:
+    """The run folder's lock (:func:`prepare_run_folder`) released when the run fails
+    (:func:`finish` releases it after a run that ends)."""
     try:
-        with StopRequests() as stop:
-            return _run(config, task, accelerator, out, resume, stop)
+        yield
     except BaseException:
         release_run_folder(out)
         raise
+
+
+def run(config: LoopConfig, task: Task, accelerator: Any, out: Path | None, resume: bool
+        ) -> RunResult:
+    """Train ``task.module`` by ``task.loss``; checkpoints, resume, evaluation, logging."""
+    with StopRequests() as stop, release_on_error(out):
+        return _run(config, task, accelerator, out, resume, stop)
 
 
 def _run(config: LoopConfig, task: Task, accelerator: Any, out: Path | None, resume: bool,

@@ -231,9 +231,13 @@ def train_rl(config: RLConfig, *, pm: Any = None, prompts: list[Any] | None = No
     from hhrlhf.rl.losses import clipped_policy_loss, clipped_value_loss
     from hhrlhf.rl.prompts import default_sources, load_prompts
     from hhrlhf.runs import (
+        StepGuard,
+        StopRequests,
+        disk_errors,
         finish,
         prepare_run_folder,
         reduce_sums,
+        release_on_error,
         restore_checkpoint,
         start_run,
         write_checkpoint,
@@ -284,10 +288,12 @@ def train_rl(config: RLConfig, *, pm: Any = None, prompts: list[Any] | None = No
     kl_ctl = AdaptiveKL(config.kl_coef, config.kl_target, config.kl_horizon)
     step = 0
     history: list[dict[str, Any]] = []
+    guard = StepGuard(accelerator, config.nonfinite, out / "checkpoints" if out else None)
     if resume and out is not None:
         state, history = restore_checkpoint(accelerator, out)
         if state is not None:
             step, kl_ctl.coef = state["step"], state["kl_coef"]
+            guard.skipped = state.get("skipped_steps", 0)
     metrics_file = (open(out / "metrics.jsonl", "a" if step else "w")  # noqa: SIM115
                     if (out is not None and accelerator.is_main_process) else None)
 
@@ -419,10 +425,10 @@ def train_rl(config: RLConfig, *, pm: Any = None, prompts: list[Any] | None = No
                     loss = pg
                     add("clip_frac", float(clip_frac), n_resp)
                 add("policy_loss", float(pg.detach()), len(part))
+                guard.add_loss(loss)
                 accelerator.backward(loss)
-                if config.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                optimizer.step()
+                if guard.step_ok(model, config.max_grad_norm, s + 1):  # clips; nan, inf
+                    optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
         return {name: (v[0], v[1]) for name, v in sums.items()}
@@ -433,68 +439,79 @@ def train_rl(config: RLConfig, *, pm: Any = None, prompts: list[Any] | None = No
     prompts_done = responses_done = 0.0
     loop_seconds = 0.0
     model.train()
-    while step < total_steps:
-        t0 = time.perf_counter()
-        ro = rollout(step)
-        t_rollout = time.perf_counter() - t0
-        advantages(ro)
-        stats = update(ro, step)
-        seconds = time.perf_counter() - t0
-        assert ro.seq_kl is not None
-        n_resp = len(ro.scores)
-        lengths = np.array([len(r) for _, rs in ro.rows for r in rs])
-        local: dict[str, tuple[float, float]] = {
-            "reward_mean": (float(ro.scores.sum()), n_resp),
-            "reward_sq": (float((ro.scores ** 2).sum()), n_resp),
-            "kl": (float(ro.seq_kl.sum()), n_resp),
-            "entropy": (float(ro.entropy.sum()), float(len(ro.entropy))),
-            "response_len": (float(lengths.sum()), n_resp),
-            "stop_eos": (float(sum(s == "eos" for s in ro.stops)), n_resp),
-            "prompts": (float(len(ro.rows)), 1.0),
-            **stats}
-        names = sorted(local)
-        flat = reduce_sums([v for name in names for v in local[name]], accelerator) \
-            if world > 1 else [v for name in names for v in local[name]]
-        summed = {name: (flat[2 * i], flat[2 * i + 1]) for i, name in enumerate(names)}
-        record: dict[str, Any] = {"step": step + 1}
-        record.update({name: round(s_ / c, 6) for name, (s_, c) in summed.items()
-                       if c and name not in ("reward_sq", "prompts")})
-        var = summed["reward_sq"][0] / summed["reward_sq"][1] - record["reward_mean"] ** 2
-        record["reward_std"] = round(math.sqrt(max(var, 0.0)), 6)
-        record["kl_coef"] = round(kl_ctl.coef, 8)
-        kl_ctl.update(summed["kl"][0] / summed["kl"][1], int(summed["kl"][1]))
-        batch_prompts = summed["prompts"][0]
-        record["prompts_per_s"] = round(batch_prompts / seconds, 4)
-        record["rollouts_per_s"] = round(batch_prompts * k / seconds, 4)
-        record["rollout_seconds"] = round(t_rollout, 4)
-        record["lr"] = scheduler.get_last_lr()[0]
-        prompts_done += batch_prompts
-        responses_done += batch_prompts * k
-        loop_seconds += seconds
-        step += 1
-        history.append(record)
-        if metrics_file is not None:
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
-        bar.update(1)
-        bar.set_postfix(reward=f"{record['reward_mean']:.3f}", kl=f"{record['kl']:.3f}",
-                        refresh=False)
-        if out is not None and config.save_every and step % config.save_every == 0 \
-                and step < total_steps:
-            write_checkpoint(accelerator, model, out / "checkpoints", step,
-                             {"kl_coef": kl_ctl.coef}, save, config.keep_checkpoints)
+    # SIGTERM: the step ends and is checkpointed first; an error releases the run folder
+    with StopRequests() as stop, release_on_error(out):
+        while step < total_steps:
+            t0 = time.perf_counter()
+            ro = rollout(step)
+            t_rollout = time.perf_counter() - t0
+            advantages(ro)
+            stats = update(ro, step)
+            seconds = time.perf_counter() - t0
+            assert ro.seq_kl is not None
+            n_resp = len(ro.scores)
+            lengths = np.array([len(r) for _, rs in ro.rows for r in rs])
+            local: dict[str, tuple[float, float]] = {
+                "reward_mean": (float(ro.scores.sum()), n_resp),
+                "reward_sq": (float((ro.scores ** 2).sum()), n_resp),
+                "kl": (float(ro.seq_kl.sum()), n_resp),
+                "entropy": (float(ro.entropy.sum()), float(len(ro.entropy))),
+                "response_len": (float(lengths.sum()), n_resp),
+                "stop_eos": (float(sum(s == "eos" for s in ro.stops)), n_resp),
+                "prompts": (float(len(ro.rows)), 1.0),
+                **stats}
+            names = sorted(local)
+            flat = reduce_sums([v for name in names for v in local[name]], accelerator) \
+                if world > 1 else [v for name in names for v in local[name]]
+            summed = {name: (flat[2 * i], flat[2 * i + 1]) for i, name in enumerate(names)}
+            record: dict[str, Any] = {"step": step + 1}
+            record.update({name: round(s_ / c, 6) for name, (s_, c) in summed.items()
+                           if c and name not in ("reward_sq", "prompts")})
+            var = summed["reward_sq"][0] / summed["reward_sq"][1] - record["reward_mean"] ** 2
+            record["reward_std"] = round(math.sqrt(max(var, 0.0)), 6)
+            record["kl_coef"] = round(kl_ctl.coef, 8)
+            kl_ctl.update(summed["kl"][0] / summed["kl"][1], int(summed["kl"][1]))
+            batch_prompts = summed["prompts"][0]
+            record["prompts_per_s"] = round(batch_prompts / seconds, 4)
+            record["rollouts_per_s"] = round(batch_prompts * k / seconds, 4)
+            record["rollout_seconds"] = round(t_rollout, 4)
+            record["lr"] = scheduler.get_last_lr()[0]
+            prompts_done += batch_prompts
+            responses_done += batch_prompts * k
+            loop_seconds += seconds
+            step += 1
+            history.append(record)
+            if metrics_file is not None:
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+            bar.update(1)
+            bar.set_postfix(reward=f"{record['reward_mean']:.3f}", kl=f"{record['kl']:.3f}",
+                            refresh=False)
+
+            def checkpoint(step: int = step) -> None:
+                assert out is not None
+                write_checkpoint(accelerator, model, out / "checkpoints", step,
+                                 {"kl_coef": kl_ctl.coef, "logged": len(history),
+                                  "skipped_steps": guard.skipped}, save, config.keep_checkpoints)
+
+            saved = out is not None and config.save_every and step % config.save_every == 0 \
+                and step < total_steps
+            if saved:
+                checkpoint()
+            stop.at_step_end(accelerator, None if saved or out is None else checkpoint)
     bar.close()
     if metrics_file is not None:
         metrics_file.close()
     accelerator.wait_for_everyone()
     weights = accelerator.get_state_dict(model) if out is not None else None
     if out is not None and accelerator.is_main_process:
-        save(out / "model", weights)
+        with disk_errors("the final model", out):
+            save(out / "model", weights)
     steps = [r for r in history if "reward_mean" in r]
     window = steps[-min(len(steps), 10):]
     metrics: dict[str, Any] = {
         "algo": config.algo, "steps": step, "prompts": n_prompts,
-        "samples_per_prompt": k, "first_reward": steps[0]["reward_mean"] if steps else None,
+        "samples_per_prompt": k, "skipped_steps": guard.skipped, "first_reward": steps[0]["reward_mean"] if steps else None,
         "final_reward": float(np.mean([r["reward_mean"] for r in window])) if window else None,
         "final_kl": float(np.mean([r["kl"] for r in window])) if window else None,
         "final_window": len(window),
