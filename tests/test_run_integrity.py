@@ -5,7 +5,6 @@ per folder, SIGTERM, a full disk and the temporaries of a killed save."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import signal

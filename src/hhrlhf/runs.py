@@ -484,17 +484,23 @@ def release_run_folder(out: Path | None) -> None:
         lock.release()
 
 
+RUN_OUTPUTS = ("model", "init", "config.json", "metrics.jsonl", "result.json")
+
+
 def remove_run_temps(out: Path) -> None:
     """Remove what saves killed mid-way left in the run folder: the lock is held, so no save
-    is under way. Temporaries of the atomic writes (``.<name>.*.tmp``: files, model folders,
-    checkpoints) and those of earlier versions (``.model.tmp-PID``, ``.model.old-PID``,
+    is under way. The temporaries of the run's own outputs (``.model.*.tmp`` and the like;
+    nothing else of a folder the user chose), every one under ``checkpoints/`` (the run's
+    own), and those of earlier versions (``.model.tmp-PID``, ``.model.old-PID``,
     ``checkpoints/.tmp-step-N``)."""
     from hhrlhf.atomic import remove_stale_temps
 
-    remove_stale_temps(out, max_age=0)
+    for name in RUN_OUTPUTS:
+        remove_stale_temps(out, name, max_age=0)
     remove_stale_temps(out / "checkpoints", max_age=0)
-    old = [*out.glob(".*.tmp-*"), *out.glob(".*.old-*"),
-           *(out / "checkpoints").glob(".tmp-step-*")]
+    old = [p for name in ("model", "init") for pattern in (".{}.tmp-*", ".{}.old-*")
+           for p in out.glob(pattern.format(name))]
+    old += (out / "checkpoints").glob(".tmp-step-*")
     for p in old:
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
@@ -589,10 +595,10 @@ class StepGuard:
         norm = acc.clip_grad_norm_(model.parameters(), max_grad_norm or math.inf)
         loss = self._loss if self._loss is not None else torch.zeros((), device=acc.device)
         self._loss = None
-        norm = torch.as_tensor(0.0 if norm is None else norm, device=loss.device)
         # fp16: the loss scaler finds inf gradients itself (and skips those steps)
-        values = torch.stack([loss, norm.float() * 0 if acc.scaler is not None
-                              else norm.float()])
+        if norm is None or acc.scaler is not None:
+            norm = torch.zeros((), device=loss.device)
+        values = torch.stack([loss, torch.as_tensor(norm, device=loss.device).float()])
         if acc.num_processes > 1:  # every process takes the same decision
             values = acc.reduce(values, reduction="sum")
         loss_v, norm_v = values.tolist()  # the one host sync of the step
