@@ -96,10 +96,25 @@ def main(argv: list[str] | None = None) -> Any:
     import signal
     import threading
 
-    if threading.current_thread() is threading.main_thread():
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM)
+    if main_thread:
         # SIGTERM (a scheduler stopping the job) unwinds like Ctrl-C: temporaries removed, the
         # run folder's lock released; a training run first ends its step and checkpoints it
         signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return _main(argv)
+    finally:
+        if main_thread and argv is None:
+            # the process's own command line, now over: a Ctrl-C or SIGTERM while Python
+            # shuts down (threads, atexit) would print a traceback; the default just ends it
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        elif main_thread:  # called from Python (tests): its handler back
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> Any:
     try:
         return cli.main(args=argv, prog_name="hhrlhf", standalone_mode=False)
     except HHRLHFError as e:

@@ -426,13 +426,13 @@ def prepare_run_folder(config: LoopConfig, resume: bool, is_main: bool) -> Path 
     out = Path(config.out_dir) if config.out_dir else None
     if resume and out is None:
         raise HHRLHFError("resume needs a run folder (out_dir)")
-    if out is not None and not resume:
-        check_run_folder(config.out_dir, resume)
+    if out is not None and not resume and not (is_main and out.is_dir()):
+        check_run_folder(config.out_dir, resume)  # before the folder is made
     if out is not None and is_main:
         out.mkdir(parents=True, exist_ok=True)
-        lock_run_folder(out)
+        lock_run_folder(out)  # first: a run under way is named as such
         try:
-            if not resume:  # again, holding the lock: a run may have ended here meanwhile
+            if not resume:  # holding the lock: no run can end or start here meanwhile
                 check_run_folder(config.out_dir, resume)
             remove_run_temps(out)
             with disk_errors("the run configuration", out):
