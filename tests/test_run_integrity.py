@@ -281,7 +281,7 @@ def test_sigterm_checkpoints_the_step_then_stops(start: Path, real_file: Path,
     """SIGTERM (a scheduler's stop): the current step ends and is checkpointed, then one line
     and exit 143; --resume goes on from that step."""
     run = tmp_path / "run"
-    args = sft_cli(real_file, start, run, "--max-steps", "100", "--set", "save_every=1000")
+    args = sft_cli(real_file, start, run, "--max-steps", "30", "--set", "save_every=1000")
     proc = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
     wait_for(lambda: (run / "metrics.jsonl").exists() and len(
@@ -297,7 +297,7 @@ def test_sigterm_checkpoints_the_step_then_stops(start: Path, real_file: Path,
     again = subprocess.run(args + ["--resume"], env=ENV, capture_output=True, text=True,
                            check=False)
     assert again.returncode == 0, again.stderr
-    assert [r["step"] for r in metrics_lines(run)] == list(range(1, 101))
+    assert [r["step"] for r in metrics_lines(run)] == list(range(1, 31))
 
 
 @pytest.fixture
