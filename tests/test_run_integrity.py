@@ -346,4 +346,4 @@ def test_a_full_disk_stops_the_run_in_one_line(start: Path, rows: list[Compariso
     with pytest.raises(HHRLHFError, match=r"/run: cannot write the final model: No space "
                        r"left on device"):
         train_sft(sft_config(start, run, save_every=0), rows)
-    assert sorted(p.name for p in run.iterdir()) == [".lock", "config.json", "metrics.jsonl"]
+    assert {p.name for p in run.iterdir()} - {".lock"} == {"config.json", "metrics.jsonl"}
