@@ -606,6 +606,8 @@ class StepGuard:
             return True
         if self.mode == "skip":
             self.skipped += 1
+            if acc.scaler is not None:  # fp16: unscaled by the clip, so close its round
+                acc.scaler.update()
             return False
         what = f"the loss is {loss_v}" if not math.isfinite(loss_v) else (
             f"the gradient norm is {norm_v}")
