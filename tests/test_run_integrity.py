@@ -261,6 +261,11 @@ def test_one_run_per_folder(start: Path, real_file: Path, tmp_path: Path) -> Non
             # a new run: the commands' early check may find the run's checkpoint first
             assert second.stderr.splitlines()[-1] == in_use or (
                 not more and "holds a run already" in second.stderr), second.stderr
+        first.send_signal(signal.SIGINT)  # Ctrl-C: at once, one line, 130
+        _, err = first.communicate(timeout=120)
+        assert first.returncode == 130, err
+        assert err.splitlines()[-1] == "hhrlhf: interrupted" and "Traceback" not in err
+        assert not (run / ".lock.pid").exists()
     finally:
         first.kill()
         first.wait()

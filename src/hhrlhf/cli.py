@@ -86,8 +86,8 @@ def interrupted(e: BaseException) -> None:
     if isinstance(e, Terminated) or isinstance(e.__cause__, Terminated):
         click.echo("hhrlhf: interrupted (SIGTERM)", err=True)
         sys.exit(143)
-    click.echo("hhrlhf: interrupted" if isinstance(e, KeyboardInterrupt) else "hhrlhf: aborted",
-               err=True)
+    ctrl_c = isinstance(e, KeyboardInterrupt) or isinstance(e.__cause__, KeyboardInterrupt)
+    click.echo("hhrlhf: interrupted" if ctrl_c else "hhrlhf: aborted", err=True)
     sys.exit(130)
 
 
