@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from hhrlhf.errors import HHRLHFError
+from hhrlhf.errors import HHRLHFError, Terminated
 
 # name -> (module, attribute, one-line help). Keep the help here so `hhrlhf --help` imports
 # nothing heavy.
@@ -78,8 +78,44 @@ def _sentence(message: str) -> str:
     return message[:1].lower() + message[1:] if message[1:2].islower() else message
 
 
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
+def interrupted(e: BaseException) -> None:
+    """Ctrl-C (exit 130) or SIGTERM (143) as one line."""
+    if isinstance(e, Terminated) or isinstance(e.__cause__, Terminated):
+        click.echo("hhrlhf: interrupted (SIGTERM)", err=True)
+        sys.exit(143)
+    ctrl_c = isinstance(e, KeyboardInterrupt) or isinstance(e.__cause__, KeyboardInterrupt)
+    click.echo("hhrlhf: interrupted" if ctrl_c else "hhrlhf: aborted", err=True)
+    sys.exit(130)
+
+
 def main(argv: list[str] | None = None) -> Any:
     """Entry point: user mistakes become one line on stderr and exit status 2."""
+    import signal
+    import threading
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM)
+    if main_thread:
+        # SIGTERM (a scheduler stopping the job) unwinds like Ctrl-C: temporaries removed, the
+        # run folder's lock released; a training run first ends its step and checkpoints it
+        signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return _main(argv)
+    finally:
+        if main_thread and argv is None:
+            # the process's own command line, now over: a Ctrl-C or SIGTERM while Python
+            # shuts down (threads, atexit) would print a traceback; the default just ends it
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        elif main_thread:  # called from Python (tests): its handler back
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> Any:
     try:
         return cli.main(args=argv, prog_name="hhrlhf", standalone_mode=False)
     except HHRLHFError as e:
@@ -96,12 +132,8 @@ def main(argv: list[str] | None = None) -> Any:
     except click.ClickException as e:
         click.echo(f"hhrlhf: error: {_sentence(e.format_message())}", err=True)
         sys.exit(e.exit_code)
-    except click.exceptions.Abort:
-        click.echo("hhrlhf: aborted", err=True)
-        sys.exit(130)
-    except KeyboardInterrupt:
-        click.echo("hhrlhf: interrupted", err=True)
-        sys.exit(130)
+    except (click.exceptions.Abort, KeyboardInterrupt) as e:  # click: KeyboardInterrupt -> Abort
+        interrupted(e)
     except BrokenPipeError:  # `hhrlhf audit | head`
         sys.stderr.close()
         sys.exit(0)

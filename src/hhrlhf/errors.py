@@ -19,3 +19,9 @@ class HHRLHFError(Exception):
         if self.path is not None:
             where = f"{self.path}:{line}: " if line is not None else f"{self.path}: "
         super().__init__(where + message)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, what a cluster scheduler sends to stop a job: raised like Ctrl-C's
+    KeyboardInterrupt, so that the same clean-up runs; the command line prints one line and
+    exits 143 (128 + 15)."""

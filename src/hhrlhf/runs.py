@@ -11,10 +11,17 @@ and :func:`run` does the rest. The run folder (``config.out_dir``) holds::
                            scheduler), data position, and model/ (a loadable model)
     model/                 the final model
     result.json            the final metrics
+    .lock                  held by the run using the folder (one run per folder)
 
 Checkpoints are written to a temporary folder and renamed, so a killed run leaves either a whole
-checkpoint or none; ``resume=True`` continues from the newest one and ends with the same
-metrics and weights as a run that was never stopped (same batches, RNG and optimizer state).
+checkpoint or none; each lists its files' sizes and checksums (``manifest.json``).
+``resume=True`` continues from the newest checkpoint that is whole (a damaged one is set aside
+with a note) and ends with the same metrics and weights as a run that was never stopped (same
+batches, RNG and optimizer state).
+
+A run stops with one line (:class:`HHRLHFError`), keeping its checkpoints, when a step's loss or
+gradient norm is not finite (``nonfinite=stop``; ``skip`` drops such steps) and when the disk is
+full; SIGTERM ends it after the current step, with a checkpoint of it.
 
 Configuration: a dataclass (:class:`CommonConfig`, :class:`LoopConfig` and their subclasses) with defaults, then a YAML,
 TOML or JSON file, then ``--set key=value``; checked before torch is imported.
@@ -24,13 +31,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import math
+import os
 import shutil
 import sys
 import time
 import types
 import typing
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +57,10 @@ ATTENTIONS = ("auto", "sdpa", "eager")
 # keys that may differ when a run is resumed: they change nothing the run computes (out_dir:
 # the run is where --out finds it, under whatever spelling of the path, or moved)
 RESUME_MAY_CHANGE = frozenset({"progress", "keep_checkpoints", "save_every", "threads",
-                               "out_dir"})
+                               "out_dir", "nonfinite"})
+# nonfinite may change too: a run that stopped on a nan resumes with nonfinite=skip
+NONFINITE = ("stop", "skip")
+MANIFEST = "manifest.json"  # a checkpoint's files: size and CRC-32 of each
 
 
 @dataclass
@@ -74,8 +87,16 @@ class CommonConfig:
     save_every: int = 500  # steps between checkpoints; 0 = only the final model
     keep_checkpoints: int = 2  # the newest N checkpoints are kept
     progress: bool = True  # a progress bar on stderr (-q turns it off)
+    # a step whose loss or gradient norm is nan or inf: stop the run (keeping its last good
+    # checkpoint), or skip the step (no update; counted as skipped_steps)
+    nonfinite: str = "stop"
 
     def validate(self) -> Self:
+        # a config built in Python skips coerce: nan or inf would pass the range checks below
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise self.bad(f.name, "expected a finite number")
         for key in ("max_length", "batch_size", "keep_checkpoints"):
             self.at_least(key, 1)
         for key in ("max_steps", "save_every", "threads"):
@@ -90,7 +111,7 @@ class CommonConfig:
         if not self.epochs > 0:
             raise self.bad("epochs", "must be positive")
         for key, allowed in (("scheduler", SCHEDULERS), ("mixed_precision", MIXED_PRECISIONS),
-                             ("attn_implementation", ATTENTIONS)):
+                             ("attn_implementation", ATTENTIONS), ("nonfinite", NONFINITE)):
             self.one_of(key, allowed)
         return self
 
@@ -184,9 +205,12 @@ def coerce(key: str, value: Any, typ: Any) -> Any:
         if isinstance(value, bool):
             raise HHRLHFError(f"config {key}: expected a number, got {value!r}")
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise HHRLHFError(f"config {key}: expected a number, got {value!r}") from None
+        if not math.isfinite(number):  # nan passes every range check after this one
+            raise HHRLHFError(f"config {key}: expected a finite number, got {value!r}")
+        return number
     if typ is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise HHRLHFError(f"config {key}: expected a string, got {value!r}")
@@ -452,21 +476,274 @@ def accelerator_for(config: CommonConfig) -> Any:
 
 
 def prepare_run_folder(config: CommonConfig, resume: bool, is_main: bool) -> Path | None:
-    """The run folder with config.json written (main process); None for in-memory runs."""
+    """The run folder, locked for this run (:func:`lock_run_folder`), cleared of what killed
+    saves left in it, with config.json written (main process); None for in-memory runs."""
     out = Path(config.out_dir) if config.out_dir else None
     if resume and out is None:
         raise HHRLHFError("resume needs a run folder (out_dir)")
-    if out is not None and not resume:
-        check_run_folder(config.out_dir, resume)
+    if out is not None and not resume and not (is_main and out.is_dir()):
+        check_run_folder(config.out_dir, resume)  # before the folder is made
     if out is not None and is_main:
         out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "config.json", config.to_dict())
+        lock_run_folder(out)  # first: a run under way is named as such
+        try:
+            if not resume:  # holding the lock: no run can end or start here meanwhile
+                check_run_folder(config.out_dir, resume)
+            remove_run_temps(out)
+            with disk_errors("the run configuration", out):
+                write_json(out / "config.json", config.to_dict())
+        except BaseException:
+            release_run_folder(out)
+            raise
     return out
+
+
+# ---- one run per folder ----------------------------------------------------------------------
+LOCK_FILE = ".lock"
+PID_FILE = ".lock.pid"  # who holds the lock (the lock file itself is filelock's)
+_HELD: dict[str, Any] = {}  # run folder (real path) -> the lock this process holds on it
+
+
+def lock_run_folder(out: Path) -> None:
+    """Hold ``out/.lock`` until :func:`release_run_folder` (or the process ends: the lock is
+    the kernel's, so a killed run holds nothing): a second run, or a ``--resume``, in a folder
+    that a run is using is refused."""
+    from filelock import FileLock, Timeout
+
+    key = str(out.resolve())
+    stale = _HELD.pop(key, None)
+    if stale is not None:  # a run of this process that stopped on an error before releasing it
+        stale.release()
+    lock = FileLock(str(out / LOCK_FILE))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        try:
+            pid = f" (pid {int((out / PID_FILE).read_text())})"
+        except (OSError, ValueError):
+            pid = ""
+        raise HHRLHFError(f"is in use by another hhrlhf run{pid}; wait for it to end, or "
+                          "choose another --out", out) from None
+    _HELD[key] = lock
+    with contextlib.suppress(OSError):
+        (out / PID_FILE).write_text(f"{os.getpid()}\n")
+
+
+def release_run_folder(out: Path | None) -> None:
+    if out is None:
+        return
+    lock = _HELD.pop(str(out.resolve()), None)
+    if lock is not None:
+        with contextlib.suppress(OSError):
+            (out / PID_FILE).unlink()
+        lock.release()
+
+
+RUN_OUTPUTS = ("model", "init", "config.json", "metrics.jsonl", "result.json")
+
+
+def remove_run_temps(out: Path) -> None:
+    """Remove what saves killed mid-way left in the run folder: the lock is held, so no save
+    is under way. The temporaries of the run's own outputs (``.model.*.tmp`` and the like;
+    nothing else of a folder the user chose), every one under ``checkpoints/`` (the run's
+    own), and those of earlier versions (``.model.tmp-PID``, ``.model.old-PID``,
+    ``checkpoints/.tmp-step-N``)."""
+    from hhrlhf.atomic import remove_stale_temps
+
+    for name in RUN_OUTPUTS:
+        remove_stale_temps(out, name, max_age=0)
+    remove_stale_temps(out / "checkpoints", max_age=0)
+    old = [p for name in ("model", "init") for pattern in (".{}.tmp-*", ".{}.old-*")
+           for p in out.glob(pattern.format(name))]
+    old += (out / "checkpoints").glob(".tmp-step-*")
+    for p in old:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
+# ---- a full disk --------------------------------------------------------------------------------
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def _disk_problem(e: BaseException, free: int | None) -> str | None:
+    """What is wrong with the disk, when ``e`` says (or, for writers that do not say: torch's
+    checkpoint writer, ``free`` bytes left after it failed show) that writing failed."""
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in DISK_ERRNOS:
+            return os.strerror(seen.errno)
+        text = str(seen)
+        if "No space left on device" in text or "os error 28" in text:
+            return os.strerror(errno.ENOSPC)
+        seen = seen.__cause__ or seen.__context__
+    # torch.save reports a full disk as "unexpected pos ..." or "file write failed"
+    if isinstance(e, RuntimeError) and free is not None and free < 64 << 20:
+        return os.strerror(errno.ENOSPC)
+    return None
+
+
+def _free(path: Path) -> int | None:
+    for p in (path, *path.parents):
+        with contextlib.suppress(OSError):
+            return shutil.disk_usage(p).free
+    return None
+
+
+def _size(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+@contextlib.contextmanager
+def disk_errors(what: str, where: Path, needed: int | None = None,
+                cleanup: Callable[[], None] | None = None) -> Iterator[None]:
+    """A full disk or an I/O error while writing ``what`` under ``where``: ``cleanup`` (the
+    partial output removed), then one line (:class:`HHRLHFError`) saying how much is free and,
+    when known, how much ``what`` needs. Other errors pass as they are."""
+    try:
+        yield
+    except Exception as e:
+        free = _free(where)
+        if cleanup is not None:
+            cleanup()
+        problem = _disk_problem(e, free)
+        if problem is None:
+            raise
+        free_after = _free(where)
+        space = f"{_size(free_after)} free" if free_after is not None else ""
+        if needed:
+            space += f"{'; ' if space else ''}it needs about {_size(needed)}"
+        raise HHRLHFError(f"cannot write {what}: {problem}"
+                          + (f" ({space})" if space else "")
+                          + "; nothing of it is left behind", where) from None
+
+
+# ---- a step that diverged; SIGTERM --------------------------------------------------------------
+class StepGuard:
+    """Checks each optimizer step's loss and gradient norm for nan and inf: the loss is summed on
+    the device over the step's micro-batches and read once, with the norm, per optimizer step.
+    ``nonfinite=stop``: such a step stops the run in one line naming its last good checkpoint
+    (no update, no metrics line, no model); ``skip``: it is dropped (no update) and counted."""
+
+    def __init__(self, accelerator: Any, mode: str, ckpt_root: Path | None, skipped: int = 0):
+        self.accelerator = accelerator
+        self.mode = mode
+        self.ckpt_root = ckpt_root
+        self.skipped = skipped
+        self._loss: Any = None
+
+    def add_loss(self, loss: Any) -> None:
+        value = loss.detach().float().sum()
+        self._loss = value if self._loss is None else self._loss + value
+
+    def step_ok(self, model: Any, max_grad_norm: float, step: int) -> bool:
+        """Clip the gradients (to ``max_grad_norm``; 0: measured only) and check the step:
+        True: take it; False: skip it (``nonfinite=skip``)."""
+        import torch
+
+        acc = self.accelerator
+        norm = acc.clip_grad_norm_(model.parameters(), max_grad_norm or math.inf)
+        loss = self._loss if self._loss is not None else torch.zeros((), device=acc.device)
+        self._loss = None
+        # fp16: the loss scaler finds inf gradients itself (and skips those steps)
+        if norm is None or acc.scaler is not None:
+            norm = torch.zeros((), device=loss.device)
+        values = torch.stack([loss, torch.as_tensor(norm, device=loss.device).float()])
+        if acc.num_processes > 1:  # every process takes the same decision
+            values = acc.reduce(values, reduction="sum")
+        loss_v, norm_v = values.tolist()  # the one host sync of the step
+        if math.isfinite(loss_v) and math.isfinite(norm_v):
+            return True
+        if self.mode == "skip":
+            self.skipped += 1
+            if acc.scaler is not None:  # fp16: unscaled by the clip, so close its round
+                acc.scaler.update()
+            return False
+        what = f"the loss is {loss_v}" if not math.isfinite(loss_v) else (
+            f"the gradient norm is {norm_v}")
+        last = latest_checkpoint(self.ckpt_root)
+        if self.ckpt_root is None:
+            then = "lower lr and run again"
+        elif last is None:
+            then = "no checkpoint was written: lower lr and start again"
+        else:
+            then = (f"the last good checkpoint is {last.name}: resume it with --resume "
+                    "--set nonfinite=skip to skip such steps, or start again with a lower lr")
+        raise HHRLHFError(f"step {step}: {what}; stopped; {then}")
+
+
+class StopRequests:
+    """SIGTERM (a scheduler's request to stop) while training, noted rather than raised, so the
+    loop ends its step and writes a checkpoint first (:meth:`at_step_end`); a second SIGTERM
+    stops at once. A context manager (the previous handler comes back)."""
+
+    def __init__(self) -> None:
+        self.pending = False
+        self._previous: Any = None
+        self._installed = False
+
+    def __enter__(self) -> Self:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._note)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def _note(self, signum: int, frame: Any) -> None:
+        from hhrlhf.errors import Terminated
+
+        if self.pending:
+            raise Terminated
+        self.pending = True
+
+    def at_step_end(self, accelerator: Any, save: Callable[[], None] | None) -> None:
+        """Between optimizer steps: when a SIGTERM came (to any process), ``save()`` (a
+        checkpoint of this step) and raise :class:`hhrlhf.errors.Terminated`."""
+        pending = self.pending
+        if accelerator.num_processes > 1:
+            pending = reduce_sums([float(pending)], accelerator)[0] > 0
+        if not pending:
+            return
+        from hhrlhf.errors import Terminated
+
+        if save is not None:
+            save()
+        raise Terminated
+
+
+@contextlib.contextmanager
+def release_on_error(out: Path | None) -> Iterator[None]:
+    """The run folder's lock (:func:`prepare_run_folder`) released when the run fails
+    (:func:`finish` releases it after a run that ends)."""
+    try:
+        yield
+    except BaseException:
+        release_run_folder(out)
+        raise
 
 
 def run(config: LoopConfig, task: Task, accelerator: Any, out: Path | None, resume: bool
         ) -> RunResult:
     """Train ``task.module`` by ``task.loss``; checkpoints, resume, evaluation, logging."""
+    with StopRequests() as stop, release_on_error(out):
+        return _run(config, task, accelerator, out, resume, stop)
+
+
+def _run(config: LoopConfig, task: Task, accelerator: Any, out: Path | None, resume: bool,
+         stop: StopRequests) -> RunResult:
     from torch.utils.data import DataLoader, Sampler
     from tqdm import tqdm
 
@@ -516,6 +793,7 @@ def run(config: LoopConfig, task: Task, accelerator: Any, out: Path | None, resu
     step, epoch, batches_done = 0, 0, 0
     history: list[dict[str, Any]] = []
     throughput = Throughput()
+    guard = StepGuard(accelerator, config.nonfinite, ckpt_root)
     if resume and out is not None:
         state, history = restore_checkpoint(accelerator, out)
         if state is not None:
@@ -523,6 +801,16 @@ def run(config: LoopConfig, task: Task, accelerator: Any, out: Path | None, resu
             throughput = Throughput.from_state(state)
     metrics_log = MetricsLog(out, is_main, history, append=step > 0)
     log = metrics_log.log
+
+    def checkpoint() -> None:
+        assert ckpt_root is not None
+        # "logged": the final evaluation of a run killed (or resumed) after its last
+        # checkpoint is dropped on resume and logged once, again
+        write_checkpoint(accelerator, model, ckpt_root, step,
+                         {"epoch": epoch, "batches_done": batches_done,
+                          "logged": len(history), "skipped_steps": guard.skipped,
+                          **throughput.state()},
+                         task.save, config.keep_checkpoints)
 
     bar = tqdm(total=total_steps, initial=step, desc=task.name, unit="step", file=sys.stderr,
                disable=not (config.progress and is_main), dynamic_ncols=True)
@@ -542,10 +830,13 @@ def run(config: LoopConfig, task: Task, accelerator: Any, out: Path | None, resu
             with accelerator.accumulate(model):
                 with accelerator.autocast():
                     loss, stats = task.loss(model, batch)
+                guard.add_loss(loss)
                 accelerator.backward(loss * (config.grad_accum / group))
-                if accelerator.sync_gradients and config.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                optimizer.step()  # accelerate steps only when the group is complete
+                # the group's last micro-batch: clip, and check the step (nan, inf)
+                update = not accelerator.sync_gradients or guard.step_ok(
+                    model, config.max_grad_norm, step + 1)
+                if update:
+                    optimizer.step()  # accelerate steps only when the group is complete
                 optimizer.zero_grad(set_to_none=True)
             batches_done += 1
             for name, (s, c) in stats.items():
@@ -560,8 +851,11 @@ def run(config: LoopConfig, task: Task, accelerator: Any, out: Path | None, resu
                 {n: (v[0], v[1]) for n, v in sums.items()}, accelerator).items()}
             throughput.add(sums.get(task.throughput, [0.0, 0.0])[0])
             record: dict[str, Any] = {"step": step, "epoch": epoch}
+            # a skipped step's nan and inf statistics are left out: JSON has no nan
             record.update({n: round(s / c, 6) for n, (s, c) in sums.items()
-                           if c and n != task.throughput})
+                           if c and n != task.throughput and math.isfinite(s / c)})
+            if not update:
+                record["skipped"] = True
             if task.throughput in sums:  # an amount: the step's, over micro-batches and processes
                 amount = sums[task.throughput][0]
                 record[task.throughput] = int(amount) if amount.is_integer() else amount
@@ -578,14 +872,13 @@ def run(config: LoopConfig, task: Task, accelerator: Any, out: Path | None, resu
                         step % config.eval_every == 0 and step < total_steps:
                     log({"step": step, **rounded(task.evaluate(model))})
                     model.train()
-                if ckpt_root is not None and config.save_every and \
-                        step % config.save_every == 0:
-                    # "logged": the final evaluation of a run killed (or resumed) after its
-                    # last checkpoint is dropped on resume and logged once, again
-                    write_checkpoint(accelerator, model, ckpt_root, step,
-                                     {"epoch": epoch, "batches_done": batches_done,
-                                      "logged": len(history), **throughput.state()},
-                                     task.save, config.keep_checkpoints)
+                saved = ckpt_root is not None and config.save_every and \
+                    step % config.save_every == 0
+                if saved:
+                    checkpoint()
+                # SIGTERM: this step kept in a checkpoint (unless just written), then stop
+                stop.at_step_end(accelerator, None if saved or ckpt_root is None
+                                 else checkpoint)
             if step >= total_steps:
                 break
         else:  # the epoch is over
@@ -603,13 +896,15 @@ def run(config: LoopConfig, task: Task, accelerator: Any, out: Path | None, resu
     metrics: dict[str, Any] = {"steps": step, **final,
                                f"{task.throughput}_per_s": throughput.per_s(),
                                "train_seconds": throughput.train_seconds(),
+                               "skipped_steps": guard.skipped,
                                "processes": accelerator.num_processes}
     metrics_log.close()
     accelerator.wait_for_everyone()
     weights = accelerator.get_state_dict(model) if out is not None else None
     metrics["seconds"] = time.perf_counter() - t_start
     if out is not None and is_main:
-        task.save(out / "model", weights)
+        with disk_errors("the final model", out):
+            task.save(out / "model", weights)
     metrics["main_process"] = is_main
     module = accelerator.unwrap_model(model)
     module.eval()
@@ -617,10 +912,15 @@ def run(config: LoopConfig, task: Task, accelerator: Any, out: Path | None, resu
 
 
 def finish(out: Path | None, metrics: dict[str, Any]) -> None:
-    """result.json, written last: its presence means the run ended."""
-    if out is not None and metrics.get("main_process", True):
-        write_json(out / "result.json", {k: v for k, v in metrics.items()
-                                         if k != "main_process"})
+    """result.json, written last: its presence means the run ended; the run folder's lock is
+    released."""
+    try:
+        if out is not None and metrics.get("main_process", True):
+            with disk_errors("result.json", out):
+                write_json(out / "result.json", {k: v for k, v in metrics.items()
+                                                 if k != "main_process"})
+    finally:
+        release_run_folder(out)
 
 
 def eval_share(n: int, accelerator: Any) -> tuple[Any, Any]:
@@ -661,14 +961,16 @@ class MetricsLog:
     def __init__(self, out: Path | None, is_main: bool, history: list[dict[str, Any]],
                  append: bool):
         self.history = history
+        self.out = out
         self._file = (open(out / "metrics.jsonl", "a" if append else "w")  # noqa: SIM115
                       if (out is not None and is_main) else None)
 
     def log(self, record: dict[str, Any]) -> None:
         self.history.append(record)
-        if self._file is not None:
-            self._file.write(json.dumps(record) + "\n")
-            self._file.flush()
+        if self._file is not None and self.out is not None:
+            with disk_errors("metrics.jsonl", self.out):  # a full disk: one line, not a trace
+                self._file.write(json.dumps(record) + "\n")
+                self._file.flush()
 
     def close(self) -> None:
         if self._file is not None:
@@ -747,43 +1049,144 @@ def write_checkpoint(accelerator: Any, model: Any, root: Path, step: int,
                      keep: int) -> None:
     """``root/step-N``, atomically: accelerate state (model, optimizer, registered scheduler,
     RNG), ``trainer_state.json`` (the loop's own state, with ``step``; ``logged``: how many
-    lines of metrics.jsonl it covers) and ``model/``; only the newest ``keep`` are kept."""
+    lines of metrics.jsonl it covers), ``model/`` and ``manifest.json`` (every file's size and
+    CRC-32, checked on resume); only the newest ``keep`` are kept. A full disk: one line, the
+    partial checkpoint removed, the earlier ones as they were."""
     from hhrlhf.atomic import move_into_place
 
     is_main = accelerator.is_main_process
     final = root / f"step-{step:08d}"
-    tmp = root / f".tmp-step-{step:08d}"
+    # the same name in every process (each writes its part of the state); a killed save's
+    # is removed when a run next starts here (remove_run_temps)
+    tmp = root / f".{final.name}.tmp"
+    before = checkpoints(root)
+    needed = checkpoint_size(before[-1]) if before else None
+    with disk_errors(f"the checkpoint of step {step}", root, needed,
+                     cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True)):
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp / "state"))  # model, optimizer, scheduler, RNG states
+        weights = accelerator.get_state_dict(model)  # gathered from shards under FSDP/ZeRO-3
+        if is_main:
+            save_model(tmp / "model", weights)
+            write_json(tmp / "trainer_state.json", {**trainer_state, "step": step})
+        accelerator.wait_for_everyone()  # every process's files are in tmp
+        if is_main:
+            write_manifest(tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            move_into_place(tmp, final)
     if is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp / "state"))  # model, optimizer, scheduler, RNG states
-    weights = accelerator.get_state_dict(model)  # gathered from shards under FSDP/ZeRO-3
-    if is_main:
-        save_model(tmp / "model", weights)
-        write_json(tmp / "trainer_state.json", {**trainer_state, "step": step})
-        shutil.rmtree(final, ignore_errors=True)
-        move_into_place(tmp, final)
         for old in checkpoints(root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
 
 
+def _crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def write_manifest(folder: Path) -> None:
+    """``folder/manifest.json``: the size and CRC-32 of every file under ``folder`` (CRC-32:
+    damage, not tampering, is what it is for, and zlib's runs at disk speed)."""
+    files = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "crc32": _crc32(p)}
+             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    write_json(folder / MANIFEST, {"files": files})
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """What is wrong with the files of checkpoint ``folder`` by its manifest (None: nothing;
+    a checkpoint written before manifests existed has none and is taken as it is)."""
+    path = folder / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        files = json.loads(path.read_text())["files"]
+        listed = [(str(k), int(v["size"]), int(v["crc32"])) for k, v in files.items()]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return f"{MANIFEST}: unreadable"
+    for name, size, crc in listed:
+        p = folder / name
+        try:
+            got = p.stat().st_size
+            if got != size:
+                return f"{name}: size {got} != {size}"
+            if _crc32(p) != crc:
+                return f"{name}: checksum mismatch"
+        except OSError as e:
+            return f"{name}: {e.strerror or 'unreadable'}"
+    return None
+
+
+def checkpoint_size(folder: Path) -> int | None:
+    try:
+        files = json.loads((folder / MANIFEST).read_text())["files"]
+        return sum(int(v["size"]) for v in files.values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
 def restore_checkpoint(accelerator: Any, out: Path) -> tuple[dict[str, Any] | None,
                                                             list[dict[str, Any]]]:
-    """Load the newest checkpoint under ``out/checkpoints`` into the prepared objects; its
+    """Load the newest whole checkpoint under ``out/checkpoints`` into the prepared objects; its
     trainer state (None when there is none) and the metrics logged up to it (the metrics file
-    is cut back to them: what a killed run logged after its last checkpoint is dropped)."""
-    latest = latest_checkpoint(out / "checkpoints")
-    if latest is None:
+    is cut back to them: what a killed run logged after its last checkpoint is dropped).
+
+    A checkpoint whose files differ from its manifest, or that fails to load, is set aside
+    (``checkpoints/damaged-step-N``) with a note on stderr and the one before it is tried;
+    when none is whole, or metrics.jsonl holds fewer lines than the checkpoint counts, the
+    run is refused in one line."""
+    root = out / "checkpoints"
+    damaged: list[tuple[Path, str]] = []
+    chosen: Path | None = None
+    state: dict[str, Any] = {}
+    for ckpt in reversed(checkpoints(root)):
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
+            try:
+                state = json.loads((ckpt / "trainer_state.json").read_text())
+                int(state["step"])
+            except (OSError, ValueError, KeyError, TypeError):
+                problem = "trainer_state.json: unreadable"
+        if problem is None:
+            try:
+                accelerator.load_state(str(ckpt / "state"))
+            except Exception as e:  # noqa: BLE001  # any failure to load is the file's
+                problem = "state: cannot load: " + " ".join(str(e).split())[:160]
+        if problem is None:
+            chosen = ckpt
+            break
+        damaged.append((ckpt, problem))
+    if chosen is None:
+        if damaged:
+            raise HHRLHFError("no checkpoint of this run is whole: " + "; ".join(
+                f"{c.name}: {p}" for c, p in damaged) + "; remove checkpoints/ to run it "
+                "again from the start with --resume", root)
         return None, []
-    accelerator.load_state(str(latest / "state"))
-    state: dict[str, Any] = json.loads((latest / "trainer_state.json").read_text())
     history = read_jsonl(out / "metrics.jsonl")
     # The final evaluation, logged at the last checkpoint's step, is among what is dropped:
     # the resumed run logs it again. Checkpoints that did not count their lines: by step.
-    history = history[: state["logged"]] if "logged" in state else [
-        r for r in history if r["step"] <= state["step"]]
+    if "logged" in state:
+        if len(history) < state["logged"]:
+            raise HHRLHFError(
+                f"holds {len(history)} whole lines, but the checkpoint {chosen.name} covers "
+                f"{state['logged']}: the run's log is cut or missing, so resuming would finish "
+                "with steps missing from it; put the file back, or start the run again",
+                out / "metrics.jsonl")
+        history = history[: state["logged"]]
+    else:
+        history = [r for r in history if r["step"] <= state["step"]]
     if accelerator.is_main_process:
+        for ckpt, problem in damaged:
+            aside = root / f"damaged-{ckpt.name}"
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(ckpt, aside)  # kept to look at; no longer a checkpoint of the run
+            print(f"hhrlhf: note: checkpoint {ckpt.name} is damaged ({problem}); set aside as "
+                  f"{aside.name}; resuming from {chosen.name}", file=sys.stderr)
         write_jsonl(out / "metrics.jsonl", history)
     return state, history

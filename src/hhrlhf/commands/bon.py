@@ -8,6 +8,7 @@ repeated across rows is sampled once (``--all-rows``: every row). See :mod:`hhrl
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from collections.abc import Iterator
@@ -131,9 +132,9 @@ def bon(policy: str, pm: str, sources: tuple[str, ...], n: int, out: str | None,
                                                      4)):
         if value < low:
             raise HHRLHFError(f"{name} must be at least {low}")
-    if temperature <= 0 or not 0 < top_p <= 1:
-        raise HHRLHFError("--temperature must be above 0 (best-of-N needs different samples) "
-                          "and --top-p in (0, 1]")
+    if not 0 < temperature < math.inf or not 0 < top_p <= 1:  # nan fails both comparisons
+        raise HHRLHFError("--temperature must be a finite number above 0 (best-of-N needs "
+                          "different samples) and --top-p in (0, 1]")
     if out and plot_path and Path(out).resolve() == Path(plot_path).resolve():
         raise HHRLHFError("--out and --plot name the same file", out)
     from hhrlhf.pm.config import resolve_backbone

@@ -21,6 +21,7 @@ Output, JSON Lines (stdout, or ``--output`` written atomically), one row per sam
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -76,8 +77,9 @@ def generate(model: str, sources: tuple[str, ...], n: int, temperature: float, t
                                                      0)):
         if value < low:
             raise HHRLHFError(f"{name} must be at least {low}")
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise HHRLHFError("--temperature must be 0 or more and --top-p in (0, 1]")
+    if not 0 <= temperature < math.inf or not 0 < top_p <= 1:  # nan fails both comparisons
+        raise HHRLHFError("--temperature must be a finite number, 0 or more, and --top-p in "
+                          "(0, 1]")
     if output is not None:
         dest = Path(output).resolve()
         if any(src != "-" and Path(src).exists() and Path(src).resolve() == dest

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import click
@@ -115,9 +116,10 @@ def rl_eval(run: str, prompt_sources: tuple[str, ...], max_prompts: int, heldout
         temperature=float(from_run(temperature, "temperature", 1.0)),
         top_p=float(from_run(top_p, "top_p", 1.0)), top_k=int(from_run(top_k, "top_k", 0)),
         seed=seed, batch_size=batch_size)
-    if settings.temperature < 0 or not 0 < settings.top_p <= 1 or settings.top_k < 0:
-        raise HHRLHFError("--temperature must be 0 (greedy) or more, --top-p in (0, 1] and "
-                          "--top-k 0 or more")
+    if not 0 <= settings.temperature < math.inf or not 0 < settings.top_p <= 1 \
+            or settings.top_k < 0:  # nan fails both comparisons
+        raise HHRLHFError("--temperature must be a finite number, 0 (greedy) or more, --top-p "
+                          "in (0, 1] and --top-k 0 or more")
     if settings.max_new_tokens < 1 or settings.max_prompt_length < 4:
         raise HHRLHFError("--max-new-tokens must be at least 1 and --max-prompt-length 4")
     data = config.get("data")

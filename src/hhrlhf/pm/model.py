@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from hhrlhf.atomic import move_into_place, temp_beside
+from hhrlhf.atomic import atomic_folder
 from hhrlhf.errors import HHRLHFError
 from hhrlhf.packing import (  # noqa: F401  # PACKABLE: re-exported
     PACKABLE,
@@ -369,46 +369,44 @@ class NeuralPreferenceModel(PreferenceModel):
         sharded FSDP/DeepSpeed model); keys start with ``net.``."""
         from safetensors.torch import save_file
 
-        folder = Path(path)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = temp_beside(folder, folder=True)
-        net: Any = self.reward_net.net
-        net_state = None
-        if state_dict is not None:
-            net_state = {k[4:]: v for k, v in state_dict.items() if k.startswith("net.")}
-        with quiet_transformers():
-            if self.transformers_loadable:
-                net.save_pretrained(tmp, state_dict=net_state)
-                self.tokenizer.save_pretrained(tmp)
-            else:
-                weights = net_state if net_state is not None else net.state_dict()
-                base, head = f"{net.base_model_prefix}.", f"{head_name(net)}."
-                net.base_model.save_pretrained(tmp / BACKBONE_DIR, state_dict={
-                    k[len(base):]: v for k, v in weights.items() if k.startswith(base)})
-                self.tokenizer.save_pretrained(tmp / BACKBONE_DIR)
-                save_file({k[len(head):]: v.detach().contiguous().cpu() for k, v in
-                           weights.items() if k.startswith(head)}, str(tmp / HEAD_FILE))
-                # A config no transformers class takes: whoever loads the folder with
-                # transformers (TRL, OpenRLHF) is stopped with this model type in the message.
-                (tmp / "config.json").write_text(json.dumps({
-                    "model_type": f"hhrlhf {self.pooling}-pooled preference model: not an "
-                                  "AutoModelForSequenceClassification, load it with "
-                                  "hhrlhf.pm.load (see hhrlhf_pm.json)"}, indent=2) + "\n")
-        reward = _REWARD_DOC[self.pooling] if self.transformers_loadable else (
-            _HHRLHF_ONLY_DOC[self.pooling])
-        write_marker(
-            tmp, self.kind, pooling=self.pooling, max_length=self.max_length,
-            shared_context=self.shared_context, decoder=self.is_decoder,
-            attn_implementation=getattr(net.config, "_attn_implementation", "sdpa"),
-            precision=self.precision,
-            layout=LAYOUT_SEQUENCE_CLASSIFICATION if self.transformers_loadable
-            else LAYOUT_BACKBONE_AND_HEAD,
-            # The one class that computes these rewards, or None: only hhrlhf.pm.load does.
-            transformers_class="AutoModelForSequenceClassification"
-            if self.transformers_loadable else None,
-            reward=reward,
-        )
-        move_into_place(tmp, folder)
+        # the folder is removed on any failure (a full disk): nothing half-written is left
+        with atomic_folder(path) as tmp:
+            net: Any = self.reward_net.net
+            net_state = None
+            if state_dict is not None:
+                net_state = {k[4:]: v for k, v in state_dict.items() if k.startswith("net.")}
+            with quiet_transformers():
+                if self.transformers_loadable:
+                    net.save_pretrained(tmp, state_dict=net_state)
+                    self.tokenizer.save_pretrained(tmp)
+                else:
+                    weights = net_state if net_state is not None else net.state_dict()
+                    base, head = f"{net.base_model_prefix}.", f"{head_name(net)}."
+                    net.base_model.save_pretrained(tmp / BACKBONE_DIR, state_dict={
+                        k[len(base):]: v for k, v in weights.items() if k.startswith(base)})
+                    self.tokenizer.save_pretrained(tmp / BACKBONE_DIR)
+                    save_file({k[len(head):]: v.detach().contiguous().cpu() for k, v in
+                               weights.items() if k.startswith(head)}, str(tmp / HEAD_FILE))
+                    # A config no transformers class takes: whoever loads the folder with
+                    # transformers (TRL, OpenRLHF) is stopped with this model type in the message.
+                    (tmp / "config.json").write_text(json.dumps({
+                        "model_type": f"hhrlhf {self.pooling}-pooled preference model: not an "
+                                      "AutoModelForSequenceClassification, load it with "
+                                      "hhrlhf.pm.load (see hhrlhf_pm.json)"}, indent=2) + "\n")
+            reward = _REWARD_DOC[self.pooling] if self.transformers_loadable else (
+                _HHRLHF_ONLY_DOC[self.pooling])
+            write_marker(
+                tmp, self.kind, pooling=self.pooling, max_length=self.max_length,
+                shared_context=self.shared_context, decoder=self.is_decoder,
+                attn_implementation=getattr(net.config, "_attn_implementation", "sdpa"),
+                precision=self.precision,
+                layout=LAYOUT_SEQUENCE_CLASSIFICATION if self.transformers_loadable
+                else LAYOUT_BACKBONE_AND_HEAD,
+                # The one class that computes these rewards, or None: only hhrlhf.pm.load does.
+                transformers_class="AutoModelForSequenceClassification"
+                if self.transformers_loadable else None,
+                reward=reward,
+            )
 
     # -- scoring -----------------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:

@@ -162,6 +162,7 @@ def train(config: TrainConfig, comparisons: Sequence[Comparison] | None = None, 
     assert clock is not None
     metrics: dict[str, Any] = {
         "steps": result.metrics["steps"],
+        "skipped_steps": result.metrics["skipped_steps"],  # nonfinite=skip
         "train_pairs": len(pairs),
         "skipped_pairs": skipped,
         "train_loss": float(np.mean([r["loss"] for r in window])) if window else None,

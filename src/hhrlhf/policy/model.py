@@ -13,8 +13,6 @@ folder that :meth:`Policy.load` (and ``AutoModelForCausalLM``) loads.
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -59,18 +57,6 @@ def check_chat_format(tokenizer: Any, where: str | Path | None = None) -> None:
     if got != want or prompt != want + ASSISTANT_MARKER:
         raise HHRLHFError(f"the tokenizer's chat template renders {got[:60]!r}, not the HH chat "
                           f"format {want[:40]!r}... {fix}", where)
-
-
-def _replace_dir(tmp: Path, folder: Path) -> None:
-    """Put ``tmp`` at ``folder`` by rename; an old folder there is moved aside first."""
-    old = None
-    if folder.exists():
-        old = folder.parent / f".{folder.name}.old-{os.getpid()}"
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(folder, old)
-    os.rename(tmp, folder)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 class Policy:
@@ -145,16 +131,12 @@ class Policy:
 
     def save(self, path: str | Path, state_dict: dict[str, Any] | None = None) -> None:
         """An ordinary transformers folder (config, weights, tokenizer); atomic."""
+        from hhrlhf.atomic import atomic_folder
         from hhrlhf.pm.model import quiet_transformers
 
-        folder = Path(path)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        with quiet_transformers():
+        with atomic_folder(path) as tmp, quiet_transformers():
             self.net.save_pretrained(tmp, state_dict=state_dict)
             self.tokenizer.save_pretrained(tmp)
-        _replace_dir(tmp, folder)
 
 
 @dataclass(frozen=True)

@@ -187,10 +187,14 @@ def train_rl(config: RLConfig, *, pm: Any = None, prompts: list[Any] | None = No
     from hhrlhf.rl.prompts import default_sources, load_prompts
     from hhrlhf.runs import (
         MetricsLog,
+        StepGuard,
+        StopRequests,
+        disk_errors,
         finish,
         make_optimizer,
         prepare_run_folder,
         reduce_stats,
+        release_on_error,
         restore_checkpoint,
         start_run,
         strip_prefix,
@@ -247,10 +251,12 @@ def train_rl(config: RLConfig, *, pm: Any = None, prompts: list[Any] | None = No
     kl_ctl = AdaptiveKL(config.kl_coef, config.kl_target, config.kl_horizon)
     step = 0
     history: list[dict[str, Any]] = []
+    guard = StepGuard(accelerator, config.nonfinite, out / "checkpoints" if out else None)
     if resume and out is not None:
         state, history = restore_checkpoint(accelerator, out)
         if state is not None:
             step, kl_ctl.coef = state["step"], state["kl_coef"]
+            guard.skipped = state.get("skipped_steps", 0)
     metrics = MetricsLog(out, accelerator.is_main_process, history, append=step > 0)
 
     def save(path: Path, state: dict[str, Any] | None) -> None:
@@ -299,10 +305,10 @@ def train_rl(config: RLConfig, *, pm: Any = None, prompts: list[Any] | None = No
                 for name, (v, c) in stats.items():
                     acc = sums.get(name, (0.0, 0.0))
                     sums[name] = (acc[0] + v, acc[1] + c)
+                guard.add_loss(loss)
                 accelerator.backward(loss)
-                if config.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                optimizer.step()
+                if guard.step_ok(model, config.max_grad_norm, s + 1):  # clips; nan, inf
+                    optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
         return sums
@@ -339,42 +345,53 @@ def train_rl(config: RLConfig, *, pm: Any = None, prompts: list[Any] | None = No
     prompts_done = responses_done = 0.0
     loop_seconds = 0.0
     model.train()
-    while step < total_steps:
-        t0 = time.perf_counter()
-        ro = collect(step)
-        t_rollout = time.perf_counter() - t0
-        targets = algo.targets(ro, kl_ctl.coef)
-        stats = optimise(ro, targets, step)
-        seconds = time.perf_counter() - t0
-        record = step_record(ro, targets, stats, step)
-        batch_prompts = record.pop("prompts")
-        record["prompts_per_s"] = round(batch_prompts / seconds, 4)
-        record["rollouts_per_s"] = round(batch_prompts * k / seconds, 4)
-        record["rollout_seconds"] = round(t_rollout, 4)
-        record["lr"] = scheduler.get_last_lr()[0]
-        prompts_done += batch_prompts
-        responses_done += batch_prompts * k
-        loop_seconds += seconds
-        step += 1
-        metrics.log(record)
-        bar.update(1)
-        bar.set_postfix(reward=f"{record['reward_mean']:.3f}", kl=f"{record['kl']:.3f}",
-                        refresh=False)
-        if out is not None and config.save_every and step % config.save_every == 0 \
-                and step < total_steps:
-            write_checkpoint(accelerator, model, out / "checkpoints", step,
-                             {"kl_coef": kl_ctl.coef}, save, config.keep_checkpoints)
+    # SIGTERM: the step ends and is checkpointed first; an error releases the run folder
+    with StopRequests() as stop, release_on_error(out):
+        while step < total_steps:
+            t0 = time.perf_counter()
+            ro = collect(step)
+            t_rollout = time.perf_counter() - t0
+            targets = algo.targets(ro, kl_ctl.coef)
+            stats = optimise(ro, targets, step)
+            seconds = time.perf_counter() - t0
+            record = step_record(ro, targets, stats, step)
+            batch_prompts = record.pop("prompts")
+            record["prompts_per_s"] = round(batch_prompts / seconds, 4)
+            record["rollouts_per_s"] = round(batch_prompts * k / seconds, 4)
+            record["rollout_seconds"] = round(t_rollout, 4)
+            record["lr"] = scheduler.get_last_lr()[0]
+            prompts_done += batch_prompts
+            responses_done += batch_prompts * k
+            loop_seconds += seconds
+            step += 1
+            metrics.log(record)
+            bar.update(1)
+            bar.set_postfix(reward=f"{record['reward_mean']:.3f}", kl=f"{record['kl']:.3f}",
+                            refresh=False)
+
+            def checkpoint(step: int = step) -> None:
+                assert out is not None
+                write_checkpoint(accelerator, model, out / "checkpoints", step,
+                                 {"kl_coef": kl_ctl.coef, "logged": len(history),
+                                  "skipped_steps": guard.skipped}, save, config.keep_checkpoints)
+
+            saved = out is not None and config.save_every and step % config.save_every == 0 \
+                and step < total_steps
+            if saved:
+                checkpoint()
+            stop.at_step_end(accelerator, None if saved or out is None else checkpoint)
     bar.close()
     metrics.close()
     accelerator.wait_for_everyone()
     weights = accelerator.get_state_dict(model) if out is not None else None
     if out is not None and accelerator.is_main_process:
-        save(out / "model", weights)
+        with disk_errors("the final model", out):
+            save(out / "model", weights)
     steps = [r for r in history if "reward_mean" in r]
     window = steps[-min(len(steps), FINAL_WINDOW):]
     result: dict[str, Any] = {
         "algo": config.algo, "steps": step, "prompts": n_prompts,
-        "samples_per_prompt": k, "first_reward": steps[0]["reward_mean"] if steps else None,
+        "samples_per_prompt": k, "skipped_steps": guard.skipped, "first_reward": steps[0]["reward_mean"] if steps else None,
         "final_reward": float(np.mean([r["reward_mean"] for r in window])) if window else None,
         "final_kl": float(np.mean([r["kl"] for r in window])) if window else None,
         "final_window": len(window),
