@@ -84,7 +84,7 @@ class LoopConfig:
         for key in ("max_length", "batch_size", "grad_accum", "eval_batch_size",
                     "keep_checkpoints"):
             self.at_least(key, 1)
-        for key in ("max_steps", "save_every", "eval_every", "threads"):
+        for key in ("max_steps", "save_every", "eval_every", "threads", "seed"):
             self.at_least(key, 0)
         if not self.lr > 0:
             raise self.bad("lr", "must be positive")
@@ -269,14 +269,13 @@ def resolve_config(cls: type[C], config_file: str | None, explicit: dict[str, An
     return wanted.validate()
 
 
-def check_run_folder(out_dir: str, resume: bool) -> None:
-    """Refuse to start a new run over a folder that holds one."""
-    out = Path(out_dir) if out_dir else None
-    if out is not None and not resume and ((out / "model").exists() or any(
-            (out / "checkpoints").glob("step-*"))):
-        raise HHRLHFError("holds a run already; resume it (--resume) or choose another --out",
-                          out)
+def check_run_folder(out_dir: str, resume: bool, inputs: list[str] | None = None) -> None:
+    """Refuse a run folder that holds a run (unless resumed), is a file, a model folder, an
+    input folder or inside or around one (``inputs``), or cannot be written: the rule is
+    :func:`hhrlhf.outputs.check_run_folder`."""
+    from hhrlhf.outputs import check_run_folder as check
 
+    check(out_dir, resume, inputs or [])
 
 
 @dataclass

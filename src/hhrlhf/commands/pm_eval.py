@@ -9,8 +9,10 @@ from pathlib import Path
 
 import click
 
-from hhrlhf.atomic import named_files, refuse_overwriting_inputs, write_text
+from hhrlhf.atomic import write_text
+from hhrlhf.commands.options import seed_option
 from hhrlhf.errors import HHRLHFError
+from hhrlhf.outputs import check_output_file, mark_output
 from hhrlhf.records import Comparison
 
 SPLIT_CHOICES = ("test", "train", "all")
@@ -56,8 +58,7 @@ def _emit_json(obj: object) -> None:
               help="Save the lexical baseline trained with --baseline-train to this folder.")
 @click.option("--bins", type=click.IntRange(2, 100), default=10, show_default=True,
               help="Calibration bins on [0, 1].")
-@click.option("--seed", type=int, default=0, show_default=True,
-              help="Seed of the lexical baseline's cross-fitting folds.")
+@seed_option("Seed of the lexical baseline's cross-fitting folds.")
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
 @click.option("--max-pairs", type=click.IntRange(0), default=0,
               help="Evaluate only the first N pairs (0 = all).")
@@ -82,7 +83,7 @@ def eval_(model: str, data: tuple[str, ...], split: str, as_json: bool, plot: st
     if plot is not None and not Path(plot).parent.is_dir():
         raise HHRLHFError("the folder for the plot does not exist", Path(plot).parent)
     if plot is not None:
-        refuse_overwriting_inputs(plot, named_files([model, *data, *baseline_train]))
+        check_output_file(plot, "pm eval", inputs=[model, *data, *baseline_train])
     pm = load(model)
     rows, labels = read_labelled(data, split, max_pairs)
     train_rows: list[Comparison] | None = None
@@ -107,6 +108,7 @@ def eval_(model: str, data: tuple[str, ...], split: str, as_json: bool, plot: st
         }
         plot_reliability(curves, plot, title=f"Calibration: {Path(model).name} on "
                          f"{report.pairs:,} pairs")
+        mark_output(plot, "pm eval")
     if as_json:
         _emit_json(report.to_json())
     else:
@@ -122,8 +124,7 @@ def eval_(model: str, data: tuple[str, ...], split: str, as_json: bool, plot: st
 @click.option("--split", type=click.Choice(SPLIT_CHOICES), default="test", show_default=True,
               help="Split of the named subsets.")
 @click.option("--folds", type=click.IntRange(2), default=5, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True,
-              help="Seed of the fold assignment (folds grouped by prompt).")
+@seed_option("Seed of the fold assignment (folds grouped by prompt).")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
               help="Training configuration file (YAML, TOML or JSON) for the neural PM.")
 @click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
@@ -162,8 +163,7 @@ def cv(data: tuple[str, ...], split: str, folds: int, seed: int, config_file: st
         if path is not None and not Path(path).parent.is_dir():
             raise HHRLHFError("the folder to write in does not exist", Path(path).parent)
         if path is not None:
-            inputs = [*data, *([config_file] if config_file else [])]
-            refuse_overwriting_inputs(path, named_files(inputs))
+            check_output_file(path, "pm cv", inputs=[*data, config_file])
     rows, labels = read_labelled(data, split, max_pairs)
 
     def fit_neural(k: int, train_rows: list[Comparison]) -> PreferenceModel:
@@ -189,8 +189,10 @@ def cv(data: tuple[str, ...], split: str, folds: int, seed: int, config_file: st
         cal = result.pooled.calibration
         plot_reliability({m: cal[m] for m in ["model", "lexical"]}, plot,
                          title=f"{folds}-fold CV, out-of-fold predictions ({len(rows):,} pairs)")
+        mark_output(plot, "pm cv")
     if save_json is not None:
         write_text(Path(save_json), json.dumps(result.to_json(), indent=2) + "\n")
+        mark_output(save_json, "pm cv")
     if as_json:
         _emit_json(result.to_json())
     else:

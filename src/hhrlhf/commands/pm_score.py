@@ -25,14 +25,17 @@ from typing import IO, Any
 
 import click
 
-from hhrlhf.atomic import atomic_path, named_files, refuse_overwriting_inputs
+from hhrlhf.commands.options import threads_option
 from hhrlhf.errors import HHRLHFError
 from hhrlhf.logistic import sigmoid
+from hhrlhf.outputs import check_output_file, command_output
 
 _CHUNK = 512  # rows read before scoring; bounded memory on endless stdin
 
 
 def _lines(path: str) -> Iterator[tuple[int, str]]:
+    """The non-blank lines of ``path`` (``-``: stdin), numbered; none at all is the one "no
+    rows" error every reader gives (an empty input is a mistake, not an empty result)."""
     if path == "-":
         fh: IO[str] = sys.stdin
     else:
@@ -41,16 +44,22 @@ def _lines(path: str) -> Iterator[tuple[int, str]]:
             raise HHRLHFError("no such file", p)
         fh = gzip.open(p, "rt", encoding="utf-8") if p.suffix == ".gz" else open(  # noqa: SIM115
             p, encoding="utf-8")
+    n = rows = 0
     try:
         for n, line in enumerate(fh, start=1):
             line = line.rstrip("\r\n")
             if line.strip():
+                rows += 1
                 yield n, line
     except (UnicodeDecodeError, OSError, EOFError) as e:
         raise HHRLHFError(f"unreadable input: {e}", path) from None
     finally:
         if fh is not sys.stdin:
             fh.close()
+    if not rows:
+        raise HHRLHFError("no rows: " + ("the input is empty" if not n else
+                                         "the input holds only blank lines"),
+                          "<stdin>" if path == "-" else path)
 
 
 def parse_row(line: str, where: str, n: int) -> dict[str, Any]:
@@ -82,7 +91,7 @@ def parse_row(line: str, where: str, n: int) -> dict[str, Any]:
               help="Write here (atomically) instead of stdout.")
 @click.option("--batch-size", type=int, default=32, show_default=True,
               help="Dialogues per forward pass.")
-@click.option("--threads", type=int, default=0, help="torch CPU threads (0: torch's default).")
+@threads_option()
 def score(model: str, file: str, output: str | None, batch_size: int, threads: int) -> None:
     """Score dialogues from FILE (or stdin) with the preference model in folder MODEL."""
     from hhrlhf.commands.pm import model_folder
@@ -92,9 +101,8 @@ def score(model: str, file: str, output: str | None, batch_size: int, threads: i
     folder = model_folder(model, "score")
     if file != "-" and not Path(file).is_file():
         raise HHRLHFError("no such file", file)
-    inputs = named_files([file, folder])  # neither the rows nor the model may be overwritten
-    if output is not None:
-        refuse_overwriting_inputs(output, inputs)
+    if output is not None:  # neither the rows nor the model may be overwritten
+        check_output_file(output, "pm score", inputs=[file, folder])
 
     from hhrlhf.pm.base import load
     from hhrlhf.records import Comparison, Dialogue
@@ -142,7 +150,8 @@ def score(model: str, file: str, output: str | None, batch_size: int, threads: i
                 sys.stdout.write(json.dumps(row) + "\n")
             sys.stdout.flush()
         return
-    with atomic_path(output, inputs=inputs) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+    with command_output(output, "pm score", inputs=[file]) as tmp, \
+            open(tmp, "w", encoding="utf-8") as fh:
         for chunk in chunks():
             for row in scored(chunk):
                 fh.write(json.dumps(row) + "\n")
