@@ -57,8 +57,9 @@ def _lines(path: str) -> Iterator[tuple[int, str]]:
         if fh is not sys.stdin:
             fh.close()
     if not rows:
-        raise HHRLHFError("no rows: " + ("the input is empty" if not n else
-                                         "the input holds only blank lines"),
+        noun = "stdin" if path == "-" else "the file"
+        raise HHRLHFError(f"no rows: {noun} " + ("is empty" if not n else
+                                                 "holds only blank lines"),
                           "<stdin>" if path == "-" else path)
 
 
