@@ -18,7 +18,7 @@ def _check_target(path: Path, option: str, inputs: list[Path]) -> None:
     :func:`hhrlhf.outputs.check_output_file` refuses (the model and the data are inputs)."""
     from hhrlhf.outputs import check_output_file
 
-    if not path.absolute().parent.is_dir():
+    if not path.absolute().parent.exists():  # a file there: the rule names it
         raise HHRLHFError(f"the folder for {option} does not exist", path.absolute().parent)
     check_output_file(path, "pm agree", inputs=inputs)
 

@@ -80,7 +80,7 @@ def eval_(model: str, data: tuple[str, ...], split: str, as_json: bool, plot: st
     if save_baseline and not baseline_train:
         raise HHRLHFError("--save-baseline needs --baseline-train (a cross-fitted baseline is "
                           "two models, none trained on all rows)")
-    if plot is not None and not Path(plot).parent.is_dir():
+    if plot is not None and not Path(plot).absolute().parent.exists():
         raise HHRLHFError("the folder for the plot does not exist", Path(plot).parent)
     if plot is not None:
         check_output_file(plot, "pm eval", inputs=[model, *data, *baseline_train])
@@ -160,7 +160,7 @@ def cv(data: tuple[str, ...], split: str, folds: int, seed: int, config_file: st
     # Validated here: a bad key or value fails before any data is read or torch is loaded.
     config = load_config(config_file, overrides)
     for path in (plot, save_json):
-        if path is not None and not Path(path).parent.is_dir():
+        if path is not None and not Path(path).absolute().parent.exists():
             raise HHRLHFError("the folder to write in does not exist", Path(path).parent)
         if path is not None:
             check_output_file(path, "pm cv", inputs=[*data, config_file])

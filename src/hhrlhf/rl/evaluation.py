@@ -607,7 +607,7 @@ def check_output(path: str | Path, run: RLRun, inputs: Sequence[str]) -> None:
     prompt files are inputs."""
     from hhrlhf.outputs import check_output_file
 
-    if not Path(path).absolute().parent.is_dir():
+    if not Path(path).absolute().parent.exists():  # a file there: the rule names it
         raise HHRLHFError("the folder to write in does not exist", Path(path).absolute().parent)
     check_output_file(path, "rl eval", inputs=[run.folder, run.initial, run.pm, *inputs])
 
