@@ -110,7 +110,7 @@ def test_sft_out_naming_a_file_or_a_model_folder(
     notes = tmp_path / "notes.txt"
     notes.write_text("mine\n")
     one_line(run_cli(["sft", str(real_file), "--init", "tiny", "--out", str(notes)], capsys,
-                     monkeypatch), f"{notes}: is a file; --out names a run folder")
+                     monkeypatch), f"{notes}: is a file; --out names a folder for a run")
     assert notes.read_text() == "mine\n"
     # a model folder that is not an input of this run (the PM, given to sft) is refused too
     one_line(run_cli(["sft", str(real_file), "--init", "tiny", "--out", str(models["pm"])],
@@ -324,3 +324,40 @@ def test_empty_input_is_the_no_rows_error(
              f"{blank}: no rows: the file holds only blank lines")
     one_line(run_cli(args, capsys, monkeypatch, stdin=""), "<stdin>: no rows: stdin is empty")
     assert not out.exists()
+
+
+# -- folder outputs: figures, a saved baseline, the folds' runs -----------------------------------
+
+def test_redteam_figures_replace_only_their_own_files(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from redteam_gen import write_redteam_file
+
+    data = write_redteam_file(tmp_path / "rt.json.gz", n=120, seed=3).path
+    figs = tmp_path / "figs"
+    for _ in range(2):  # a second run replaces the figures of the first
+        code, _, err = run_cli(["redteam", str(data), "--json", "--out", str(figs)], capsys,
+                               monkeypatch)
+        assert code == 0, err
+    assert (figs / "tags.png").read_bytes().startswith(b"\x89PNG")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "tags.png").write_bytes(b"my own picture")
+    one_line(run_cli(["redteam", str(data), "--out", str(mine)], capsys, monkeypatch),
+             "tags.png: exists and was not written by `hhrlhf redteam`")
+    assert (mine / "tags.png").read_bytes() == b"my own picture"
+    assert sorted(p.name for p in mine.iterdir()) == ["tags.png"]  # no figure written either
+
+
+def test_pm_eval_and_cv_never_save_into_an_input(
+        models: dict[str, Path], real_file: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    pm = models["pm"]
+    before = snapshot(pm)
+    one_line(run_cli(["pm", "eval", str(pm), str(real_file), "--baseline-train", str(real_file),
+                      "--save-baseline", str(pm)], capsys, monkeypatch),
+             f"is {pm}, an input folder; refusing to write a model there")
+    assert snapshot(pm) == before
+    one_line(run_cli(["pm", "cv", str(real_file), "--set", f"backbone={models['policy']}",
+                      "--out", str(models["policy"] / "folds")], capsys, monkeypatch),
+             "an input folder; refusing to write the folds' runs there")

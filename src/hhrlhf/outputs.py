@@ -177,6 +177,23 @@ def check_output_file(path: str | Path, command: str, *,
     return out
 
 
+def check_output_folder(path: str | Path, what: str, option: str,
+                        inputs: Iterable[str | Path | None] = ()) -> None:
+    """Check, before any compute, a folder a command fills (``what``: "a run", "a model",
+    "figures"): not a file, not an input folder nor inside or around one (``inputs``: what
+    the command reads), and writable."""
+    out = Path(path)
+    if os.path.lexists(out) and not out.is_dir():
+        raise HHRLHFError(f"is a file; {option} names a folder for {what} (made if missing)",
+                          out)
+    for folder in _split_inputs(inputs)[1]:  # an input file there is "is a file" above
+        how = _relation(out, folder)
+        if how is not None:
+            raise HHRLHFError(f"{how} {folder}, an input folder; refusing to write {what} "
+                              f"there: choose another {option}", out)
+    check_writable(out / "probe")
+
+
 def check_run_folder(out_dir: str | Path, resume: bool,
                      inputs: Iterable[str | Path | None] = ()) -> None:
     """Check, before any compute, that a trainer may write its run into ``out_dir``: not a file,
@@ -185,20 +202,13 @@ def check_run_folder(out_dir: str | Path, resume: bool,
     if not out_dir:
         return
     out = Path(out_dir)
-    if os.path.lexists(out) and not out.is_dir():
-        raise HHRLHFError("is a file; --out names a run folder (made if missing)", out)
-    for folder in _split_inputs(inputs)[1]:  # an input file there is "is a file" above
-        how = _relation(out, folder)
-        if how is not None:
-            raise HHRLHFError(f"{how} {folder}, an input folder; refusing to write a run "
-                              "there: choose another --out", out)
+    check_output_folder(out, "a run", "--out", inputs)
     if is_model_folder(out):
         raise HHRLHFError("is a model folder; refusing to write a run into it: choose another "
                           "--out", out)
     if not resume and out.is_dir() and any((out / name).exists() for name in RUN_FILES):
         raise HHRLHFError("holds a run already; resume it (--resume) or choose another --out",
                           out)
-    check_writable(out / "config.json")
 
 
 def run_inputs(config: object) -> list[str]:

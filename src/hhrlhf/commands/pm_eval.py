@@ -12,7 +12,7 @@ import click
 from hhrlhf.atomic import write_text
 from hhrlhf.commands.options import seed_option
 from hhrlhf.errors import HHRLHFError
-from hhrlhf.outputs import check_output_file, mark_output
+from hhrlhf.outputs import check_output_file, check_output_folder, mark_output
 from hhrlhf.records import Comparison
 
 SPLIT_CHOICES = ("test", "train", "all")
@@ -84,6 +84,9 @@ def eval_(model: str, data: tuple[str, ...], split: str, as_json: bool, plot: st
         raise HHRLHFError("the folder for the plot does not exist", Path(plot).parent)
     if plot is not None:
         check_output_file(plot, "pm eval", inputs=[model, *data, *baseline_train])
+    if save_baseline:  # never the evaluated model's folder, which a save would replace
+        check_output_folder(save_baseline, "a model", "--save-baseline",
+                            [model, *data, *baseline_train])
     pm = load(model)
     rows, labels = read_labelled(data, split, max_pairs)
     train_rows: list[Comparison] | None = None
@@ -164,6 +167,9 @@ def cv(data: tuple[str, ...], split: str, folds: int, seed: int, config_file: st
             raise HHRLHFError("the folder to write in does not exist", Path(path).parent)
         if path is not None:
             check_output_file(path, "pm cv", inputs=[*data, config_file])
+    if out_dir is not None:
+        check_output_folder(out_dir, "the folds' runs", "--out",
+                            [*data, config_file, config.backbone, config.tokenizer])
     rows, labels = read_labelled(data, split, max_pairs)
 
     def fit_neural(k: int, train_rows: list[Comparison]) -> PreferenceModel:
