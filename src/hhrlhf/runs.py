@@ -400,7 +400,7 @@ def prepare_run_folder(config: LoopConfig, resume: bool, is_main: bool) -> Path 
     out = Path(config.out_dir) if config.out_dir else None
     if resume and out is None:
         raise HHRLHFError("resume needs a run folder (out_dir)")
-    if out is not None and not resume:
+    if out is not None and not resume and is_main:  # the others would see main's config.json
         check_run_folder(config.out_dir, resume)
     if out is not None and is_main:
         out.mkdir(parents=True, exist_ok=True)
