@@ -237,9 +237,9 @@ def test_bon_errors_are_one_line(folders: dict[str, Path], real_file: Path, tmp_
         ((folders["policy"], folders["policy"], *base), "not an hhrlhf preference model"),
         ((folders["bert"], folders["pm"], *base), "not a causal language model"),
         ((folders["policy"], folders["pm"], *base, "--out", real_file),
-         "refusing to write over an input"),
+         "is one of the inputs"),
         ((folders["policy"], folders["pm"], *base, "--out", folders["pm"] / "x.jsonl"),
-         "refusing to write into the policy or PM folder"),
+         "an input folder; refusing to write into it"),
         ((folders["policy"], folders["pm"], *base, "--temperature", 0),
          "--temperature must be above 0"),
         ((folders["policy"], folders["pm"], *base, "--n", 0), "--n must be at least 1"),
@@ -247,7 +247,7 @@ def test_bon_errors_are_one_line(folders: dict[str, Path], real_file: Path, tmp_
     mine = tmp_path / "notes.txt"
     mine.write_text("my own notes\n")
     cases.append(((folders["policy"], folders["pm"], *base, "--out", mine),
-                  "refusing to replace a file that is not a preference file"))
+                  "was not written by `hhrlhf bon`"))
     for args, needle in cases:  # in this process: seven interpreter starts cost a minute
         with pytest.raises(SystemExit) as exit_:
             main(["bon", *map(str, args)])

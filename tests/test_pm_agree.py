@@ -318,10 +318,10 @@ def test_cli_scores_file(lex_dir: Path, redteam_file: GroundTruth,
     other = tmp_path / "other.jsonl"
     other.write_text('{"text": "mine"}\n')
     _one_line_error(run_cli(str(lex_dir), str(redteam_file.path), "--scores", str(other)),
-                    "not a scores file of `hhrlhf pm agree`")
+                    "was not written by `hhrlhf pm agree`")
     assert other.read_text() == '{"text": "mine"}\n'
     _one_line_error(run_cli(str(lex_dir), str(redteam_file.path), "--scores",
-                            str(redteam_file.path)), "would overwrite an input")
+                            str(redteam_file.path)), "is one of the inputs")
     _one_line_error(run_cli(str(lex_dir), str(redteam_file.path), "--scores",
                             str(tmp_path / "both"), "--plot", str(tmp_path / "both")),
                     "--plot and --scores name the same file")
@@ -366,9 +366,9 @@ def test_cli_errors_are_one_line(lex_dir: Path, redteam_file: GroundTruth, real_
     notes = tmp_path / "notes.txt"
     notes.write_text("mine")
     _one_line_error(run_cli(str(lex_dir), str(redteam_file.path), "--plot", str(notes)),
-                    "not a PNG; refusing to overwrite it")
+                    "was not written by `hhrlhf pm agree`")
     assert notes.read_text() == "mine"
     _one_line_error(run_cli(str(lex_dir), str(redteam_file.path), "--plot",
-                            str(redteam_file.path)), "would overwrite an input")
+                            str(redteam_file.path)), "is one of the inputs")
     _one_line_error(run_cli(str(lex_dir), str(redteam_file.path), "--plot",
                             str(tmp_path / "no-such-dir" / "a.png")), "does not exist")

@@ -112,7 +112,7 @@ def test_generate_command_feeds_pm_score(tiny: tuple[Policy, Path], real_file: P
     # refusing to write over an input
     code, _, err = run_cli(["generate", str(tiny[1]), str(out), "-o", str(out)], capsys,
                            monkeypatch)
-    assert code == 2 and "refusing to write over an input" in err
+    assert code == 2 and "is one of the inputs; refusing to write over it" in err
 
 
 def test_a_sample_stops_at_the_next_human_turn(tiny: tuple[Policy, Path]) -> None:

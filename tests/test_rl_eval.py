@@ -282,9 +282,11 @@ def test_one_line_errors(parts: dict[str, Path], tmp_path: Path, real_file: Path
                                         capsys)
     foreign = tmp_path / "notes.txt"
     foreign.write_text("mine\n")
-    assert "not overwriting" in one_line_error([str(run), "--output", str(foreign)], capsys)
+    assert "not written by `hhrlhf rl eval`" in one_line_error([str(run), "--output", str(foreign)],
+                                                                capsys)
     assert foreign.read_text() == "mine\n"
-    assert "not overwriting" in one_line_error([str(run), "--plot", str(foreign)], capsys)
+    assert "not written by `hhrlhf rl eval`" in one_line_error([str(run), "--plot", str(foreign)],
+                                                                capsys)
     assert "folder to write in does not exist" in one_line_error(
         [str(run), *prompts, "--plot", str(tmp_path / "no" / "p.png")], capsys)
     # a broken metrics line is named by file and line

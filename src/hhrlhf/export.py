@@ -39,6 +39,7 @@ import pyarrow as pa
 
 from hhrlhf.atomic import atomic_path, refuse_overwriting_inputs
 from hhrlhf.errors import HHRLHFError
+from hhrlhf.outputs import check_output_file, mark_output
 from hhrlhf.read import Source
 from hhrlhf.records import ASSISTANT, Comparison, Turn, render_turns
 from hhrlhf.rowformats import to_messages
@@ -248,7 +249,7 @@ def export(sources: str | Path | Sequence[str | Path], fmt: str, out: str | Path
     srcs = preference_sources(names, split)
     # Every file read (both splits when cross-row checks are computed): never the output.
     inputs = [s.path for s in srcs]
-    refuse_overwriting_inputs(out, inputs)
+    check_output_file(out, "export", inputs=inputs)
     flags_of = None
     if any(c in CROSS_ROW_CHECKS for c in checks):
         audited = preference_sources(names, None)
@@ -308,6 +309,7 @@ def export(sources: str | Path | Sequence[str | Path], fmt: str, out: str | Path
                 sink.close()
     except OSError as e:
         raise HHRLHFError(f"cannot write: {e.strerror or e}", out) from None
+    mark_output(out, "export")
     result.dropped = {k: dropped[k] for k in checks if dropped[k]}
     result.unrepresentable = {k: unrepresentable[k] for k in UNREPRESENTABLE[fmt]
                               if unrepresentable[k]}

@@ -342,7 +342,8 @@ def _iter_array(path: Path, data: bytes) -> Iterator[tuple[int, Any]]:
 
 def text_lines(path: str) -> Iterator[tuple[int, str]]:
     """(line number, line) for each non-blank line of a text file (``.gz`` read decompressed)
-    or of stdin (``-``): the rows of dialogue files, which may be plain lines, not JSON."""
+    or of stdin (``-``): the rows of dialogue files, which may be plain lines, not JSON. None
+    at all is the "no rows" error every reader gives."""
     if path == "-":
         fh: IO[str] = sys.stdin
     else:
@@ -351,16 +352,23 @@ def text_lines(path: str) -> Iterator[tuple[int, str]]:
             raise HHRLHFError("no such file", p)
         fh = gzip.open(p, "rt", encoding="utf-8") if p.suffix == ".gz" else open(  # noqa: SIM115
             p, encoding="utf-8")
+    n = rows = 0
     try:
         for n, line in enumerate(fh, start=1):
             line = line.rstrip("\r\n")
             if line.strip():
+                rows += 1
                 yield n, line
     except (UnicodeDecodeError, OSError, EOFError) as e:
         raise HHRLHFError(f"unreadable input: {e}", path) from None
     finally:
         if fh is not sys.stdin:
             fh.close()
+    if not rows:  # an empty input is a mistake, not an empty result: the one "no rows" error
+        noun = "stdin" if path == "-" else "the file"
+        raise HHRLHFError(f"no rows: {noun} " + ("is empty" if not n else
+                                                 "holds only blank lines"),
+                          "<stdin>" if path == "-" else path)
 
 
 def read_source_comparisons(source: Source) -> Iterator[Comparison]:

@@ -99,7 +99,7 @@ class CommonConfig:
                 raise self.bad(f.name, "expected a finite number")
         for key in ("max_length", "batch_size", "keep_checkpoints"):
             self.at_least(key, 1)
-        for key in ("max_steps", "save_every", "threads"):
+        for key in ("max_steps", "save_every", "threads", "seed"):
             self.at_least(key, 0)
         if not self.lr > 0:
             raise self.bad("lr", "must be positive")
@@ -348,14 +348,13 @@ def resolve_config(cls: type[C], config_file: str | None, explicit: dict[str, An
     return wanted.validate()
 
 
-def check_run_folder(out_dir: str, resume: bool) -> None:
-    """Refuse to start a new run over a folder that holds one."""
-    out = Path(out_dir) if out_dir else None
-    if out is not None and not resume and ((out / "model").exists() or any(
-            (out / "checkpoints").glob("step-*"))):
-        raise HHRLHFError("holds a run already; resume it (--resume) or choose another --out",
-                          out)
+def check_run_folder(out_dir: str, resume: bool, inputs: list[str] | None = None) -> None:
+    """Refuse a run folder that holds a run (unless resumed), is a file, a model folder, an
+    input folder or inside or around one (``inputs``), or cannot be written: the rule is
+    :func:`hhrlhf.outputs.check_run_folder`."""
+    from hhrlhf.outputs import check_run_folder as check
 
+    check(out_dir, resume, inputs or [])
 
 
 @dataclass
@@ -481,7 +480,9 @@ def prepare_run_folder(config: CommonConfig, resume: bool, is_main: bool) -> Pat
     out = Path(config.out_dir) if config.out_dir else None
     if resume and out is None:
         raise HHRLHFError("resume needs a run folder (out_dir)")
-    if out is not None and not resume and not (is_main and out.is_dir()):
+    # the main process checks (the others would see main's config.json); a folder that is
+    # there is checked again under the lock, below
+    if out is not None and not resume and is_main and not out.is_dir():
         check_run_folder(config.out_dir, resume)  # before the folder is made
     if out is not None and is_main:
         out.mkdir(parents=True, exist_ok=True)

@@ -17,9 +17,8 @@ from typing import Any
 
 import click
 
+from hhrlhf.commands.options import seed_option, threads_option
 from hhrlhf.errors import HHRLHFError
-
-_PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def _prompts(sources: tuple[str, ...], all_rows: bool, max_prompts: int
@@ -45,36 +44,6 @@ def _prompts(sources: tuple[str, ...], all_rows: bool, max_prompts: int
     return out
 
 
-def _check_output(path: str, kind: str, inputs: list[Path], folders: list[Path]) -> None:
-    """Refuse to write over an input, into the policy or PM folder, or over an existing file
-    that is not what this command writes (a preference file, a PNG)."""
-    dest = Path(path).resolve()
-    if any(dest == p.resolve() for p in inputs):
-        raise HHRLHFError("refusing to write over an input", path)
-    if any(f.resolve() in dest.parents for f in folders):
-        raise HHRLHFError("refusing to write into the policy or PM folder", path)
-    if dest.is_dir():
-        raise HHRLHFError("is a folder", path)
-    if not dest.exists() or dest.stat().st_size == 0:
-        return
-    if kind == "png":
-        with open(dest, "rb") as fh:
-            ok = fh.read(8) == _PNG
-    else:
-        from hhrlhf.read import iter_json_rows
-
-        try:
-            ok = False
-            for _, obj in iter_json_rows(dest):
-                ok = isinstance(obj, dict) and set(obj) == {"chosen", "rejected"}
-                break
-        except HHRLHFError:
-            ok = False
-    if not ok:
-        raise HHRLHFError(f"refusing to replace a file that is not a {kind} file hhrlhf "
-                          "writes", path)
-
-
 @click.command("bon")
 @click.argument("policy", type=click.Path())
 @click.argument("pm", type=click.Path())
@@ -92,7 +61,7 @@ def _check_output(path: str, kind: str, inputs: list[Path], folders: list[Path])
 @click.option("--temperature", type=float, default=1.0, show_default=True)
 @click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus mass.")
 @click.option("--top-k", type=int, default=0, show_default=True, help="0 = no top-k.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@seed_option()
 @click.option("--batch-size", type=int, default=64, show_default=True,
               help="Sequences sampled together (prompts x n).")
 @click.option("--pm-batch-size", type=int, default=32, show_default=True,
@@ -102,7 +71,7 @@ def _check_output(path: str, kind: str, inputs: list[Path], folders: list[Path])
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
               help="PNG: best-of-n reward against KL and against n.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-@click.option("--threads", type=int, default=0, help="torch CPU threads (0: torch's default).")
+@threads_option()
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def bon(policy: str, pm: str, sources: tuple[str, ...], n: int, out: str | None,
         rejected: str, max_prompts: int, max_new_tokens: int, max_prompt_length: int,
@@ -143,12 +112,12 @@ def bon(policy: str, pm: str, sources: tuple[str, ...], n: int, out: str | None,
     resolve_backbone(policy)
     if not Path(pm).is_dir():
         raise HHRLHFError("no such model folder", pm)
-    inputs = [s.path for s in resolve(sources)]
-    folders = [Path(policy), Path(pm)]
-    if out:
-        _check_output(out, "preference", inputs, folders)
-    if plot_path:
-        _check_output(plot_path, "png", inputs, folders)
+    from hhrlhf.outputs import check_output_file, mark_output
+
+    inputs: list[str | Path] = [policy, pm, *(s.path for s in resolve(sources))]
+    for path in (out, plot_path):
+        if path:
+            check_output_file(path, "bon", inputs=inputs)
 
     import numpy as np
     import torch
@@ -202,6 +171,7 @@ def bon(policy: str, pm: str, sources: tuple[str, ...], n: int, out: str | None,
     if out:
         with B.jsonl_writer(out) as write:
             consume(write)
+        mark_output(out, "bon")
     else:
         consume(None)
     seconds = time.perf_counter() - started
@@ -218,6 +188,7 @@ def bon(policy: str, pm: str, sources: tuple[str, ...], n: int, out: str | None,
         summary.update(out=out, pairs=pairs, rejected_rule=rejected, no_pair=no_pair)
     if plot_path:
         B.plot(points, plot_path, title=f"best-of-n, {len(prompts)} prompts, N = {n}")
+        mark_output(plot_path, "bon")
         summary["plot"] = plot_path
     if as_json:
         click.echo(json.dumps(summary, indent=2))

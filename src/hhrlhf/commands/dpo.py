@@ -31,12 +31,13 @@ def dpo(sources: tuple[str, ...], config_file: str | None, assignments: tuple[st
     from hhrlhf.extras import require
 
     require("pm", "hhrlhf dpo")
+    from hhrlhf.outputs import run_inputs
     from hhrlhf.policy.dpo import DPOConfig
     from hhrlhf.runs import check_run_folder, resolve_config
 
     config = resolve_config(DPOConfig, config_file,
                             explicit_settings(sources, assignments, **options), resume)
-    check_run_folder(config.out_dir, resume)
+    check_run_folder(config.out_dir, resume, run_inputs(config))
     check_sources(config)
     from hhrlhf.pm.config import resolve_backbone
 

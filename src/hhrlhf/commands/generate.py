@@ -29,6 +29,7 @@ from typing import IO, Any
 
 import click
 
+from hhrlhf.commands.options import seed_option, threads_option
 from hhrlhf.errors import HHRLHFError
 
 _CHUNK = 256  # prompts read before sampling: bounded memory on endless stdin
@@ -46,7 +47,7 @@ _CHUNK = 256  # prompts read before sampling: bounded memory on endless stdin
 @click.option("--max-prompt-length", type=int, default=0,
               help="Prompt tokens kept (the end of the dialogue); default: 512, or what the "
                    "model's positions leave beside --max-new-tokens.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@seed_option()
 @click.option("--batch-size", type=int, default=64, show_default=True,
               help="Sequences decoded together (prompts x samples).")
 @click.option("--max-prompts", type=int, default=0, help="Stop after N prompts (0 = all).")
@@ -54,7 +55,7 @@ _CHUNK = 256  # prompts read before sampling: bounded memory on endless stdin
               help="Sample every row's prompt, even one repeated in an earlier row.")
 @click.option("--output", "-o", type=click.Path(dir_okay=False),
               help="Write here (atomically) instead of stdout.")
-@click.option("--threads", type=int, default=0, help="torch CPU threads (0: torch's default).")
+@threads_option()
 def generate(model: str, sources: tuple[str, ...], n: int, temperature: float, top_p: float,
              top_k: int, max_new_tokens: int, max_prompt_length: int, seed: int,
              batch_size: int, max_prompts: int, all_rows: bool, output: str | None,
@@ -81,10 +82,9 @@ def generate(model: str, sources: tuple[str, ...], n: int, temperature: float, t
         raise HHRLHFError("--temperature must be a finite number, 0 or more, and --top-p in "
                           "(0, 1]")
     if output is not None:
-        dest = Path(output).resolve()
-        if any(src != "-" and Path(src).exists() and Path(src).resolve() == dest
-               for src in sources):
-            raise HHRLHFError("refusing to write over an input", output)
+        from hhrlhf.outputs import check_output_file
+
+        check_output_file(output, "generate", inputs=[model, *sources])
     from hhrlhf.pm.config import resolve_backbone
 
     resolve_backbone(model)
@@ -152,7 +152,7 @@ def generate(model: str, sources: tuple[str, ...], n: int, temperature: float, t
     if output is None:
         write(sys.stdout)
         return
-    from hhrlhf.atomic import atomic_path
+    from hhrlhf.outputs import command_output
 
-    with atomic_path(output) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+    with command_output(output, "generate") as tmp, open(tmp, "w", encoding="utf-8") as fh:
         write(fh)

@@ -8,51 +8,19 @@ from pathlib import Path
 
 import click
 
+from hhrlhf.commands.options import seed_option
 from hhrlhf.errors import HHRLHFError
 from hhrlhf.registry import REDTEAM_SUBSET
 
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
+def _check_target(path: Path, option: str, inputs: list[Path]) -> None:
+    """Refuse, before any scoring, a path in a missing folder or one the rule of
+    :func:`hhrlhf.outputs.check_output_file` refuses (the model and the data are inputs)."""
+    from hhrlhf.outputs import check_output_file
 
-def _check_plot_target(plot: Path, inputs: list[Path]) -> None:
-    """Refuse a plot path whose folder is missing, that is one of the inputs, or that holds a
-    file other than a PNG (hhrlhf writes PNGs there; anything else is someone's file)."""
-    if not plot.parent.is_dir():
-        raise HHRLHFError("the folder for the plot does not exist", plot.parent)
-    if plot.is_dir():
-        raise HHRLHFError("is a directory; --plot takes a PNG file path", plot)
-    for inp in inputs:
-        if inp.exists() and plot.exists() and plot.samefile(inp):
-            raise HHRLHFError("--plot would overwrite an input", plot)
-    if plot.exists():
-        with open(plot, "rb") as fh:
-            if fh.read(8) != PNG_MAGIC:
-                raise HHRLHFError("exists and is not a PNG; refusing to overwrite it", plot)
-
-
-def _check_scores_target(path: Path, inputs: list[Path]) -> None:
-    """Refuse a --scores path whose folder is missing, that is an input, or that holds a file
-    other than an earlier --scores file (its first line an object with the hhrlhf score)."""
-    from hhrlhf.pm.agreement import SCORES_KEY
-
-    if not path.parent.is_dir():
-        raise HHRLHFError("the folder for the scores does not exist", path.parent)
-    if path.is_dir():
-        raise HHRLHFError("is a directory; --scores takes a file path", path)
-    for inp in inputs:
-        if inp.exists() and path.exists() and path.samefile(inp):
-            raise HHRLHFError("--scores would overwrite an input", path)
-    if path.exists() and path.stat().st_size:
-        with open(path, "rb") as fh:
-            first = fh.readline(1 << 20)
-        try:
-            obj = json.loads(first)
-        except ValueError:
-            obj = None
-        ours = isinstance(obj, dict) and SCORES_KEY in obj
-        if not ours:
-            raise HHRLHFError("exists and is not a scores file of `hhrlhf pm agree`; "
-                              "refusing to overwrite it", path)
+    if not path.absolute().parent.exists():  # a file there: the rule names it
+        raise HHRLHFError(f"the folder for {option} does not exist", path.absolute().parent)
+    check_output_file(path, "pm agree", inputs=inputs)
 
 
 @click.command("agree")
@@ -61,7 +29,7 @@ def _check_scores_target(path: Path, inputs: list[Path]) -> None:
                 metavar="[red-team-attempts|PATH]")
 @click.option("--max-rows", type=click.IntRange(0), default=0,
               help="Score a seeded random sample of N transcripts (0 = all).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sample.")
+@seed_option("Seed of the sample.")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write a figure (PNG): hhrlhf score against the published score, and rho "
                    "per model type and size.")
@@ -86,17 +54,18 @@ def agree(model: str, source: str, max_rows: int, seed: int, plot: Path | None,
     cached red-team file (`hhrlhf fetch red-team-attempts`) or a path.
     """
     from hhrlhf.atomic import write_text
+    from hhrlhf.outputs import mark_output
     from hhrlhf.pm.agreement import agreement, plot_agreement
     from hhrlhf.pm.base import load
     from hhrlhf.redteam.analysis import read_attempts
 
     inputs = [Path(source), Path(model)]
     if plot is not None:
-        _check_plot_target(plot, inputs)
+        _check_target(plot, "--plot", inputs)
     if scores is not None:
         if plot is not None and scores.resolve() == plot.resolve():
             raise HHRLHFError("--plot and --scores name the same file", scores)
-        _check_scores_target(scores, inputs)
+        _check_target(scores, "--scores", inputs)
     pm = load(model)
     attempts = read_attempts(source, progress=not quiet)
     if not attempts:
@@ -106,9 +75,11 @@ def agree(model: str, source: str, max_rows: int, seed: int, plot: Path | None,
                        progress=not quiet)
     if plot is not None:
         plot_agreement(result, plot)
+        mark_output(plot, "pm agree")
     if scores is not None:
         write_text(scores, "".join(json.dumps(r, allow_nan=False) + "\n"
                                    for r in result.score_rows()))
+        mark_output(scores, "pm agree")
     if as_json:
         out = result.to_json()
         out["plot"] = None if plot is None else str(plot)

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import click
 
-from hhrlhf.atomic import named_files, refuse_overwriting_inputs, write_text
+from hhrlhf.atomic import write_text
+from hhrlhf.commands.options import seed_option
 from hhrlhf.errors import HHRLHFError
+from hhrlhf.outputs import check_output_file, check_output_folder, mark_output
 from hhrlhf.records import Comparison
 
 SPLIT_CHOICES = ("test", "train", "all")
@@ -56,8 +58,7 @@ def _emit_json(obj: object) -> None:
               help="Save the lexical baseline trained with --baseline-train to this folder.")
 @click.option("--bins", type=click.IntRange(2, 100), default=10, show_default=True,
               help="Calibration bins on [0, 1].")
-@click.option("--seed", type=int, default=0, show_default=True,
-              help="Seed of the lexical baseline's cross-fitting folds.")
+@seed_option("Seed of the lexical baseline's cross-fitting folds.")
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
 @click.option("--max-pairs", type=click.IntRange(0), default=0,
               help="Evaluate only the first N pairs (0 = all).")
@@ -79,10 +80,13 @@ def eval_(model: str, data: tuple[str, ...], split: str, as_json: bool, plot: st
     if save_baseline and not baseline_train:
         raise HHRLHFError("--save-baseline needs --baseline-train (a cross-fitted baseline is "
                           "two models, none trained on all rows)")
-    if plot is not None and not Path(plot).parent.is_dir():
+    if plot is not None and not Path(plot).absolute().parent.exists():
         raise HHRLHFError("the folder for the plot does not exist", Path(plot).parent)
     if plot is not None:
-        refuse_overwriting_inputs(plot, named_files([model, *data, *baseline_train]))
+        check_output_file(plot, "pm eval", inputs=[model, *data, *baseline_train])
+    if save_baseline:  # never the evaluated model's folder, which a save would replace
+        check_output_folder(save_baseline, "a model", "--save-baseline",
+                            [model, *data, *baseline_train])
     pm = load(model)
     rows, labels = read_labelled(data, split, max_pairs)
     train_rows: list[Comparison] | None = None
@@ -107,6 +111,7 @@ def eval_(model: str, data: tuple[str, ...], split: str, as_json: bool, plot: st
         }
         plot_reliability(curves, plot, title=f"Calibration: {Path(model).name} on "
                          f"{report.pairs:,} pairs")
+        mark_output(plot, "pm eval")
     if as_json:
         _emit_json(report.to_json())
     else:
@@ -122,8 +127,7 @@ def eval_(model: str, data: tuple[str, ...], split: str, as_json: bool, plot: st
 @click.option("--split", type=click.Choice(SPLIT_CHOICES), default="test", show_default=True,
               help="Split of the named subsets.")
 @click.option("--folds", type=click.IntRange(2), default=5, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True,
-              help="Seed of the fold assignment (folds grouped by prompt).")
+@seed_option("Seed of the fold assignment (folds grouped by prompt).")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
               help="Training configuration file (YAML, TOML or JSON) for the neural PM.")
 @click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
@@ -159,11 +163,13 @@ def cv(data: tuple[str, ...], split: str, folds: int, seed: int, config_file: st
     # Validated here: a bad key or value fails before any data is read or torch is loaded.
     config = load_config(config_file, overrides)
     for path in (plot, save_json):
-        if path is not None and not Path(path).parent.is_dir():
+        if path is not None and not Path(path).absolute().parent.exists():
             raise HHRLHFError("the folder to write in does not exist", Path(path).parent)
         if path is not None:
-            inputs = [*data, *([config_file] if config_file else [])]
-            refuse_overwriting_inputs(path, named_files(inputs))
+            check_output_file(path, "pm cv", inputs=[*data, config_file])
+    if out_dir is not None:
+        check_output_folder(out_dir, "the folds' runs", "--out",
+                            [*data, config_file, config.backbone, config.tokenizer])
     rows, labels = read_labelled(data, split, max_pairs)
 
     def fit_neural(k: int, train_rows: list[Comparison]) -> PreferenceModel:
@@ -189,8 +195,10 @@ def cv(data: tuple[str, ...], split: str, folds: int, seed: int, config_file: st
         cal = result.pooled.calibration
         plot_reliability({m: cal[m] for m in ["model", "lexical"]}, plot,
                          title=f"{folds}-fold CV, out-of-fold predictions ({len(rows):,} pairs)")
+        mark_output(plot, "pm cv")
     if save_json is not None:
         write_text(Path(save_json), json.dumps(result.to_json(), indent=2) + "\n")
+        mark_output(save_json, "pm cv")
     if as_json:
         _emit_json(result.to_json())
     else:

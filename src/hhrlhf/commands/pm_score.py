@@ -24,9 +24,10 @@ from typing import Any
 
 import click
 
-from hhrlhf.atomic import atomic_path, named_files, refuse_overwriting_inputs
+from hhrlhf.commands.options import threads_option
 from hhrlhf.errors import HHRLHFError
 from hhrlhf.logistic import sigmoid
+from hhrlhf.outputs import check_output_file, command_output
 from hhrlhf.read import text_lines
 from hhrlhf.rowformats import parse_row
 
@@ -40,7 +41,7 @@ _CHUNK = 512  # rows read before scoring; bounded memory on endless stdin
               help="Write here (atomically) instead of stdout.")
 @click.option("--batch-size", type=int, default=32, show_default=True,
               help="Dialogues per forward pass.")
-@click.option("--threads", type=int, default=0, help="torch CPU threads (0: torch's default).")
+@threads_option()
 def score(model: str, file: str, output: str | None, batch_size: int, threads: int) -> None:
     """Score dialogues from FILE (or stdin) with the preference model in folder MODEL."""
     from hhrlhf.commands.pm import model_folder
@@ -50,9 +51,8 @@ def score(model: str, file: str, output: str | None, batch_size: int, threads: i
     folder = model_folder(model, "score")
     if file != "-" and not Path(file).is_file():
         raise HHRLHFError("no such file", file)
-    inputs = named_files([file, folder])  # neither the rows nor the model may be overwritten
-    if output is not None:
-        refuse_overwriting_inputs(output, inputs)
+    if output is not None:  # neither the rows nor the model may be overwritten
+        check_output_file(output, "pm score", inputs=[file, folder])
 
     from hhrlhf.pm.base import load
     from hhrlhf.records import Comparison, Dialogue
@@ -100,7 +100,8 @@ def score(model: str, file: str, output: str | None, batch_size: int, threads: i
                 sys.stdout.write(json.dumps(row) + "\n")
             sys.stdout.flush()
         return
-    with atomic_path(output, inputs=inputs) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+    with command_output(output, "pm score", inputs=[file]) as tmp, \
+            open(tmp, "w", encoding="utf-8") as fh:
         for chunk in chunks():
             for row in scored(chunk):
                 fh.write(json.dumps(row) + "\n")

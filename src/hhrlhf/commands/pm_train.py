@@ -40,6 +40,7 @@ def train(sources: tuple[str, ...], config_file: str | None, assignments: tuple[
       hhrlhf pm train --config pm.yaml --set lr=1e-4 --set max_steps=2000
       hhrlhf pm train --out runs/minilm --resume
     """
+    from hhrlhf.outputs import run_inputs
     from hhrlhf.pm.config import TrainConfig, parse_assignments, resolve_backbone
     from hhrlhf.read import resolve
     from hhrlhf.runs import check_run_folder, resolve_config
@@ -56,7 +57,7 @@ def train(sources: tuple[str, ...], config_file: str | None, assignments: tuple[
     config = resolve_config(TrainConfig, config_file, explicit, resume)
 
     # Fail on a bad source, backbone or run folder now, not after loading torch.
-    check_run_folder(config.out_dir, resume)
+    check_run_folder(config.out_dir, resume, run_inputs(config))
     resolve(config.data)
     if config.eval_data:
         resolve(config.eval_data)

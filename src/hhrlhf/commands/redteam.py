@@ -33,12 +33,21 @@ def redteam(source: str, as_json: bool, out_dir: Path | None, threshold: float,
         raise HHRLHFError(
             f"--threshold must be between 0 and 4 (ratings are 0-4), not {threshold:g}")
     cfg = RedTeamConfig(threshold=threshold, top_k=top_k)
+    if out_dir is not None:  # each figure by the rule for outputs, before the analysis
+        from hhrlhf.outputs import check_output_file
+        from hhrlhf.redteam.plots import FIGURE_BUILDERS
+
+        for name in FIGURE_BUILDERS:
+            check_output_file(out_dir / name, "redteam", inputs=[source])
     analysis = load_and_analyse(source, cfg)
     figures: list[Path] = []
     if out_dir is not None:
+        from hhrlhf.outputs import mark_output
         from hhrlhf.redteam.plots import write_figures
 
         figures = write_figures(analysis, out_dir)
+        for figure in figures:
+            mark_output(figure, "redteam")
     if as_json:
         d = analysis.to_json()
         d["figures"] = [str(p) for p in figures]

@@ -85,6 +85,7 @@ def train(args: tuple[str, ...], config_file: str | None, assignments: tuple[str
     One line per step goes to RUN/metrics.jsonl: reward_mean, kl, entropy, response_len,
     clip_frac, value_loss (ppo), kl_coef, prompts_per_s.
     """
+    from hhrlhf.outputs import run_inputs
     from hhrlhf.pm.base import model_kind
     from hhrlhf.pm.config import parse_assignments, resolve_backbone
     from hhrlhf.rl.train import RLConfig
@@ -102,7 +103,7 @@ def train(args: tuple[str, ...], config_file: str | None, assignments: tuple[str
         explicit["progress"] = False
     explicit.update(parse_assignments(assignments))
     config = resolve_config(RLConfig, config_file, explicit, resume)
-    check_run_folder(config.out_dir, resume)
+    check_run_folder(config.out_dir, resume, run_inputs(config))
     resolve_backbone(config.policy)
     model_kind(config.pm)
     from hhrlhf.read import resolve

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from hhrlhf.commands.options import seed_option, threads_option
 from hhrlhf.errors import HHRLHFError
 
 
@@ -48,8 +49,7 @@ from hhrlhf.errors import HHRLHFError
               help="Sequences sampled together.")
 @click.option("--bootstrap", type=int, default=1000, show_default=True,
               help="Bootstrap resamples of the prompts for the intervals (0 = none).")
-@click.option("--seed", type=int, default=0, show_default=True,
-              help="Sampling (the same for both policies) and bootstrap seed.")
+@seed_option("Sampling (the same for both policies) and bootstrap seed.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default=None,
               help="Also write the JSON to this file (atomically).")
@@ -58,7 +58,7 @@ from hhrlhf.errors import HHRLHFError
 @click.option("--plot", type=click.Path(dir_okay=False), default=None,
               help="Write the reward-vs-sqrt(KL) plot here (PNG; with --checkpoints a second "
                    "panel: the win rates over training).")
-@click.option("--threads", type=int, default=0, help="torch CPU threads (0: torch's default).")
+@threads_option()
 def rl_eval(run: str, prompt_sources: tuple[str, ...], max_prompts: int, heldout_pm: str | None,
             redteam: str | None, max_redteam: int, with_checkpoints: bool,
             pm_override: str | None,
@@ -88,8 +88,7 @@ def rl_eval(run: str, prompt_sources: tuple[str, ...], max_prompts: int, heldout
     )
 
     for name, value, low in (("--max-prompts", max_prompts, 0), ("--max-redteam", max_redteam, 0),
-                             ("--batch-size", batch_size, 1), ("--bootstrap", bootstrap, 0),
-                             ("--threads", threads, 0)):
+                             ("--batch-size", batch_size, 1), ("--bootstrap", bootstrap, 0)):
         if value < low:
             raise HHRLHFError(f"{name} must be at least {low}")
     if heldout_pm is not None and not prompt_sources and redteam is None:
@@ -128,18 +127,18 @@ def rl_eval(run: str, prompt_sources: tuple[str, ...], max_prompts: int, heldout
         click.echo(f"hhrlhf: note: --prompts names data the run was trained on "
                    f"({', '.join(sorted(trained_on))}); the win rates are then not on held-out "
                    "prompts", err=True)
-    inputs = [*prompt_sources, redteam or ""]
+    inputs = [*prompt_sources, redteam or "", heldout_pm or ""]
     outs = [Path(o).resolve() for o in (output, plot, samples_out) if o is not None]
     if len(set(outs)) < len(outs):
         raise HHRLHFError("--output, --plot and --samples must be different files")
     if output is not None:
-        check_output(output, rl_run, inputs, "json")
+        check_output(output, rl_run, inputs)
     if plot is not None:
-        check_output(plot, rl_run, inputs, "png")
+        check_output(plot, rl_run, inputs)
     if samples_out is not None:
         if not prompt_sources and redteam is None:
             raise HHRLHFError("--samples needs prompts to sample: --prompts or --redteam")
-        check_output(samples_out, rl_run, inputs, "jsonl")
+        check_output(samples_out, rl_run, inputs)
     if threads:
         import torch
 
@@ -148,14 +147,16 @@ def rl_eval(run: str, prompt_sources: tuple[str, ...], max_prompts: int, heldout
                   redteam=redteam, max_redteam=max_redteam, heldout_pm=heldout_pm,
                   settings=settings, bootstrap=bootstrap, checkpoints=with_checkpoints)
     doc = json.dumps(ev.to_json(), indent=2, allow_nan=False)
+    from hhrlhf.atomic import write_text
+    from hhrlhf.outputs import mark_output
+
     if output is not None:
-        from hhrlhf.atomic import write_text
-
         write_text(output, doc + "\n")
+        mark_output(output, "rl eval")
     if samples_out is not None:
-        from hhrlhf.atomic import write_text
-
         write_text(samples_out, "".join(json.dumps(r) + "\n" for r in ev.samples))
+        mark_output(samples_out, "rl eval")
     if plot is not None:
         plot_curve(ev, plot)
+        mark_output(plot, "rl eval")
     click.echo(doc if as_json else format_table(ev))

@@ -82,12 +82,13 @@ def sft(sources: tuple[str, ...], config_file: str | None, assignments: tuple[st
     from hhrlhf.extras import require
 
     require("pm", "hhrlhf sft")
+    from hhrlhf.outputs import run_inputs
     from hhrlhf.policy.sft import CARD_WARNING, SFTConfig
     from hhrlhf.runs import check_run_folder, resolve_config
 
     config = resolve_config(SFTConfig, config_file,
                             explicit_settings(sources, assignments, **options), resume)
-    check_run_folder(config.out_dir, resume)
+    check_run_folder(config.out_dir, resume, run_inputs(config))
     check_sources(config)
     if config.policy:
         from hhrlhf.pm.config import resolve_backbone

@@ -39,9 +39,9 @@ def stats(sources: tuple[str, ...], split: str | None, as_json: bool, plot_path:
         raise HHRLHFError("the plot is a PNG: name a .png file", plot_path)
     srcs = preference_sources(sources, split)
     if plot_path is not None:
-        from hhrlhf.atomic import refuse_overwriting_inputs
+        from hhrlhf.outputs import check_output_file
 
-        refuse_overwriting_inputs(plot_path, [s.path for s in srcs])
+        check_output_file(plot_path, "stats", inputs=[s.path for s in srcs])
     tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path is not None else None
     builder = StatsBuilder(tokenizer, str(tokenizer_path) if tokenizer_path else None)
     with tqdm(desc="stats", unit=" rows", disable=None, leave=False) as bar:
@@ -50,7 +50,10 @@ def stats(sources: tuple[str, ...], split: str | None, as_json: bool, plot_path:
             bar.update()
     result = builder.result()
     if plot_path is not None:
+        from hhrlhf.outputs import mark_output
+
         plot_stats(result, plot_path)
+        mark_output(plot_path, "stats")
     if as_json:
         click.echo(orjson.dumps(result.to_json()).decode())
     else:

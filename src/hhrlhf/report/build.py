@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hhrlhf.atomic import refuse_overwriting_inputs, write_text
+from hhrlhf.atomic import write_text
 from hhrlhf.errors import HHRLHFError
+from hhrlhf.outputs import check_output_file, mark_output
 from hhrlhf.read import Source, is_redteam_file, read_source_comparisons, resolve
 from hhrlhf.registry import PREFERENCE_SUBSETS, REDTEAM_SUBSET, files_for
 
@@ -236,7 +237,7 @@ def build_report(sources: Sequence[str] = (), out: str | Path = "report.html",
         raise HHRLHFError("is a directory; name the HTML file to write", out)
     pref_srcs, red_srcs = collect_sources(list(sources))
     inputs = [s.path for s in pref_srcs + red_srcs]
-    refuse_overwriting_inputs(out, inputs)
+    check_output_file(out, "report", inputs=inputs)
     with tempfile.TemporaryDirectory(prefix="hhrlhf-report-") as tmpdir:
         tmp = Path(tmpdir)
         pref = preference_part(pref_srcs, tmp, cfg) if pref_srcs else None
@@ -253,4 +254,6 @@ def build_report(sources: Sequence[str] = (), out: str | Path = "report.html",
         if pref is None and not red:
             raise HHRLHFError("nothing in the cache could be read; run `hhrlhf fetch` again")
         html = render(pref, red, cfg)
-    return write_text(out, html, inputs=inputs)
+    write_text(out, html, inputs=inputs)
+    mark_output(out, "report")
+    return out

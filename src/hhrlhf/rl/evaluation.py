@@ -601,27 +601,13 @@ def plot_curve(ev: Evaluation, path: str | Path) -> Path:
     return save_figure(fig, out, dpi=150)
 
 
-# how each output of ours starts, to recognise one we may replace
-OUTPUT_HEADS = {"png": b"\x89PNG", "json": b'{\n  "kind": "hhrlhf-rl-eval"',
-                "jsonl": b'{"section": '}
+def check_output(path: str | Path, run: RLRun, inputs: Sequence[str]) -> None:
+    """Refuse, before any sampling, an output in a missing folder or one the rule of
+    :func:`hhrlhf.outputs.check_output_file` refuses: the run folder, its models and the
+    prompt files are inputs."""
+    from hhrlhf.outputs import check_output_file
 
-
-def check_output(path: str | Path, run: RLRun, inputs: Sequence[str], kind: str) -> None:
-    """Refuse to write over the run's files, an input, or a file that is not one of ours
-    (``kind``: png, json or jsonl)."""
-    dest = Path(path).resolve()
-    protected = [p.resolve() for p in run.files()]
-    protected += [Path(s).resolve() for s in inputs if s and Path(s).exists()]
-    if dest in protected:
-        raise HHRLHFError("refusing to write over an input or a file of the run", path)
-    if dest.is_dir():
-        raise HHRLHFError("is a directory", path)
-    if not dest.parent.is_dir():  # said now, not after minutes of sampling
-        raise HHRLHFError("the folder to write in does not exist", dest.parent)
-    if dest.exists() and dest.stat().st_size:
-        with open(dest, "rb") as fh:
-            head = fh.read(64)
-        if not head.startswith(OUTPUT_HEADS[kind]):
-            raise HHRLHFError("exists and was not written by `hhrlhf rl eval`; not overwriting",
-                              path)
+    if not Path(path).absolute().parent.exists():  # a file there: the rule names it
+        raise HHRLHFError("the folder to write in does not exist", Path(path).absolute().parent)
+    check_output_file(path, "rl eval", inputs=[run.folder, run.initial, run.pm, *inputs])
 

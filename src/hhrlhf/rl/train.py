@@ -111,9 +111,9 @@ class RLConfig(CommonConfig):
             raise HHRLHFError(f"config prompts={self.prompts!r}: must be one of "
                               f"{', '.join(PROMPT_KINDS)}")
         if self.samples_per_prompt < (2 if self.algo == "rloo" else 1):
-            raise HHRLHFError(f"config samples_per_prompt={self.samples_per_prompt}: RLOO "
-                              "needs at least 2 (the leave-one-out baseline)"
-                              if self.algo == "rloo" else "must be at least 1")
+            raise HHRLHFError(f"config samples_per_prompt={self.samples_per_prompt} (--k): "
+                              + ("RLOO needs at least 2 (the leave-one-out baseline)"
+                                 if self.algo == "rloo" else "must be at least 1"))
         for key in ("max_new_tokens", "rollout_batch_size", "forward_batch_size", "kl_horizon"):
             if getattr(self, key) < 1:
                 raise HHRLHFError(f"config {key}={getattr(self, key)}: must be at least 1")
@@ -162,6 +162,32 @@ def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
 
 
+def check_device(key: str, value: str) -> None:
+    """Raise one line unless ``value`` ("" = the default) names a device torch has here."""
+    if not value:
+        return
+    import torch
+
+    try:
+        dev = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise HHRLHFError(f"config {key}={value!r}: not a device (cpu, cuda, cuda:N)") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            raise HHRLHFError(f"config {key}={value!r}: there is no CUDA GPU here; use cpu or "
+                              "leave it unset (the policy's device)")
+        if dev.index is not None and dev.index >= count:
+            raise HHRLHFError(f"config {key}={value!r}: there {'is' if count == 1 else 'are'} "
+                              f"{count} CUDA GPU{'' if count == 1 else 's'} here "
+                              f"(cuda:0{f' to cuda:{count - 1}' if count > 1 else ''})")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise HHRLHFError(f"config {key}={value!r}: MPS is not available here")
+    elif dev.type != "cpu":
+        raise HHRLHFError(f"config {key}={value!r}: not a device (cpu, cuda, cuda:N)")
+
+
 def algorithm_of(config: RLConfig) -> Algorithm:
     """The configured algorithm, as its small object."""
     if config.algo == "ppo":
@@ -203,7 +229,8 @@ def train_rl(config: RLConfig, *, pm: Any = None, prompts: list[Any] | None = No
 
     t_start = time.perf_counter()
     config, accelerator = start_run(config)
-    # ---- data, models ----
+    for key in ("ref_device", "pm_device"):  # now, not as a traceback after loading the models
+        check_device(key, getattr(config, key))
     if prompts is None:
         if not config.data:  # the run folder names the sources it read
             config = dataclasses.replace(config, data=default_sources(config.prompts))
