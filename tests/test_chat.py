@@ -42,7 +42,7 @@ def tiny(real_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-class Chat:
+class ChatProcess:
     """`hhrlhf chat ARGS` with pipes; stdout read line by line as it comes."""
 
     def __init__(self, args: list[str], cwd: Path):
@@ -90,7 +90,7 @@ def test_a_reply_per_line_equal_to_generate(tiny: Path, tmp_path: Path,
                                             capsys: pytest.CaptureFixture[str],
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     knobs = ["--temperature", "0", "--max-new-tokens", "8", "--max-prompt-length", "12"]
-    chat = Chat([str(tiny), *knobs], tmp_path)
+    chat = ChatProcess([str(tiny), *knobs], tmp_path)
     chat.send("Hi there")
     first = chat.reply()  # read before the next line is written: a reply per line, not at EOF
     chat.send("How do I bake bread?")
@@ -129,7 +129,7 @@ def test_two_replies_a_pick_and_save_give_preference_rows(tiny: Path, tmp_path: 
                                                           ) -> None:
     foreign = tmp_path / "mine.jsonl"
     foreign.write_text("not the chat's\n")
-    chat = Chat([str(tiny), "--n", "2", "--max-new-tokens", "8", "--seed", "1"], tmp_path)
+    chat = ChatProcess([str(tiny), "--n", "2", "--max-new-tokens", "8", "--seed", "1"], tmp_path)
     chat.send("Hi there")
     a1, b1 = chat.reply(), chat.reply()
     chat.send("b")
@@ -227,3 +227,46 @@ def _plain(raw: bytes) -> str:
 
     return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", raw.decode("utf-8", "replace")).replace(
         "\r", "")
+
+
+def test_a_reply_ends_where_the_policy_starts_a_new_turn(tiny: Path) -> None:
+    """A real Llama pushed to " Sure" after the prompt, then to the Assistant marker: the reply
+    is " Sure" (the sampler stops only at the Human's marker; chat ends it at either), and the
+    decode ends there instead of running to --max-new-tokens."""
+    from hhrlhf.policy import Policy
+    from hhrlhf.policy.chat import Chat
+    from hhrlhf.policy.sample import SampleSettings
+    from hhrlhf.records import ASSISTANT, ASSISTANT_MARKER
+
+    policy = Policy.load(tiny)
+    tok = policy.tokenizer
+    sure = tok(" Sure", add_special_tokens=False)["input_ids"][0]
+    marker = tok(ASSISTANT_MARKER, add_special_tokens=False)["input_ids"]
+    assert len(marker) == 1
+    calls = []
+
+    class Pushed(torch.nn.Module):
+        def __init__(self, net: torch.nn.Module):
+            super().__init__()
+            self.net = net
+
+        def forward(self, input_ids: torch.Tensor, **kw: object) -> object:
+            calls.append(input_ids.shape[1])
+            out = self.net(input_ids=input_ids, **kw)
+            out.logits[..., sure if input_ids.shape[1] > 1 else marker[0]] += 1e4
+            return out
+
+    chat = Chat(Policy(Pushed(policy.net), tok),
+                   SampleSettings(max_new_tokens=20, max_prompt_length=64, temperature=0))
+    asked = chat.ask("hi")
+    pieces = []
+    try:
+        while True:
+            pieces += [text for _, text in next(asked)]
+    except StopIteration as end:
+        replies = end.value
+    assert "".join(pieces) == tok.decode([sure])
+    assert replies.turns == [Turn(ASSISTANT, tok.decode([sure]).removeprefix(" "), " ")]
+    assert len(calls) == 2  # the prefill, one decode step: then the marker ended the reply
+    chat.keep(replies)
+    assert chat.dialogue().render() == "\n\nHuman: hi" + ASSISTANT_MARKER + tok.decode([sure])

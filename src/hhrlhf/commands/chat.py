@@ -65,6 +65,9 @@ def chat(model: str, n: int, temperature: float, top_p: float, top_k: int,
     reply streams as it is sampled. With --n 2, pick which of two replies continues; /save
     writes those picks as preference rows (the HH format) that every other command reads.
 
+    In the chat: /reset (a new conversation), /save FILE, /help, /quit (or Ctrl-D). With
+    stdin not a terminal, stdout holds only the replies, one line each.
+
     \b
     Examples:
       hhrlhf chat runs/dpo/model
@@ -200,7 +203,6 @@ class Session:
 
     def turn(self, text: str) -> bool:
         """Reply to the Human turn ``text``; False: end the session (EOF at the pick)."""
-        replies = None
         shown: list[list[str]] = [[] for _ in range(self.chat.n)]
         one = self.chat.n == 1
         if one:

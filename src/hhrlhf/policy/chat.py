@@ -18,7 +18,9 @@ from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import Any
 
-from hhrlhf.records import ASSISTANT, HUMAN, Dialogue, Turn
+from hhrlhf.records import ASSISTANT, ASSISTANT_MARKER, HUMAN, Dialogue, Turn
+
+_HUMAN_MARKER = "\n\nHuman:"
 
 
 @dataclass(frozen=True)
@@ -53,13 +55,15 @@ class Replies:
 
     human: Turn
     turns: list[Turn]  # one Assistant turn per sample
-    stops: list[str]  # "eos", "human" or "length", per sample
     cut: bool  # the prompt lost the start of the dialogue
 
 
 def reply_turn(text: str) -> Turn:
-    """A sample's text as the Assistant turn it renders to (its leading space is the turn's
-    separator, as in the published rows and ``hhrlhf generate``'s ``text``)."""
+    """A sample's text as the Assistant turn it renders to: cut where the policy starts a new
+    turn, so the dialogue reads back with exactly this turn; its leading space is the turn's
+    separator, as in the published rows and ``hhrlhf generate``'s ``text``."""
+    cuts = [at for at in (text.find(_HUMAN_MARKER), text.find(ASSISTANT_MARKER)) if at >= 0]
+    text = text[: min(cuts)] if cuts else text
     sep = " " if text.startswith(" ") else ""
     return Turn(ASSISTANT, text[len(sep):], sep)
 
@@ -104,7 +108,10 @@ class Chat:
         human = Turn(HUMAN, text)
         prompts, cut = self.encoder.encode_prompts(
             [Dialogue((*self.current.turns, human))], s.max_prompt_length)
-        streams = [TextStream(self.policy.tokenizer) for _ in range(self.n)]
+        # a reply ends where the policy starts a new turn, either one's: the sampler stops only
+        # at the Human's, so the replies end here once every stream has met its end
+        streams = [TextStream(self.policy.tokenizer, stops=(_HUMAN_MARKER, ASSISTANT_MARKER))
+                   for _ in range(self.n)]
         steps = self.sampler.stream(prompts, n=self.n, max_new_tokens=s.max_new_tokens,
                                     temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
                                     seed=s.seed + self.current.replies, batch_size=self.n)
@@ -116,8 +123,7 @@ class Chat:
                 with autocast:
                     try:
                         step = next(steps)
-                    except StopIteration as end:
-                        samples = end.value
+                    except StopIteration:
                         break
                 chunks = []
                 for st in step:
@@ -128,10 +134,12 @@ class Chat:
                     if new:
                         chunks.append((st.sample_index, new))
                 yield chunks
+                if all(stream.done for stream in streams):
+                    break
         finally:
-            steps.close()  # stopped early (Ctrl-C): end the decode
-        return Replies(human, [reply_turn(x.text) for x in samples],
-                       [x.stop for x in samples], cut > 0)
+            steps.close()  # ended early (a new turn begun, Ctrl-C): end the decode
+        # a stream's text is its sample's text (TextStream's promise), cut at a new turn
+        return Replies(human, [reply_turn(stream.text) for stream in streams], cut > 0)
 
     def keep(self, replies: Replies, picked: int = 0) -> None:
         """Continue the conversation with the Human turn and the picked reply; with two
