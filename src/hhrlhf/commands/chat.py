@@ -22,6 +22,7 @@ import re
 import shutil
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -124,7 +125,8 @@ class Session:
         self.chat = chat
         self.model = model
         self.interactive = interactive
-        self.colour = interactive and sys.stdout.isatty()
+        # a terminal on both ends: colours, and the two replies redrawn in place as they come
+        self.terminal = interactive and sys.stdout.isatty()
         self.line_no = 0
         self.written: dict[Path, tuple[int, int]] = {}  # files /save wrote: size, mtime_ns
         if interactive:
@@ -147,7 +149,7 @@ class Session:
         return line.rstrip("\r\n") if line else None
 
     def style(self, text: str, **kw: object) -> str:
-        return click.style(text, **kw) if self.colour else text  # type: ignore[arg-type]
+        return click.style(text, **kw) if self.terminal else text  # type: ignore[arg-type]
 
     def say(self, message: str) -> None:
         """A message, never a reply: stderr, so that piped stdout holds only replies."""
@@ -205,10 +207,11 @@ class Session:
         """Reply to the Human turn ``text``; False: end the session (EOF at the pick)."""
         shown: list[list[str]] = [[] for _ in range(self.chat.n)]
         one = self.chat.n == 1
+        live = _Live(self.out) if not one and self.terminal else None
         if one:
             self.out(self.style("Assistant:", bold=True, fg="green") + " "
                      if self.interactive else "")
-        elif self.interactive:
+        elif self.interactive and live is None:
             self.say("(sampling A and B...)")
         asked = self.chat.ask(text)
         try:
@@ -224,6 +227,8 @@ class Session:
                     shown[k].append(piece)
                     if one:
                         self.out(_printable(piece) if self.interactive else _one_line(piece))
+                if live is not None and chunks:
+                    live.draw(self.side_by_side([_printable("".join(x)) for x in shown]))
         except KeyboardInterrupt:  # Ctrl-C during a reply: drop this turn, keep chatting
             asked.close()
             self.out("\n")
@@ -241,7 +246,11 @@ class Session:
             return True
         texts = ["".join(s) for s in shown]
         if self.interactive:
-            self.out(self.side_by_side([_printable(t) for t in texts]))
+            block = self.side_by_side([_printable(t) for t in texts])
+            if live is not None:
+                live.draw(block, final=True)
+            else:
+                self.out(block)
         else:
             self.out("".join(_one_line(t) + "\n" for t in texts))
         picked = self.pick()
@@ -314,6 +323,26 @@ class Session:
             return
         kind = "preference rows" if self.chat.n == 2 else "conversations"
         self.say(f"(saved {len(rows)} {kind} to {name})")
+
+
+class _Live:
+    """A block of lines redrawn in place as it grows (the two replies as they are sampled).
+    Once it is taller than the terminal it is drawn only when finished: the cursor cannot go
+    back up to lines scrolled away."""
+
+    def __init__(self, out: Callable[[str], None]):
+        self.out = out
+        self.drawn = 0  # lines on screen from the last draw
+        self.live = True
+
+    def draw(self, block: str, final: bool = False) -> None:
+        lines = block.count("\n")
+        if not final and (not self.live or lines > shutil.get_terminal_size().lines - 2):
+            self.live = False
+            return
+        # back to the block's first line, clear to the end of the screen, draw it again
+        self.out((f"\x1b[{self.drawn}F\x1b[J" if self.drawn else "") + block)
+        self.drawn = lines
 
 
 def _one_line(text: str) -> str:
