@@ -133,7 +133,7 @@ def test_two_replies_a_pick_and_save_give_preference_rows(tiny: Path, tmp_path: 
     chat.send("Hi there")
     a1, b1 = chat.reply(), chat.reply()
     chat.send("b")
-    chat.send("Tell me more")
+    chat.send("Tell me\\nmore")  # a literal \n: a newline in the turn
     a2, b2 = chat.reply(), chat.reply()
     chat.send("")  # Enter: A
     chat.send(f"/save {foreign}")
@@ -151,7 +151,7 @@ def test_two_replies_a_pick_and_save_give_preference_rows(tiny: Path, tmp_path: 
     rows = list(read_comparisons(tmp_path / "prefs.jsonl"))
     assert [(shown(r.chosen), shown(r.rejected)) for r in rows] == [(b1, a1), (a2, b2),
                                                                     (a3, b3)]
-    hi, more, hello = (Turn(HUMAN, x) for x in ("Hi there", "Tell me more", "Hello"))
+    hi, more, hello = (Turn(HUMAN, x) for x in ("Hi there", "Tell me\nmore", "Hello"))
     assert rows[0].prompt == (hi,)
     # the second turn's pair shares the dialogue so far: the first turn with B, picked
     assert rows[1].prompt == (*rows[0].chosen_dialogue.turns, more)

@@ -1,9 +1,10 @@
 """`hhrlhf chat MODEL`: talk with a policy in the terminal, in the HH format.
 
-Each line read is the Human's turn; the Assistant's reply is streamed at once (stdin is read
-line by line, stdout flushed after every piece of text), so a reply comes per line, not when
-stdin closes. The conversation is kept as a :class:`hhrlhf.records.Dialogue` and each reply is
-sampled for all of it (see :mod:`hhrlhf.policy.chat`).
+Each line read is the Human's turn (a literal ``\\n`` in it a newline); the Assistant's reply
+is streamed at once (stdin is read line by line, stdout flushed after every piece of text), so
+a reply comes per line, not when stdin closes. The conversation is kept as a
+:class:`hhrlhf.records.Dialogue` and each reply is sampled for all of it (see
+:mod:`hhrlhf.policy.chat`).
 
 When stdin is not a terminal, stdout holds only the replies, one line each (a newline inside
 a reply written ``\\n``, as ``hhrlhf generate`` reads a plain line; a carriage return
@@ -34,7 +35,8 @@ if TYPE_CHECKING:
     from hhrlhf.policy.chat import Chat
 
 HELP = """\
-A line is the Human's turn; the Assistant replies to the whole conversation so far.
+A line is the Human's turn (\\n in it a newline); the Assistant replies to the whole
+conversation so far.
   /reset       start a new conversation (the earlier ones stay in /save)
   /save FILE   write the conversations as JSON Lines: with --n 2 one preference row
                {"chosen", "rejected"} per turn you picked in; else one {"text"} row each
@@ -176,7 +178,9 @@ class Session:
                     if not self.command(text):
                         return
                     continue
-                if not self.turn(text):
+                # a literal \n is a newline, as in a plain line `generate` reads (and the
+                # replies chat pipes): a Human turn of several lines fits on one line
+                if not self.turn(text.replace("\\n", "\n")):
                     return
         except KeyboardInterrupt:  # Ctrl-C at a prompt: the end, without a traceback
             if self.interactive:
