@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "dpo": ("hhrlhf.commands.dpo", "dpo", "Optimise a policy on the preferences (DPO, IPO)."),
     "rl": ("hhrlhf.commands.rl", "rl", "Train a policy against a PM (PPO, RLOO); rl eval."),
     "generate": ("hhrlhf.commands.generate", "generate", "Sample responses to HH prompts."),
+    "chat": ("hhrlhf.commands.chat", "chat", "Talk with a policy in the terminal; pick A or B."),
     "bon": ("hhrlhf.commands.bon", "bon", "Best-of-N sampling against a preference model."),
     "redteam": ("hhrlhf.commands.redteam", "redteam", "Analyse the red-team attempts."),
     "report": ("hhrlhf.commands.report", "report", "Write one self-contained HTML report."),

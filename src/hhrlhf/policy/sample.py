@@ -8,13 +8,17 @@ each prompt N times before the prefill and computes it N times.
 
 A sample ends at the end-of-sequence token, at the next ``"\\n\\nHuman:"`` (the policy starting
 the human's turn: cut from the text), or after ``max_new_tokens``. ``temperature=0`` is greedy.
+
+:meth:`Sampler.stream` gives the same samples token by token, one list of :class:`Step` per
+decode step (what an HTTP server streams); :class:`hhrlhf.policy.textstream.TextStream` turns a
+sample's tokens into text as they come.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -43,6 +47,19 @@ class Sample:
     tokens: list[int]  # generated ids, the stop token or marker included
     text: str  # the response text: the stop marker and EOS cut, leading space kept
     stop: str  # "eos", "human" or "length"
+
+
+class Step(NamedTuple):
+    """One sample's token of one decode step; ``stop`` ("eos", "human" or "length") when the
+    sample ends with it (the EOS or the marker's last token is itself a step's token)."""
+
+    prompt_index: int
+    sample_index: int
+    token: int
+    stop: str | None
+
+
+_STOP_NAMES = ("length", "eos", "human")  # the sampler's stop codes 0, 1, 2
 
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float
@@ -170,6 +187,30 @@ class Sampler:
         """``n`` samples per prompt, ordered prompt by prompt: sample k of prompt i is at
         ``i * n + k``. ``batch_size``: sequences decoded together (prompts * n).
         ``stop_at_human=False``: only EOS ends a sample (as HF ``generate``)."""
+        steps = self._run(prompts, n, max_new_tokens, temperature, top_p, top_k, seed,
+                          batch_size, stop_at_human, emit=False)
+        try:
+            while True:
+                next(steps)  # never reached: without emit nothing is yielded
+        except StopIteration as end:
+            return end.value  # type: ignore[no-any-return]
+
+    def stream(self, prompts: Sequence[np.ndarray], n: int = 1, max_new_tokens: int = 128,
+               temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
+               batch_size: int = 64, stop_at_human: bool = True
+               ) -> Generator[list[Step], None, list[Sample]]:
+        """The samples :meth:`sample` returns for the same arguments, as they are produced:
+        per decode step, one :class:`Step` for each sample still running (its new token, and
+        its stop reason when it ends there). The generator's return value (``StopIteration``,
+        or ``yield from``) is :meth:`sample`'s list. Each step costs one more host sync than
+        :meth:`sample`'s (the new tokens are read back); closing the generator early stops
+        the decode."""
+        return (yield from self._run(prompts, n, max_new_tokens, temperature, top_p, top_k,
+                                     seed, batch_size, stop_at_human, emit=True))
+
+    def _run(self, prompts: Sequence[np.ndarray], n: int, max_new_tokens: int,
+             temperature: float, top_p: float, top_k: int, seed: int, batch_size: int,
+             stop_at_human: bool, emit: bool) -> Generator[list[Step], None, list[Sample]]:
         gen = torch.Generator(device=self.device).manual_seed(seed)
         per_batch = max(1, batch_size // n)
         order = np.argsort([-len(p) for p in prompts], kind="stable")
@@ -179,9 +220,15 @@ class Sampler:
         try:
             for at in range(0, len(order), per_batch):
                 idx = [int(i) for i in order[at: at + per_batch]]
-                for j, s in enumerate(self._batch([prompts[i] for i in idx], n, max_new_tokens,
-                                                  temperature, top_p, top_k, gen,
-                                                  stop_at_human)):
+                batch = self._batch([prompts[i] for i in idx], n, max_new_tokens, temperature,
+                                    top_p, top_k, gen, stop_at_human, emit)
+                try:
+                    while True:
+                        rows = next(batch)
+                        yield [Step(idx[r // n], r % n, token, stop) for r, token, stop in rows]
+                except StopIteration as end:
+                    samples: list[Sample] = end.value
+                for j, s in enumerate(samples):
                     i, k = idx[j // n], j % n
                     s.prompt_index, s.sample_index = i, k
                     out[i * n + k] = s
@@ -192,7 +239,10 @@ class Sampler:
     @torch.inference_mode()
     def _batch(self, prompts: list[np.ndarray], n: int, max_new_tokens: int,
                temperature: float, top_p: float, top_k: int, gen: torch.Generator,
-               stop_at_human: bool) -> list[Sample]:
+               stop_at_human: bool, emit: bool = False
+               ) -> Generator[list[tuple[int, int, str | None]], None, list[Sample]]:
+        """Decode one batch; with ``emit``, yield each step's (row, token, stop) for the rows
+        that were still running; return the samples."""
         dev = self.device
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
@@ -241,10 +291,11 @@ class Sampler:
                 nxt[live] = picked
             nxt = torch.where(done, pad, nxt)
             out_ids[:, step] = nxt
-            ended = ~done & (nxt == self.eos_id)
+            running = ~done
+            ended = running & (nxt == self.eos_id)
             stop.masked_fill_(ended, 1)  # no host sync, unlike stop[ended] = 1
             if stop_at_human:
-                maybe = (~done & ~ended & colon[nxt]).nonzero()[:, 0].tolist()
+                maybe = (running & ~ended & colon[nxt]).nonzero()[:, 0].tolist()
                 for r in maybe:  # the last tokens' text: 16 tokens hold the 8 characters
                     tail = "".join(self.pieces[t] for t in
                                    out_ids[r, max(0, step - 15): step + 1].tolist())
@@ -253,6 +304,12 @@ class Sampler:
                         stop[r] = 2
             length.masked_fill_(ended, step + 1)
             done |= ended
+            if emit:  # the host sync streaming costs: this step's tokens and stops
+                last = step == max_new_tokens - 1
+                yield [(r, t, _STOP_NAMES[c] if e else "length" if last else None)
+                       for r, (t, a, e, c) in enumerate(zip(nxt.tolist(), running.tolist(),
+                                                            ended.tolist(), stop.tolist()))
+                       if a]
             if step == max_new_tokens - 1:
                 break
             running_count = int((~done).sum())  # a host sync: are all done? compact?
@@ -275,7 +332,7 @@ class Sampler:
             cache = _cache_of(out)
             logits = out.logits[:, -1].float()
             next_pos = next_pos + 1
-        names = ("length", "eos", "human")
+        names = _STOP_NAMES
         samples = []
         for r, (ids_r, n_r, code) in enumerate(zip(out_ids.tolist(), length.tolist(),
                                                    stop.tolist())):
