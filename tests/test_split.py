@@ -61,3 +61,16 @@ def test_split_never_writes_over_its_input(real_file: Path, tmp_path: Path,
     code, _, err = _run(["split", str(tmp_path / "train.jsonl"), "--out", str(tmp_path)], capsys)
     assert code == 2 and "refusing to write over it" in err
     assert (tmp_path / "train.jsonl").read_bytes() == before
+
+
+def test_split_replaces_only_its_own_files(real_file: Path, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    assert _run(["split", str(real_file), "--out", str(tmp_path / "a")], capsys)[0] == 0
+    assert _run(["split", str(real_file), "--fold", "3", "--out", str(tmp_path / "a")],
+                capsys)[0] == 0  # its own earlier output
+    mine = tmp_path / "b" / "test.jsonl"
+    mine.parent.mkdir()
+    mine.write_text('{"chosen": "\\n\\nHuman: hi\\n\\nAssistant: yo", "rejected": "x"}\n')
+    code, _, err = _run(["split", str(real_file), "--out", str(tmp_path / "b")], capsys)
+    assert code == 2 and "was not written by `hhrlhf split`" in err
+    assert not (tmp_path / "b" / "train.jsonl").exists()  # checked before anything is written

@@ -41,15 +41,16 @@ def split(sources: tuple[str, ...], folds: int, fold: int, seed: int, out_dir: s
         raise HHRLHFError(f"--fold must be in 0..{folds - 1}, got {fold}")
     if seed < 0:
         raise HHRLHFError(f"--seed must be 0 or more, got {seed}")
-    from hhrlhf.atomic import named_files, write_text
     from hhrlhf.folds import prompt_folds
+    from hhrlhf.outputs import check_output_file, check_output_folder, command_output
     from hhrlhf.read import preference_sources, read_source_comparisons
 
     srcs = preference_sources(list(sources))
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise HHRLHFError("is a file, not a folder", out)
-    inputs = named_files([str(s.path) for s in srcs])
+    inputs = [s.path for s in srcs]
+    check_output_folder(out, "the folds", "--out")
+    for name in ("train", "test"):  # before reading: never over an input or a user's file
+        check_output_file(out / f"{name}.jsonl", "split", inputs=inputs)
     rows = [c for s in srcs for c in read_source_comparisons(s)]
     fold_of = prompt_folds(rows, folds, seed)
     parts: dict[str, list[str]] = {"train": [], "test": []}
@@ -57,7 +58,8 @@ def split(sources: tuple[str, ...], folds: int, fold: int, seed: int, out_dir: s
         parts["test" if f == fold else "train"].append(
             json.dumps({"chosen": c.chosen_raw, "rejected": c.rejected_raw}) + "\n")
     for name, lines in parts.items():
-        write_text(out / f"{name}.jsonl", "".join(lines), inputs=inputs)
+        with command_output(out / f"{name}.jsonl", "split", inputs=inputs) as tmp:
+            tmp.write_text("".join(lines), encoding="utf-8")
     click.echo(f"split {len(rows):,} rows into {folds} folds by prompt: "
                f"{out / 'train.jsonl'} {len(parts['train']):,} rows, "
                f"{out / 'test.jsonl'} {len(parts['test']):,} rows (fold {fold})")
