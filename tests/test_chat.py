@@ -234,7 +234,7 @@ def test_a_reply_ends_where_the_policy_starts_a_new_turn(tiny: Path) -> None:
     is " Sure" (the sampler stops only at the Human's marker; chat ends it at either), and the
     decode ends there instead of running to --max-new-tokens."""
     from hhrlhf.policy import Policy
-    from hhrlhf.policy.chat import Chat
+    from hhrlhf.policy.conversation import Chat
     from hhrlhf.policy.sample import SampleSettings
     from hhrlhf.records import ASSISTANT, ASSISTANT_MARKER
 

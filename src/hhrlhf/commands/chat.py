@@ -4,7 +4,7 @@ Each line read is the Human's turn (a literal ``\\n`` in it a newline); the Assi
 is streamed at once (stdin is read line by line, stdout flushed after every piece of text), so
 a reply comes per line, not when stdin closes. The conversation is kept as a
 :class:`hhrlhf.records.Dialogue` and each reply is sampled for all of it (see
-:mod:`hhrlhf.policy.chat`).
+:mod:`hhrlhf.policy.conversation`).
 
 When stdin is not a terminal, stdout holds only the replies, one line each (a newline inside
 a reply written ``\\n``, as ``hhrlhf generate`` reads a plain line; a carriage return
@@ -32,7 +32,7 @@ import click
 from hhrlhf.errors import HHRLHFError
 
 if TYPE_CHECKING:
-    from hhrlhf.policy.chat import Chat
+    from hhrlhf.policy.conversation import Chat
 
 HELP = """\
 A line is the Human's turn (\\n in it a newline); the Assistant replies to the whole
@@ -98,7 +98,7 @@ def chat(model: str, n: int, temperature: float, top_p: float, top_k: int,
 
     import torch
 
-    from hhrlhf.policy.chat import Chat
+    from hhrlhf.policy.conversation import Chat
     from hhrlhf.policy.model import Policy
     from hhrlhf.policy.sample import SampleSettings
 
