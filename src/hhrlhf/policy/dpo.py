@@ -9,7 +9,8 @@ each response's tokens, its EOS included):
   log-ratios instead of sums (as TRL, which confirmed it with the IPO authors).
 
 The implicit reward of a response is ``beta * (log pi - log ref)``; metrics per step and on the
-held-out pairs: loss, reward accuracy (chosen reward above rejected), the chosen and rejected
+held-out pairs: loss, reward accuracy (chosen reward above rejected by more than a tie,
+:func:`correct_pairs`), the chosen and rejected
 rewards, their margin, and (held-out) the policy's KL to the reference on held-out prompts,
 estimated from samples of the policy: ``mean over samples of sum_t log pi(y_t) - log ref(y_t)``.
 
@@ -98,6 +99,22 @@ def dpo_loss(policy_lp: torch.Tensor, ref_lp: torch.Tensor, counts: torch.Tensor
     return per_pair, rewards[:, 0], rewards[:, 1]
 
 
+# A pair counts as correct only when its reward margin clears this share of the size of its
+# two log-prob sums: a policy equal to its reference gives margins of ~1e-6 (float rounding
+# between the precomputed reference pass and the training pass), which are ties, not wins.
+TIE_TOLERANCE = 1e-5
+
+
+def correct_pairs(policy_lp: torch.Tensor, reward_chosen: torch.Tensor,
+                  reward_rejected: torch.Tensor, beta: float) -> torch.Tensor:
+    """Pairs whose chosen reward beats the rejected one by more than a tie: the margin
+    ``beta * [(log pi - log ref)_c - (log pi - log ref)_r]`` above
+    ``beta * TIE_TOLERANCE * (|log pi(y_c)| + |log pi(y_r)|)``. Ties count as not correct, so
+    the reward accuracy of a policy equal to its reference is 0."""
+    size = policy_lp.detach().abs().sum(-1)
+    return (reward_chosen - reward_rejected) > beta * TIE_TOLERANCE * size
+
+
 def reference_logprobs(net: Any, rows: Any, packed: bool, pad_id: int, batch_size: int,
                        device: torch.device, autocast: Any = None) -> np.ndarray:
     """(pairs, 2) summed log-probs of chosen and rejected under ``net`` (no gradient), in
@@ -184,21 +201,23 @@ def train_dpo(config: DPOConfig, rows: list[Comparison] | None = None, *,
         return batch
 
     def pair_terms(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, ...]:
+        """Per-pair loss, rewards (chosen, rejected) and whether the pair is correct."""
         lp, counts = per_response(model(batch), batch, 2)
         if "ref" in batch:
             ref = batch["ref"].to(lp.dtype)
         else:
             with torch.no_grad():
                 ref = per_response(ref_module(batch), batch, 2)[0]
-        return dpo_loss(lp.float(), ref.float(), counts.float(), config.beta, config.loss,
-                        config.label_smoothing)
+        per_pair, rc, rr = dpo_loss(lp.float(), ref.float(), counts.float(), config.beta,
+                                    config.loss, config.label_smoothing)
+        return per_pair, rc, rr, correct_pairs(lp.float(), rc, rr, config.beta)
 
     def loss(model: Any, batch: dict[str, Any]) -> tuple[Any, dict[str, tuple[float, float]]]:
-        per_pair, rc, rr = pair_terms(model, batch)
+        per_pair, rc, rr, correct = pair_terms(model, batch)
         n = float(len(per_pair))
         return per_pair.mean(), {
             "loss": (float(per_pair.detach().sum()), n),
-            "accuracy": (float((rc > rr).sum()), n),
+            "accuracy": (float(correct.sum()), n),
             "reward_chosen": (float(rc.sum()), n), "reward_rejected": (float(rr.sum()), n),
             "margin": (float((rc - rr).sum()), n), "pairs": (n, 1.0)}
 
@@ -216,8 +235,8 @@ def train_dpo(config: DPOConfig, rows: list[Comparison] | None = None, *,
                 batch = {k: v.to(dev) for k, v in batch.items()}
                 w = torch.from_numpy(weight[idx]).to(dev)
                 with accelerator.autocast():
-                    per_pair, rc, rr = pair_terms(model, batch)
-                sums += [float((per_pair * w).sum()), float(((rc > rr) * w).sum()),
+                    per_pair, rc, rr, correct = pair_terms(model, batch)
+                sums += [float((per_pair * w).sum()), float((correct * w).sum()),
                          float((rc * w).sum()), float((rr * w).sum()),
                          float(((rc - rr) * w).sum()), float(w.sum())]
         model.train(was)
