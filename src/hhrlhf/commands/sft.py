@@ -102,7 +102,7 @@ def sft(sources: tuple[str, ...], config_file: str | None, assignments: tuple[st
         return
     lines = [(f"trained {m['steps']:,} steps on {m['train_rows']:,} dialogues "
               f"({m['skipped_rows']:,} skipped), {m['tokens_per_s']:,.0f} tokens/s"),
-             f"train loss {m['train_loss']:.4f} (mean of the last {min(m['steps'], 50)} steps)"]
+             f"train loss {m['train_loss']:.4f} (mean of the last {m['final_window']} steps)"]
     if "eval_loss" in m:
         lines.append(f"held-out loss {m['eval_loss']:.4f}, perplexity "
                      f"{m['eval_perplexity']:.2f} on {m['eval_rows']:,} dialogues "

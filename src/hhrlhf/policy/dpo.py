@@ -38,7 +38,6 @@ from hhrlhf.registry import PREFERENCE_TRAIN
 from hhrlhf.runs import RunConfig, RunResult
 
 LOSSES = ("sigmoid", "ipo")
-FINAL_WINDOW = 50
 
 
 @dataclass
@@ -155,7 +154,9 @@ def train_dpo(config: DPOConfig, rows: list[Comparison] | None = None, *,
     from hhrlhf.runs import (
         Task,
         eval_share,
+        final_window,
         finish,
+        inner_state,
         prepare_run_folder,
         reduce_sums,
         run,
@@ -256,7 +257,7 @@ def train_dpo(config: DPOConfig, rows: list[Comparison] | None = None, *,
 
     def save(path: Path, state: dict[str, Any] | None) -> None:
         if state is not None:
-            state = {k[4:]: v for k, v in state.items() if k.startswith("net.")}
+            state = inner_state(state)
         policy.save(path, state)
         # the implicit reward beta * log(pi / ref) is a preference model (`hhrlhf pm eval`)
         from hhrlhf.pm.base import write_marker
@@ -271,15 +272,15 @@ def train_dpo(config: DPOConfig, rows: list[Comparison] | None = None, *,
                 evaluate=evaluate if held_data is not None and len(held_data) else None,
                 throughput="pairs", name="dpo")
     result = run(config, task, accelerator, out, resume)
-    steps = [r for r in result.history if "loss" in r]
-    window = steps[-FINAL_WINDOW:]
+    window = final_window(result.history, "loss")
     left_out = dict(data.left_out)
     result.metrics.update({
         "train_pairs": len(data), "left_out": left_out,
         "eval_rows": len(held),
         "train_loss": float(np.mean([r["loss"] for r in window])) if window else None,
         "train_accuracy": float(np.mean([r["accuracy"] for r in window])) if window else None,
-        "first_step_loss": steps[0]["loss"] if steps else None,
+        "final_window": len(window),
+        "first_step_loss": next((r["loss"] for r in result.history if "loss" in r), None),
         "shared_prompt": packed, "shared_prompt_off": problem,
         "tokens_saved": float(1 - data.packed_lengths.sum() / data.full_lengths.sum())
         if packed else 0.0,

@@ -23,9 +23,8 @@ from typing import Any
 import torch
 
 from hhrlhf.errors import HHRLHFError
+from hhrlhf.records import ASSISTANT_MARKER, HUMAN_MARKER
 
-HUMAN_MARKER = "\n\nHuman:"
-ASSISTANT_MARKER = "\n\nAssistant:"
 EOS_TOKEN = "<|endoftext|>"
 
 # Renders the HH format; "system" text goes first as is (the rows' rare preamble).

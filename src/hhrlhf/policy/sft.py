@@ -30,7 +30,6 @@ HELPFUL_TRAIN = ["helpful-base/train", "helpful-rejection-sampled/train", "helpf
 CARD_WARNING = ("the dataset card warns that training a dialogue agent directly on these data "
                 "is likely to make a harmful model; hhrlhf sft defaults to the helpful subsets' "
                 "chosen dialogues")
-FINAL_WINDOW = 50  # final train loss: the mean of this many last steps
 
 
 @dataclass
@@ -129,7 +128,9 @@ def train_sft(config: SFTConfig, rows: list[Comparison] | None = None, *,
     from hhrlhf.runs import (
         Task,
         eval_share,
+        final_window,
         finish,
+        inner_state,
         prepare_run_folder,
         reduce_sums,
         run,
@@ -197,7 +198,7 @@ def train_sft(config: SFTConfig, rows: list[Comparison] | None = None, *,
 
     def save(path: Path, state: dict[str, Any] | None) -> None:
         if state is not None:
-            state = {k[4:]: v for k, v in state.items() if k.startswith("net.")}
+            state = inner_state(state)
         policy.save(path, state)
 
     task = Task(module=module, size=len(data),
@@ -207,11 +208,11 @@ def train_sft(config: SFTConfig, rows: list[Comparison] | None = None, *,
                 evaluate=evaluate if held_data is not None else None,
                 throughput="tokens", name="sft")
     result = run(config, task, accelerator, out, resume)
-    steps = [r for r in result.history if "loss" in r]
-    window = steps[-FINAL_WINDOW:]
+    window = final_window(result.history, "loss")
     result.metrics.update({
         "train_rows": len(data), "skipped_rows": skipped, "eval_rows": len(held),
         "train_loss": float(np.mean([r["loss"] for r in window])) if window else None,
+        "final_window": len(window),
         "truncated_responses": data.truncated_response, "context_cut_rows": data.context_cut,
     })
     finish(out, result.metrics)

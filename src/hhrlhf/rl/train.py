@@ -43,8 +43,9 @@ import numpy as np
 import torch
 
 from hhrlhf.errors import HHRLHFError
+from hhrlhf.records import Dialogue, response_turn
 from hhrlhf.rl.prompts import PROMPT_KINDS
-from hhrlhf.runs import RunConfig, RunResult
+from hhrlhf.runs import RunConfig, RunResult, final_window, inner_state
 
 ALGOS = ("rloo", "ppo")
 
@@ -182,19 +183,8 @@ class Rollout:
     stops: list[str] = field(default_factory=list)
 
 
-def response_turn(text: str) -> Any:
-    """A sampled response as the final Assistant turn (the sample starts with the space after
-    ``Assistant:``, as the published rows do)."""
-    from hhrlhf.records import ASSISTANT, Turn
-
-    sep = " " if text.startswith(" ") else ""
-    return Turn(ASSISTANT, text[len(sep):], sep)
-
-
 def response_dialogue(prompt: Any, text: str) -> Any:
     """The prompt dialogue with the sampled response as its final Assistant turn."""
-    from hhrlhf.records import Dialogue
-
     return Dialogue(prompt.turns + (response_turn(text),), prompt.preamble)
 
 
@@ -293,7 +283,7 @@ def train_rl(config: RLConfig, *, pm: Any = None, prompts: list[Any] | None = No
 
     def save(path: Path, state: dict[str, Any] | None) -> None:
         if state is not None:
-            state = {key[4:]: v for key, v in state.items() if key.startswith("net.")}
+            state = inner_state(state)
         policy.save(path, state)
 
     def prompts_of(s: int) -> list[int]:
@@ -491,7 +481,7 @@ def train_rl(config: RLConfig, *, pm: Any = None, prompts: list[Any] | None = No
     if out is not None and accelerator.is_main_process:
         save(out / "model", weights)
     steps = [r for r in history if "reward_mean" in r]
-    window = steps[-min(len(steps), 10):]
+    window = final_window(history, "reward_mean")
     metrics: dict[str, Any] = {
         "algo": config.algo, "steps": step, "prompts": n_prompts,
         "samples_per_prompt": k, "first_reward": steps[0]["reward_mean"] if steps else None,
