@@ -47,6 +47,7 @@ class DPOConfig(RunConfig):
     skip_flags: list[str] = field(default_factory=lambda: ["identical_responses"])
     policy: str = ""  # the starting policy (a causal LM folder), e.g. an SFT run's model/
     reference: str = ""  # "" = the starting policy
+    chat_format: str = "auto"  # auto | hh | template: how dialogues become the policy's text
     beta: float = 0.1
     loss: str = "sigmoid"
     label_smoothing: float = 0.0
@@ -58,8 +59,10 @@ class DPOConfig(RunConfig):
 
     def validate(self) -> DPOConfig:
         super().validate()
+        from hhrlhf.policy.chat import check_chat_format_option
         from hhrlhf.records import ROW_CHECKS
 
+        check_chat_format_option(self.chat_format)
         if not self.policy:
             raise HHRLHFError("config policy: DPO needs a starting policy (--policy DIR, e.g. "
                               "an `hhrlhf sft` run's model folder)")
@@ -166,9 +169,11 @@ def train_dpo(config: DPOConfig, rows: list[Comparison] | None = None, *,
     config, accelerator = start_run(config)
     # every row is read: flagged ones are left out (and counted) by the encoder
     train_rows, held = split_rows(config, config.data, rows, eval_rows)
-    policy = Policy.load(config.policy, config.attn_implementation)
+    policy = Policy.load(config.policy, config.attn_implementation,
+                         chat_format=config.chat_format)
     policy.check_length(config.max_length)
-    ref_net = (Policy.load(config.reference, config.attn_implementation).net
+    # the reference reads the policy's token ids: its own tokenizer's format is not used
+    ref_net = (Policy.load(config.reference, config.attn_implementation, chat_format=None).net
                if config.reference else copy.deepcopy(policy.net))
     ref_net.requires_grad_(False).eval()
     dev = accelerator.device

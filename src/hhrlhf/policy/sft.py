@@ -38,6 +38,7 @@ class SFTConfig(RunConfig):
     skip_flags: list[str] = field(default_factory=lambda: ["empty_response"])
     policy: str = ""  # the starting policy: a causal LM folder (or hub id)
     init: str = ""  # "tiny": build a tiny Llama-shaped policy from the training dialogues
+    chat_format: str = "auto"  # auto | hh | template: how dialogues become the policy's text
     tiny_vocab_size: int = 4096
     tiny_hidden_size: int = 128
     tiny_layers: int = 4
@@ -47,8 +48,10 @@ class SFTConfig(RunConfig):
 
     def validate(self) -> SFTConfig:
         super().validate()
+        from hhrlhf.policy.chat import check_chat_format_option
         from hhrlhf.records import ROW_CHECKS
 
+        check_chat_format_option(self.chat_format)
         if bool(self.policy) == bool(self.init):
             raise HHRLHFError("config: give exactly one of policy (a causal LM folder) and "
                               "init=tiny")
@@ -100,7 +103,8 @@ def start_policy(config: SFTConfig, texts: list[str], out: Path | None) -> Any:
     from hhrlhf.policy.model import Policy, TinyConfig, init_tiny
 
     if config.policy:
-        return Policy.load(config.policy, config.attn_implementation)
+        return Policy.load(config.policy, config.attn_implementation,
+                           chat_format=config.chat_format)
     if out is not None and (out / "init" / "config.json").is_file():
         return Policy.load(out / "init", config.attn_implementation)
     heads = config.tiny_heads

@@ -53,6 +53,7 @@ ALGOS = ("rloo", "ppo")
 @dataclass
 class RLConfig(RunConfig):
     policy: str = ""  # the initial policy (a causal LM folder), e.g. an SFT run's model/
+    chat_format: str = "auto"  # auto | hh | template: how dialogues become the policy's text
     pm: str = ""  # the preference model folder (hhrlhf pm train, lexical, dpo)
     data: list[str] = field(default_factory=list)  # prompt sources; [] = the default of `prompts`
     prompts: str = "records"  # "records": dialogues up to the final Assistant turn; "redteam"
@@ -91,6 +92,9 @@ class RLConfig(RunConfig):
 
     def validate(self) -> RLConfig:
         super().validate()
+        from hhrlhf.policy.chat import check_chat_format_option
+
+        check_chat_format_option(self.chat_format)
         if not self.policy:
             raise HHRLHFError("config policy: RL needs an initial policy (a causal LM folder, "
                               "e.g. an `hhrlhf sft` run's model folder)")
@@ -237,7 +241,8 @@ def train_rl(config: RLConfig, *, pm: Any = None, prompts: list[Any] | None = No
         prompts = load_prompts(config.data, config.prompts, config.max_prompts)
     elif config.max_prompts:
         prompts = prompts[: config.max_prompts]
-    policy = Policy.load(config.policy, config.attn_implementation)
+    policy = Policy.load(config.policy, config.attn_implementation,
+                         chat_format=config.chat_format)
     if pm is None:
         pm = hhrlhf.pm.load(config.pm)
     if config.pm_device and hasattr(pm, "to"):
