@@ -156,7 +156,7 @@ class Sampler:
         # each token's text, for spotting "\n\nHuman:" across token boundaries (ids the model
         # has beyond the tokenizer's, as padded embeddings do, have none)
         vocab = len(tokenizer)
-        rows = max(vocab, int(getattr(net.config, "vocab_size", 0) or 0))
+        rows = max(vocab, int(getattr(getattr(net, "config", None), "vocab_size", 0) or 0))
         self.pieces = tokenizer.batch_decode([[i] for i in range(vocab)]) + [""] * (rows - vocab)
         # tokens whose text holds ":", the last character of "\n\nHuman:"
         self._colon = torch.tensor([":" in p for p in self.pieces], dtype=torch.bool)
