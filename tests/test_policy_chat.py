@@ -167,6 +167,7 @@ def test_sft_runs_and_samples_stop_at_the_end_of_turn(folders: dict[str, Path], 
         inner = s.tokens[:-1] if s.stop == "eos" else s.tokens
         assert end not in inner and saved.eos_id not in inner
         assert s.stop == "eos" or len(s.tokens) == 30
+        assert s.text.startswith(" ")  # read as an HH response, as bon, rl and PMs read it
 
 
 def test_dpo_runs_on_a_chatml_policy(folders: dict[str, Path], rows: list) -> None:

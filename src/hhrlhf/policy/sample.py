@@ -45,7 +45,8 @@ class Sample:
     prompt_index: int
     sample_index: int
     tokens: list[int]  # generated ids, the stop token or marker included
-    text: str  # the response text: the stop marker and EOS cut, leading space kept
+    text: str  # the response as HH text: the stop marker and EOS (or end of turn) cut, the
+    # leading space kept (added under a chat template, whose replies follow a header)
     stop: str  # "eos", "human" or "length"
 
 
@@ -299,5 +300,9 @@ class Sampler:
                                          skip_special_tokens=False)
             if code == 2:
                 text = text[: text.find(HUMAN_MARKER)]
+            elif not self.hh and not text.startswith(" "):
+                # a template's reply follows its header; the text is read as an HH response
+                # (bon, rl, generate, PMs), which starts with the space after "Assistant:"
+                text = " " + text
             samples.append(Sample(-1, -1, toks, text, names[code]))
         return samples
