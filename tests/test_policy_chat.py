@@ -189,16 +189,23 @@ def test_dpo_runs_on_a_chatml_policy(folders: dict[str, Path], rows: list) -> No
 
 
 def test_hh_format_on_a_template_model_and_unsplittable_templates(
-        folders: dict[str, Path], tmp_path: Path) -> None:
-    # --chat-format hh: the HH text, and the HH template installed (what the run saves)
+        folders: dict[str, Path], rows: list, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from hhrlhf.policy.sft import SFTConfig, train_sft
+
+    # chat_format=hh: the HH text, and the HH template saved with the run's policy
     policy = Policy.load(folders["chatml"], chat_format="hh")
     assert policy.tokenizer.chat_template == HH_CHAT_TEMPLATE
     assert ChatFormat(policy.tokenizer).hh
+    train_sft(SFTConfig(policy=str(folders["chatml"]), chat_format="hh", max_steps=1,
+                        batch_size=2, max_length=64, progress=False, threads=1,
+                        out_dir=str(tmp_path / "run")), rows[:2])
+    assert AutoTokenizer.from_pretrained(tmp_path / "run" / "model").chat_template == \
+        HH_CHAT_TEMPLATE
     with pytest.raises(HHRLHFError, match="has no chat template"):
         Policy.load(folders["none"], chat_format="template")
     # a template whose rendering of a dialogue's start is not the start of the whole: refused
-    from transformers import AutoTokenizer
-
     tok = AutoTokenizer.from_pretrained(folders["chatml"])
     tok.chat_template = "{{ messages | length }}" + CHATML
     with pytest.raises(HHRLHFError, match="turns cannot be told apart"):
