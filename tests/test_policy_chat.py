@@ -8,6 +8,7 @@ Tiny models and byte-level BPE tokenizers are built here from a few rows of the 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -210,3 +211,29 @@ def test_hh_format_on_a_template_model_and_unsplittable_templates(
     tok.chat_template = "{{ messages | length }}" + CHATML
     with pytest.raises(HHRLHFError, match="turns cannot be told apart"):
         ChatFormat(tok, "folder")
+
+
+def test_rl_runs_on_a_llama3_policy(folders: dict[str, Path], rows: list) -> None:
+    """RL samples under the template and its PM reads HH dialogues: each sample one Assistant
+    turn after the prompt, with the HH separator."""
+    from test_rl_train import VowelShare
+
+    from hhrlhf.rl.train import RLConfig, train_rl
+
+    seen: list[Dialogue] = []
+
+    class Recording(VowelShare):
+        def score(self, dialogues: Any, batch_size: int = 32) -> np.ndarray:
+            seen.extend(dialogues)
+            return super().score(dialogues, batch_size)
+
+    prompts = [Dialogue(c.prompt, c.chosen_dialogue.preamble) for c in rows[:4]]
+    config = RLConfig(policy=str(folders["llama3"]), pm="(in memory)", batch_size=2,
+                      samples_per_prompt=2, max_new_tokens=6, max_length=128, max_steps=1,
+                      out_dir="", progress=False)
+    result = train_rl(config, pm=Recording(), prompts=prompts)
+    assert result.history[0]["kl"] == pytest.approx(0.0, abs=1e-4)
+    assert len(seen) == 4
+    for d in seen:
+        assert d.turns[-1].role == "assistant" and d.turns[-1].sep == " "
+        assert d.turns[:-1] in [p.turns for p in prompts]
