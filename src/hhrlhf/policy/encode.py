@@ -99,12 +99,16 @@ class PolicyEncoder:
             raise ValueError(f"max_length {max_length} leaves no room for a prompt and response")
 
     def _tokenize(self, texts: list[str]) -> list[np.ndarray]:
+        """Token ids of each text; each distinct text tokenized once (role markers and
+        template headers repeat in every dialogue). The arrays are shared: never written."""
+        unique = list(dict.fromkeys(texts))
         out: list[np.ndarray] = []
-        for i in range(0, len(texts), _CHUNK):
-            ids = self.tokenizer(texts[i: i + _CHUNK], add_special_tokens=False,
+        for i in range(0, len(unique), _CHUNK):
+            ids = self.tokenizer(unique[i: i + _CHUNK], add_special_tokens=False,
                                  verbose=False)["input_ids"]
             out.extend(np.asarray(x, dtype=np.int32) for x in ids)
-        return out
+        of = dict(zip(unique, out))
+        return [of[t] for t in texts]
 
     @staticmethod
     def _keep_end(pieces: list[np.ndarray], room: int) -> tuple[list[np.ndarray], bool]:
