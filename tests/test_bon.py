@@ -121,6 +121,29 @@ def test_default_score_groups_scores_each_dialogue(real_file: Path) -> None:
         pm.score_groups(prompts[:2], [responses[0], responses[1][:2]])
 
 
+
+def test_bon_rl_and_rl_eval_score_the_same_response_turn(real_file: Path) -> None:
+    """One sampled text, one response turn: cut where the policy starts a new turn, whether
+    best-of-N, RL training or `rl eval` scores it."""
+    from hhrlhf import bon
+    from hhrlhf.records import response_turn
+    from hhrlhf.rl.evaluation import response_pairs
+    from hhrlhf.rl.train import score_samples
+
+    rows = first_rows(real_file, 300)
+    pm = LexicalPreferenceModel.fit(rows)
+    prompts = [c.chosen_dialogue for c in rows[:2]]
+    prompts = [Dialogue(d.turns[:-1], d.preamble) for d in prompts]
+    texts = [" I can't help with stealing.\n\nAssistant: Here is how to steal a car", " Fine."]
+    cut = [" I can't help with stealing.", " Fine."]
+    rl = score_samples(pm, prompts, texts, 1)
+    best_of_n = pm.score_groups(prompts, [[bon.response_turn(t)] for t in texts]).reshape(-1)
+    np.testing.assert_array_equal(rl, best_of_n)
+    np.testing.assert_array_equal(rl, score_samples(pm, prompts, cut, 1))
+    pair = response_pairs(prompts[:1], texts[:1], cut[:1])[0]
+    assert pair.chosen_dialogue == pair.rejected_dialogue
+    assert response_turn(texts[0]) == Turn("assistant", "I can't help with stealing.", " ")
+
 # ---- the best-of-n estimator ---------------------------------------------------------------
 def test_expected_best_equals_the_mean_max_over_all_subsets() -> None:
     from hhrlhf.bon import bon_kl, curve, expected_best, n_values

@@ -213,3 +213,23 @@ def test_resume_takes_the_saved_configuration(tmp_path: Path, real_file: Path) -
                           timeout=120, check=False)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip() == f"hhrlhf: error: {gone}: no such backbone folder"
+
+
+def test_a_policy_equal_to_its_reference_wins_no_pair(folders: dict[str, Path],
+                                                      real_file: Path, tmp_path: Path) -> None:
+    """A reference equal to the policy up to float rounding (weights off by ~1e-6 relative,
+    as a reference pass in other kernels or precision is; on a GPU the precomputed reference
+    itself is): every margin is a tie, and ties are not wins, so the reward accuracy is 0, not
+    a share of the rounding noise."""
+    ref = Policy.load(folders["policy"])
+    torch.manual_seed(2)
+    for p in ref.net.parameters():
+        p.data.mul_(1 + 1e-6 * torch.randn_like(p))
+    ref.save(tmp_path / "rounded")
+    rows = first_rows(real_file, 16)
+    cfg = DPOConfig(policy=str(folders["policy"]), reference=str(tmp_path / "rounded"),
+                    out_dir="", max_steps=1, batch_size=16, max_length=160, progress=False,
+                    threads=1, kl_prompts=0)
+    first = train_dpo(cfg, rows).history[0]
+    assert first["pairs"] > 8 and first["margin"] != 0  # the rounding noise is there
+    assert first["accuracy"] == 0.0

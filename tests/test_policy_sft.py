@@ -21,7 +21,6 @@ from policy_support import (
     run_cli,
 )
 
-from hhrlhf.errors import HHRLHFError
 from hhrlhf.policy import Policy
 from hhrlhf.policy.encode import PolicyEncoder
 from hhrlhf.records import Dialogue
@@ -139,17 +138,21 @@ def test_one_line_errors(tiny: Policy, real_file: Path, tmp_path: Path,
     BertModel(BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1,
                          num_attention_heads=2, intermediate_size=32)).save_pretrained(
         tmp_path / "bert")
-    # a causal LM whose tokenizer lacks the HH chat format
+    # a causal LM whose chat template cannot be split into turns (it counts the messages
+    # first, so a dialogue's beginning renders differently from the whole)
     tiny.save(tmp_path / "plain")
     tiny.save(tmp_path / "good")
     tok = AutoTokenizer.from_pretrained(tmp_path / "plain")
-    tok.chat_template = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+    tok.chat_template = ("{{ messages | length }}{% for m in messages %}<|{{ m['role'] }}|>"
+                         "{{ m['content'] }}{% endfor %}")
     tok.save_pretrained(tmp_path / "plain")
     cases = [
         (["--policy", str(tmp_path / "bert")], "not a causal language model (bert)"),
-        (["--policy", str(tmp_path / "plain")], "not the HH chat format"),
+        (["--policy", str(tmp_path / "plain")], "turns cannot be told apart"),
         (["--init", "tiny", "--set", "lr=-1"], "config lr=-1.0: must be positive"),
         (["--init", "tiny", "--set", "nope=1"], "unknown config key 'nope'"),
+        (["--init", "tiny", "--set", "chat_format=chatml"],
+         "config chat_format='chatml': must be one of auto, hh, template"),
         (["--policy", str(tmp_path / "bert"), "--init", "tiny"], "exactly one of policy"),
         (["--policy", str(tmp_path / "good"), "--max-length", "600"],
          "max_length 600 exceeds the 512 positions of the policy"),
@@ -162,8 +165,3 @@ def test_one_line_errors(tiny: Policy, real_file: Path, tmp_path: Path,
         assert len(err) == 1 and needle in err[0], stderr
         assert "Traceback" not in stderr
     assert not (tmp_path / "run").exists()  # no half-made run folder
-    with pytest.raises(HHRLHFError, match="no chat template"):
-        tok.chat_template = None
-        from hhrlhf.policy import check_chat_format
-
-        check_chat_format(tok)

@@ -98,3 +98,17 @@ def test_an_unknown_key_gets_the_key_meant(key: str, hint: str) -> None:
 def test_an_unknown_key_with_no_near_name_lists_the_known_ones() -> None:
     with pytest.raises(HHRLHFError, match="known: max_length, attn_implementation"):
         apply_overrides(LoopConfig(), {"zzz": "1"})
+
+
+def test_one_final_window_for_every_trainer() -> None:
+    """The final train figures of every trainer (sft, dpo, pm train, rl) are means over the
+    same last FINAL_WINDOW logged steps; eval records in between are not steps."""
+    from hhrlhf.runs import FINAL_WINDOW, final_window, inner_state
+
+    history = [{"step": i, "loss": float(i)} if i % 7 else {"step": i, "eval_loss": 0.0}
+               for i in range(1, 200)]
+    window = final_window(history, "loss")
+    assert len(window) == FINAL_WINDOW and window[-1]["step"] == 199
+    assert all("loss" in r for r in window)
+    assert len(final_window(history[:8], "loss")) == 7
+    assert inner_state({"net.a.weight": 1, "value_head.b": 2}) == {"a.weight": 1}

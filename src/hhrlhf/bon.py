@@ -30,7 +30,6 @@ import contextlib
 import gzip
 import math
 import os
-import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,13 +38,10 @@ from typing import Any
 import numpy as np
 
 from hhrlhf.policy.sample import SampleSettings
-from hhrlhf.records import ASSISTANT, Dialogue, Turn
+from hhrlhf.records import Dialogue, Turn, response_turn
 
 REJECTED_RULES = ("worst", "random")
 
-# The policy starting a new turn: cut there, so the written dialogue reads back as the prompt's
-# turns plus exactly one Assistant turn. (The sampler already stops at "\n\nHuman:".)
-_NEW_TURN = re.compile(r"\n\n(?:Human|Assistant):")
 
 
 @dataclass(frozen=True)
@@ -110,16 +106,6 @@ def curve(rewards: np.ndarray) -> list[dict[str, float]]:
         rows.append({"n": n, "kl": bon_kl(n), "reward_mean": float(best.mean()),
                      "reward_sem": sem})
     return rows
-
-
-def response_turn(text: str) -> Turn:
-    """A sampled response as the final Assistant turn: cut where the policy starts a new
-    turn; the space after ``Assistant:`` (if the policy wrote one) is the turn's separator."""
-    m = _NEW_TURN.search(text)
-    if m:
-        text = text[: m.start()]
-    sep = " " if text.startswith(" ") else ""
-    return Turn(ASSISTANT, text[len(sep):], sep)
 
 
 def pick_pair(rewards: np.ndarray, texts: Sequence[str], rule: str,

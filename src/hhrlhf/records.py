@@ -25,7 +25,8 @@ _TURN_MARKER = re.compile(r"\n\n(Human|Assistant):( ?)")
 _INLINE_MARKER = re.compile(r"(?:Human|Assistant):")
 _ROLE_OF = {"Human": HUMAN, "Assistant": ASSISTANT}
 ASSISTANT_MARKER = "\n\nAssistant:"  # the one spelling of the marker that opens a response
-_MARKER_OF = {HUMAN: "\n\nHuman:", ASSISTANT: ASSISTANT_MARKER}
+HUMAN_MARKER = "\n\nHuman:"  # ... and of the one that opens a human turn
+_MARKER_OF = {HUMAN: HUMAN_MARKER, ASSISTANT: ASSISTANT_MARKER}
 
 # Per-row checks, computed when a row is parsed. Cross-row checks (duplicate_pair,
 # repeated_prompt, train_test_overlap) need the whole corpus and live in hhrlhf.audit.
@@ -77,6 +78,19 @@ class Dialogue:
         return self.turns[-1] if self.turns else None
 
 
+def response_turn(text: str) -> Turn:
+    """A generated response (the text after ``"\\n\\nAssistant:"``) as the final Assistant turn:
+    cut where the policy starts a new turn (``"\\n\\nHuman:"`` or ``"\\n\\nAssistant:"``), so
+    the dialogue reads back as its prompt plus exactly one Assistant turn; the space after the
+    marker (if the policy wrote one) is the turn's separator. Every scorer of samples (``bon``,
+    ``rl`` and ``rl eval``, ``generate``) goes through this, so all score the same text."""
+    m = _TURN_MARKER.search(text)
+    if m:
+        text = text[: m.start()]
+    sep = " " if text.startswith(" ") else ""
+    return Turn(ASSISTANT, text[len(sep):], sep)
+
+
 def render_turns(turns: tuple[Turn, ...] | list[Turn]) -> str:
     """Turns back in the original string format (no preamble)."""
     return "".join([t.render() for t in turns])
@@ -101,7 +115,7 @@ def _alternates(turns: tuple[Turn, ...]) -> bool:
     return True
 
 
-_HUMAN_MARK = "\n\nHuman:"
+_HUMAN_MARK = HUMAN_MARKER
 _ROLE_SEQUENCE = re.compile(r"\n\n(Human|Assistant):")
 _FLAG_SETS: dict[tuple[str, ...], frozenset[str]] = {}
 

@@ -924,6 +924,23 @@ def finish(out: Path | None, metrics: dict[str, Any]) -> None:
         release_run_folder(out)
 
 
+# A run's final train figures (loss, accuracy, PM reward, KL) are means over this many last
+# logged steps (all of them in a shorter run): one window for every trainer.
+FINAL_WINDOW = 50
+
+
+def final_window(history: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
+    """The last :data:`FINAL_WINDOW` records of ``history`` that log ``key``."""
+    return [r for r in history if key in r][-FINAL_WINDOW:]
+
+
+def inner_state(state: dict[str, Any]) -> dict[str, Any]:
+    """The wrapped transformers model's weights from a training wrapper's state dict: the
+    trainers wrap the model as ``.net`` (``LogprobNet``, ``RewardNet``, RL's policy-value
+    module), so its keys are the model's own behind ``net.``."""
+    return {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}
+
+
 def eval_share(n: int, accelerator: Any) -> tuple[Any, Any]:
     """This process's rows of ``n`` eval rows, and their weights: equal shares (the last
     padded with row 0 at weight 0), since sharded models (FSDP) need every process to run the
@@ -977,12 +994,6 @@ class MetricsLog:
         if self._file is not None:
             self._file.close()
             self._file = None
-
-
-def strip_prefix(state: dict[str, Any], prefix: str) -> dict[str, Any]:
-    """The entries of a state dict under ``prefix``, named without it (a submodule's weights:
-    ``net.`` of a module that wraps the policy's decoder)."""
-    return {key[len(prefix):]: v for key, v in state.items() if key.startswith(prefix)}
 
 
 def reduce_stats(stats: dict[str, tuple[float, float]], accelerator: Any

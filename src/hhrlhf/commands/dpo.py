@@ -57,7 +57,7 @@ def dpo(sources: tuple[str, ...], config_file: str | None, assignments: tuple[st
               + (f", shared prompt saves {m['tokens_saved']:.1%} of tokens"
                  if m["shared_prompt"] else "")),
              (f"train loss {m['train_loss']:.4f}, reward accuracy {m['train_accuracy']:.3f} "
-              f"(mean of the last {min(m['steps'], 50)} steps)")]
+              f"(mean of the last {m['final_window']} steps)")]
     if "eval_loss" in m:
         lines.append(f"held-out loss {m['eval_loss']:.4f}, reward accuracy "
                      f"{m['eval_accuracy']:.3f}, margin {m['eval_margin']:.4f} on "

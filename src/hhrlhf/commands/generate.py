@@ -97,8 +97,9 @@ def generate(model: str, sources: tuple[str, ...], n: int, temperature: float, t
     import torch
 
     from hhrlhf.policy.encode import PolicyEncoder
-    from hhrlhf.policy.model import ASSISTANT_MARKER, Policy
+    from hhrlhf.policy.model import Policy
     from hhrlhf.policy.sample import Sampler
+    from hhrlhf.records import Dialogue, response_turn
     from hhrlhf.rl.prompts import dialogue_prompts
 
     if threads:
@@ -140,9 +141,11 @@ def generate(model: str, sources: tuple[str, ...], n: int, temperature: float, t
                                      seed=seed + chunk_no, batch_size=batch_size)
         for s in samples:
             pid, d = chunk[s.prompt_index]
+            # cut where the policy starts a new turn, as bon and rl score it
+            turn = response_turn(s.text)
             yield {"id": f"{pid}/{s.sample_index}", "prompt_id": pid, "sample": s.sample_index,
-                   "text": d.render() + ASSISTANT_MARKER + s.text, "response": s.text,
-                   "stop": s.stop}
+                   "text": Dialogue(d.turns + (turn,), d.preamble).render(),
+                   "response": turn.sep + turn.text, "stop": s.stop}
 
     def write(fh: IO[str]) -> None:
         for row in rows():

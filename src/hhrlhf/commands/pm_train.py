@@ -77,7 +77,7 @@ def train(sources: tuple[str, ...], config_file: str | None, assignments: tuple[
              + (f", shared context saves {m['tokens_saved']:.1%} of tokens"
                 if m["shared_context"] else ""),
              (f"train loss {m['train_loss']:.4f}, accuracy {m['train_accuracy']:.3f} "
-              f"(mean of the last {min(m['steps'], 50)} steps)")]
+              f"(mean of the last {m['final_window']} steps)")]
     if "eval_accuracy" in m:
         lines.append(f"eval loss {m['eval_loss']:.4f}, accuracy {m['eval_accuracy']:.3f} "
                      f"on {m['eval_pairs']:,} pairs")

@@ -64,6 +64,9 @@ def rl() -> None:
 @click.option("--prompts", type=click.Choice(["records", "redteam"]),
               help="records: each row's dialogue up to its final Assistant turn (default); "
                    "redteam: the red-team transcripts' opening human turns.")
+@click.option("--chat-format", type=click.Choice(["auto", "hh", "template"]),
+              help="auto (default): the policy's own chat template, the HH text format when it "
+                   "has none; hh: the HH text format always.")
 @click.option("--k", "samples_per_prompt", type=int, help="Samples per prompt (default 4).")
 @click.option("--batch-size", type=int, help="Prompts per step (default 16).")
 @click.option("--max-steps", type=int, help="Steps (default: one pass over the prompts).")

@@ -21,7 +21,10 @@ def common_options(fn: Any) -> Any:
         click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
                      help="Set any configuration key (repeatable), e.g. --set lr=1e-4."),
         click.option("--out", "out_dir", help="Run folder (checkpoints, metrics, model)."),
-        click.option("--policy", help="Starting policy: a causal LM folder (HH chat format)."),
+        click.option("--policy", help="Starting policy: any causal LM folder."),
+        click.option("--chat-format", type=click.Choice(["auto", "hh", "template"]),
+                     help="auto (default): the policy's own chat template, the HH text format "
+                          "when it has none; hh: the HH text format always."),
         click.option("--eval", "eval_data", multiple=True, help="Held-out source (repeatable)."),
         click.option("--max-steps", type=int, help="Optimizer steps (default: one epoch)."),
         click.option("--batch-size", type=int, help="Rows per step."),
@@ -103,7 +106,7 @@ def sft(sources: tuple[str, ...], config_file: str | None, assignments: tuple[st
         return
     lines = [(f"trained {m['steps']:,} steps on {m['train_rows']:,} dialogues "
               f"({m['skipped_rows']:,} skipped), {m['tokens_per_s']:,.0f} tokens/s"),
-             f"train loss {m['train_loss']:.4f} (mean of the last {min(m['steps'], 50)} steps)"]
+             f"train loss {m['train_loss']:.4f} (mean of the last {m['final_window']} steps)"]
     if "eval_loss" in m:
         lines.append(f"held-out loss {m['eval_loss']:.4f}, perplexity "
                      f"{m['eval_perplexity']:.2f} on {m['eval_rows']:,} dialogues "

@@ -374,7 +374,9 @@ class NeuralPreferenceModel(PreferenceModel):
             net: Any = self.reward_net.net
             net_state = None
             if state_dict is not None:
-                net_state = {k[4:]: v for k, v in state_dict.items() if k.startswith("net.")}
+                from hhrlhf.runs import inner_state
+
+                net_state = inner_state(state_dict)
             with quiet_transformers():
                 if self.transformers_loadable:
                     net.save_pretrained(tmp, state_dict=net_state)

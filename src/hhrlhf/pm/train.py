@@ -28,8 +28,6 @@ from hhrlhf.errors import HHRLHFError
 from hhrlhf.pm.config import TrainConfig
 from hhrlhf.records import Comparison
 
-# Final train loss/accuracy: the mean over this many last steps (one batch is noisy).
-FINAL_WINDOW = 50
 TIMING_KEYS = ("seconds", "train_seconds", "train_cpu_seconds", "pairs_per_s",
                "eval_pairs_per_s")
 
@@ -156,8 +154,7 @@ def train(config: TrainConfig, comparisons: Sequence[Comparison] | None = None, 
 
     # ---- the end: summarise ------------------------------------------------------------------
     final = {k: v for k, v in result.metrics.items() if k.startswith("eval_")}
-    steps = [r for r in result.history if "loss" in r]
-    window = steps[-FINAL_WINDOW:]
+    window = runs.final_window(result.history, "loss")
     clock = result.throughput
     assert clock is not None
     metrics: dict[str, Any] = {
@@ -166,6 +163,7 @@ def train(config: TrainConfig, comparisons: Sequence[Comparison] | None = None, 
         "train_pairs": len(pairs),
         "skipped_pairs": skipped,
         "train_loss": float(np.mean([r["loss"] for r in window])) if window else None,
+        "final_window": len(window),
         "train_accuracy": float(np.mean([r["accuracy"] for r in window])) if window else None,
         **{k: v for k, v in final.items() if k != "eval_pairs_per_s"},
         "truncated_responses": int(pairs.truncated_response.sum()),

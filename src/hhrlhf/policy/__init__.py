@@ -1,5 +1,6 @@
-"""Policies: a causal LM in the HH chat format, SFT, DPO and fast sampling."""
+"""Policies: any causal LM (the HH text format or its own chat template), SFT, DPO, sampling."""
 
-from hhrlhf.policy.model import HH_CHAT_TEMPLATE, Policy, TinyConfig, check_chat_format, init_tiny
+from hhrlhf.policy.chat import CHAT_FORMATS, HH_CHAT_TEMPLATE, ChatFormat
+from hhrlhf.policy.model import Policy, TinyConfig, init_tiny
 
-__all__ = ["HH_CHAT_TEMPLATE", "Policy", "TinyConfig", "check_chat_format", "init_tiny"]
+__all__ = ["CHAT_FORMATS", "HH_CHAT_TEMPLATE", "ChatFormat", "Policy", "TinyConfig", "init_tiny"]

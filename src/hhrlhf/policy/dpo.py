@@ -9,7 +9,8 @@ each response's tokens, its EOS included):
   log-ratios instead of sums (as TRL, which confirmed it with the IPO authors).
 
 The implicit reward of a response is ``beta * (log pi - log ref)``; metrics per step and on the
-held-out pairs: loss, reward accuracy (chosen reward above rejected), the chosen and rejected
+held-out pairs: loss, reward accuracy (chosen reward above rejected by more than a tie,
+:func:`correct_pairs`), the chosen and rejected
 rewards, their margin, and (held-out) the policy's KL to the reference on held-out prompts,
 estimated from samples of the policy: ``mean over samples of sum_t log pi(y_t) - log ref(y_t)``.
 
@@ -37,7 +38,6 @@ from hhrlhf.registry import PREFERENCE_TRAIN
 from hhrlhf.runs import RunConfig, RunResult
 
 LOSSES = ("sigmoid", "ipo")
-FINAL_WINDOW = 50
 
 
 @dataclass
@@ -47,6 +47,7 @@ class DPOConfig(RunConfig):
     skip_flags: list[str] = field(default_factory=lambda: ["identical_responses"])
     policy: str = ""  # the starting policy (a causal LM folder), e.g. an SFT run's model/
     reference: str = ""  # "" = the starting policy
+    chat_format: str = "auto"  # auto | hh | template: how dialogues become the policy's text
     beta: float = 0.1
     loss: str = "sigmoid"
     label_smoothing: float = 0.0
@@ -58,8 +59,10 @@ class DPOConfig(RunConfig):
 
     def validate(self) -> DPOConfig:
         super().validate()
+        from hhrlhf.policy.chat import check_chat_format_option
         from hhrlhf.records import ROW_CHECKS
 
+        check_chat_format_option(self.chat_format)
         if not self.policy:
             raise HHRLHFError("config policy: DPO needs a starting policy (--policy DIR, e.g. "
                               "an `hhrlhf sft` run's model folder)")
@@ -96,6 +99,22 @@ def dpo_loss(policy_lp: torch.Tensor, ref_lp: torch.Tensor, counts: torch.Tensor
         per_pair = (-(1 - label_smoothing) * F.logsigmoid(m)
                     - label_smoothing * F.logsigmoid(-m))
     return per_pair, rewards[:, 0], rewards[:, 1]
+
+
+# A pair counts as correct only when its reward margin clears this share of the size of its
+# two log-prob sums: a policy equal to its reference gives margins of ~1e-6 (float rounding
+# between the precomputed reference pass and the training pass), which are ties, not wins.
+TIE_TOLERANCE = 1e-5
+
+
+def correct_pairs(policy_lp: torch.Tensor, reward_chosen: torch.Tensor,
+                  reward_rejected: torch.Tensor, beta: float) -> torch.Tensor:
+    """Pairs whose chosen reward beats the rejected one by more than a tie: the margin
+    ``beta * [(log pi - log ref)_c - (log pi - log ref)_r]`` above
+    ``beta * TIE_TOLERANCE * (|log pi(y_c)| + |log pi(y_r)|)``. Ties count as not correct, so
+    the reward accuracy of a policy equal to its reference is 0."""
+    size = policy_lp.detach().abs().sum(-1)
+    return (reward_chosen - reward_rejected) > beta * TIE_TOLERANCE * size
 
 
 def reference_logprobs(net: Any, rows: Any, packed: bool, pad_id: int, batch_size: int,
@@ -138,7 +157,9 @@ def train_dpo(config: DPOConfig, rows: list[Comparison] | None = None, *,
     from hhrlhf.runs import (
         Task,
         eval_share,
+        final_window,
         finish,
+        inner_state,
         prepare_run_folder,
         reduce_sums,
         run,
@@ -148,9 +169,11 @@ def train_dpo(config: DPOConfig, rows: list[Comparison] | None = None, *,
     config, accelerator = start_run(config)
     # every row is read: flagged ones are left out (and counted) by the encoder
     train_rows, held = split_rows(config, config.data, rows, eval_rows)
-    policy = Policy.load(config.policy, config.attn_implementation)
+    policy = Policy.load(config.policy, config.attn_implementation,
+                         chat_format=config.chat_format)
     policy.check_length(config.max_length)
-    ref_net = (Policy.load(config.reference, config.attn_implementation).net
+    # the reference reads the policy's token ids: its own tokenizer's format is not used
+    ref_net = (Policy.load(config.reference, config.attn_implementation, chat_format=None).net
                if config.reference else copy.deepcopy(policy.net))
     ref_net.requires_grad_(False).eval()
     dev = accelerator.device
@@ -184,21 +207,23 @@ def train_dpo(config: DPOConfig, rows: list[Comparison] | None = None, *,
         return batch
 
     def pair_terms(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, ...]:
+        """Per-pair loss, rewards (chosen, rejected) and whether the pair is correct."""
         lp, counts = per_response(model(batch), batch, 2)
         if "ref" in batch:
             ref = batch["ref"].to(lp.dtype)
         else:
             with torch.no_grad():
                 ref = per_response(ref_module(batch), batch, 2)[0]
-        return dpo_loss(lp.float(), ref.float(), counts.float(), config.beta, config.loss,
-                        config.label_smoothing)
+        per_pair, rc, rr = dpo_loss(lp.float(), ref.float(), counts.float(), config.beta,
+                                    config.loss, config.label_smoothing)
+        return per_pair, rc, rr, correct_pairs(lp.float(), rc, rr, config.beta)
 
     def loss(model: Any, batch: dict[str, Any]) -> tuple[Any, dict[str, tuple[float, float]]]:
-        per_pair, rc, rr = pair_terms(model, batch)
+        per_pair, rc, rr, correct = pair_terms(model, batch)
         n = float(len(per_pair))
         return per_pair.mean(), {
             "loss": (float(per_pair.detach().sum()), n),
-            "accuracy": (float((rc > rr).sum()), n),
+            "accuracy": (float(correct.sum()), n),
             "reward_chosen": (float(rc.sum()), n), "reward_rejected": (float(rr.sum()), n),
             "margin": (float((rc - rr).sum()), n), "pairs": (n, 1.0)}
 
@@ -216,8 +241,8 @@ def train_dpo(config: DPOConfig, rows: list[Comparison] | None = None, *,
                 batch = {k: v.to(dev) for k, v in batch.items()}
                 w = torch.from_numpy(weight[idx]).to(dev)
                 with accelerator.autocast():
-                    per_pair, rc, rr = pair_terms(model, batch)
-                sums += [float((per_pair * w).sum()), float(((rc > rr) * w).sum()),
+                    per_pair, rc, rr, correct = pair_terms(model, batch)
+                sums += [float((per_pair * w).sum()), float((correct * w).sum()),
                          float((rc * w).sum()), float((rr * w).sum()),
                          float(((rc - rr) * w).sum()), float(w.sum())]
         model.train(was)
@@ -237,7 +262,7 @@ def train_dpo(config: DPOConfig, rows: list[Comparison] | None = None, *,
 
     def save(path: Path, state: dict[str, Any] | None) -> None:
         if state is not None:
-            state = {k[4:]: v for k, v in state.items() if k.startswith("net.")}
+            state = inner_state(state)
         policy.save(path, state)
         # the implicit reward beta * log(pi / ref) is a preference model (`hhrlhf pm eval`)
         from hhrlhf.pm.base import write_marker
@@ -252,15 +277,15 @@ def train_dpo(config: DPOConfig, rows: list[Comparison] | None = None, *,
                 evaluate=evaluate if held_data is not None and len(held_data) else None,
                 throughput="pairs", name="dpo")
     result = run(config, task, accelerator, out, resume)
-    steps = [r for r in result.history if "loss" in r]
-    window = steps[-FINAL_WINDOW:]
+    window = final_window(result.history, "loss")
     left_out = dict(data.left_out)
     result.metrics.update({
         "train_pairs": len(data), "left_out": left_out,
         "eval_rows": len(held),
         "train_loss": float(np.mean([r["loss"] for r in window])) if window else None,
         "train_accuracy": float(np.mean([r["accuracy"] for r in window])) if window else None,
-        "first_step_loss": steps[0]["loss"] if steps else None,
+        "final_window": len(window),
+        "first_step_loss": next((r["loss"] for r in result.history if "loss" in r), None),
         "shared_prompt": packed, "shared_prompt_off": problem,
         "tokens_saved": float(1 - data.packed_lengths.sum() / data.full_lengths.sum())
         if packed else 0.0,

@@ -1,10 +1,9 @@
-"""A policy: any transformers causal LM folder whose tokenizer speaks the HH turn format.
+"""A policy: any transformers causal LM folder (or hub name) and its tokenizer.
 
-The HH format is the chat format: the tokenizer's chat template renders
-``[{"role": "user", ...}, {"role": "assistant", ...}]`` as ``"\\n\\nHuman: ...\\n\\nAssistant: ..."``
-and its generation prompt is ``"\\n\\nAssistant:"`` (the response starts with its own space, as
-in the published rows). :data:`HH_CHAT_TEMPLATE` is that template; :func:`check_chat_format`
-refuses a tokenizer that renders anything else.
+Its chat format (:mod:`hhrlhf.policy.chat`) is settled when it loads: the HH text format
+(``"\\n\\nHuman: ...\\n\\nAssistant: ..."``, :data:`HH_CHAT_TEMPLATE`) for a tokenizer
+without a chat template or under ``chat_format=hh`` (the HH template then installed, so a
+policy a run saves renders HH), else the model's own chat template.
 
 Offline there is no pretrained causal LM: :func:`init_tiny` builds a small Llama-shaped decoder
 and a byte-level BPE tokenizer trained on the given dialogues, saved as an ordinary transformers
@@ -21,42 +20,10 @@ from typing import Any
 import torch
 
 from hhrlhf.errors import HHRLHFError
+from hhrlhf.policy.chat import HH_CHAT_TEMPLATE, set_chat_format
+from hhrlhf.records import ASSISTANT_MARKER, HUMAN_MARKER
 
-HUMAN_MARKER = "\n\nHuman:"
-ASSISTANT_MARKER = "\n\nAssistant:"
 EOS_TOKEN = "<|endoftext|>"
-
-# Renders the HH format; "system" text goes first as is (the rows' rare preamble).
-HH_CHAT_TEMPLATE = (
-    "{%- for m in messages -%}"
-    "{%- if m['role'] == 'user' or m['role'] == 'human' -%}{{ '\n\nHuman: ' + m['content'] }}"
-    "{%- elif m['role'] == 'assistant' -%}{{ '\n\nAssistant: ' + m['content'] }}"
-    "{%- else -%}{{ m['content'] }}{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '\n\nAssistant:' }}{%- endif -%}"
-)
-
-_PROBE = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello."},
-          {"role": "user", "content": "Bye"}]
-
-
-def check_chat_format(tokenizer: Any, where: str | Path | None = None) -> None:
-    """Raise unless the tokenizer's chat template renders the HH turn format."""
-    fix = "(its chat_template must be hhrlhf.policy.HH_CHAT_TEMPLATE or render the same)"
-    if not getattr(tokenizer, "chat_template", None):
-        raise HHRLHFError(f"the tokenizer has no chat template, so not the HH chat format {fix}",
-                          where)
-    try:
-        got = tokenizer.apply_chat_template(_PROBE, tokenize=False)
-        prompt = tokenizer.apply_chat_template(_PROBE, tokenize=False,
-                                               add_generation_prompt=True)
-    except Exception as e:  # noqa: BLE001  # any template error is the folder's problem
-        raise HHRLHFError(f"the tokenizer's chat template fails: {' '.join(str(e).split())[:200]}",
-                          where) from None
-    want = "\n\nHuman: Hi there\n\nAssistant: Hello.\n\nHuman: Bye"
-    if got != want or prompt != want + ASSISTANT_MARKER:
-        raise HHRLHFError(f"the tokenizer's chat template renders {got[:60]!r}, not the HH chat "
-                          f"format {want[:40]!r}... {fix}", where)
 
 
 class Policy:
@@ -82,8 +49,11 @@ class Policy:
 
     @classmethod
     def load(cls, path: str | Path, attn_implementation: str = "auto",
-             dtype: torch.dtype = torch.float32) -> Policy:
-        """Load a causal LM folder (or, online, a hub id); one-line errors for anything else."""
+             dtype: torch.dtype = torch.float32, chat_format: str | None = "auto") -> Policy:
+        """Load a causal LM folder (or, online, a hub id); one-line errors for anything else.
+        ``chat_format`` (``auto``, ``hh``, ``template``) settles the format its tokenizer
+        speaks (:func:`hhrlhf.policy.chat.set_chat_format`); None leaves the tokenizer as it
+        is (a DPO or RL reference, read with the policy's tokenizer)."""
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         from hhrlhf.pm.config import resolve_backbone
@@ -105,7 +75,8 @@ class Policy:
         except (OSError, ValueError, KeyError) as e:
             raise HHRLHFError(f"cannot load the tokenizer: {' '.join(str(e).split())[:200]}",
                               path) from None
-        check_chat_format(tok, path)
+        if chat_format is not None:
+            set_chat_format(tok, chat_format, path)
         try:
             with quiet_transformers():
                 net = AutoModelForCausalLM.from_pretrained(

@@ -48,7 +48,7 @@ class DPORewardModel(PreferenceModel):
         if not ref_path:
             raise HHRLHFError("the DPO model names no reference policy", folder / MARKER_FILE)
         policy = Policy.load(folder)
-        reference = Policy.load(ref_path)
+        reference = Policy.load(ref_path, chat_format=None)  # reads the policy's token ids
         if torch.cuda.is_available():
             policy.net.to("cuda")
             reference.net.to("cuda")

@@ -6,8 +6,11 @@ place (``Cache.batch_repeat_interleave``) so the N samples of a prompt share its
 one token per step for all samples. ``model.generate(num_return_sequences=N)`` instead copies
 each prompt N times before the prefill and computes it N times.
 
-A sample ends at the end-of-sequence token, at the next ``"\\n\\nHuman:"`` (the policy starting
-the human's turn: cut from the text), or after ``max_new_tokens``. ``temperature=0`` is greedy.
+A sample ends at the end-of-sequence token, at the end of the policy's turn, or after
+``max_new_tokens``. ``temperature=0`` is greedy. The end of the turn follows the policy's chat
+format (:class:`hhrlhf.policy.chat.ChatFormat`): in the HH format the next ``"\\n\\nHuman:"``
+(the policy starting the human's turn: cut from the text); under a chat template its
+end-of-turn token (``<|im_end|>``, ``<|eot_id|>``), which ends a sample as EOS does.
 
 :meth:`Sampler.stream` gives the same samples token by token, one list of :class:`Step` per
 decode step (what an HTTP server streams); :class:`hhrlhf.policy.textstream.TextStream` turns a
@@ -24,7 +27,8 @@ import numpy as np
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from hhrlhf.policy.model import HUMAN_MARKER
+from hhrlhf.policy.chat import ChatFormat
+from hhrlhf.records import HUMAN_MARKER
 
 
 @dataclass(frozen=True)
@@ -45,7 +49,8 @@ class Sample:
     prompt_index: int
     sample_index: int
     tokens: list[int]  # generated ids, the stop token or marker included
-    text: str  # the response text: the stop marker and EOS cut, leading space kept
+    text: str  # the response as HH text: the stop marker and EOS (or end of turn) cut, the
+    # leading space kept (added under a chat template, whose replies follow a header)
     stop: str  # "eos", "human" or "length"
 
 
@@ -166,11 +171,19 @@ class Sampler:
         self.eos_id = int(tokenizer.eos_token_id)
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else self.eos_id)
-        # each token's text, for spotting "\n\nHuman:" across token boundaries
+        # each token's text, for spotting "\n\nHuman:" across token boundaries (ids the model
+        # has beyond the tokenizer's, as padded embeddings do, have none)
         vocab = len(tokenizer)
-        self.pieces = tokenizer.batch_decode([[i] for i in range(vocab)])
+        rows = max(vocab, int(getattr(getattr(net, "config", None), "vocab_size", 0) or 0))
+        self.pieces = tokenizer.batch_decode([[i] for i in range(vocab)]) + [""] * (rows - vocab)
         # tokens whose text holds ":", the last character of "\n\nHuman:"
         self._colon = torch.tensor([":" in p for p in self.pieces], dtype=torch.bool)
+        # the tokens that end a sample: EOS, and a chat template's end of turn; the next
+        # "\n\nHuman:" ends one only in the HH format
+        chat = ChatFormat(tokenizer)
+        self.hh = chat.hh
+        self._ends = torch.zeros(rows, dtype=torch.bool)
+        self._ends[[self.eos_id, *chat.end_ids]] = True
         # transformers 5 names the KV cache argument `cache` (`past_key_values` is deprecated)
         import inspect
 
@@ -186,7 +199,8 @@ class Sampler:
                batch_size: int = 64, stop_at_human: bool = True) -> list[Sample]:
         """``n`` samples per prompt, ordered prompt by prompt: sample k of prompt i is at
         ``i * n + k``. ``batch_size``: sequences decoded together (prompts * n).
-        ``stop_at_human=False``: only EOS ends a sample (as HF ``generate``)."""
+        ``stop_at_human=False``: only EOS (or a template's end of turn) ends a sample (as HF
+        ``generate``)."""
         steps = self._run(prompts, n, max_new_tokens, temperature, top_p, top_k, seed,
                           batch_size, stop_at_human, emit=False)
         try:
@@ -276,6 +290,8 @@ class Sampler:
         done = torch.zeros(rows, dtype=torch.bool, device=dev)
         pad = torch.full((rows,), self.pad_id, dtype=torch.long, device=dev)
         colon = self._colon.to(dev)
+        ends = self._ends.to(dev)
+        stop_at_human = stop_at_human and self.hh
         # the rows still in the decode batch (all of them until the first compaction)
         live: torch.Tensor | None = None
         for step in range(max_new_tokens):
@@ -292,7 +308,7 @@ class Sampler:
             nxt = torch.where(done, pad, nxt)
             out_ids[:, step] = nxt
             running = ~done
-            ended = running & (nxt == self.eos_id)
+            ended = running & ends[nxt]
             stop.masked_fill_(ended, 1)  # no host sync, unlike stop[ended] = 1
             if stop_at_human:
                 maybe = (running & ~ended & colon[nxt]).nonzero()[:, 0].tolist()
@@ -341,5 +357,9 @@ class Sampler:
                                          skip_special_tokens=False)
             if code == 2:
                 text = text[: text.find(HUMAN_MARKER)]
+            elif not self.hh and not text.startswith(" "):
+                # a template's reply follows its header; the text is read as an HH response
+                # (bon, rl, generate, PMs), which starts with the space after "Assistant:"
+                text = " " + text
             samples.append(Sample(-1, -1, toks, text, names[code]))
         return samples

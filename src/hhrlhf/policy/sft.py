@@ -30,7 +30,6 @@ HELPFUL_TRAIN = ["helpful-base/train", "helpful-rejection-sampled/train", "helpf
 CARD_WARNING = ("the dataset card warns that training a dialogue agent directly on these data "
                 "is likely to make a harmful model; hhrlhf sft defaults to the helpful subsets' "
                 "chosen dialogues")
-FINAL_WINDOW = 50  # final train loss: the mean of this many last steps
 
 
 @dataclass
@@ -39,6 +38,7 @@ class SFTConfig(RunConfig):
     skip_flags: list[str] = field(default_factory=lambda: ["empty_response"])
     policy: str = ""  # the starting policy: a causal LM folder (or hub id)
     init: str = ""  # "tiny": build a tiny Llama-shaped policy from the training dialogues
+    chat_format: str = "auto"  # auto | hh | template: how dialogues become the policy's text
     tiny_vocab_size: int = 4096
     tiny_hidden_size: int = 128
     tiny_layers: int = 4
@@ -48,8 +48,10 @@ class SFTConfig(RunConfig):
 
     def validate(self) -> SFTConfig:
         super().validate()
+        from hhrlhf.policy.chat import check_chat_format_option
         from hhrlhf.records import ROW_CHECKS
 
+        check_chat_format_option(self.chat_format)
         if bool(self.policy) == bool(self.init):
             raise HHRLHFError("config: give exactly one of policy (a causal LM folder) and "
                               "init=tiny")
@@ -101,7 +103,8 @@ def start_policy(config: SFTConfig, texts: list[str], out: Path | None) -> Any:
     from hhrlhf.policy.model import Policy, TinyConfig, init_tiny
 
     if config.policy:
-        return Policy.load(config.policy, config.attn_implementation)
+        return Policy.load(config.policy, config.attn_implementation,
+                           chat_format=config.chat_format)
     if out is not None and (out / "init" / "config.json").is_file():
         return Policy.load(out / "init", config.attn_implementation)
     heads = config.tiny_heads
@@ -129,7 +132,9 @@ def train_sft(config: SFTConfig, rows: list[Comparison] | None = None, *,
     from hhrlhf.runs import (
         Task,
         eval_share,
+        final_window,
         finish,
+        inner_state,
         prepare_run_folder,
         reduce_sums,
         run,
@@ -197,7 +202,7 @@ def train_sft(config: SFTConfig, rows: list[Comparison] | None = None, *,
 
     def save(path: Path, state: dict[str, Any] | None) -> None:
         if state is not None:
-            state = {k[4:]: v for k, v in state.items() if k.startswith("net.")}
+            state = inner_state(state)
         policy.save(path, state)
 
     task = Task(module=module, size=len(data),
@@ -207,11 +212,11 @@ def train_sft(config: SFTConfig, rows: list[Comparison] | None = None, *,
                 evaluate=evaluate if held_data is not None else None,
                 throughput="tokens", name="sft")
     result = run(config, task, accelerator, out, resume)
-    steps = [r for r in result.history if "loss" in r]
-    window = steps[-FINAL_WINDOW:]
+    window = final_window(result.history, "loss")
     result.metrics.update({
         "train_rows": len(data), "skipped_rows": skipped, "eval_rows": len(held),
         "train_loss": float(np.mean([r["loss"] for r in window])) if window else None,
+        "final_window": len(window),
         "truncated_responses": data.truncated_response, "context_cut_rows": data.context_cut,
     })
     finish(out, result.metrics)

@@ -41,7 +41,7 @@ import numpy as np
 
 from hhrlhf.errors import HHRLHFError
 from hhrlhf.policy.sample import SampleSettings
-from hhrlhf.records import ASSISTANT, Comparison, Dialogue, Turn
+from hhrlhf.records import Comparison, Dialogue, response_turn
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -247,13 +247,6 @@ def compare_scores(pm: str, pm_path: str, final: np.ndarray, initial: np.ndarray
 
 
 # -- sampling and scoring ----------------------------------------------------------------------
-
-
-def response_turn(text: str) -> Turn:
-    """The Assistant turn of a sampled response (the sampler keeps the space after the marker)."""
-    if text.startswith(" "):
-        return Turn(ASSISTANT, text[1:], " ")
-    return Turn(ASSISTANT, text, "")
 
 
 def sample_responses(policy_path: str | Path, prompts: Sequence[Dialogue],

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hhrlhf.records import ASSISTANT, Dialogue, Turn
+from hhrlhf.records import Dialogue, response_turn
 
 Row = tuple[np.ndarray, list[np.ndarray]]  # (prompt ids, the k responses' ids)
 
@@ -93,13 +93,6 @@ def read_without_grad(net: Any, rows: Sequence[Row], collate: Callable[..., dict
                 vals.append(val.to(device))
     net.train(was)
     return torch.cat(lps), torch.cat(ents), (torch.cat(vals) if vals else None)
-
-
-def response_turn(text: str) -> Turn:
-    """A sampled response as the final Assistant turn (the sample starts with the space after
-    ``Assistant:``, as the published rows do)."""
-    sep = " " if text.startswith(" ") else ""
-    return Turn(ASSISTANT, text[len(sep):], sep)
 
 
 def response_dialogue(prompt: Dialogue, text: str) -> Dialogue:

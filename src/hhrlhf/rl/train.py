@@ -53,15 +53,15 @@ from hhrlhf.rl.rollout import (
     score_samples,
     token_outputs,
 )
-from hhrlhf.runs import CommonConfig, RunResult
+from hhrlhf.runs import CommonConfig, RunResult, final_window, inner_state
 
 ALGOS = ("rloo", "ppo")
-FINAL_WINDOW = 10  # the summary's final reward and KL: the mean over the last steps
 
 
 @dataclass
 class RLConfig(CommonConfig):
     policy: str = ""  # the initial policy (a causal LM folder), e.g. an SFT run's model/
+    chat_format: str = "auto"  # auto | hh | template: how dialogues become the policy's text
     pm: str = ""  # the preference model folder (hhrlhf pm train, lexical, dpo)
     data: list[str] = field(default_factory=list)  # prompt sources; [] = the default of `prompts`
     prompts: str = "records"  # "records": dialogues up to the final Assistant turn; "redteam"
@@ -100,6 +100,9 @@ class RLConfig(CommonConfig):
 
     def validate(self) -> RLConfig:
         super().validate()
+        from hhrlhf.policy.chat import check_chat_format_option
+
+        check_chat_format_option(self.chat_format)
         if not self.policy:
             raise HHRLHFError("config policy: RL needs an initial policy (a causal LM folder, "
                               "e.g. an `hhrlhf sft` run's model folder)")
@@ -223,7 +226,6 @@ def train_rl(config: RLConfig, *, pm: Any = None, prompts: list[Any] | None = No
         release_on_error,
         restore_checkpoint,
         start_run,
-        strip_prefix,
         write_checkpoint,
     )
 
@@ -237,7 +239,8 @@ def train_rl(config: RLConfig, *, pm: Any = None, prompts: list[Any] | None = No
         prompts = load_prompts(config.data, config.prompts, config.max_prompts)
     elif config.max_prompts:
         prompts = prompts[: config.max_prompts]
-    policy = Policy.load(config.policy, config.attn_implementation)
+    policy = Policy.load(config.policy, config.attn_implementation,
+                         chat_format=config.chat_format)
     if pm is None:
         pm = hhrlhf.pm.load(config.pm)
     if config.pm_device and hasattr(pm, "to"):
@@ -287,7 +290,7 @@ def train_rl(config: RLConfig, *, pm: Any = None, prompts: list[Any] | None = No
     metrics = MetricsLog(out, accelerator.is_main_process, history, append=step > 0)
 
     def save(path: Path, state: dict[str, Any] | None) -> None:
-        policy.save(path, strip_prefix(state, "net.") if state is not None else None)
+        policy.save(path, inner_state(state) if state is not None else None)
 
     unwrapped = accelerator.unwrap_model(model)
     sampler = Sampler(unwrapped.net, policy.tokenizer)
@@ -415,7 +418,7 @@ def train_rl(config: RLConfig, *, pm: Any = None, prompts: list[Any] | None = No
         with disk_errors("the final model", out):
             save(out / "model", weights)
     steps = [r for r in history if "reward_mean" in r]
-    window = steps[-min(len(steps), FINAL_WINDOW):]
+    window = final_window(history, "reward_mean")
     result: dict[str, Any] = {
         "algo": config.algo, "steps": step, "prompts": n_prompts,
         "samples_per_prompt": k, "skipped_steps": guard.skipped, "first_reward": steps[0]["reward_mean"] if steps else None,
