@@ -16,6 +16,7 @@ from typing import Any
 
 import click
 
+from hhrlhf.commands.options import endpoint_options
 from hhrlhf.errors import HHRLHFError
 
 _PNG = b"\x89PNG\r\n\x1a\n"
@@ -104,13 +105,15 @@ def _check_output(path: str, kind: str, inputs: list[Path], folders: list[Path])
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--threads", type=int, default=0, help="torch CPU threads (0: torch's default).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@endpoint_options
 def bon(policy: str, pm: str, sources: tuple[str, ...], n: int, out: str | None,
         rejected: str, max_prompts: int, max_new_tokens: int, max_prompt_length: int,
         temperature: float, top_p: float, top_k: int, seed: int, batch_size: int,
         pm_batch_size: int, all_rows: bool, plot_path: str | None, as_json: bool, threads: int,
-        no_progress: bool) -> None:
+        no_progress: bool, endpoint_model: str | None, api_key: str | None) -> None:
     """Best-of-N: sample N responses per prompt of SOURCES from the policy in folder POLICY,
-    score them with the preference model in folder PM, keep the best.
+    score them with the preference model in folder PM, keep the best. POLICY may be the
+    http(s):// URL of an OpenAI-compatible endpoint instead (`hhrlhf policy serve`, vLLM).
 
     Prints the PM reward of best-of-n for n = 1, 2, 4, ..., N (estimated from the same N
     samples) with its KL from the policy, log n - (n-1)/n; --out writes a preference file
@@ -137,14 +140,17 @@ def bon(policy: str, pm: str, sources: tuple[str, ...], n: int, out: str | None,
                           "and --top-p in (0, 1]")
     if out and plot_path and Path(out).resolve() == Path(plot_path).resolve():
         raise HHRLHFError("--out and --plot name the same file", out)
+    from hhrlhf.endpoint import EndpointSampler, is_endpoint
     from hhrlhf.pm.config import resolve_backbone
     from hhrlhf.read import resolve
 
-    resolve_backbone(policy)
+    remote = is_endpoint(policy)
+    if not remote:
+        resolve_backbone(policy)
     if not Path(pm).is_dir():
         raise HHRLHFError("no such model folder", pm)
     inputs = [s.path for s in resolve(sources)]
-    folders = [Path(policy), Path(pm)]
+    folders = [Path(pm)] if remote else [Path(policy), Path(pm)]
     if out:
         _check_output(out, "preference", inputs, folders)
     if plot_path:
@@ -159,10 +165,15 @@ def bon(policy: str, pm: str, sources: tuple[str, ...], n: int, out: str | None,
 
     if threads:
         torch.set_num_threads(threads)
+    pol: Any
+    if remote:
+        pol = EndpointSampler(policy, endpoint_model, api_key)
+        pol.model  # noqa: B018  # asked now: a wrong URL or key fails before the PM loads
     reward_model = load(pm)
-    pol = Policy.load(policy)
-    if torch.cuda.is_available():
-        pol.net.to("cuda")
+    if not remote:
+        pol = Policy.load(policy)
+        if torch.cuda.is_available():
+            pol.net.to("cuda")
     prompts = _prompts(sources, all_rows, max_prompts)
     if not prompts:
         raise HHRLHFError("no prompts in the sources")

@@ -15,3 +15,13 @@ F = TypeVar("F", bound=Callable[..., object])
 def split_option(help: str) -> Callable[[F], F]:
     """``--split train|test``: checked when the arguments are parsed, before anything is read."""
     return click.option("--split", type=click.Choice(SPLITS), default=None, help=help)
+
+
+def endpoint_options(f: F) -> F:
+    """``--endpoint-model`` and ``--api-key``: for a POLICY given as an http(s):// URL (an
+    OpenAI-compatible endpoint, see :mod:`hhrlhf.endpoint`)."""
+    f = click.option("--api-key", envvar="HHRLHF_API_KEY", default=None,
+                     help="With a POLICY URL: the endpoint's API key (also $HHRLHF_API_KEY).")(f)
+    return click.option("--endpoint-model", default=None, metavar="NAME",
+                        help="With a POLICY URL: the model to ask for (default: the one the "
+                             "endpoint lists).")(f)

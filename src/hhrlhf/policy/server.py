@@ -22,6 +22,7 @@ model or path; never a traceback.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -29,11 +30,11 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Generator
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import anyio
 import numpy as np
-from fastapi import Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -186,7 +187,7 @@ class Engine:
         self.batch_size = batch_size
         self.default_max_tokens = default_max_tokens
         self.positions = int(getattr(policy.config, "max_position_embeddings", None) or 1 << 30)
-        self.lock = anyio.Lock()
+        self.lock = asyncio.Lock()  # one request samples at a time
 
     def job(self, dialogues: list[Dialogue], req: _Sampling, max_tokens: int | None) -> Job:
         from hhrlhf.policy.encode import PolicyEncoder
@@ -195,10 +196,11 @@ class Engine:
             raise APIError(400, f"prompts x n is {len(dialogues) * req.n}; at most "
                                 f"{MAX_CHOICES} per request", "n")
         new = max_tokens or self.default_max_tokens
-        keep = req.truncate_prompt_tokens or min(512, self.positions - new)
-        if keep < 4 or keep + new > self.positions:
-            raise APIError(400, f"max_tokens {new} and a prompt of {keep} tokens do not fit "
-                                f"in the policy's {self.positions} positions", "max_tokens")
+        # the prompt's end kept: what was asked (or 512), within what max_tokens leaves
+        keep = min(req.truncate_prompt_tokens or 512, self.positions - new)
+        if keep < 4:
+            raise APIError(400, f"max_tokens {new} leaves no room for a prompt in the "
+                                f"policy's {self.positions} positions", "max_tokens")
         encoder = PolicyEncoder(self.tokenizer, keep + new)
         prompts, _ = encoder.encode_prompts(dialogues, keep)
         return Job(prompts, req.n, new, req.temperature, req.top_p, max(req.top_k, 0),
@@ -293,7 +295,7 @@ def create_app(policy: Policy, model_name: str, api_key: str | None = None,
             raise APIError(401, "a missing or wrong API key (send 'Authorization: Bearer "
                                 "<key>')", code="invalid_api_key")
 
-    Auth = Annotated[None, Depends(authorized)]
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorized)])
 
     def check_model(name: str | None) -> None:
         if name is not None and name != model_name:
@@ -307,12 +309,12 @@ def create_app(policy: Policy, model_name: str, api_key: str | None = None,
     def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/v1/models")
-    def models(_: Auth) -> dict[str, Any]:
+    @v1.get("/models")
+    def models() -> dict[str, Any]:
         return {"object": "list", "data": [card()]}
 
-    @app.get("/v1/models/{model:path}")
-    def model(model: str, _: Auth) -> dict[str, Any]:
+    @v1.get("/models/{model:path}")
+    def model(model: str) -> dict[str, Any]:
         check_model(model)
         return card()
 
@@ -406,17 +408,18 @@ def create_app(policy: Policy, model_name: str, api_key: str | None = None,
             yield _sse({**head, "choices": [], "usage": usage(job, tokens)})
         yield "data: [DONE]\n\n"
 
-    @app.post("/v1/completions")
-    async def completions(req: CompletionRequest, _: Auth) -> Response:
+    @v1.post("/completions")
+    async def completions(req: CompletionRequest) -> Response:
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if not prompts:
             raise APIError(400, "'prompt' is empty", "prompt")
         return await answer(req, [completion_dialogue(p) for p in prompts], req.max_tokens,
                             chat=False)
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatRequest, _: Auth) -> Response:
+    @v1.post("/chat/completions")
+    async def chat_completions(req: ChatRequest) -> Response:
         return await answer(req, [chat_dialogue(req.messages)],
                             req.max_completion_tokens or req.max_tokens, chat=True)
 
+    app.include_router(v1)
     return app
