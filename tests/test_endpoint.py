@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import test_rl_eval
 from policy_support import (
     first_rows,
     one_thread,  # noqa: F401  # autouse
     run_cli,
 )
 from serve_support import MODEL, free_port, served, varied_policy
-from test_rl_eval import parts as rl_parts  # noqa: F401  # the fixture `parts`: a tiny run
 
 from hhrlhf.endpoint import EndpointSampler, base_url, is_endpoint, prompt_text
 from hhrlhf.errors import HHRLHFError
@@ -28,6 +28,8 @@ from hhrlhf.policy import Policy
 from hhrlhf.policy.encode import PolicyEncoder
 from hhrlhf.policy.sample import Sampler
 from hhrlhf.records import Dialogue
+
+rl_parts = test_rl_eval.parts  # the fixture (pytest finds it by this name): a tiny RL run's parts
 
 
 @pytest.fixture(scope="module")
@@ -202,15 +204,15 @@ def test_failures_are_one_line_errors() -> None:
 
 
 def test_rl_eval_samples_the_initial_policy_from_an_endpoint(
-        parts: dict[str, Path], tmp_path: Path, real_file: Path,
+        rl_parts: dict[str, Path], tmp_path: Path, real_file: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
     """The final policy local, the initial one (the same weights) served: the same seed gives
     the same responses either way, so every prompt is a tie."""
     from test_rl_eval import make_run
     from test_rl_eval import run_cli as rl_eval
 
-    run = make_run(tmp_path / "run", parts, final="initial")
-    with served(Policy.load(parts["initial"])) as base:
+    run = make_run(tmp_path / "run", rl_parts, final="initial")
+    with served(Policy.load(rl_parts["initial"])) as base:
         code, out, err = rl_eval([str(run), "--initial", base, "--prompts", str(real_file),
                                   "--max-prompts", "5", "--json"], capsys)
     assert code == 0, err

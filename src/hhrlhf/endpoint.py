@@ -210,7 +210,8 @@ class EndpointSampler:
                 max_prompt_length, stream=False))
             choices = self._json(r).get("choices")
             if not isinstance(choices, list) or len(choices) != len(group) * n:
-                raise HHRLHFError(f"{self.url} answered {len(choices or [])} choices for "
+                got = len(choices) if isinstance(choices, list) else 0
+                raise HHRLHFError(f"{self.url} answered {got} choices for "
                                   f"{len(group)} prompts x {n}")
             for j, c in enumerate(sorted(choices, key=lambda c: int(c.get("index", 0)))):
                 text, cut = _cut(str(c.get("text") or ""))
