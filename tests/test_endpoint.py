@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import test_rl_eval
 from policy_support import (
     first_rows,
     one_thread,  # noqa: F401  # autouse
@@ -28,8 +27,6 @@ from hhrlhf.policy import Policy
 from hhrlhf.policy.encode import PolicyEncoder
 from hhrlhf.policy.sample import Sampler
 from hhrlhf.records import Dialogue
-
-rl_parts = test_rl_eval.parts  # the fixture (pytest finds it by this name): a tiny RL run's parts
 
 
 @pytest.fixture(scope="module")
@@ -204,19 +201,22 @@ def test_failures_are_one_line_errors() -> None:
 
 
 def test_rl_eval_samples_the_initial_policy_from_an_endpoint(
-        rl_parts: dict[str, Path], tmp_path: Path, real_file: Path,
+        tiny: tuple[Policy, Path], url: str, tmp_path: Path, real_file: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
-    """The final policy local, the initial one (the same weights) served: the same seed gives
-    the same responses either way, so every prompt is a tie."""
+    """A run whose final policy is its initial one, the initial one served: the same seed
+    gives the same responses locally and from the endpoint, so every prompt is a tie."""
     from test_rl_eval import make_run
     from test_rl_eval import run_cli as rl_eval
 
-    run = make_run(tmp_path / "run", rl_parts, final="initial")
-    with served(Policy.load(rl_parts["initial"])) as base:
-        code, out, err = rl_eval([str(run), "--initial", base, "--prompts", str(real_file),
-                                  "--max-prompts", "5", "--json"], capsys)
+    from hhrlhf.pm.lexical import LexicalPreferenceModel
+
+    LexicalPreferenceModel.fit(first_rows(real_file, 200)).save(tmp_path / "pm")
+    parts = {"initial": tiny[1], "pm": tmp_path / "pm", "real_file": real_file}
+    run = make_run(tmp_path / "run", parts, final="initial")
+    code, out, err = rl_eval([str(run), "--initial", url, "--prompts", str(real_file),
+                              "--max-prompts", "5", "--json"], capsys)
     assert code == 0, err
     doc = json.loads(out)
-    assert doc["initial_policy"] == base
+    assert doc["initial_policy"] == url
     p = doc["win_rate"]["pms"][0]
     assert p["prompts"] == 5 and p["ties"] == 5 and p["win_rate"] == 0.5
