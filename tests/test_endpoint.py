@@ -220,3 +220,21 @@ def test_rl_eval_samples_the_initial_policy_from_an_endpoint(
     assert doc["initial_policy"] == url
     p = doc["win_rate"]["pms"][0]
     assert p["prompts"] == 5 and p["ties"] == 5 and p["win_rate"] == 0.5
+
+
+def test_generate_from_an_endpoint_needs_no_torch(url: str, real_file: Path) -> None:
+    """`generate URL` runs on the core install: torch and transformers are never imported."""
+    import subprocess
+    import sys
+
+    from policy_support import ENV
+
+    code = ("import sys\nfrom hhrlhf.cli import main\n"
+            f"try:\n    main(['generate', {url!r}, {str(real_file)!r}, '--max-prompts', '2', "
+            "'--max-new-tokens', '4'])\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers'}))")
+    r = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True,
+                       timeout=300, check=False)
+    assert r.returncode == 0, r.stderr
+    *rows, imported = r.stdout.splitlines()
+    assert len(rows) == 2 and imported == "[]"

@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import torch
 from policy_support import (
     ENV,
     first_rows,
@@ -214,3 +215,29 @@ def test_the_command_serves_with_a_key_from_the_environment(policy: Policy,
         out, _ = proc.communicate(timeout=30)
     assert f"as model 'hh' at http://127.0.0.1:{port}/v1 (API key required" in out
     assert "k-123" not in out  # a key given is not printed
+
+
+def test_a_client_gone_mid_stream_frees_the_server(policy: Policy, url: str) -> None:
+    """The decode of a stream whose client left stops (far fewer forward passes than its
+    max_tokens), and the next request is answered."""
+    prompt = "\n\nHuman: hi" + ASSISTANT_MARKER
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 400, "stream": True,
+            "temperature": 1.0, "seed": 1}
+    passes: list[int] = []
+    count = policy.net.get_input_embeddings().register_forward_hook(lambda *_: passes.append(1))
+    # neither EOS nor the Human marker (one token here) can end it
+    ends = torch.tensor([policy.eos_id, *policy.tokenizer(
+        HUMAN_MARKER, add_special_tokens=False)["input_ids"]])
+    no_eos = policy.net.lm_head.register_forward_hook(
+        lambda _m, _i, out: out.index_fill(-1, ends, -1e9))
+    try:
+        with httpx.stream("POST", url + "/completions", json=body, timeout=60) as r:
+            assert r.status_code == 200
+            assert r.headers["content-type"].startswith("text/event-stream")
+            assert next(r.iter_lines()).startswith("data: {")
+        got = _client(url).completions.create(model=MODEL, prompt=prompt, max_tokens=3, seed=1)
+    finally:
+        count.remove()
+        no_eos.remove()
+    assert len(got.choices) == 1 and got.choices[0].finish_reason == "length"
+    assert len(passes) < 200
