@@ -156,7 +156,7 @@ def test_models_auth_and_errors(policy: Policy, url: str) -> None:
     assert e.value.status_code == 404 and "tiny-hh" in e.value.message
     assert e.value.code == "model_not_found"
     for bad in ({"temperature": 5}, {"n": 0}, {"top_p": 0}, {"logprobs": 2},
-                {"max_tokens": 100_000}):
+                {"max_tokens": 100_000}, {"seed": 2**70}, {"stop": [""]}, {"n": 5000}):
         with pytest.raises(openai.BadRequestError) as err:
             client.completions.create(model=MODEL, prompt=prompt, **bad)  # type: ignore
         assert err.value.status_code == 400
@@ -166,6 +166,9 @@ def test_models_auth_and_errors(policy: Policy, url: str) -> None:
     with pytest.raises(openai.BadRequestError, match="last message must be the user"):
         client.chat.completions.create(model=MODEL, max_tokens=2, messages=[
             {"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}])
+    with pytest.raises(openai.BadRequestError, match="only text content"):
+        client.chat.completions.create(model=MODEL, max_tokens=2, messages=[{
+            "role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])
     # not JSON, no route: OpenAI-shaped JSON errors, no traceback
     r = httpx.post(url + "/completions", content=b"{not json",
                    headers={"content-type": "application/json"})

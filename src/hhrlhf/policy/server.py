@@ -80,7 +80,8 @@ class _Sampling(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=-1, description="0 or -1: no top-k (vLLM's extension).")
     stop: str | list[str] | None = None
-    seed: int | None = Field(None, description="The same seed and request: the same samples.")
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1,
+                             description="The same seed and request: the same samples.")
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     truncate_prompt_tokens: int | None = Field(
@@ -201,8 +202,12 @@ class Engine:
         if keep < 4:
             raise APIError(400, f"max_tokens {new} leaves no room for a prompt in the "
                                 f"policy's {self.positions} positions", "max_tokens")
-        encoder = PolicyEncoder(self.tokenizer, keep + new)
-        prompts, _ = encoder.encode_prompts(dialogues, keep)
+        try:
+            encoder = PolicyEncoder(self.tokenizer, keep + new)
+            prompts, _ = encoder.encode_prompts(dialogues, keep)
+        except ValueError as e:  # no room beside the role markers
+            raise APIError(400, f"{e} (truncate_prompt_tokens {keep}, max_tokens {new})",
+                           "truncate_prompt_tokens") from None
         return Job(prompts, req.n, new, req.temperature, req.top_p, max(req.top_k, 0),
                    secrets.randbits(31) if req.seed is None else req.seed, _stops(req.stop))
 
@@ -326,7 +331,8 @@ def create_app(policy: Policy, model_name: str, api_key: str | None = None,
                      chat: bool) -> Response:
         _refuse_unsupported(req)
         check_model(req.model)
-        job = engine.job(dialogues, req, max_tokens)
+        # tokenizing thousands of prompts takes a while: not on the event loop
+        job = await anyio.to_thread.run_sync(engine.job, dialogues, req, max_tokens)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(12)}"
         head = {"id": rid, "object": "chat.completion" if chat else "text_completion",
                 "created": int(time.time()), "model": model_name}
