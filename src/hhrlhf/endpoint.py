@@ -9,9 +9,10 @@ for the same seed. Only ``requests`` is needed: no torch, no ``openai`` package.
 
 Failures are one line (:class:`HHRLHFError`): connection refused, an unknown host, a timeout,
 an answer that is not the protocol's, and the server's own message for a 4xx or 5xx. A
-connection error, a timeout, 408, 429 and 5xx are retried (``retries`` times, waiting
-``backoff`` seconds, doubling; a ``Retry-After`` of a few seconds is honoured); other 4xx are
-not (the request itself is wrong).
+connection error (a connect timeout included), 408, 429 and 5xx are retried (``retries``
+times, waiting ``backoff`` seconds, doubling; a ``Retry-After`` of a few seconds is honoured);
+other 4xx are not (the request itself is wrong), nor is a server that connected but did not
+answer within ``timeout`` (the same request would take as long again).
 """
 
 from __future__ import annotations
@@ -127,9 +128,10 @@ class EndpointSampler:
                                       + (f" (after {attempt + 1} tries)" if attempt else ""))\
                         from None
             except requests.Timeout:
-                if last:
-                    raise HHRLHFError(f"{self.url} did not answer within {self.timeout:g} s"
-                                      + (f" ({attempt + 1} tries)" if attempt else "")) from None
+                # connected, then no answer in time: not retried, as a sampling request that
+                # took too long would only take as long again
+                raise HHRLHFError(f"{self.url} did not answer within {self.timeout:g} s "
+                                  "(--endpoint-timeout)") from None
             except requests.RequestException as e:
                 raise HHRLHFError(f"cannot reach {self.url}: {_reason(e)}") from None
             else:

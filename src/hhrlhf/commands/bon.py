@@ -110,7 +110,8 @@ def bon(policy: str, pm: str, sources: tuple[str, ...], n: int, out: str | None,
         rejected: str, max_prompts: int, max_new_tokens: int, max_prompt_length: int,
         temperature: float, top_p: float, top_k: int, seed: int, batch_size: int,
         pm_batch_size: int, all_rows: bool, plot_path: str | None, as_json: bool, threads: int,
-        no_progress: bool, endpoint_model: str | None, api_key: str | None) -> None:
+        no_progress: bool, endpoint_model: str | None, api_key: str | None,
+        endpoint_timeout: float) -> None:
     """Best-of-N: sample N responses per prompt of SOURCES from the policy in folder POLICY,
     score them with the preference model in folder PM, keep the best. POLICY may be the
     http(s):// URL of an OpenAI-compatible endpoint instead (`hhrlhf policy serve`, vLLM).
@@ -167,7 +168,7 @@ def bon(policy: str, pm: str, sources: tuple[str, ...], n: int, out: str | None,
         torch.set_num_threads(threads)
     pol: Any
     if remote:
-        pol = EndpointSampler(policy, endpoint_model, api_key)
+        pol = EndpointSampler(policy, endpoint_model, api_key, endpoint_timeout)
         pol.model  # noqa: B018  # asked now: a wrong URL or key fails before the PM loads
     reward_model = load(pm)
     if not remote:

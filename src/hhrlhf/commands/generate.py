@@ -63,7 +63,8 @@ _CHUNK = 256  # prompts read before sampling: bounded memory on endless stdin
 def generate(model: str, sources: tuple[str, ...], n: int, temperature: float, top_p: float,
              top_k: int, max_new_tokens: int, max_prompt_length: int, seed: int,
              batch_size: int, max_prompts: int, all_rows: bool, output: str | None,
-             threads: int, endpoint_model: str | None, api_key: str | None) -> None:
+             threads: int, endpoint_model: str | None, api_key: str | None,
+             endpoint_timeout: float) -> None:
     """Sample N responses per prompt of SOURCES (subsets, files, or - for stdin) from the
     policy in folder MODEL; the prefill of a prompt is computed once for its N samples.
     MODEL may be the http(s):// URL of an OpenAI-compatible endpoint instead.
@@ -95,7 +96,7 @@ def generate(model: str, sources: tuple[str, ...], n: int, temperature: float, t
                for src in sources):
             raise HHRLHFError("refusing to write over an input", output)
     if remote:
-        endpoint = EndpointSampler(model, endpoint_model, api_key)
+        endpoint = EndpointSampler(model, endpoint_model, api_key, endpoint_timeout)
         endpoint.model  # noqa: B018  # asked now: a wrong URL or key fails before any reading
     else:
         from hhrlhf.pm.config import resolve_backbone
