@@ -223,19 +223,28 @@ def test_rl_eval_samples_the_initial_policy_from_an_endpoint(
     assert p["prompts"] == 5 and p["ties"] == 5 and p["win_rate"] == 0.5
 
 
-def test_generate_from_an_endpoint_needs_no_torch(url: str, real_file: Path) -> None:
-    """`generate URL` runs on the core install: torch and transformers are never imported."""
+def test_generate_from_an_endpoint_needs_no_extras(url: str, real_file: Path,
+                                                   tmp_path: Path) -> None:
+    """`generate URL` works on the core install (torch, transformers, FastAPI... not
+    importable, as in test_extras); `policy serve` names the extra it needs."""
+    import os
     import subprocess
     import sys
 
     from policy_support import ENV
+    from test_extras import BLOCKED, BLOCKER
 
-    code = ("import sys\nfrom hhrlhf.cli import main\n"
-            f"try:\n    main(['generate', {url!r}, {str(real_file)!r}, '--max-prompts', '2', "
-            "'--max-new-tokens', '4'])\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
-            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers'}))")
-    r = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True,
+    (tmp_path / "sitecustomize.py").write_text(BLOCKER)
+    env = {**ENV, "HHRLHF_TEST_BLOCK": ",".join(BLOCKED),
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), ENV.get("PYTHONPATH", "")])}
+    cli = [sys.executable, "-m", "hhrlhf.cli"]
+    r = subprocess.run([*cli, "generate", url, str(real_file), "--max-prompts", "2",
+                        "--max-new-tokens", "4"], env=env, capture_output=True, text=True,
                        timeout=300, check=False)
     assert r.returncode == 0, r.stderr
-    *rows, imported = r.stdout.splitlines()
-    assert len(rows) == 2 and imported == "[]"
+    assert [json.loads(x)["sample"] for x in r.stdout.splitlines()] == [0, 0]
+    r = subprocess.run([*cli, "policy", "serve", str(tmp_path)], env=env, capture_output=True,
+                       text=True, timeout=300, check=False)
+    assert r.returncode == 2
+    assert r.stderr == ("hhrlhf: error: hhrlhf policy serve needs the 'pm' extra: "
+                        "pip install 'hhrlhf[pm]'\n")
