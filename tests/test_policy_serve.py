@@ -173,8 +173,9 @@ def test_models_auth_and_errors(policy: Policy, url: str) -> None:
     r = httpx.post(url + "/completions", content=b"{not json",
                    headers={"content-type": "application/json"})
     assert r.status_code == 400 and set(r.json()["error"]) >= {"message", "type"}
-    r = httpx.get(url + "/nowhere")
-    assert r.status_code == 404 and "error" in r.json()
+    for path in (url + "/nowhere", url.removesuffix("/v1") + "/docs"):
+        r = httpx.get(path)
+        assert r.status_code == 404 and "error" in r.json()
     # a key required: none or a wrong one is 401, the right one works
     with served(policy, api_key="s3cret") as keyed:
         with pytest.raises(openai.AuthenticationError) as auth:

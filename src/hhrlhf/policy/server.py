@@ -260,7 +260,9 @@ def create_app(policy: Policy, model_name: str, api_key: str | None = None,
 
     engine = Engine(policy, batch_size, default_max_tokens)
     created = int(time.time())
-    app = FastAPI(title="hhrlhf policy", version="1",
+    # no /docs or /redoc: they load their scripts from a CDN (and the API is OpenAI's);
+    # /openapi.json stays
+    app = FastAPI(title="hhrlhf policy", version="1", docs_url=None, redoc_url=None,
                   description="An HH policy over the OpenAI-compatible completions API.")
 
     @app.exception_handler(APIError)
