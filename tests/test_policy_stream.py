@@ -17,7 +17,7 @@ from hhrlhf.policy import Policy
 from hhrlhf.policy.encode import PolicyEncoder
 from hhrlhf.policy.model import HUMAN_MARKER
 from hhrlhf.policy.sample import Sample, Sampler, Step
-from hhrlhf.policy.textstream import TextStream
+from hhrlhf.policy.textstream import TextStream, stream_text
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +68,17 @@ def test_streamed_tokens_are_the_sampled_tokens(policy: Policy, real_file: Path)
         assert texts[key] == s.text
     assert [(s.tokens, s.text, s.stop) for s in returned] == [(s.tokens, s.text, s.stop)
                                                               for s in whole]
+    # as text, in the endpoint client's shape
+    got: dict[tuple[int, int], str] = {}
+    ends: dict[tuple[int, int], str] = {}
+    for d in stream_text(sampler, prompts, **args):
+        key = (d.prompt_index, d.sample_index)
+        assert key not in ends
+        got[key] = got.get(key, "") + d.text
+        if d.stop is not None:
+            ends[key] = d.stop
+    assert [(got[(s.prompt_index, s.sample_index)], ends[(s.prompt_index, s.sample_index)])
+            for s in whole] == [(s.text, s.stop) for s in whole]
 
 
 def test_text_stream_holds_back_split_characters_and_stop_strings(policy: Policy) -> None:

@@ -125,14 +125,24 @@ def pick_pair(rewards: np.ndarray, texts: Sequence[str], rule: str,
 
 def sample_and_score(policy: Any, pm: Any, encoder: Any, prompts: Sequence[tuple[str, Dialogue]],
                      settings: BonSettings, seed: int) -> list[BonPrompt]:
-    """N samples per prompt from ``policy`` (shared prefill), scored by ``pm`` (packed)."""
+    """N samples per prompt from ``policy`` (shared prefill; or an
+    :class:`~hhrlhf.endpoint.EndpointSampler`, ``encoder`` then None), scored by ``pm``
+    (packed)."""
+    from hhrlhf.endpoint import EndpointSampler
     from hhrlhf.policy.sample import Sampler
 
-    ids, _ = encoder.encode_prompts([d for _, d in prompts], settings.max_prompt_length)
-    samples = Sampler(policy.net, policy.tokenizer).sample(
-        ids, n=settings.n, max_new_tokens=settings.max_new_tokens,
-        temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
-        seed=seed, batch_size=settings.batch_size)
+    samples: Sequence[Any]
+    if isinstance(policy, EndpointSampler):
+        samples = policy.sample(
+            [d for _, d in prompts], n=settings.n, max_new_tokens=settings.max_new_tokens,
+            temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
+            seed=seed, max_prompt_length=settings.max_prompt_length)
+    else:
+        ids, _ = encoder.encode_prompts([d for _, d in prompts], settings.max_prompt_length)
+        samples = Sampler(policy.net, policy.tokenizer).sample(
+            ids, n=settings.n, max_new_tokens=settings.max_new_tokens,
+            temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
+            seed=seed, batch_size=settings.batch_size)
     n = settings.n
     turns = [[response_turn(samples[i * n + k].text) for k in range(n)]
              for i in range(len(prompts))]
@@ -147,9 +157,11 @@ def run(policy: Any, pm: Any, prompts: Iterable[tuple[str, Dialogue]], settings:
         chunk: int = 16) -> Iterator[list[BonPrompt]]:
     """:func:`sample_and_score` over ``prompts`` in chunks of ``chunk`` prompts (chunk c
     sampled with seed ``settings.seed + c``); yields each chunk's results."""
+    from hhrlhf.endpoint import EndpointSampler
     from hhrlhf.policy.encode import PolicyEncoder
 
-    encoder = PolicyEncoder(policy.tokenizer, settings.max_prompt_length + settings.max_new_tokens)
+    encoder = None if isinstance(policy, EndpointSampler) else PolicyEncoder(
+        policy.tokenizer, settings.max_prompt_length + settings.max_new_tokens)
     batch: list[tuple[str, Dialogue]] = []
     c = 0
     for item in prompts:

@@ -26,6 +26,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "generate": ("hhrlhf.commands.generate", "generate", "Sample responses to HH prompts."),
     "chat": ("hhrlhf.commands.chat", "chat", "Talk with a policy in the terminal; pick A or B."),
     "bon": ("hhrlhf.commands.bon", "bon", "Best-of-N sampling against a preference model."),
+    "policy": ("hhrlhf.commands.policy", "policy",
+               "Serve a policy over the OpenAI-compatible HTTP API."),
     "redteam": ("hhrlhf.commands.redteam", "redteam", "Analyse the red-team attempts."),
     "report": ("hhrlhf.commands.report", "report", "Write one self-contained HTML report."),
     "index": ("hhrlhf.commands.explorer", "index", "Build the SQLite search index."),

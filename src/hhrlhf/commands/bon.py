@@ -17,7 +17,7 @@ from typing import Any
 
 import click
 
-from hhrlhf.commands.options import seed_option, threads_option
+from hhrlhf.commands.options import endpoint_options, seed_option, threads_option
 from hhrlhf.errors import HHRLHFError
 
 
@@ -73,13 +73,16 @@ def _prompts(sources: tuple[str, ...], all_rows: bool, max_prompts: int
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @threads_option()
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@endpoint_options
 def bon(policy: str, pm: str, sources: tuple[str, ...], n: int, out: str | None,
         rejected: str, max_prompts: int, max_new_tokens: int, max_prompt_length: int,
         temperature: float, top_p: float, top_k: int, seed: int, batch_size: int,
         pm_batch_size: int, all_rows: bool, plot_path: str | None, as_json: bool, threads: int,
-        no_progress: bool) -> None:
+        no_progress: bool, endpoint_model: str | None, api_key: str | None,
+        endpoint_timeout: float) -> None:
     """Best-of-N: sample N responses per prompt of SOURCES from the policy in folder POLICY,
-    score them with the preference model in folder PM, keep the best.
+    score them with the preference model in folder PM, keep the best. POLICY may be the
+    http(s):// URL of an OpenAI-compatible endpoint instead (`hhrlhf policy serve`, vLLM).
 
     Prints the PM reward of best-of-n for n = 1, 2, 4, ..., N (estimated from the same N
     samples) with its KL from the policy, log n - (n-1)/n; --out writes a preference file
@@ -106,15 +109,20 @@ def bon(policy: str, pm: str, sources: tuple[str, ...], n: int, out: str | None,
                           "different samples) and --top-p in (0, 1]")
     if out and plot_path and Path(out).resolve() == Path(plot_path).resolve():
         raise HHRLHFError("--out and --plot name the same file", out)
+    from hhrlhf.endpoint import EndpointSampler, is_endpoint
     from hhrlhf.pm.config import resolve_backbone
     from hhrlhf.read import resolve
 
-    resolve_backbone(policy)
+    remote = is_endpoint(policy)
+    if not remote:
+        resolve_backbone(policy)
     if not Path(pm).is_dir():
         raise HHRLHFError("no such model folder", pm)
     from hhrlhf.outputs import check_output_file, mark_output
 
-    inputs: list[str | Path] = [policy, pm, *(s.path for s in resolve(sources))]
+    inputs: list[str | Path] = [pm, *(s.path for s in resolve(sources))]
+    if not remote:
+        inputs.append(policy)
     for path in (out, plot_path):
         if path:
             check_output_file(path, "bon", inputs=inputs)
@@ -128,10 +136,15 @@ def bon(policy: str, pm: str, sources: tuple[str, ...], n: int, out: str | None,
 
     if threads:
         torch.set_num_threads(threads)
+    pol: Any
+    if remote:
+        pol = EndpointSampler(policy, endpoint_model, api_key, endpoint_timeout)
+        pol.model  # noqa: B018  # asked now: a wrong URL or key fails before the PM loads
     reward_model = load(pm)
-    pol = Policy.load(policy)
-    if torch.cuda.is_available():
-        pol.net.to("cuda")
+    if not remote:
+        pol = Policy.load(policy)
+        if torch.cuda.is_available():
+            pol.net.to("cuda")
     prompts = _prompts(sources, all_rows, max_prompts)
     if not prompts:
         raise HHRLHFError("no prompts in the sources")

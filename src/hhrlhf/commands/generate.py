@@ -1,5 +1,9 @@
 """`hhrlhf generate MODEL [SOURCES|FILE|-]`: sample responses to HH prompts.
 
+MODEL is a policy folder, or an http(s):// URL of an OpenAI-compatible completions endpoint
+(``hhrlhf policy serve``, vLLM, TGI, llama.cpp's server; :mod:`hhrlhf.endpoint`), which then
+samples instead: the prompts go as text and the server keeps their end.
+
 A prompt is a dialogue up to its final ``Assistant:`` turn. Inputs:
 
 - subsets (``harmless-base/test``) or preference files (rows with ``chosen``/``rejected``): the
@@ -23,13 +27,13 @@ from __future__ import annotations
 import json
 import math
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
 import click
 
-from hhrlhf.commands.options import seed_option, threads_option
+from hhrlhf.commands.options import endpoint_options, seed_option, threads_option
 from hhrlhf.errors import HHRLHFError
 
 _CHUNK = 256  # prompts read before sampling: bounded memory on endless stdin
@@ -56,22 +60,29 @@ _CHUNK = 256  # prompts read before sampling: bounded memory on endless stdin
 @click.option("--output", "-o", type=click.Path(dir_okay=False),
               help="Write here (atomically) instead of stdout.")
 @threads_option()
+@endpoint_options
 def generate(model: str, sources: tuple[str, ...], n: int, temperature: float, top_p: float,
              top_k: int, max_new_tokens: int, max_prompt_length: int, seed: int,
              batch_size: int, max_prompts: int, all_rows: bool, output: str | None,
-             threads: int) -> None:
+             threads: int, endpoint_model: str | None, api_key: str | None,
+             endpoint_timeout: float) -> None:
     """Sample N responses per prompt of SOURCES (subsets, files, or - for stdin) from the
     policy in folder MODEL; the prefill of a prompt is computed once for its N samples.
+    MODEL may be the http(s):// URL of an OpenAI-compatible endpoint instead.
 
     \b
     Examples:
       hhrlhf generate runs/sft/model harmless-base/test --n 8 --max-prompts 100 -o samples.jsonl
       echo 'Human: How do I bake bread?' | hhrlhf generate runs/dpo/model --temperature 0
       hhrlhf generate runs/dpo/model harmless-base/test --n 4 | hhrlhf pm score runs/pm/model
+      hhrlhf generate http://127.0.0.1:8000/v1 harmless-base/test --n 4 --max-prompts 10
     """
+    from hhrlhf.endpoint import EndpointSampler, is_endpoint
     from hhrlhf.extras import require
 
-    require("pm", "hhrlhf generate")
+    remote = is_endpoint(model)
+    if not remote:
+        require("pm", "hhrlhf generate")
     for name, value, low in (("--n", n, 1), ("--max-new-tokens", max_new_tokens, 1),
                              ("--batch-size", batch_size, 1), ("--max-prompts", max_prompts, 0),
                              ("--top-k", top_k, 0), ("--max-prompt-length", max_prompt_length,
@@ -84,39 +95,32 @@ def generate(model: str, sources: tuple[str, ...], n: int, temperature: float, t
     if output is not None:
         from hhrlhf.outputs import check_output_file
 
-        check_output_file(output, "generate", inputs=[model, *sources])
-    from hhrlhf.pm.config import resolve_backbone
+        check_output_file(output, "generate", inputs=[*([] if remote else [model]), *sources])
+    if remote:
+        endpoint = EndpointSampler(model, endpoint_model, api_key, endpoint_timeout)
+        endpoint.model  # noqa: B018  # asked now: a wrong URL or key fails before any reading
+    else:
+        from hhrlhf.pm.config import resolve_backbone
 
-    resolve_backbone(model)
+        resolve_backbone(model)
     for src in sources:
         if src != "-" and not Path(src).exists():
             from hhrlhf.read import resolve
 
             resolve([src])
-
-    import torch
-
-    from hhrlhf.policy.encode import PolicyEncoder
-    from hhrlhf.policy.model import Policy
-    from hhrlhf.policy.sample import Sampler
     from hhrlhf.records import Dialogue, response_turn
     from hhrlhf.rl.prompts import dialogue_prompts
 
-    if threads:
-        torch.set_num_threads(threads)
-    policy = Policy.load(model)
-    if not max_prompt_length:
-        positions = getattr(policy.config, "max_position_embeddings", None) or 1 << 30
-        max_prompt_length = min(512, positions - max_new_tokens)
-        if max_prompt_length < 4:
-            raise HHRLHFError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt "
-                              f"in the policy's {positions} positions")
-    policy.check_length(max_prompt_length + max_new_tokens,
-                        "--max-prompt-length + --max-new-tokens")
-    if torch.cuda.is_available():
-        policy.net.to("cuda")
-    encoder = PolicyEncoder(policy.tokenizer, max_prompt_length + max_new_tokens)
-    sampler = Sampler(policy.net, policy.tokenizer)
+    sample: Callable[[list[Any], int], list[Any]]
+    if remote:
+        def sample(dialogues: list[Any], chunk_no: int) -> list[Any]:
+            return endpoint.sample(dialogues, n=n, max_new_tokens=max_new_tokens,
+                                   temperature=temperature, top_p=top_p, top_k=top_k,
+                                   seed=seed + chunk_no,
+                                   max_prompt_length=max_prompt_length or None)
+    else:
+        sample = _local_sampler(model, n, temperature, top_p, top_k, max_new_tokens,
+                                max_prompt_length, seed, batch_size, threads)
 
     def rows() -> Iterator[dict[str, Any]]:
         chunk: list[tuple[str, Any]] = []
@@ -133,13 +137,7 @@ def generate(model: str, sources: tuple[str, ...], n: int, temperature: float, t
             yield from sampled(chunk, chunk_no)
 
     def sampled(chunk: list[tuple[str, Any]], chunk_no: int) -> Iterator[dict[str, Any]]:
-        prompts, _ = encoder.encode_prompts([d for _, d in chunk], max_prompt_length)
-        # bf16 on a GPU (as training there), fp32 on a CPU
-        with torch.autocast("cuda", torch.bfloat16, enabled=torch.cuda.is_available()):
-            samples = sampler.sample(prompts, n=n, max_new_tokens=max_new_tokens,
-                                     temperature=temperature, top_p=top_p, top_k=top_k,
-                                     seed=seed + chunk_no, batch_size=batch_size)
-        for s in samples:
+        for s in sample([d for _, d in chunk], chunk_no):
             pid, d = chunk[s.prompt_index]
             # cut where the policy starts a new turn, as bon and rl score it
             turn = response_turn(s.text)
@@ -159,3 +157,40 @@ def generate(model: str, sources: tuple[str, ...], n: int, temperature: float, t
 
     with command_output(output, "generate") as tmp, open(tmp, "w", encoding="utf-8") as fh:
         write(fh)
+
+
+def _local_sampler(model: str, n: int, temperature: float, top_p: float, top_k: int,
+                   max_new_tokens: int, max_prompt_length: int, seed: int, batch_size: int,
+                   threads: int) -> Callable[[list[Any], int], list[Any]]:
+    """The policy in folder ``model``, loaded: a function sampling a chunk of dialogues."""
+    import torch
+
+    from hhrlhf.policy.encode import PolicyEncoder
+    from hhrlhf.policy.model import Policy
+    from hhrlhf.policy.sample import Sampler
+
+    if threads:
+        torch.set_num_threads(threads)
+    policy = Policy.load(model)
+    if not max_prompt_length:
+        positions = getattr(policy.config, "max_position_embeddings", None) or 1 << 30
+        max_prompt_length = min(512, positions - max_new_tokens)
+        if max_prompt_length < 4:
+            raise HHRLHFError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt "
+                              f"in the policy's {positions} positions")
+    policy.check_length(max_prompt_length + max_new_tokens,
+                        "--max-prompt-length + --max-new-tokens")
+    if torch.cuda.is_available():
+        policy.net.to("cuda")
+    encoder = PolicyEncoder(policy.tokenizer, max_prompt_length + max_new_tokens)
+    sampler = Sampler(policy.net, policy.tokenizer)
+
+    def sample(dialogues: list[Any], chunk_no: int) -> list[Any]:
+        prompts, _ = encoder.encode_prompts(dialogues, max_prompt_length)
+        # bf16 on a GPU (as training there), fp32 on a CPU
+        with torch.autocast("cuda", torch.bfloat16, enabled=torch.cuda.is_available()):
+            return sampler.sample(prompts, n=n, max_new_tokens=max_new_tokens,
+                                  temperature=temperature, top_p=top_p, top_k=top_k,
+                                  seed=seed + chunk_no, batch_size=batch_size)
+
+    return sample

@@ -27,3 +27,17 @@ def threads_option() -> Callable[[F], F]:
     """``--threads N``: torch's CPU threads, 0 for torch's default."""
     return click.option("--threads", type=click.IntRange(0), default=0,
                         help="torch CPU threads (0: torch's default).")
+
+
+def endpoint_options(f: F) -> F:
+    """``--endpoint-model``, ``--api-key`` and ``--endpoint-timeout``: for a POLICY given as an
+    http(s):// URL (an OpenAI-compatible endpoint, see :mod:`hhrlhf.endpoint`)."""
+    f = click.option("--endpoint-timeout", type=click.FloatRange(min=0, min_open=True),
+                     default=600.0, show_default=True, metavar="SECONDS",
+                     help="With a POLICY URL: how long to wait for the endpoint's answer to "
+                          "one request (a chunk of prompts).")(f)
+    f = click.option("--api-key", envvar="HHRLHF_API_KEY", default=None,
+                     help="With a POLICY URL: the endpoint's API key (also $HHRLHF_API_KEY).")(f)
+    return click.option("--endpoint-model", default=None, metavar="NAME",
+                        help="With a POLICY URL: the model to ask for (default: the one the "
+                             "endpoint lists).")(f)

@@ -34,7 +34,9 @@ from hhrlhf.errors import HHRLHFError
 @click.option("--pm", "pm_override", type=click.Path(), default=None,
               help="The PM trained against, if it moved (default: the run config's `pm`).")
 @click.option("--initial", "initial_override", default=None,
-              help="The initial policy, if it moved (default: the run config's `policy`).")
+              help="The initial policy, if it moved (default: the run config's `policy`); "
+                   "or an http(s):// URL of an OpenAI-compatible endpoint serving it (its API "
+                   "key from $HHRLHF_API_KEY).")
 @click.option("--temperature", type=float, default=None,
               help="Sampling temperature, 0 = greedy [default: the run's, else 1.0].")
 @click.option("--top-p", type=float, default=None, help="[default: the run's, else 1.0]")

@@ -320,12 +320,12 @@ class Sampler:
                         stop[r] = 2
             length.masked_fill_(ended, step + 1)
             done |= ended
-            if emit:  # the host sync streaming costs: this step's tokens and stops
+            if emit:  # the host sync streaming costs (one): this step's tokens and stops
                 last = step == max_new_tokens - 1
+                toks, alive, ends, codes = torch.stack([nxt, running.long(), ended.long(),
+                                                        stop]).tolist()
                 yield [(r, t, _STOP_NAMES[c] if e else "length" if last else None)
-                       for r, (t, a, e, c) in enumerate(zip(nxt.tolist(), running.tolist(),
-                                                            ended.tolist(), stop.tolist()))
-                       if a]
+                       for r, (t, a, e, c) in enumerate(zip(toks, alive, ends, codes)) if a]
             if step == max_new_tokens - 1:
                 break
             running_count = int((~done).sum())  # a host sync: are all done? compact?

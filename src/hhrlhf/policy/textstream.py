@@ -10,13 +10,17 @@ Two things keep streamed text equal to the text :meth:`Sampler.sample` returns a
 - **No stop string leaks out.** Text that could be the start of a stop string (the HH
   next-turn marker ``"\\n\\nHuman:"``, and any the caller adds) is held back until the next
   tokens show it is not; a stop string found cuts the text there and ends it.
+
+:func:`stream_text` streams a local policy's samples as text, in the shape the endpoint client
+streams an endpoint's (:class:`hhrlhf.endpoint.Delta`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
+from hhrlhf.endpoint import Delta
 from hhrlhf.policy.model import HUMAN_MARKER
 
 
@@ -85,3 +89,25 @@ class TextStream:
         out = self._release(True)
         self.done = True
         return out
+
+
+def stream_text(sampler: Any, prompts: Sequence[Any], n: int = 1, **settings: Any
+                ) -> Iterator[Delta]:
+    """:meth:`Sampler.stream` as text: each sample's new text as its tokens come (whole
+    characters, the HH marker held back and cut), its last :class:`~hhrlhf.endpoint.Delta`
+    with its stop ("eos", "human", "length"). The same shape as
+    :meth:`EndpointSampler.stream <hhrlhf.endpoint.EndpointSampler.stream>`, so a caller
+    streams from a local policy and from an endpoint alike; the texts are :meth:`Sampler.sample`'s
+    for the same arguments. ``settings``: :meth:`Sampler.stream`'s keywords."""
+    texts: dict[tuple[int, int], TextStream] = {}
+    for step in sampler.stream(prompts, n=n, **settings):
+        for s in step:
+            key = (s.prompt_index, s.sample_index)
+            text = texts.get(key)
+            if text is None:
+                text = texts[key] = TextStream(sampler.tokenizer)
+            delta = text.push(s.token)
+            if s.stop is not None:
+                delta += text.finish()
+            if delta or s.stop is not None:
+                yield Delta(s.prompt_index, s.sample_index, delta, s.stop)

@@ -251,7 +251,16 @@ def compare_scores(pm: str, pm_path: str, final: np.ndarray, initial: np.ndarray
 
 def sample_responses(policy_path: str | Path, prompts: Sequence[Dialogue],
                      settings: SampleSettings) -> list[str]:
-    """One response per prompt from the policy at ``policy_path``; the model is freed after."""
+    """One response per prompt from the policy at ``policy_path``; the model is freed after.
+    An http(s):// URL is an OpenAI-compatible endpoint (:mod:`hhrlhf.endpoint`; its API key
+    from ``$HHRLHF_API_KEY``, its one listed model) that samples instead."""
+    from hhrlhf.endpoint import EndpointSampler, is_endpoint
+
+    if is_endpoint(str(policy_path)):
+        return [c.text for c in EndpointSampler(str(policy_path)).sample(
+            prompts, n=1, max_new_tokens=settings.max_new_tokens,
+            temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
+            seed=settings.seed, max_prompt_length=settings.max_prompt_length)]
     import torch
 
     from hhrlhf.policy.encode import PolicyEncoder
