@@ -779,3 +779,45 @@ def test_score_command(tiny: dict[str, Path], tmp_path: Path, monkeypatch: pytes
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("hhrlhf: error: <stdin>:1: ") and \
         err.count("\n") == 1
+
+
+@pytest.fixture(scope="session")
+def bpe_gpt2(tmp_path_factory: pytest.TempPathFactory, real_rows: list[Comparison]) -> Path:
+    """A tiny GPT-2 with a byte-level BPE tokenizer that adds no special tokens (an empty
+    string encodes to no tokens at all)."""
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    from hhrlhf.policy.model import train_tokenizer
+
+    folder = tmp_path_factory.mktemp("bpe-gpt2")
+    tok = train_tokenizer([c.chosen_raw for c in real_rows[:100]], 400)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(GPT2Config(
+        vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=512)).save_pretrained(
+        folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_a_pair_with_an_empty_side_is_left_out_and_said(bpe_gpt2: Path, tmp_path: Path,
+                                                       real_rows: list[Comparison]) -> None:
+    """A side that is the empty string has no token to score (and a packed row no response):
+    left out before the run folder is made, counted, said in one line."""
+    rows = [{"chosen": c.chosen_raw, "rejected": c.rejected_raw} for c in real_rows[:5]]
+    rows[2]["chosen"] = ""
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["pm", "train", str(data), "--backbone", str(bpe_gpt2), "--max-steps", "1",
+            "--batch-size", "5", "--max-length", "64", "--quiet"]  # the empty pair in the step
+    r = _cli(*args, "--out", str(tmp_path / "run"))
+    assert r.returncode == 0, r.stderr
+    assert ("note: 1 pairs with an empty chosen or rejected dialogue (no tokens to score) "
+            "were left out") in r.stdout.splitlines()
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert result["empty_pairs"] == 1 and result["train_pairs"] == 4
+    # nothing left: one line, and no run folder
+    data.write_text(json.dumps({"chosen": "", "rejected": rows[0]["rejected"]}) + "\n")
+    r = _cli(*args, "--out", str(tmp_path / "run2"))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert "no training pairs left: all 1 have an empty chosen or rejected dialogue" in r.stderr
+    assert not (tmp_path / "run2").exists()
