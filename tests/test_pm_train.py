@@ -723,7 +723,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.parametrize(("args", "needle"), [
     (["--set", "lr=fast"], "config lr: expected a number, got 'fast'"),
-    (["--set", "learning_rate=1e-4"], "unknown config key 'learning_rate'"),
+    (["--set", "learning_rate=1e-4"], "unknown config key 'learning_rate'; did you mean 'lr'?"),
     (["--backbone", "/no/such/model"], "/no/such/model: no such backbone folder"),
     (["--backbone", "gpt2"], "hub is offline"),
 ])

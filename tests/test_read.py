@@ -95,8 +95,8 @@ def test_blank_lines_keep_line_numbers(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("bad_row", "message"), [
     ({"chosen": "\n\nHuman: hi\n\nAssistant: yo"}, "missing key 'rejected' (keys: chosen)"),
-    ({"chosen": "x", "rejected": 3}, "key 'rejected' is a number, not a string"),
-    ({"chosen": None, "rejected": "x"}, "key 'chosen' is null, not a string"),
+    ({"chosen": "x", "rejected": 3}, "key 'rejected' is a number, not a string or a list of messages"),
+    ({"chosen": None, "rejected": "x"}, "key 'chosen' is null, not a string or a list of messages"),
     (["chosen", "rejected"], "expected an object with 'chosen' and 'rejected', got an array"),
     ("just text", "expected an object with 'chosen' and 'rejected', got a string"),
 ])

@@ -15,7 +15,9 @@ from policy_support import (
     one_thread,  # noqa: F401  # autouse
 )
 
+from hhrlhf.errors import HHRLHFError
 from hhrlhf.records import Comparison
+from hhrlhf.runs import LoopConfig, apply_overrides
 
 
 @pytest.fixture(scope="module")
@@ -71,3 +73,26 @@ def test_a_step_logs_the_tokens_of_all_its_micro_batches(start: Path,
     whole = train_sft(replace(cfg, batch_size=8), rows).history
     assert [r["tokens"] for r in accumulated] == [r["tokens"] for r in whole]
     assert len(accumulated) == 3
+
+
+@pytest.mark.parametrize(("key", "hint"), [
+    ("learning_rate", "did you mean 'lr'?"),
+    ("kl_coeff", "did you mean 'kl_coef'?"),
+    ("num_generations", "did you mean 'samples_per_prompt'?"),
+    ("gradient_accumulation_steps", "did you mean 'grad_accum'?"),
+    ("bach_size", "did you mean 'batch_size'"),
+])
+def test_an_unknown_key_gets_the_key_meant(key: str, hint: str) -> None:
+    from hhrlhf.rl.train import RLConfig
+
+    with pytest.raises(HHRLHFError) as e:
+        apply_overrides(RLConfig(), {key: "1"})
+    message = str(e.value)
+    assert message == f"unknown config key {key!r}; {hint}" or (
+        message.startswith(f"unknown config key {key!r}; {hint}"))
+    assert "known:" not in message  # not a list of fifty keys
+
+
+def test_an_unknown_key_with_no_near_name_lists_the_known_ones() -> None:
+    with pytest.raises(HHRLHFError, match="known: eval_data, max_length"):
+        apply_overrides(LoopConfig(), {"zzz": "1"})

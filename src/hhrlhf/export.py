@@ -40,7 +40,8 @@ import pyarrow as pa
 from hhrlhf.atomic import atomic_path, refuse_overwriting_inputs
 from hhrlhf.errors import HHRLHFError
 from hhrlhf.read import Source
-from hhrlhf.records import ASSISTANT, HUMAN, Comparison, Turn, render_turns
+from hhrlhf.records import ASSISTANT, Comparison, Turn, render_turns
+from hhrlhf.rowformats import to_messages
 from hhrlhf.table import BATCH_ROWS, SCHEMA, arrow_to_comparisons, source_table
 
 FORMATS: dict[str, str] = {
@@ -70,7 +71,6 @@ UNREPRESENTABLE: dict[str, dict[str, str]] = {
     "parquet": {},
 }
 
-_ROLE = {HUMAN: "user", ASSISTANT: "assistant"}
 _ASSISTANT_MARKER = Turn(ASSISTANT, "", "").render()  # "\n\nAssistant:", from records
 MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 OUTPUT_SCHEMAS: dict[str, pa.Schema] = {
@@ -153,13 +153,9 @@ def unrepresentable_reason(fmt: str, c: Comparison) -> str | None:
     return None
 
 
-def _messages(turns: Iterable[Turn]) -> list[dict[str, str]]:
-    return [{"role": _ROLE[t.role], "content": t.text} for t in turns]
-
-
 def to_trl(c: Comparison) -> dict[str, Any]:
     return {
-        "prompt": _messages(c.prompt),
+        "prompt": to_messages(c.prompt),
         "chosen": [{"role": "assistant", "content": c.chosen}],
         "rejected": [{"role": "assistant", "content": c.rejected}],
     }
@@ -178,7 +174,7 @@ def to_trl_text(c: Comparison) -> dict[str, Any]:
 
 
 def to_openai(c: Comparison) -> dict[str, Any]:
-    return {"messages": _messages(c.chosen_dialogue.turns)}
+    return {"messages": to_messages(c.chosen_dialogue.turns)}
 
 
 ROW_BUILDERS: dict[str, Callable[[Comparison], dict[str, Any]]] = {

@@ -30,6 +30,7 @@ from hhrlhf.registry import (
     DataFile,
     files_for,
 )
+from hhrlhf.rowformats import comparison_of_row
 
 # ISA-L's "corrupt deflate data" error; not an OSError. (Its stub types it as an instance.)
 _IsalError = cast("type[Exception]", isal_zlib.IsalError)
@@ -339,21 +340,43 @@ def _iter_array(path: Path, data: bytes) -> Iterator[tuple[int, Any]]:
                           line_at(pos))
 
 
+def text_lines(path: str) -> Iterator[tuple[int, str]]:
+    """(line number, line) for each non-blank line of a text file (``.gz`` read decompressed)
+    or of stdin (``-``): the rows of dialogue files, which may be plain lines, not JSON."""
+    if path == "-":
+        fh: IO[str] = sys.stdin
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise HHRLHFError("no such file", p)
+        fh = gzip.open(p, "rt", encoding="utf-8") if p.suffix == ".gz" else open(  # noqa: SIM115
+            p, encoding="utf-8")
+    try:
+        for n, line in enumerate(fh, start=1):
+            line = line.rstrip("\r\n")
+            if line.strip():
+                yield n, line
+    except (UnicodeDecodeError, OSError, EOFError) as e:
+        raise HHRLHFError(f"unreadable input: {e}", path) from None
+    finally:
+        if fh is not sys.stdin:
+            fh.close()
+
+
 def read_source_comparisons(source: Source) -> Iterator[Comparison]:
-    """Every preference row of one file as a :class:`Comparison`, in file order."""
+    """Every preference row of one file as a :class:`Comparison`, in file order: official
+    rows, and the TRL shapes of them (see :mod:`hhrlhf.rowformats`)."""
     from_strings = Comparison.from_strings
     for index, (lineno, obj) in enumerate(iter_json_rows(source.path)):
-        if type(obj) is not dict:
-            raise HHRLHFError(
-                f"expected an object with 'chosen' and 'rejected', got {_kind(obj)}",
-                source.path, lineno,
-            )
-        chosen = obj.get("chosen")
-        rejected = obj.get("rejected")
-        if type(chosen) is not str or type(rejected) is not str:
-            raise HHRLHFError(_shape_problem(obj), source.path, lineno)
-        yield from_strings(chosen, rejected, subset=source.subset, split=source.split,
-                           index=index, line=lineno)
+        if type(obj) is dict and "prompt" not in obj:
+            chosen = obj.get("chosen")
+            rejected = obj.get("rejected")
+            if type(chosen) is str and type(rejected) is str:  # the official row: fast path
+                yield from_strings(chosen, rejected, subset=source.subset, split=source.split,
+                                   index=index, line=lineno)
+                continue
+        yield comparison_of_row(obj, subset=source.subset, split=source.split, index=index,
+                                line=lineno, where=source.path)
 
 
 def read_source_redteam(source: Source) -> Iterator[RedTeamAttempt]:
@@ -363,23 +386,6 @@ def read_source_redteam(source: Source) -> Iterator[RedTeamAttempt]:
             yield RedTeamAttempt.from_json(obj, index=index, line=lineno)
         except ValueError as e:
             raise HHRLHFError(f"not a red-team row: {e}", source.path, lineno) from None
-
-
-def _kind(obj: Any) -> str:
-    return {list: "an array", str: "a string", type(None): "null", bool: "a boolean"}.get(
-        type(obj), "a number" if isinstance(obj, (int, float)) else type(obj).__name__
-    )
-
-
-def _shape_problem(obj: dict[str, Any]) -> str:
-    for key in ("chosen", "rejected"):
-        if key not in obj:
-            if "transcript" in obj:
-                return f"missing key {key!r} (this looks like a red-team row; use `hhrlhf redteam`)"
-            return f"missing key {key!r} (keys: {', '.join(sorted(obj)) or 'none'})"
-        if type(obj[key]) is not str:
-            return f"key {key!r} is {_kind(obj[key])}, not a string"
-    return "bad row"
 
 
 def preference_sources(names: str | Path | Iterable[str | Path],

@@ -31,7 +31,7 @@ import sys
 import time
 import types
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -231,9 +231,51 @@ def apply_overrides(config: C, values: dict[str, Any], source: str = "") -> C:
         k = key.replace("-", "_")
         if k not in types_:
             where = f" in {source}" if source else ""
-            raise HHRLHFError(f"unknown config key {key!r}{where}; known: {', '.join(types_)}")
+            raise HHRLHFError(f"unknown config key {key!r}{where}; {did_you_mean(k, types_)}")
         changes[k] = coerce(k, value, types_[k])
     return dataclasses.replace(config, **changes)
+
+
+# What TRL and transformers call some of the keys (a researcher types them from habit).
+KEY_ALIASES = {
+    "learning_rate": "lr",
+    "kl_coeff": "kl_coef",
+    "init_kl_coef": "kl_coef",
+    "num_generations": "samples_per_prompt",
+    "rloo_k": "samples_per_prompt",
+    "per_device_train_batch_size": "batch_size",
+    "train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "num_train_epochs": "epochs",
+    "max_seq_length": "max_length",
+    "lr_scheduler_type": "scheduler",
+    "warmup_steps": "warmup_ratio",
+    "output_dir": "out_dir",
+    "max_completion_length": "max_new_tokens",
+    "per_device_eval_batch_size": "eval_batch_size",
+    "logging_steps": "eval_every",
+    "save_steps": "save_every",
+    "save_total_limit": "keep_checkpoints",
+    "num_ppo_epochs": "update_epochs",
+    "num_mini_batches": "minibatches",
+    "cliprange": "clip_range",
+    "vf_coef": "vf_coef",
+}
+
+
+def did_you_mean(key: str, known: Iterable[str]) -> str:
+    """The end of an unknown-key error: the key meant (TRL's name for it, or a close
+    spelling), else the known keys."""
+    import difflib
+
+    names = list(known)
+    alias = KEY_ALIASES.get(key.lower())
+    if alias in names:
+        return f"did you mean {alias!r}?"
+    close = difflib.get_close_matches(key.lower(), names, n=3, cutoff=0.7)
+    if close:
+        return "did you mean " + " or ".join(repr(c) for c in close) + "?"
+    return f"known: {', '.join(names)}"
 
 
 def resolve_config(cls: type[C], config_file: str | None, explicit: dict[str, Any],

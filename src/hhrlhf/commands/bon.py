@@ -23,23 +23,22 @@ _PNG = b"\x89PNG\r\n\x1a\n"
 
 def _prompts(sources: tuple[str, ...], all_rows: bool, max_prompts: int
              ) -> list[tuple[str, Any]]:
-    from hhrlhf.read import read_source_comparisons, resolve
-    from hhrlhf.records import Dialogue
+    from hhrlhf.read import resolve
+    from hhrlhf.rl.prompts import row_prompts
 
     out: list[tuple[str, Any]] = []
     seen: set[str] = set()
     for source in resolve(sources):
         if source.is_redteam:
             raise HHRLHFError("holds red-team transcripts, not preference rows", source.path)
-        for c in read_source_comparisons(source):
-            prompt = Dialogue(c.prompt, c.chosen_dialogue.preamble)
+        for index, prompt in row_prompts(source):
             if not prompt.turns:
                 continue
             key = prompt.render()
             if not all_rows and key in seen:
                 continue
             seen.add(key)
-            out.append((f"{source.name}:{c.index}", prompt))
+            out.append((f"{source.name}:{index}", prompt))
             if max_prompts and len(out) >= max_prompts:
                 return out
     return out

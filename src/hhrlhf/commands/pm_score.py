@@ -16,63 +16,21 @@ written to ``--output`` atomically. Rows are scored in chunks, so stdin can be a
 
 from __future__ import annotations
 
-import gzip
 import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import click
 
 from hhrlhf.atomic import atomic_path, named_files, refuse_overwriting_inputs
 from hhrlhf.errors import HHRLHFError
 from hhrlhf.logistic import sigmoid
+from hhrlhf.read import text_lines
+from hhrlhf.rowformats import parse_row
 
 _CHUNK = 512  # rows read before scoring; bounded memory on endless stdin
-
-
-def _lines(path: str) -> Iterator[tuple[int, str]]:
-    if path == "-":
-        fh: IO[str] = sys.stdin
-    else:
-        p = Path(path)
-        if not p.is_file():
-            raise HHRLHFError("no such file", p)
-        fh = gzip.open(p, "rt", encoding="utf-8") if p.suffix == ".gz" else open(  # noqa: SIM115
-            p, encoding="utf-8")
-    try:
-        for n, line in enumerate(fh, start=1):
-            line = line.rstrip("\r\n")
-            if line.strip():
-                yield n, line
-    except (UnicodeDecodeError, OSError, EOFError) as e:
-        raise HHRLHFError(f"unreadable input: {e}", path) from None
-    finally:
-        if fh is not sys.stdin:
-            fh.close()
-
-
-def parse_row(line: str, where: str, n: int) -> dict[str, Any]:
-    """One input line -> {"kind": "text"|"pair", ...}; a bad row is an HHRLHFError."""
-    if line.lstrip().startswith(("{", '"')):
-        try:
-            obj = json.loads(line)
-        except ValueError as e:
-            raise HHRLHFError(f"not valid JSON: {e}", where, n) from None
-        if isinstance(obj, str):
-            return {"kind": "text", "text": obj}
-        if not isinstance(obj, dict):
-            raise HHRLHFError("expected a JSON object or string", where, n)
-        extra = {"id": obj["id"]} if "id" in obj else {}
-        if "chosen" in obj or "rejected" in obj:
-            if not (isinstance(obj.get("chosen"), str) and isinstance(obj.get("rejected"), str)):
-                raise HHRLHFError("a pair row needs string fields chosen and rejected", where, n)
-            return {"kind": "pair", "chosen": obj["chosen"], "rejected": obj["rejected"], **extra}
-        if isinstance(obj.get("text"), str):
-            return {"kind": "text", "text": obj["text"], **extra}
-        raise HHRLHFError('expected {"text": ...} or {"chosen": ..., "rejected": ...}', where, n)
-    return {"kind": "text", "text": line.replace("\\n", "\n")}
 
 
 @click.command("score")
@@ -108,7 +66,7 @@ def score(model: str, file: str, output: str | None, batch_size: int, threads: i
 
     def chunks() -> Iterator[list[tuple[int, dict[str, Any]]]]:
         chunk: list[tuple[int, dict[str, Any]]] = []
-        for n, line in _lines(file):
+        for n, line in text_lines(file):
             chunk.append((n, parse_row(line, where, n)))
             if len(chunk) >= _CHUNK:
                 yield chunk

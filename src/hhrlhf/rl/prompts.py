@@ -11,6 +11,14 @@ from typing import TYPE_CHECKING
 from hhrlhf.errors import HHRLHFError
 from hhrlhf.records import HUMAN, Dialogue
 from hhrlhf.registry import PREFERENCE_TRAIN, REDTEAM_SUBSET
+from hhrlhf.rowformats import (
+    comparison_of_row,
+    dialogue_of_row,
+    is_comparison_row,
+    parse_row,
+    parse_text,
+    prompt_of,
+)
 
 if TYPE_CHECKING:
     from hhrlhf.read import Source
@@ -58,31 +66,43 @@ def redteam_openings(sources: Sequence[str], limit: int = 0) -> list[Dialogue]:
 
 
 def row_prompts(source: Source) -> Iterator[tuple[int, Dialogue]]:
-    """(row index, the row's prompt: its turns before the final Assistant turn) for each
-    preference row of ``source``."""
-    from hhrlhf.read import read_source_comparisons
+    """(row index, the row's prompt: its turns before the final Assistant turn) for each row of
+    ``source``: preference rows of any shape hhrlhf reads (official, TRL text or
+    conversational), prompt-only rows (``{"prompt": ...}``) and chat rows
+    (``{"messages": [...]}``, a final Assistant turn dropped); see :mod:`hhrlhf.rowformats`."""
+    from hhrlhf.read import iter_json_rows, read_source_comparisons
 
-    for c in read_source_comparisons(source):
-        yield c.index, Dialogue(c.prompt, c.chosen_dialogue.preamble)
+    if source.subset is not None:  # an official file: preference rows
+        for c in read_source_comparisons(source):
+            yield c.index, Dialogue(c.prompt, c.chosen_dialogue.preamble)
+        return
+    for index, (line, obj) in enumerate(iter_json_rows(source.path)):
+        if is_comparison_row(obj):
+            c = comparison_of_row(obj, index=index, line=line, where=source.path)
+            yield index, Dialogue(c.prompt, c.chosen_dialogue.preamble)
+        else:
+            if isinstance(obj, dict) and "transcript" in obj:
+                raise HHRLHFError("holds red-team transcripts, not preference rows or prompts",
+                                  source.path)
+            yield index, prompt_of(dialogue_of_row(obj, source.path, line))
 
 
 def dialogue_prompts(sources: Sequence[str], unique: bool) -> Iterator[tuple[str, Dialogue]]:
     """(prompt id, the dialogue up to its final Assistant turn) for every input prompt, in order.
 
-    Subsets and preference files give each row's prompt (id ``SOURCE:ROW``; with ``unique``, a
-    prompt repeated across rows once); a file of dialogues or ``-`` (stdin, the default) gives
-    its rows as ``hhrlhf pm score`` reads them, a final Assistant turn dropped (id: the row's
-    ``"id"``, else its line number)."""
-    from hhrlhf.commands.pm_score import _lines, parse_row
-    from hhrlhf.read import resolve
+    Subsets and files of JSON rows (preference rows of any shape, prompt-only and chat rows)
+    give each row's prompt (id ``SOURCE:ROW``, or the row's ``"id"``; with ``unique``, a
+    prompt repeated across rows once); a file of plain lines or ``-`` (stdin, the default)
+    gives its rows as ``hhrlhf pm score`` reads them, a final Assistant turn dropped (id: the
+    row's ``"id"``, else its line number)."""
+    from hhrlhf.read import resolve, text_lines
     from hhrlhf.records import Comparison
 
     seen: set[str] = set()
     for src in sources or ("-",):
         path = Path(src)
-        # a subset name, or a file of preference rows (the official format, any suffix)
-        is_rows = src != "-" and (not path.exists() or _has_pairs(path))
-        if is_rows:
+        # a subset name, or a file of JSON rows (any suffix)
+        if src != "-" and (not path.exists() or _json_rows(path)):
             for source in resolve([src]):
                 if source.is_redteam:
                     raise HHRLHFError("holds red-team transcripts, not preference rows",
@@ -95,26 +115,23 @@ def dialogue_prompts(sources: Sequence[str], unique: bool) -> Iterator[tuple[str
                     yield f"{source.name}:{index}", prompt
             continue
         where = "<stdin>" if src == "-" else src
-        for n, line in _lines(src):
+        for n, line in text_lines(src):
             row = parse_row(line, where, n)
             if row["kind"] == "pair":
                 d = Comparison.from_strings(row["chosen"], row["rejected"]).chosen_dialogue
             else:
-                text = row["text"]
-                if text.startswith(("Human:", "Assistant:")):  # a typed line: "Human: hi"
-                    text = "\n\n" + text
-                d = Dialogue.parse(text)
-            turns = d.turns[:-1] if d.turns and d.turns[-1].role == "assistant" else d.turns
-            yield str(row.get("id", n if len(sources) < 2 else f"{where}:{n}")), Dialogue(
-                turns, d.preamble)
+                d = parse_text(row["text"])
+            yield str(row.get("id", n if len(sources) < 2 else f"{where}:{n}")), prompt_of(d)
 
 
-def _has_pairs(path: Path) -> bool:
+def _json_rows(path: Path) -> bool:
+    """Whether a file holds JSON rows that are objects (a file of plain lines or of JSON
+    strings is read line by line, as ``hhrlhf pm score`` reads it)."""
     from hhrlhf.read import iter_json_rows
 
     try:
         for _, obj in iter_json_rows(path):
-            return isinstance(obj, dict) and "chosen" in obj and "text" not in obj
+            return isinstance(obj, dict) and "text" not in obj
     except HHRLHFError:  # not JSON: plain lines, one dialogue each
         return False
     return False
