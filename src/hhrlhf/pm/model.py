@@ -239,14 +239,16 @@ class NeuralPreferenceModel(PreferenceModel):
     kind = "neural"
 
     def __init__(self, reward_net: RewardNet, tokenizer: Any, max_length: int,
-                 shared_context: bool = True, precision: str = "auto"):
+                 shared_context: bool = True, precision: str = "auto", encoder: Any = None):
+        # encoder: how dialogues become token ids (a DialogueEncoder, hhrlhf's own turn-wise
+        # encoding, unless given: a TextEncoder for a reward model hhrlhf did not train)
         self.reward_net = reward_net
         # Scoring precision, as TrainConfig.mixed_precision: "no" (fp32), "bf16", "fp16", or
         # "auto" (bf16 on a GPU, fp32 on CPU).
         self.precision = precision
         self.tokenizer = tokenizer
         self.max_length = int(max_length)
-        self.encoder = DialogueEncoder(tokenizer, max_length)
+        self.encoder = encoder if encoder is not None else DialogueEncoder(tokenizer, max_length)
         self.is_decoder = is_decoder_config(reward_net.net.config)
         # Why a decoder read at the final token cannot pack its pairs exactly (None: it can, or
         # the model is no such decoder).
