@@ -249,3 +249,61 @@ def test_judges_are_refused_in_one_line(bpe: Any, tmp_path: Path) -> None:
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
         assert proc.stderr.startswith(f"hhrlhf: error: {folder}: ") and why in proc.stderr, \
             proc.stderr
+
+
+# ---- hhrlhf's own PMs out ----------------------------------------------------------------------
+def _backbone(kind: str, tmp_path: Path) -> Path:
+    """A tiny randomly initialised backbone with the real MiniLM tokenizer."""
+    from transformers import AutoModel, AutoModelForCausalLM, BertConfig, LlamaConfig
+
+    tok = _minilm()
+    torch.manual_seed(0)
+    if kind == "encoder":
+        model = AutoModel.from_config(BertConfig(
+            vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=2, max_position_embeddings=512))
+    else:
+        model = AutoModelForCausalLM.from_config(LlamaConfig(
+            vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512))
+    return _save(model, tok, tmp_path / kind)
+
+
+@pytest.mark.parametrize("kind", ["encoder", "decoder"])
+def test_a_saved_pm_scores_long_dialogues_the_same_through_transformers_and_trl(
+        rows: list[Comparison], tmp_path: Path, kind: str) -> None:
+    """A `pm train` folder, loaded the plain way (AutoModelForSequenceClassification +
+    AutoTokenizer, ``tok(text, truncation=True)``), scores dialogues longer than max_length as
+    hhrlhf does: its tokenizer keeps the end (truncation_side left) at the trained max_length,
+    and adds the same special tokens (no EOS appended by either). For the decoder, TRL's own
+    reward call (trl.experimental.utils.get_reward) too."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from hhrlhf.pm.config import TrainConfig
+    from hhrlhf.pm.train import train
+
+    max_length = 64
+    cfg = TrainConfig(backbone=str(_backbone(kind, tmp_path)), out_dir=str(tmp_path / "run"),
+                      max_steps=2, batch_size=4, max_length=max_length, save_every=0,
+                      lr=1e-3, progress=False)
+    train(cfg, rows[:8])
+    folder = tmp_path / "run" / "model"
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert (tok.truncation_side, tok.model_max_length) == ("left", max_length)
+    # long dialogues: longer than max_length, their final turn alone within it
+    dialogues = [d for c in rows[8:] for d in (c.chosen_dialogue, c.rejected_dialogue)
+                 if len(tok(d.render())["input_ids"]) > max_length
+                 and len(tok(d.turns[-1].render())["input_ids"]) < max_length // 2][:8]
+    assert len(dialogues) >= 4
+    texts = [d.render() for d in dialogues]
+    ours = load(folder).score(dialogues)
+    assert np.std(ours) > 1e-5
+    _close(_transformers_scores(folder, texts), ours)
+    if kind == "decoder":
+        from trl.experimental.utils import get_reward
+
+        model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+        batch = tok(texts, truncation=True, padding=True, return_tensors="pt")
+        with torch.inference_mode():
+            _, theirs, _ = get_reward(model, batch["input_ids"], tok.pad_token_id, 0)
+        _close(theirs.numpy(), ours)

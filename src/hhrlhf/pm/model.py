@@ -307,6 +307,12 @@ class NeuralPreferenceModel(PreferenceModel):
                 # Saved with the tokenizer: a batch padded by it reads as hhrlhf reads it
                 # (left padding moves absolute positions: GPT-2's rewards would change).
                 tok.padding_side = "right"
+                # and one that cuts as hhrlhf cuts: the plain `tok(text, truncation=True)` of a
+                # long dialogue keeps its end, max_length tokens, special tokens included (the
+                # same ones hhrlhf puts: neither appends an EOS of its own). Equal ids whenever
+                # the final turn fits; hhrlhf keeps the start of one that alone does not.
+                tok.truncation_side = "left"
+                tok.model_max_length = max_length
         except (OSError, ValueError, KeyError) as e:
             msg = " ".join(str(e).split())[:300]
             raise HHRLHFError(f"cannot load backbone {backbone!r}: {msg}") from None
@@ -349,6 +355,8 @@ class NeuralPreferenceModel(PreferenceModel):
             msg = " ".join(str(e).split())[:300]
             raise HHRLHFError(f"cannot load model: {msg}", folder) from None
         net.eval()
+        # as from_backbone saves it now (folders saved before kept the tokenizer's defaults)
+        tok.truncation_side, tok.model_max_length = "left", int(marker["max_length"])
         pm = cls(RewardNet(net, marker["pooling"]), tok, marker["max_length"],
                  marker.get("shared_context", True), marker.get("precision", "auto"))
         # scoring where it is fastest: `hhrlhf pm score`, `pm eval` and the API alike
