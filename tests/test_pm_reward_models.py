@@ -53,13 +53,23 @@ def rows(real_file: Path) -> list[Comparison]:
 
 
 @pytest.fixture(scope="module")
-def bpe(rows: list[Comparison]) -> Any:
-    """A byte-level BPE tokenizer (pad = EOS, no special tokens added to a text)."""
+def bpe_folder(rows: list[Comparison], tmp_path_factory: pytest.TempPathFactory) -> Path:
     from hhrlhf.policy.model import train_tokenizer
 
     tok = train_tokenizer([c.chosen_raw for c in rows], 400)
     tok.chat_template = None
-    return tok
+    folder = tmp_path_factory.mktemp("bpe")
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def bpe(bpe_folder: Path) -> Any:
+    """A byte-level BPE tokenizer (pad = EOS, no special tokens added to a text, no chat
+    template), fresh for each test (the tests set its template and limit)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(bpe_folder)
 
 
 def _minilm() -> Any:
@@ -134,11 +144,16 @@ def test_a_reward_trainer_folder_scores_through_pm_score(rows: list[Comparison],
                         save_strategy="no", logging_strategy="no", max_length=256,
                         use_cpu=True, disable_tqdm=True)
     bpe.model_max_length = 256  # a published reward model's tokenizer names its limit
+    from accelerate.state import AcceleratorState
+
     trainer = RewardTrainer(model=_llama_rm(bpe), args=args, train_dataset=data,
                             processing_class=bpe)
-    trainer.train()
-    folder = tmp_path / "rm"
-    trainer.save_model(str(folder))
+    try:
+        trainer.train()
+        folder = tmp_path / "rm"
+        trainer.save_model(str(folder))
+    finally:  # the trainer's accelerator settings are not hhrlhf's (pm train, later tests)
+        AcceleratorState._reset_state(reset_partial_state=True)
     assert not (folder / "hhrlhf_pm.json").exists()
     assert model_kind(folder) == "reward_model"
 
@@ -307,3 +322,30 @@ def test_a_saved_pm_scores_long_dialogues_the_same_through_transformers_and_trl(
         with torch.inference_mode():
             _, theirs, _ = get_reward(model, batch["input_ids"], tok.pad_token_id, 0)
         _close(theirs.numpy(), ours)
+
+
+def test_best_of_n_ranks_by_a_reward_model(rows: list[Comparison], bpe: Any, real_file: Path,
+                                           tmp_path: Path) -> None:
+    """`hhrlhf bon` takes a reward model folder as its PM: each written pair's chosen sample
+    is the one the reward model scores higher."""
+    import gzip
+
+    from policy_support import build_tiny
+
+    tok = bpe
+    tok.chat_template = CHAT_TEMPLATE
+    tok.model_max_length = 256
+    rm = _save(_llama_rm(tok), tok, tmp_path / "rm")
+    build_tiny(rows, tmp_path / "policy")
+    out = tmp_path / "bon.jsonl.gz"
+    proc = _cli("bon", str(tmp_path / "policy"), str(rm), str(real_file), "--n", "3",
+                "--max-prompts", "4", "--max-new-tokens", "6", "--no-progress", "--out",
+                str(out))
+    assert proc.returncode == 0, proc.stderr
+    with gzip.open(out, "rt") as f:
+        written = [json.loads(x) for x in f]
+    assert written
+    pairs = [Comparison.from_strings(x["chosen"], x["rejected"], index=i)
+             for i, x in enumerate(written)]
+    chosen, rejected = load(rm).score_pairs(pairs)
+    assert (chosen >= rejected).all()
