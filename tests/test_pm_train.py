@@ -773,7 +773,8 @@ def test_score_command(tiny: dict[str, Path], tmp_path: Path, monkeypatch: pytes
     c, rj = out[2]["chosen"], out[2]["rejected"]
     assert abs(c - want) < 1e-5 and abs(out[2]["p_chosen"] - 1 / (1 + np.exp(rj - c))) < 1e-5
 
-    monkeypatch.setattr(sys, "stdin", io.StringIO('{"prompt": "x"}\n'))
+    # a prompt-only row is scored as its dialogue now; a row of no known shape is not
+    monkeypatch.setattr(sys, "stdin", io.StringIO('{"foo": "x"}\n'))
     with pytest.raises(SystemExit) as e:
         main(["pm", "score", str(tmp_path / "m")])
     err = capsys.readouterr().err
