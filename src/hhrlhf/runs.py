@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from hhrlhf.errors import HHRLHFError
 
 if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
     from typing_extensions import Self  # Python 3.10
 
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
@@ -169,6 +170,8 @@ class RunConfig(LoopConfig):
 
 
 C = TypeVar("C", bound=CommonConfig)
+# any configuration dataclass (`hhrlhf pm lexical` sets LexicalConfig keys the same way)
+D = TypeVar("D", bound="DataclassInstance")
 
 
 def coerce(key: str, value: Any, typ: Any) -> Any:
@@ -260,7 +263,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def apply_overrides(config: C, values: dict[str, Any], source: str = "") -> C:
+def apply_overrides(config: D, values: dict[str, Any], source: str = "") -> D:
     """A copy of ``config`` with ``values`` set; an unknown key or a bad value is an error."""
     types_ = typing.get_type_hints(type(config))
     changes: dict[str, Any] = {}

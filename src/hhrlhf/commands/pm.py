@@ -15,6 +15,7 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "score": ("hhrlhf.commands.pm_score", "score", "Score dialogues from a file or stdin."),
     "cv": ("hhrlhf.commands.pm_eval", "cv", "K-fold cross-validation against the baselines."),
     "agree": ("hhrlhf.commands.pm_agree", "agree", "Rank agreement with Anthropic's PM on red-team data."),
+    "lexical": ("hhrlhf.commands.pm_lexical", "lexical", "Fit the lexical PM (n-grams + logistic regression)."),
 }
 
 

@@ -88,6 +88,10 @@ def train(sources: tuple[str, ...], config_file: str | None, assignments: tuple[
         lines.append(f"note: pooling {m['pooling']} is computed by hhrlhf only: the saved model "
                      "loads with hhrlhf.pm.load, not AutoModelForSequenceClassification (TRL, "
                      "OpenRLHF); pooling cls (encoders) or last (decoders) saves one that does")
+    empty = m.get("empty_pairs", 0) + m.get("eval_empty_pairs", 0)
+    if empty:
+        lines.append(f"note: {empty:,} pairs with an empty chosen or rejected dialogue (no "
+                     "tokens to score) were left out")
     if m["truncated_responses"]:
         lines.append(f"note: {m['truncated_responses']:,} final responses longer than "
                      f"max_length={config.max_length} were cut")

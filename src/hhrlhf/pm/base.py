@@ -1,7 +1,9 @@
 """The small API every preference model (neural or lexical) offers, and loading by folder.
 
 A saved model is a folder with ``hhrlhf_pm.json`` naming its kind; :func:`load` picks the class.
-The RLHF work to come builds on this: keep it small.
+A folder without one that holds a transformers sequence classifier with one output (a reward
+model saved by TRL's RewardTrainer, or from the hub) is the kind ``reward_model``
+(:mod:`hhrlhf.pm.reward_model`). The RLHF work to come builds on this: keep it small.
 """
 
 from __future__ import annotations
@@ -25,7 +27,10 @@ KINDS: dict[str, str] = {
     "neural": "hhrlhf.pm.model:NeuralPreferenceModel",
     "lexical": "hhrlhf.pm.lexical:LexicalPreferenceModel",
     "dpo": "hhrlhf.policy.reward:DPORewardModel",  # a DPO policy's implicit reward
+    # a transformers AutoModelForSequenceClassification folder with one output, no marker
+    "reward_model": "hhrlhf.pm.reward_model:TransformersRewardModel",
 }
+REWARD_MODEL_KIND = "reward_model"
 
 
 class PreferenceModel(ABC):
@@ -105,15 +110,16 @@ def write_marker(folder: Path, kind: str, **extra: object) -> None:
 
 
 def model_kind(path: str | Path) -> str:
-    """The kind of the preference model saved in folder ``path``, from its marker file (no
-    torch needed: commands check a folder with it before loading anything)."""
+    """The kind of the preference model saved in folder ``path``: from its marker file, or
+    ``reward_model`` for a transformers reward model (no torch needed: commands check a
+    folder with it before loading anything). Anything else is refused in one line that says
+    why."""
     folder = Path(path)
     if not folder.is_dir():
         raise HHRLHFError("no such model folder", folder)
     marker = folder / MARKER_FILE
     if not marker.is_file():
-        raise HHRLHFError(f"not an hhrlhf preference model (no {MARKER_FILE}; make one with "
-                          "`hhrlhf pm train`)", folder)
+        return _transformers_kind(folder)
     try:
         kind = json.loads(marker.read_text())["kind"]
     except (ValueError, KeyError, TypeError) as e:
@@ -121,6 +127,55 @@ def model_kind(path: str | Path) -> str:
     if kind not in KINDS:
         raise HHRLHFError(f"unknown model kind {kind!r}", marker)
     return str(kind)
+
+
+# Architecture names by what they output: a score (reward model), or text (judges, policies).
+_CLASSIFIER = "ForSequenceClassification"
+_GENERATIVE = ("ForCausalLM", "LMHeadModel")
+_SEQ2SEQ = ("ForConditionalGeneration", "Seq2SeqLM")
+
+
+def _transformers_kind(folder: Path) -> str:
+    """A folder without ``hhrlhf_pm.json``: a reward model when its ``config.json`` names a
+    sequence classifier with one output (num_labels == 1); otherwise refused, saying why."""
+    refused = "not an hhrlhf preference model or reward model"
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise HHRLHFError(f"{refused} (no {MARKER_FILE}, no config.json): make one with "
+                          "`hhrlhf pm train`, or give a transformers sequence-classification "
+                          "folder with one output", folder)
+    try:
+        config = json.loads(config_file.read_text())
+        archs = [str(a) for a in config.get("architectures") or []]
+    except (ValueError, TypeError, AttributeError) as e:
+        raise HHRLHFError(f"unreadable config.json: {e}", config_file) from None
+    name = archs[0] if archs else f"model type {config.get('model_type', 'unknown')!r}"
+    if config.get("is_encoder_decoder") or any(a.endswith(_SEQ2SEQ) for a in archs):
+        why = (f"{name} is a sequence-to-sequence model (a generative judge); a reward model "
+               "is a sequence classifier with one output (num_labels=1)")
+    elif any(a.endswith(_CLASSIFIER) for a in archs):
+        labels = num_labels(config)
+        if labels == 1:
+            return REWARD_MODEL_KIND
+        why = (f"{name} has {labels} outputs (num_labels={labels}: a pairwise or "
+               "multi-class judge); a reward model has one (num_labels=1)")
+    elif any(a.endswith(_GENERATIVE) for a in archs):
+        why = (f"{name} is a causal language model with no classification head (a policy or "
+               "a generative judge); a reward model is a sequence classifier with one output "
+               "(num_labels=1)")
+    else:
+        why = f"{name} is not a sequence classifier with one output (num_labels=1)"
+    raise HHRLHFError(f"{refused}: {why}", folder)
+
+
+def num_labels(config: dict[str, object]) -> int:
+    """A saved transformers config's number of outputs: its labels, as transformers counts
+    them (``id2label``; 2 when the file names none, transformers' default)."""
+    labels = config.get("id2label")
+    if isinstance(labels, dict):
+        return len(labels)
+    n = config.get("num_labels")
+    return n if isinstance(n, int) else 2
 
 
 def load(path: str | Path) -> PreferenceModel:

@@ -114,6 +114,32 @@ def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
     return int(diff[0]) if len(diff) else n
 
 
+def shared_length(seqs: Sequence[np.ndarray]) -> int:
+    """How many leading ids sequences share as a packed row's context: their common prefix,
+    leaving each at least its final id (where its reward is read); 0 when one is empty."""
+    common = min(_common_prefix(seqs[0], x) for x in seqs)
+    return max(0, min(common, min(len(x) for x in seqs) - 1))
+
+
+def pack_pairs(chosen: Sequence[np.ndarray], rejected: Sequence[np.ndarray],
+               truncated: np.ndarray, cut: np.ndarray) -> EncodedPairs:
+    """Whole token rows of each pair's two sides, stored packed (``chosen + rejected[shared:]``).
+    ``truncated``: final turns cut per pair (0..2); ``cut``: some context dropped."""
+    n = len(chosen)
+    packed: list[np.ndarray] = []
+    c_len = np.zeros(n, np.int32)
+    r_len = np.zeros(n, np.int32)
+    shared = np.zeros(n, np.int32)
+    for i, (ci, ri) in enumerate(zip(chosen, rejected)):
+        s = shared_length([ci, ri])
+        packed.append(np.concatenate([ci, ri[s:]]).astype(np.int32))
+        c_len[i], r_len[i], shared[i] = len(ci), len(ri), s
+    lens = np.array([len(p) for p in packed], dtype=np.int64)
+    ids = np.concatenate(packed) if packed else np.zeros(0, np.int32)
+    return EncodedPairs(ids, np.concatenate([[0], np.cumsum(lens)]), c_len, r_len, shared,
+                        np.asarray(truncated, np.int8), np.asarray(cut, bool))
+
+
 class DialogueEncoder:
     """Tokenizes and truncates dialogues and pairs for one tokenizer and ``max_length``."""
 
@@ -209,10 +235,8 @@ class DialogueEncoder:
             texts.extend(rs[k:])
         flat = self._tokenize(texts)
         n = len(plans)
-        packed: list[np.ndarray] = []
-        c_len = np.zeros(n, np.int32)
-        r_len = np.zeros(n, np.int32)
-        shared = np.zeros(n, np.int32)
+        chosen: list[np.ndarray] = []
+        rejected: list[np.ndarray] = []
         trunc = np.zeros(n, np.int8)
         cut = np.zeros(n, bool)
         at = 0
@@ -232,16 +256,11 @@ class DialogueEncoder:
                                        self.budget - min(len(c_own[-1]), self.budget))
                 rb, rt, rc = self._fit(ctx + r_own[:-1], r_own[-1],
                                        self.budget - min(len(r_own[-1]), self.budget))
-            ci, ri = self._wrap(cb), self._wrap(rb)
-            s = min(_common_prefix(ci, ri), len(ci) - 1, len(ri) - 1)
-            packed.append(np.concatenate([ci, ri[s:]]))
-            c_len[i], r_len[i], shared[i] = len(ci), len(ri), s
+            chosen.append(self._wrap(cb))
+            rejected.append(self._wrap(rb))
             trunc[i] = int(ct) + int(rt)
             cut[i] = cc or rc
-        lens = np.array([len(p) for p in packed], dtype=np.int64)
-        ids = np.concatenate(packed) if packed else np.zeros(0, np.int32)
-        return EncodedPairs(ids, np.concatenate([[0], np.cumsum(lens)]), c_len, r_len, shared,
-                            trunc, cut)
+        return pack_pairs(chosen, rejected, trunc, cut)
 
 
     # -- groups: one prompt, N responses ----------------------------------------------------
@@ -267,12 +286,7 @@ class DialogueEncoder:
                 seqs.append(self._wrap(body))
                 trunc += t
                 cut = cut or c
-            shared = min(min(_common_prefix(seqs[0], x) for x in seqs),
-                         min(len(x) for x in seqs) - 1)
-            out.shared.append(seqs[0][:shared])
-            out.own.append([x[shared:] for x in seqs])
-            out.truncated_response.append(trunc)
-            out.context_cut.append(cut)
+            out.add(seqs, trunc, cut)
         return out
 
 
@@ -289,6 +303,14 @@ class EncodedGroups:
     def __len__(self) -> int:
         return len(self.shared)
 
+    def add(self, seqs: Sequence[np.ndarray], truncated: int, cut: bool) -> None:
+        """One prompt's N whole sequences: their common start is the shared part."""
+        k = shared_length(seqs)
+        self.shared.append(seqs[0][:k])
+        self.own.append([x[k:] for x in seqs])
+        self.truncated_response.append(truncated)
+        self.context_cut.append(cut)
+
     def sequence(self, i: int, k: int) -> np.ndarray:
         return np.concatenate([self.shared[i], self.own[i][k]])
 
@@ -296,6 +318,100 @@ class EncodedGroups:
     def packed_len(self) -> np.ndarray:
         return np.array([len(s) + sum(len(x) for x in o) for s, o in zip(self.shared, self.own)],
                         dtype=np.int64)
+
+
+class TextEncoder:
+    """A transformers reward model's own input (one hhrlhf did not train): each dialogue as the
+    model expects it, tokenized whole, as ``tokenizer(text, truncation=True)`` does.
+
+    The text is the tokenizer's chat template over the turns as messages (user/assistant)
+    where it has one (the template writes the special tokens, so the tokenizer adds none, as
+    TRL tokenizes a conversation), else the HH text (``Dialogue.render()``) with the
+    tokenizer's special tokens. Too long a text is cut by the tokenizer itself: its
+    ``truncation_side``, to ``max_length`` tokens.
+
+    ``strip_id``: a decoder's pad token id. Transformers reads a decoder's reward at the
+    rightmost token that is not the pad token, so trailing pad ids (a pad = EOS that closes
+    every text) are dropped from the row: a causal model's state at the token before them is
+    the same with or without them, and the reward is then read at the row's final token.
+
+    Pairs and groups share their rows' common start (:func:`shared_length`), whatever the
+    text: each row is a whole text's ids, so a packed row computes each side exactly."""
+
+    def __init__(self, tokenizer: Any, max_length: int, strip_id: int | None = None):
+        self.tokenizer = tokenizer
+        self.max_length = int(max_length)
+        self.strip_id = strip_id
+        self.chat = bool(getattr(tokenizer, "chat_template", None))
+
+    def render(self, d: Dialogue) -> str:
+        if not self.chat:
+            return d.render()
+        from hhrlhf.rowformats import to_messages
+
+        messages = to_messages(d.turns)
+        if d.preamble and messages:  # text before the first turn: part of the first message
+            messages[0]["content"] = d.preamble + messages[0]["content"]
+        return str(self.tokenizer.apply_chat_template(messages, tokenize=False))
+
+    def _rows(self, dialogues: Sequence[Dialogue]) -> tuple[list[np.ndarray], np.ndarray]:
+        """Token ids of each dialogue, and whether the tokenizer cut it."""
+        texts = [self.render(d) for d in dialogues]
+        special = not self.chat
+        rows: list[np.ndarray] = []
+        for i in range(0, len(texts), _TOKENIZE_CHUNK):
+            chunk = texts[i : i + _TOKENIZE_CHUNK]
+            # verbose=False: texts longer than the model are expected (cut just below)
+            rows.extend(np.asarray(x, dtype=np.int32) for x in self.tokenizer(
+                chunk, add_special_tokens=special, verbose=False)["input_ids"])
+        cut = np.array([len(r) > self.max_length for r in rows], dtype=bool)
+        for i in map(int, np.flatnonzero(cut)):  # the tokenizer's own cut, at its own side
+            rows[i] = np.asarray(self.tokenizer(
+                texts[i], add_special_tokens=special, truncation=True,
+                max_length=self.max_length)["input_ids"], dtype=np.int32)
+        if self.strip_id is not None:
+            for i, r in enumerate(rows):
+                end = len(r)
+                while end > 1 and r[end - 1] == self.strip_id:
+                    end -= 1
+                rows[i] = r[:end]
+        return rows, cut
+
+    def _flags(self, cut: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(final turn cut, context cut), by the side the tokenizer cuts."""
+        left = getattr(self.tokenizer, "truncation_side", "right") == "left"
+        return (cut & ~left), (cut & left)
+
+    def encode_dialogues(self, dialogues: Sequence[Dialogue]) -> EncodedDialogues:
+        rows, cut = self._rows(dialogues)
+        trunc, ctx = self._flags(cut)
+        lens = np.array([len(r) for r in rows], dtype=np.int64)
+        ids = np.concatenate(rows) if rows else np.zeros(0, np.int32)
+        return EncodedDialogues(ids, np.concatenate([[0], np.cumsum(lens)]), trunc, ctx)
+
+    def encode_texts(self, texts: Sequence[str]) -> EncodedDialogues:
+        return self.encode_dialogues([Dialogue.parse(t) for t in texts])
+
+    def encode_pairs(self, comparisons: Sequence[Comparison]) -> EncodedPairs:
+        rows, cut = self._rows([d for c in comparisons
+                                for d in (c.chosen_dialogue, c.rejected_dialogue)])
+        trunc, ctx = self._flags(cut)
+        return pack_pairs(rows[0::2], rows[1::2], trunc[0::2].astype(np.int8) + trunc[1::2],
+                          ctx[0::2] | ctx[1::2])
+
+    def encode_groups(self, prompts: Sequence[Dialogue], finals: Sequence[Sequence[Turn]]
+                      ) -> EncodedGroups:
+        dialogues = [Dialogue(p.turns + (t,), p.preamble) for p, f in zip(prompts, finals)
+                     for t in f]
+        rows, cut = self._rows(dialogues)
+        trunc, ctx = self._flags(cut)
+        out = EncodedGroups()
+        at = 0
+        for f in finals:
+            n = len(f)
+            out.add(rows[at : at + n], int(trunc[at : at + n].sum()), bool(ctx[at : at + n].any()))
+            at += n
+        return out
 
 
 def _shared_turns(a: tuple[Turn, ...], b: tuple[Turn, ...]) -> int:

@@ -239,14 +239,16 @@ class NeuralPreferenceModel(PreferenceModel):
     kind = "neural"
 
     def __init__(self, reward_net: RewardNet, tokenizer: Any, max_length: int,
-                 shared_context: bool = True, precision: str = "auto"):
+                 shared_context: bool = True, precision: str = "auto", encoder: Any = None):
+        # encoder: how dialogues become token ids (a DialogueEncoder, hhrlhf's own turn-wise
+        # encoding, unless given: a TextEncoder for a reward model hhrlhf did not train)
         self.reward_net = reward_net
         # Scoring precision, as TrainConfig.mixed_precision: "no" (fp32), "bf16", "fp16", or
         # "auto" (bf16 on a GPU, fp32 on CPU).
         self.precision = precision
         self.tokenizer = tokenizer
         self.max_length = int(max_length)
-        self.encoder = DialogueEncoder(tokenizer, max_length)
+        self.encoder = encoder if encoder is not None else DialogueEncoder(tokenizer, max_length)
         self.is_decoder = is_decoder_config(reward_net.net.config)
         # Why a decoder read at the final token cannot pack its pairs exactly (None: it can, or
         # the model is no such decoder).
@@ -305,6 +307,12 @@ class NeuralPreferenceModel(PreferenceModel):
                 # Saved with the tokenizer: a batch padded by it reads as hhrlhf reads it
                 # (left padding moves absolute positions: GPT-2's rewards would change).
                 tok.padding_side = "right"
+                # and one that cuts as hhrlhf cuts: the plain `tok(text, truncation=True)` of a
+                # long dialogue keeps its end, max_length tokens, special tokens included (the
+                # same ones hhrlhf puts: neither appends an EOS of its own). Equal ids whenever
+                # the final turn fits; hhrlhf keeps the start of one that alone does not.
+                tok.truncation_side = "left"
+                tok.model_max_length = max_length
         except (OSError, ValueError, KeyError) as e:
             msg = " ".join(str(e).split())[:300]
             raise HHRLHFError(f"cannot load backbone {backbone!r}: {msg}") from None
@@ -347,6 +355,8 @@ class NeuralPreferenceModel(PreferenceModel):
             msg = " ".join(str(e).split())[:300]
             raise HHRLHFError(f"cannot load model: {msg}", folder) from None
         net.eval()
+        # as from_backbone saves it now (folders saved before kept the tokenizer's defaults)
+        tok.truncation_side, tok.model_max_length = "left", int(marker["max_length"])
         pm = cls(RewardNet(net, marker["pooling"]), tok, marker["max_length"],
                  marker.get("shared_context", True), marker.get("precision", "auto"))
         # scoring where it is fastest: `hhrlhf pm score`, `pm eval` and the API alike

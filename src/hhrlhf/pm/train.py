@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -28,6 +28,8 @@ from hhrlhf.errors import HHRLHFError
 from hhrlhf.pm.config import TrainConfig
 from hhrlhf.records import Comparison
 
+if TYPE_CHECKING:  # torch is imported when training starts, not with this module
+    from hhrlhf.pm.encode import EncodedPairs
 TIMING_KEYS = ("seconds", "train_seconds", "train_cpu_seconds", "pairs_per_s",
                "eval_pairs_per_s")
 
@@ -60,6 +62,16 @@ def filter_rows(rows: Any, skip_flags: Sequence[str], max_pairs: int
         if max_pairs and len(kept) >= max_pairs:
             break
     return kept, skipped
+
+
+def drop_empty_sides(pairs: EncodedPairs) -> tuple[EncodedPairs, int]:
+    """The pairs minus those with a side that encodes to no tokens (an empty dialogue string,
+    with a tokenizer that adds no special tokens): such a side has no token to read a reward
+    at, and a packed row no response. (pairs kept, number dropped)."""
+    empty = (pairs.chosen_len == 0) | (pairs.rejected_len == 0)
+    if not empty.any():
+        return pairs, 0
+    return pairs.subset(np.flatnonzero(~empty)), int(empty.sum())
 
 
 def train(config: TrainConfig, comparisons: Sequence[Comparison] | None = None, *,
@@ -109,8 +121,14 @@ def train(config: TrainConfig, comparisons: Sequence[Comparison] | None = None, 
             DistributedType.FSDP, DistributedType.DEEPSPEED))
     pm.to(accelerator.device)
     pm.precision = accelerator.mixed_precision  # evaluation in training: the training's
-    pairs = pm.encoder.encode_pairs(train_rows)
-    eval_pairs = pm.encoder.encode_pairs(eval_rows) if eval_rows else None
+    pairs, empty = drop_empty_sides(pm.encoder.encode_pairs(train_rows))
+    if not len(pairs):
+        raise HHRLHFError(f"no training pairs left: all {empty:,} have an empty chosen or "
+                          "rejected dialogue")
+    eval_pairs, eval_empty = drop_empty_sides(pm.encoder.encode_pairs(eval_rows)) if (
+        eval_rows) else (None, 0)
+    if eval_pairs is not None and not len(eval_pairs):
+        eval_pairs = None
     # The run folder appears once data and model have loaded: a bad row or backbone leaves none.
     out = runs.prepare_run_folder(config, resume, accelerator.is_main_process)
     packed = pm.shared_context
@@ -162,6 +180,9 @@ def train(config: TrainConfig, comparisons: Sequence[Comparison] | None = None, 
         "skipped_steps": result.metrics["skipped_steps"],  # nonfinite=skip
         "train_pairs": len(pairs),
         "skipped_pairs": skipped,
+        # pairs with a side of no tokens at all (an empty string): nothing to score
+        "empty_pairs": empty,
+        "eval_empty_pairs": eval_empty,
         "train_loss": float(np.mean([r["loss"] for r in window])) if window else None,
         "final_window": len(window),
         "train_accuracy": float(np.mean([r["accuracy"] for r in window])) if window else None,
