@@ -35,7 +35,7 @@ class TrainConfig(LoopConfig):
     # data: subset names (``harmless-base``), ``subset/split``, or local files
     data: list[str] = field(default_factory=lambda: ["harmless-base/train"])
     max_pairs: int = 0  # 0 = all; otherwise the first N usable pairs in file order
-    eval_max_pairs: int = 0
+    eval_max_pairs: int = 0  # 0 = all held-out pairs; otherwise the first N
     # rows dropped before training; identical responses carry no preference
     skip_flags: list[str] = field(default_factory=lambda: ["identical_responses"])
 
@@ -43,7 +43,7 @@ class TrainConfig(LoopConfig):
     backbone: str = DEFAULT_BACKBONE  # local folder or hub id (hub needs network)
     tokenizer: str = ""  # "" = the backbone's own
     pooling: str = "auto"  # "last" for decoders, "cls" for encoders: what transformers reads
-    disable_dropout: bool = True
+    disable_dropout: bool = True  # dropout off while training (the reward is read deterministically)
     shared_context: bool = True  # decoders: score both responses of a pair in one packed row
     last_layer_readout: bool = True  # decoders: the last layer only where the reward is read
 

@@ -42,18 +42,18 @@ LOSSES = ("sigmoid", "ipo")
 
 @dataclass
 class DPOConfig(RunConfig):
-    data: list[str] = field(default_factory=lambda: list(PREFERENCE_TRAIN))
+    data: list[str] = field(default_factory=lambda: list(PREFERENCE_TRAIN))  # training sources (default: the four subsets' train splits)
     # identical responses carry no preference (their DPO gradient is zero)
     skip_flags: list[str] = field(default_factory=lambda: ["identical_responses"])
     policy: str = ""  # the starting policy (a causal LM folder), e.g. an SFT run's model/
     reference: str = ""  # "" = the starting policy
     chat_format: str = "auto"  # auto | hh | template: how dialogues become the policy's text
-    beta: float = 0.1
-    loss: str = "sigmoid"
-    label_smoothing: float = 0.0
-    precompute_reference: bool = True
+    beta: float = 0.1  # strength of the KL tie to the reference (DPO's beta)
+    loss: str = "sigmoid"  # sigmoid (DPO) or ipo
+    label_smoothing: float = 0.0  # conservative DPO: the share of flipped labels assumed, in [0, 0.5)
+    precompute_reference: bool = True  # reference log-probs computed once before training
     kl_prompts: int = 32  # held-out prompts sampled for the KL to the reference (0 = none)
-    kl_max_new_tokens: int = 64
+    kl_max_new_tokens: int = 64  # tokens sampled per prompt for the KL estimate
     lr: float = 1e-6
     out_dir: str = "runs/dpo"
 

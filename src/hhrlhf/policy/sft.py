@@ -34,15 +34,15 @@ CARD_WARNING = ("the dataset card warns that training a dialogue agent directly 
 
 @dataclass
 class SFTConfig(RunConfig):
-    data: list[str] = field(default_factory=lambda: list(HELPFUL_TRAIN))
-    skip_flags: list[str] = field(default_factory=lambda: ["empty_response"])
+    data: list[str] = field(default_factory=lambda: list(HELPFUL_TRAIN))  # training sources (default: the helpful subsets' train splits)
+    skip_flags: list[str] = field(default_factory=lambda: ["empty_response"])  # rows with these audit flags are left out
     policy: str = ""  # the starting policy: a causal LM folder (or hub id)
     init: str = ""  # "tiny": build a tiny Llama-shaped policy from the training dialogues
     chat_format: str = "auto"  # auto | hh | template: how dialogues become the policy's text
-    tiny_vocab_size: int = 4096
-    tiny_hidden_size: int = 128
-    tiny_layers: int = 4
-    tiny_heads: int = 4
+    tiny_vocab_size: int = 4096  # --init tiny: BPE vocabulary trained on the data
+    tiny_hidden_size: int = 128  # --init tiny: hidden size of the decoder
+    tiny_layers: int = 4  # --init tiny: decoder layers
+    tiny_heads: int = 4  # --init tiny: attention heads
     lr: float = 2e-5
     out_dir: str = "runs/sft"
 

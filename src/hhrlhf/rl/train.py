@@ -66,27 +66,27 @@ class RLConfig(CommonConfig):
     data: list[str] = field(default_factory=list)  # prompt sources; [] = the default of `prompts`
     prompts: str = "records"  # "records": dialogues up to the final Assistant turn; "redteam"
     max_prompts: int = 0  # 0 = all distinct prompts
-    algo: str = "rloo"
+    algo: str = "rloo"  # rloo or ppo
     batch_size: int = 16  # prompts per step
     samples_per_prompt: int = 4  # k
-    max_new_tokens: int = 64
+    max_new_tokens: int = 64  # tokens per sampled response
     max_length: int = 512  # prompt (end kept) + response
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    kl_coef: float = 0.05
+    temperature: float = 1.0  # sampling temperature of the rollouts
+    top_p: float = 1.0  # nucleus mass of the rollouts (1 = off)
+    top_k: int = 0  # top-k of the rollouts (0 = off)
+    kl_coef: float = 0.05  # the KL penalty's coefficient (beta) in the reward
     kl_target: float = 0.0  # > 0: adaptive coefficient towards this KL per response (nats)
-    kl_horizon: int = 10000
+    kl_horizon: int = 10000  # adaptive KL: responses over which the coefficient moves
     update_epochs: int = 0  # passes over each rollout batch; 0 = 1 for rloo, 4 for ppo
     minibatches: int = 0  # optimizer steps per pass; 0 = 1 for rloo, 2 for ppo
-    clip_range: float = 0.2
-    whiten_advantages: bool = True
+    clip_range: float = 0.2  # PPO/RLOO ratio clipping epsilon
+    whiten_advantages: bool = True  # advantages scaled to mean 0, std 1 over the batch
     # ppo only
     gamma: float = 1.0
-    lam: float = 0.95
-    vf_coef: float = 0.1
-    vf_clip: float = 0.2
-    whiten_rewards: bool = True
+    lam: float = 0.95  # PPO: GAE lambda
+    vf_coef: float = 0.1  # PPO: weight of the value loss
+    vf_clip: float = 0.2  # PPO: value clipping range
+    whiten_rewards: bool = True  # PPO: PM scores whitened over the batch
     rollout_batch_size: int = 64  # sequences decoded together
     forward_batch_size: int = 16  # packed rows per no-grad forward pass (policy, reference)
     ref_device: str = ""  # "" = the policy's device
