@@ -11,7 +11,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "docs" / "hooks"))
 
-import config_reference  # noqa: E402
+import config_reference
 
 
 def test_every_key_of_every_trainer_has_a_meaning() -> None:
