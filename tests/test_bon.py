@@ -278,3 +278,16 @@ def test_bon_errors_are_one_line(folders: dict[str, Path], real_file: Path, tmp_
         assert exit_.value.code == 2, (args, err)
         assert needle in err and len(err.strip().splitlines()) == 1, err
     assert mine.read_text() == "my own notes\n"
+
+
+def test_the_table_prints_no_nan() -> None:
+    """One prompt (or --n 1 on one prompt) has no standard error: the table says so instead of
+    printing '± nan'."""
+    import numpy as np
+
+    from hhrlhf.bon import curve, format_table
+
+    one = format_table(curve(np.array([[0.5, 1.0, -0.2, 0.1]])))
+    assert "nan" not in one and "no s.e." in one
+    many = format_table(curve(np.array([[0.5], [1.0], [0.0]])))
+    assert "nan" not in many and "±" in many

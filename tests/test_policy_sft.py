@@ -165,3 +165,15 @@ def test_one_line_errors(tiny: Policy, real_file: Path, tmp_path: Path,
         assert len(err) == 1 and needle in err[0], stderr
         assert "Traceback" not in stderr
     assert not (tmp_path / "run").exists()  # no half-made run folder
+
+
+
+def test_the_default_data_note_only_with_the_defaults() -> None:
+    """The note that SFT defaults to the helpful subsets is given only when no sources are
+    named (it would be wrong beside `hhrlhf sft harmless-base/test`); the card's warning
+    always."""
+    from hhrlhf.policy.sft import SFTConfig, start_note
+
+    assert "helpful subsets" in start_note(SFTConfig())
+    named = start_note(SFTConfig(data=["harmless-base/test"]))
+    assert "helpful subsets" not in named and "dataset card warns" in named

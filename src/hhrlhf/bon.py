@@ -246,6 +246,8 @@ def plot(points: Sequence[dict[str, float]], path: str | Path, title: str = "") 
 def format_table(points: Sequence[dict[str, float]]) -> str:
     lines = ["    n   KL (nats)   PM reward of best-of-n (mean ± s.e.)"]
     for p in points:
-        lines.append(f"{p['n']:>5}   {p['kl']:>9.3f}   {p['reward_mean']:>+9.4f} ± "
-                     f"{p['reward_sem']:.4f}")
+        # one prompt has no spread to estimate an error from: the mean alone, said so
+        sem = p["reward_sem"]
+        err = f" ± {sem:.4f}" if math.isfinite(sem) else "   (one prompt: no s.e.)"
+        lines.append(f"{p['n']:>5}   {p['kl']:>9.3f}   {p['reward_mean']:>+9.4f}{err}")
     return "\n".join(lines)

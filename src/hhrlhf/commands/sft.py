@@ -86,7 +86,7 @@ def sft(sources: tuple[str, ...], config_file: str | None, assignments: tuple[st
 
     require("pm", "hhrlhf sft")
     from hhrlhf.outputs import run_inputs
-    from hhrlhf.policy.sft import CARD_WARNING, SFTConfig
+    from hhrlhf.policy.sft import SFTConfig, start_note
     from hhrlhf.runs import check_run_folder, resolve_config
 
     config = resolve_config(SFTConfig, config_file,
@@ -97,7 +97,7 @@ def sft(sources: tuple[str, ...], config_file: str | None, assignments: tuple[st
         from hhrlhf.pm.config import resolve_backbone
 
         resolve_backbone(config.policy)
-    click.echo(f"hhrlhf: note: {CARD_WARNING}", err=True)
+    click.echo(f"hhrlhf: note: {start_note(config)}", err=True)
 
     from hhrlhf.policy.sft import train_sft
 

@@ -28,8 +28,8 @@ from hhrlhf.runs import RunConfig, RunResult
 
 HELPFUL_TRAIN = ["helpful-base/train", "helpful-rejection-sampled/train", "helpful-online/train"]
 CARD_WARNING = ("the dataset card warns that training a dialogue agent directly on these data "
-                "is likely to make a harmful model; hhrlhf sft defaults to the helpful subsets' "
-                "chosen dialogues")
+                "is likely to make a harmful model")
+
 
 
 @dataclass
@@ -223,3 +223,11 @@ def train_sft(config: SFTConfig, rows: list[Comparison] | None = None, *,
     policy.net = result.module.net
     result.module = policy
     return result
+
+
+def start_note(config: SFTConfig) -> str:
+    """The note ``hhrlhf sft`` starts with: the card's warning, and what data the defaults
+    train on where the defaults are used."""
+    default = config.data == SFTConfig().data
+    return CARD_WARNING + ("; with no sources named, hhrlhf sft trains on the helpful subsets' "
+                           "chosen dialogues" if default else "")
