@@ -112,3 +112,29 @@ def test_one_final_window_for_every_trainer() -> None:
     assert all("loss" in r for r in window)
     assert len(final_window(history[:8], "loss")) == 7
     assert inner_state({"net.a.weight": 1, "value_head.b": 2}) == {"a.weight": 1}
+
+
+def test_checkpoints_print_no_tied_weights_warning(caplog: pytest.LogCaptureFixture) -> None:
+    """accelerate warns "Removed shared tensor" at every save of a model with tied embeddings
+    (every tiny policy); inside a checkpoint write it is dropped, elsewhere it is left alone."""
+    import logging
+
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils.other import clean_state_dict_for_safetensors
+
+    from hhrlhf.runs import quiet_tied_weights
+
+    PartialState(cpu=True)  # accelerate's logger needs its state
+
+    shared = torch.zeros(3)
+
+    def save() -> None:
+        clean_state_dict_for_safetensors({"embed.weight": shared, "lm_head.weight": shared})
+
+    with caplog.at_level(logging.WARNING):
+        with quiet_tied_weights():
+            save()
+        assert "Removed shared tensor" not in caplog.text
+        save()
+    assert "Removed shared tensor" in caplog.text  # the filter is gone again

@@ -33,6 +33,7 @@ import contextlib
 import dataclasses
 import errno
 import json
+import logging
 import math
 import os
 import shutil
@@ -1059,6 +1060,27 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 # ---- checkpoints: run()'s, and those of loops of their own (RL: rollouts between steps) --------
+class _TiedWeightsNote(logging.Filter):
+    """Drops accelerate's "Removed shared tensor ... while saving" warning: a tied embedding
+    (the LM head sharing the input embedding) is saved once by design and tied again on load
+    (the resume tests compare the weights bit for bit); printed at every checkpoint, it was
+    noise, even under -q."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Removed shared tensor" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def quiet_tied_weights() -> Iterator[None]:
+    note = _TiedWeightsNote()
+    log = logging.getLogger("accelerate.utils.other")
+    log.addFilter(note)
+    try:
+        yield
+    finally:
+        log.removeFilter(note)
+
+
 def write_checkpoint(accelerator: Any, model: Any, root: Path, step: int,
                      trainer_state: dict[str, Any], save_model: Callable[[Path, Any], None],
                      keep: int) -> None:
@@ -1082,7 +1104,8 @@ def write_checkpoint(accelerator: Any, model: Any, root: Path, step: int,
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp / "state"))  # model, optimizer, scheduler, RNG states
+        with quiet_tied_weights():
+            accelerator.save_state(str(tmp / "state"))  # model, optimizer, scheduler, RNG states
         weights = accelerator.get_state_dict(model)  # gathered from shards under FSDP/ZeRO-3
         if is_main:
             save_model(tmp / "model", weights)
