@@ -60,9 +60,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np
 import torch
 
+from hhrlhf.folds import filter_rows
 from hhrlhf.pm.config import DEFAULT_BACKBONE, TrainConfig, resolve_backbone
 from hhrlhf.pm.model import NeuralPreferenceModel, quiet_transformers
-from hhrlhf.pm.train import filter_rows, train
+from hhrlhf.pm.train import train
 from hhrlhf.read import read_comparisons
 from hhrlhf.records import Comparison
 

@@ -50,9 +50,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np
 import torch
 
+from hhrlhf.folds import filter_rows
 from hhrlhf.pm.encode import length_grouped_batches
 from hhrlhf.pm.model import quiet_transformers
-from hhrlhf.pm.train import filter_rows
 from hhrlhf.policy.dpo import DPOConfig, train_dpo
 from hhrlhf.policy.encode import PolicyEncoder
 from hhrlhf.policy.model import Policy, TinyConfig, init_tiny

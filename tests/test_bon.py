@@ -291,3 +291,23 @@ def test_the_table_prints_no_nan() -> None:
     assert "nan" not in one and "no s.e." in one
     many = format_table(curve(np.array([[0.5], [1.0], [0.0]])))
     assert "nan" not in many and "±" in many
+
+
+def test_run_bon_returns_its_result(folders: dict[str, Path], real_file: Path) -> None:
+    """The library's best-of-N (`hhrlhf.bon.run_bon`) returns what the command prints: every
+    sample's reward, the curve, the stops, the pairs it wrote."""
+    from hhrlhf.bon import BonSettings, run_bon
+    from hhrlhf.pm import load
+    from hhrlhf.policy.model import Policy
+
+    prompts = [(f"p{i}", Dialogue(c.prompt)) for i, c in enumerate(first_rows(real_file, 6))]
+    written: list[dict[str, str]] = []
+    result = run_bon(Policy.load(folders["policy"]), load(folders["pm"]), prompts,
+                     BonSettings(n=4, max_new_tokens=8, seed=1), write=written.append)
+    assert result.rewards.shape == (6, 4) and result.prompts == 6
+    assert [p["n"] for p in result.curve] == [1, 2, 4]
+    assert result.curve[-1]["reward_mean"] >= result.curve[0]["reward_mean"]
+    assert sum(result.stops.values()) == 24
+    assert result.pairs == len(written) == 6 - result.no_pair
+    assert all(set(r) == {"chosen", "rejected"} for r in written)
+    assert result.summary()["reward_best_mean"] == result.curve[-1]["reward_mean"]

@@ -173,6 +173,65 @@ def run(policy: Any, pm: Any, prompts: Iterable[tuple[str, Dialogue]], settings:
         yield sample_and_score(policy, pm, encoder, batch, settings, settings.seed + c)
 
 
+@dataclass
+class BonResult:
+    """What :func:`run_bon` measured: every sample's reward, the best-of-n curve (see
+    :func:`curve`), why samples stopped, and the pairs written."""
+
+    rewards: np.ndarray  # (prompts, n) PM reward of every sample
+    curve: list[dict[str, float]]
+    stops: dict[str, int]
+    seconds: float
+    pairs: int = 0  # preference rows written
+    no_pair: int = 0  # prompts whose samples were all the same text
+
+    @property
+    def prompts(self) -> int:
+        return int(self.rewards.shape[0])
+
+    def summary(self) -> dict[str, Any]:
+        return {"prompts": self.prompts, "curve": self.curve,
+                "reward_mean": float(self.rewards.mean()),
+                "reward_best_mean": self.curve[-1]["reward_mean"], "stops": self.stops,
+                "seconds": round(self.seconds, 2),
+                "samples_per_s": round(self.rewards.size / self.seconds, 2)}
+
+
+def run_bon(policy: Any, pm: Any, prompts: Sequence[tuple[str, Dialogue]],
+            settings: BonSettings, *, write: Callable[[dict[str, Any]], None] | None = None,
+            progress: bool = False) -> BonResult:
+    """Best-of-N over ``prompts``: :func:`run`'s chunks consumed, with a progress bar when
+    ``progress``; each chunk's preference rows (see :func:`preference_rows`, the rejected side
+    drawn by a generator seeded with ``settings.seed``) passed to ``write`` when given."""
+    import sys
+    import time
+
+    from tqdm import tqdm
+
+    rewards: list[np.ndarray] = []
+    stops: dict[str, int] = {}
+    pairs = no_pair = 0
+    rng = np.random.default_rng(settings.seed)
+    started = time.perf_counter()
+    with tqdm(total=len(prompts), desc=f"best-of-{settings.n}", unit="prompt", file=sys.stderr,
+              disable=not progress, dynamic_ncols=True) as bar:
+        for chunk in run(policy, pm, prompts, settings):
+            bar.update(len(chunk))
+            for r in chunk:
+                rewards.append(r.rewards)
+                for stop in r.stops:
+                    stops[stop] = stops.get(stop, 0) + 1
+            if write is not None:
+                rows, none = preference_rows(chunk, settings.rejected, rng)
+                for row in rows:
+                    write(row)
+                pairs += len(rows)
+                no_pair += none
+    matrix = np.stack(rewards)
+    return BonResult(matrix, curve(matrix), stops, time.perf_counter() - started, pairs,
+                     no_pair)
+
+
 def preference_rows(results: Sequence[BonPrompt], rule: str, rng: np.random.Generator
                     ) -> tuple[list[dict[str, str]], int]:
     """Official-format rows (chosen: the best sample; rejected: by ``rule``) and how many

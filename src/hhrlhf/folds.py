@@ -1,10 +1,13 @@
-"""Folds of preference rows grouped by prompt: a prompt (and so every row that repeats it) is
-in one fold only, so a held-out fold never shares a prompt with the rows trained on. Used by
-``hhrlhf split``, ``pm cv``, ``sft``/``dpo``'s ``holdout_folds`` and the online loop."""
+"""The rows a run trains and evaluates on: read and filtered by audit flag (:func:`load_rows`,
+:func:`filter_rows`), cut into folds grouped by prompt (:func:`prompt_folds`: a prompt, and so
+every row that repeats it, is in one fold only, so a held-out fold never shares a prompt with
+the rows trained on), and split into train and held-out rows (:func:`split_rows`). The data
+layer of ``pm train``, ``sft``, ``dpo``, ``pm cv``, ``hhrlhf split`` and the online loop."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -33,3 +36,49 @@ def prompt_folds(comparisons: Sequence[Comparison], folds: int, seed: int = 0) -
     for k, (_, test) in enumerate(splitter.split(np.zeros(len(keys)), groups=keys)):
         out[test] = k
     return out
+
+
+def load_rows(sources: Sequence[str], skip_flags: Sequence[str], max_pairs: int
+              ) -> tuple[list[Comparison], int]:
+    """Pairs from subsets/paths, minus flagged rows; (rows, number skipped)."""
+    from hhrlhf.read import read_comparisons
+
+    return filter_rows(read_comparisons(list(sources)), skip_flags, max_pairs)
+
+
+def filter_rows(rows: Any, skip_flags: Sequence[str], max_pairs: int
+                ) -> tuple[list[Comparison], int]:
+    skip = frozenset(skip_flags)
+    kept: list[Comparison] = []
+    skipped = 0
+    for row in rows:
+        if row.flags & skip:
+            skipped += 1
+            continue
+        kept.append(row)
+        if max_pairs and len(kept) >= max_pairs:
+            break
+    return kept, skipped
+
+
+def split_rows(config: Any, data: list[str], rows: list[Comparison] | None,
+               eval_rows: list[Comparison] | None) -> tuple[list[Comparison], list[Comparison]]:
+    """(train, held-out). The rows: ``rows``, else those of the sources ``data``, the first
+    ``max_rows`` of them, none left out yet (each trainer drops flagged rows its own way).
+    Held out: ``eval_rows``, else fold 0 of ``holdout_folds`` folds grouped by prompt, else
+    ``config.eval_data``."""
+    if rows is None:
+        rows, _ = load_rows(data, (), config.max_rows)
+    else:
+        rows, _ = filter_rows(rows, (), config.max_rows)
+    if eval_rows is not None:
+        return rows, filter_rows(eval_rows, (), config.eval_max_rows)[0]
+    if config.holdout_folds:
+        fold = prompt_folds(rows, config.holdout_folds, config.seed)
+        held = [c for c, f in zip(rows, fold) if f == 0]
+        if config.eval_max_rows:
+            held = held[: config.eval_max_rows]
+        return [c for c, f in zip(rows, fold) if f != 0], held
+    if config.eval_data:
+        return rows, load_rows(config.eval_data, (), config.eval_max_rows)[0]
+    return rows, []

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -127,7 +124,6 @@ def bon(policy: str, pm: str, sources: tuple[str, ...], n: int, out: str | None,
         if path:
             check_output_file(path, "bon", inputs=inputs)
 
-    import numpy as np
     import torch
 
     from hhrlhf import bon as B
@@ -152,53 +148,23 @@ def bon(policy: str, pm: str, sources: tuple[str, ...], n: int, out: str | None,
                              max_prompt_length=max_prompt_length, temperature=temperature,
                              top_p=top_p, top_k=top_k, seed=seed, batch_size=batch_size,
                              pm_batch_size=pm_batch_size, rejected=rejected)
-    from tqdm import tqdm
-
-    rewards: list[np.ndarray] = []
-    stops: dict[str, int] = {}
-    pairs = no_pair = 0
-    rng = np.random.default_rng(seed)
-    started = time.perf_counter()
-
-    def chunks() -> Iterator[list[B.BonPrompt]]:
-        with tqdm(total=len(prompts), desc=f"best-of-{n}", unit="prompt", file=sys.stderr,
-                  disable=no_progress, dynamic_ncols=True) as bar:
-            for chunk in B.run(pol, reward_model, prompts, settings):
-                bar.update(len(chunk))
-                yield chunk
-
-    def consume(write: Any) -> None:
-        nonlocal pairs, no_pair
-        for chunk in chunks():
-            for r in chunk:
-                rewards.append(r.rewards)
-                for s in r.stops:
-                    stops[s] = stops.get(s, 0) + 1
-            if write is not None:
-                rows, none = B.preference_rows(chunk, rejected, rng)
-                for row in rows:
-                    write(row)
-                pairs += len(rows)
-                no_pair += none
+    def bon_run(write: Any) -> B.BonResult:
+        return B.run_bon(pol, reward_model, prompts, settings, write=write,
+                         progress=not no_progress)
 
     if out:
         with B.jsonl_writer(out) as write:
-            consume(write)
+            result = bon_run(write)
         mark_output(out, "bon")
     else:
-        consume(None)
-    seconds = time.perf_counter() - started
-    matrix = np.stack(rewards)
-    points = B.curve(matrix)
+        result = bon_run(None)
+    points, stops, seconds = result.curve, result.stops, result.seconds
     summary: dict[str, Any] = {
-        "policy": policy, "pm": pm, "sources": list(sources), "prompts": len(prompts),
-        "n": n, "settings": {k: v for k, v in vars(settings).items()},
-        "curve": points, "reward_mean": float(matrix.mean()),
-        "reward_best_mean": points[-1]["reward_mean"], "stops": stops,
-        "seconds": round(seconds, 2), "samples_per_s": round(matrix.size / seconds, 2),
-    }
+        "policy": policy, "pm": pm, "sources": list(sources), "n": n,
+        "settings": {k: v for k, v in vars(settings).items()}, **result.summary()}
     if out:
-        summary.update(out=out, pairs=pairs, rejected_rule=rejected, no_pair=no_pair)
+        summary.update(out=out, pairs=result.pairs, rejected_rule=rejected,
+                       no_pair=result.no_pair)
     if plot_path:
         B.plot(points, plot_path, title=f"best-of-n, {len(prompts)} prompts, N = {n}")
         mark_output(plot_path, "bon")
@@ -211,9 +177,9 @@ def bon(policy: str, pm: str, sources: tuple[str, ...], n: int, out: str | None,
                + ", ".join(f"{k} {v}" for k, v in sorted(stops.items())))
     click.echo(B.format_table(points))
     if out:
-        click.echo(f"wrote {pairs} pairs to {out} (chosen: the best sample; rejected: the "
-                   f"{'lowest-scored' if rejected == 'worst' else 'a random'} other sample)"
-                   + (f"; {no_pair} prompts gave no pair (all samples the same text)"
-                      if no_pair else ""))
+        click.echo(f"wrote {result.pairs} pairs to {out} (chosen: the best sample; rejected: "
+                   f"the {'lowest-scored' if rejected == 'worst' else 'a random'} other sample)"
+                   + (f"; {result.no_pair} prompts gave no pair (all samples the same text)"
+                      if result.no_pair else ""))
     if plot_path:
         click.echo(f"wrote {plot_path}")

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from hhrlhf.errors import HHRLHFError
+from hhrlhf.folds import filter_rows, load_rows
 from hhrlhf.pm.config import TrainConfig
 from hhrlhf.records import Comparison
 
@@ -39,29 +40,6 @@ class TrainResult:
     model: Any  # hhrlhf.pm.model.NeuralPreferenceModel (trained, in eval mode)
     metrics: dict[str, Any] = field(default_factory=dict)  # final metrics, as in result.json
     history: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl, as dicts
-
-
-def load_rows(sources: Sequence[str], skip_flags: Sequence[str], max_pairs: int
-              ) -> tuple[list[Comparison], int]:
-    """Pairs from subsets/paths, minus flagged rows; (rows, number skipped)."""
-    from hhrlhf.read import read_comparisons
-
-    return filter_rows(read_comparisons(list(sources)), skip_flags, max_pairs)
-
-
-def filter_rows(rows: Any, skip_flags: Sequence[str], max_pairs: int
-                ) -> tuple[list[Comparison], int]:
-    skip = frozenset(skip_flags)
-    kept: list[Comparison] = []
-    skipped = 0
-    for row in rows:
-        if row.flags & skip:
-            skipped += 1
-            continue
-        kept.append(row)
-        if max_pairs and len(kept) >= max_pairs:
-            break
-    return kept, skipped
 
 
 def drop_empty_sides(pairs: EncodedPairs) -> tuple[EncodedPairs, int]:

@@ -148,12 +148,12 @@ def train_dpo(config: DPOConfig, rows: list[Comparison] | None = None, *,
     """DPO from ``config.policy`` on ``rows`` (or ``config.data``)."""
     import copy
 
+    from hhrlhf.folds import split_rows
     from hhrlhf.packing import collate_full, collate_shared, packing_problem
     from hhrlhf.pm.encode import length_grouped_batches, sorted_batches
     from hhrlhf.policy.encode import PolicyEncoder
     from hhrlhf.policy.logprobs import LogprobNet, per_response
     from hhrlhf.policy.model import Policy
-    from hhrlhf.policy.sft import split_rows
     from hhrlhf.runs import (
         Task,
         eval_share,

@@ -70,33 +70,6 @@ class SFTConfig(RunConfig):
         return self
 
 
-def split_rows(config: RunConfig, data: list[str], rows: list[Comparison] | None,
-               eval_rows: list[Comparison] | None) -> tuple[list[Comparison], list[Comparison]]:
-    """(train, held-out). The rows: ``rows``, else those of the sources ``data``, the first
-    ``max_rows`` of them, none left out yet (each trainer drops flagged rows its own way).
-    Held out: ``eval_rows``, else fold 0 of ``holdout_folds`` folds grouped by prompt, else
-    ``config.eval_data``."""
-    from hhrlhf.pm.train import filter_rows, load_rows
-
-    if rows is None:
-        rows, _ = load_rows(data, (), config.max_rows)
-    else:
-        rows, _ = filter_rows(rows, (), config.max_rows)
-    if eval_rows is not None:
-        return rows, filter_rows(eval_rows, (), config.eval_max_rows)[0]
-    if config.holdout_folds:
-        from hhrlhf.folds import prompt_folds
-
-        fold = prompt_folds(rows, config.holdout_folds, config.seed)
-        held = [c for c, f in zip(rows, fold) if f == 0]
-        if config.eval_max_rows:
-            held = held[: config.eval_max_rows]
-        return [c for c, f in zip(rows, fold) if f != 0], held
-    if config.eval_data:
-        return rows, load_rows(config.eval_data, (), config.eval_max_rows)[0]
-    return rows, []
-
-
 def start_policy(config: SFTConfig, texts: list[str], out: Path | None) -> Any:
     """The starting policy: loaded, or (init=tiny) built from ``texts``; a resumed run reloads
     the one it built (``out/init``)."""
@@ -125,8 +98,8 @@ def train_sft(config: SFTConfig, rows: list[Comparison] | None = None, *,
     """SFT on the chosen dialogues of ``rows`` (or of ``config.data``)."""
     import torch
 
+    from hhrlhf.folds import filter_rows, split_rows
     from hhrlhf.pm.encode import length_grouped_batches, sorted_batches
-    from hhrlhf.pm.train import filter_rows
     from hhrlhf.policy.encode import PolicyEncoder
     from hhrlhf.policy.logprobs import LogprobNet, collate_sft
     from hhrlhf.runs import (
