@@ -361,3 +361,13 @@ def test_pm_eval_and_cv_never_save_into_an_input(
     one_line(run_cli(["pm", "cv", str(real_file), "--set", f"backbone={models['policy']}",
                       "--out", str(models["policy"] / "folds")], capsys, monkeypatch),
              "an input folder; refusing to write the folds' runs there")
+
+
+def test_a_subset_name_protects_its_cached_file(
+        models: dict[str, Path], seeded_cache: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    cached = seeded_cache / "data" / "harmless-base" / "test.jsonl.gz"
+    before = cached.read_bytes()
+    one_line(run_cli(["generate", str(models["policy"]), "harmless-base/test", "-o",
+                      str(cached)], capsys, monkeypatch), "is one of the inputs")
+    assert cached.read_bytes() == before

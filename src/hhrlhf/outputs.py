@@ -139,6 +139,23 @@ def _split_inputs(inputs: Iterable[str | Path | None]) -> tuple[list[Path], list
     return files, folders
 
 
+def input_paths(names: Iterable[str | Path | None]) -> list[str | Path]:
+    """What source names stand for on disk: a path as given, a subset name
+    (``harmless-base/test``, ``red-team-attempts``) as its files in the cache, so that no
+    output lands on a cached data file either."""
+    from hhrlhf.read import resolve
+
+    out: list[str | Path] = []
+    for name in names:
+        if name is None or str(name) in ("", "-") or os.path.lexists(name):
+            out.append(name or "")
+            continue
+        # not a path: a subset, or a mistake the command names when it reads its sources
+        with contextlib.suppress(HHRLHFError):
+            out.extend(s.path for s in resolve([name]))
+    return out
+
+
 def check_output_file(path: str | Path, command: str, *,
                       inputs: Iterable[str | Path | None] = ()) -> Path:
     """Check, before any compute, that ``hhrlhf <command>`` may write the file ``path``.
@@ -148,7 +165,7 @@ def check_output_file(path: str | Path, command: str, *,
     line naming ``path``); returns ``path``.
     """
     out = Path(path)
-    files, folders = _split_inputs(inputs)
+    files, folders = _split_inputs(input_paths(inputs))
     if os.path.lexists(out):
         try:
             mode = os.stat(out).st_mode
