@@ -264,7 +264,7 @@ def test_bon_errors_are_one_line(folders: dict[str, Path], real_file: Path, tmp_
         ((folders["policy"], folders["pm"], *base, "--out", folders["pm"] / "x.jsonl"),
          "an input folder; refusing to write into it"),
         ((folders["policy"], folders["pm"], *base, "--temperature", 0),
-         "--temperature must be above 0"),
+         "--temperature must be a finite number above 0"),
         ((folders["policy"], folders["pm"], *base, "--n", 0), "--n must be at least 1"),
     ]
     mine = tmp_path / "notes.txt"
