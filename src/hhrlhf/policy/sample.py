@@ -322,10 +322,11 @@ class Sampler:
             done |= ended
             if emit:  # the host sync streaming costs (one): this step's tokens and stops
                 last = step == max_new_tokens - 1
-                toks, alive, ends, codes = torch.stack([nxt, running.long(), ended.long(),
-                                                        stop]).tolist()
+                toks, alive, ended_now, codes = torch.stack([nxt, running.long(), ended.long(),
+                                                             stop]).tolist()
                 yield [(r, t, _STOP_NAMES[c] if e else "length" if last else None)
-                       for r, (t, a, e, c) in enumerate(zip(toks, alive, ends, codes)) if a]
+                       for r, (t, a, e, c) in enumerate(zip(toks, alive, ended_now, codes))
+                       if a]
             if step == max_new_tokens - 1:
                 break
             running_count = int((~done).sum())  # a host sync: are all done? compact?
