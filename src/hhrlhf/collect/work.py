@@ -81,7 +81,8 @@ def add_message(tx: Tx, who: Annotator, task: str, conversation_id: int | None,
     text = clean_message(text)
     now = time.time()
     if conversation_id is None:
-        if position != 0:
+        if position != 0 or open_conversation(tx, who, task) is not None:
+            # a page that missed the start of the current conversation (another tab)
             raise Conflict("the conversation on this page is not the current one; reload")
         conversation_id = tx.insert("INSERT INTO conversations (annotator_id, task, status, "
                                     "created) VALUES (?, ?, 'open', ?)", (who.id, task, now))
@@ -125,9 +126,10 @@ def pending_response(tx: Tx, who: Annotator, conversation_id: int) -> Pending | 
 
 
 def add_item(tx: Tx, pending: Pending, responses: tuple[str, str], policies: tuple[str, str],
-             settings: dict[str, Any], overlap_share: float) -> int:
-    """Store the two responses offered at ``pending.position`` (shown in a random order);
-    the item's id. A second generation for the same turn (two tabs) keeps the first."""
+             settings: dict[str, Any], overlap_share: float, left: str | None = None) -> int:
+    """Store the two responses offered at ``pending.position``, ``left`` ('a' or 'b', random
+    when None) the one shown on the left; the item's id. A second generation for the same
+    turn (two tabs) keeps the first."""
     row = tx.one("SELECT id FROM items WHERE conversation_id = ? AND position = ?",
                  (pending.conversation_id, pending.position))
     if row is not None:
@@ -138,7 +140,7 @@ def add_item(tx: Tx, pending: Pending, responses: tuple[str, str], policies: tup
         "policy_b, settings, left_side, overlap, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (pending.conversation_id, pending.position, clean_response(responses[0]),
          clean_response(responses[1]), policies[0], policies[1], json.dumps(settings),
-         rng.choice("ab"), int(rng.random() < overlap_share), time.time()))
+         left or rng.choice("ab"), int(rng.random() < overlap_share), time.time()))
 
 
 def add_response_turn(tx: Tx, pending: Pending, text: str, policy: str,

@@ -1,0 +1,212 @@
+"""`hhrlhf collect serve` over HTTP: a real server on 127.0.0.1 with a tiny policy built here,
+real SQLite. Every endpoint refuses a missing or bad session and a missing CSRF token; a
+whole comparison turn through the API; the rate limit; the endpoint responder against a real
+OpenAI-compatible streaming server."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI, Request
+from starlette.responses import StreamingResponse
+from collect_support import join, served
+from policy_support import build_tiny, first_rows, one_thread  # noqa: F401
+
+from hhrlhf.collect.app import AppConfig, create_app
+from hhrlhf.collect.export import FILES, export
+from hhrlhf.collect.responder import (
+    EndpointResponder,
+    LocalResponder,
+    Settings,
+    collect_text,
+)
+from hhrlhf.collect.store import open_store
+from hhrlhf.read import read_comparisons
+from hhrlhf.records import Dialogue
+
+SETTINGS = Settings(max_new_tokens=12, max_prompt_length=96)
+WRITES = ["/api/message", "/api/respond", "/api/judge", "/api/finish", "/api/attempt",
+          "/api/review"]
+READS = ["/", "/api/state", "/admin", "/api/admin", "/consent"]
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory: pytest.TempPathFactory, real_file: Path) -> Path:
+    out = tmp_path_factory.mktemp("policy") / "tiny"
+    build_tiny(first_rows(real_file, 200), out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def responder(policy: Path) -> LocalResponder:
+    return LocalResponder(policy, SETTINGS)
+
+
+@pytest.fixture
+def site(tmp_path: Path, responder: LocalResponder) -> Iterator[dict[str, Any]]:
+    store = open_store(tmp_path / "c.sqlite")
+    links = {}
+    for name, role in (("ada", "annotator"), ("bob", "annotator"), ("root", "admin")):
+        _, token = store.add_annotator(name, role)
+        links[name] = f"/join/{token}"
+    app = create_app(AppConfig(store=store, task="helpful", responders=[responder],
+                               overlap=0.0, rate_per_minute=600))
+    with served(app) as base:
+        yield {"base": base, "links": links, "store": store, "tmp": tmp_path}
+    store.close()
+
+
+def sse_events(response: httpx.Response) -> list[tuple[str, Any]]:
+    events = []
+    for chunk in response.text.split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in chunk.splitlines() if ": " in line)
+        if "event" in lines:
+            events.append((lines["event"], json.loads(lines["data"])))
+    return events
+
+
+def test_every_endpoint_needs_a_session_and_writes_a_csrf_token(site: dict[str, Any]) -> None:
+    base = site["base"]
+    anon = httpx.Client(base_url=base)
+    bad = httpx.Client(base_url=base, cookies={"hhrlhf_collect": "not-a-session"})
+    for client in (anon, bad):
+        for path in READS:
+            assert client.get(path).status_code == 401, path
+        for path in WRITES:
+            r = client.post(path, json={"key": "k1"}, headers={"x-csrf-token": "x"})
+            assert r.status_code == 401, path
+    assert anon.get("/join/nope").status_code == 401
+    client, csrf = join(base, site["links"]["ada"])
+    # before consent: nothing but the consent page
+    assert client.get("/api/state").status_code == 403
+    assert client.post("/consent", data={"csrf": "wrong"}).status_code == 403
+    assert client.post("/consent", data={"csrf": csrf}).status_code == 303
+    assert client.get("/api/state").status_code == 200
+    for path in WRITES:
+        r = client.post(path, json={"key": "k2", "conversation_id": 1, "position": 0,
+                                    "text": "hi"})
+        assert r.status_code == 403 and "CSRF" in r.json()["detail"], path
+        r = client.post(path, json={"key": "k2"}, headers={"x-csrf-token": csrf + "x"})
+        assert r.status_code == 403, path
+    # an annotator is not an admin
+    assert client.get("/admin").status_code == 403
+    assert client.get("/api/admin").status_code == 403
+    # the headers of every page: no inline script can run
+    r = client.get("/")
+    assert "script-src 'self'" in r.headers["content-security-policy"]
+    assert "<script>" not in r.text
+
+
+def consented(site: dict[str, Any], name: str) -> tuple[httpx.Client, str]:
+    client, csrf = join(site["base"], site["links"][name])
+    assert client.post("/consent", data={"csrf": csrf}).status_code == 303
+    client.headers["x-csrf-token"] = csrf
+    return client, csrf
+
+
+def test_a_comparison_turn_through_the_api(site: dict[str, Any]) -> None:
+    ada, _ = consented(site, "ada")
+    bob, _ = consented(site, "bob")
+    r = ada.post("/api/message", json={"key": "m1", "conversation_id": None, "position": 0,
+                                       "text": "<b>Hello</b> there"})
+    assert r.status_code == 200, r.text
+    cid = r.json()["conversation_id"]
+    again = ada.post("/api/message", json={"key": "m1", "conversation_id": None,
+                                           "position": 0, "text": "<b>Hello</b> there"})
+    assert again.json()["replayed"] is True
+    # bob cannot see or extend ada's conversation
+    assert bob.post("/api/respond", json={"key": "r0", "conversation_id": cid}).status_code \
+        == 404
+    assert bob.get("/api/state").json()["turns"] == []
+    r = ada.post("/api/respond", json={"key": "r1", "conversation_id": cid})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(r)
+    assert events[-1][0] == "done"
+    assert {e[1]["side"] for e in events if e[0] == "delta"} <= {"left", "right"}
+    state = events[-1][1]
+    item = state["item"]
+    assert item and "policy" not in json.dumps(item)  # the policies stay hidden
+    r = ada.post("/api/judge", json={"key": "j1", "item_id": item["id"], "side": "right",
+                                     "strength": 2})
+    assert r.status_code == 200, r.text
+    dup = ada.post("/api/judge", json={"key": "j2", "item_id": item["id"], "side": "left",
+                                       "strength": 1})
+    assert dup.status_code == 409
+    assert bob.post("/api/judge", json={"key": "j3", "item_id": item["id"], "side": "left",
+                                        "strength": 1}).status_code == 404
+    state = ada.get("/api/state").json()
+    assert [t["role"] for t in state["turns"]] == ["human", "assistant"]
+    assert state["turns"][1]["text"] == item["right"]
+    root, _ = consented(site, "root")
+    assert root.get("/admin").status_code == 200
+    progress = root.get("/api/admin").json()
+    assert [a["judgements"] for a in progress["annotators"]] == [1, 0, 0]
+    export(site["store"], site["tmp"] / "out")
+    (row,) = read_comparisons([site["tmp"] / "out" / FILES["helpful"]])
+    assert row.chosen == item["right"] and row.rejected == item["left"]
+    assert row.prompt[0].text == "<b>Hello</b> there"
+
+
+def test_rate_limit_answers_429(tmp_path: Path, responder: LocalResponder) -> None:
+    store = open_store(tmp_path / "c.sqlite")
+    _, token = store.add_annotator("ada")
+    app = create_app(AppConfig(store=store, task="helpful", responders=[responder],
+                               rate_per_minute=6))
+    with served(app) as base:
+        client, csrf = join(base, f"/join/{token}")
+        client.post("/consent", data={"csrf": csrf})
+        codes = [client.post("/api/finish", json={"key": f"f{i}", "conversation_id": 99},
+                             headers={"x-csrf-token": csrf}).status_code for i in range(8)]
+    store.close()
+    assert codes[:5] == [404] * 5 and 429 in codes[5:]
+
+
+def openai_app(responder: LocalResponder) -> Any:
+    """A small OpenAI-compatible server (/v1/models, streaming /v1/completions) over the
+    in-process responder, for the endpoint responder to talk to over real HTTP."""
+    app = FastAPI()
+
+    @app.get("/v1/models")
+    def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": "tiny", "object": "model"}]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> StreamingResponse:
+        body = await request.json()
+        assert body["stream"] is True and body["prompt"].endswith("\n\nAssistant:")
+        dialogue = Dialogue.parse(body["prompt"][: -len("\n\nAssistant:")])
+
+        def events() -> Iterator[bytes]:
+            for e in responder.respond(dialogue, body["n"]):
+                if e.delta:
+                    for word in (" " + e.delta).split(" ")[1:]:  # a token at a time
+                        chunk = {"choices": [{"index": e.index, "text": " " + word,
+                                              "finish_reason": None}]}
+                        yield f"data: {json.dumps(chunk)}\n\n".encode()
+                if e.done:
+                    chunk = {"choices": [{"index": e.index, "text": "",
+                                          "finish_reason": "stop"}]}
+                    yield f"data: {json.dumps(chunk)}\n\n".encode()
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    return app
+
+
+def test_endpoint_responder_streams_from_an_openai_compatible_server(
+        responder: LocalResponder) -> None:
+    dialogue = Dialogue.parse("\n\nHuman: How are you?")
+    with served(openai_app(responder)) as base:
+        remote = EndpointResponder(base + "/v1", SETTINGS, num_params="85M")
+        assert remote.describe().name == "tiny"
+        events = list(remote.respond(dialogue, 2))
+        texts, metas = collect_text(iter(events), 2)
+    assert sum(1 for e in events if e.delta) >= 2
+    assert [m["stop"] for m in metas] == ["stop", "stop"]
+    assert all(not t.startswith(" ") for t in texts)
