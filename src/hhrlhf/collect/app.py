@@ -322,10 +322,15 @@ def create_app(config: AppConfig) -> FastAPI:
 
         return await write_call(request, handle)
 
+    def state_of(who: Annotator) -> dict[str, Any]:
+        # Never yield inside a transaction: the stream's steps run on any worker thread, and
+        # a transaction left open on one thread's connection would block its next request.
+        with store.transaction() as tx:
+            return {"task": task, **work.page_state(tx, who, task)}
+
     def generate(who: Annotator, pending: work.Pending | None) -> Iterator[bytes]:
         if pending is None:  # generated already (another tab, a retry): the page reloads
-            with store.transaction() as tx:
-                yield _sse("done", work.page_state(tx, who, task))
+            yield _sse("done", state_of(who))
             return
         try:
             if task == "redteam":
@@ -348,8 +353,7 @@ def create_app(config: AppConfig) -> FastAPI:
         info = responder.describe()
         with store.transaction(write=True) as tx:
             work.add_response_turn(tx, pending, text, info.name, {**info.settings, **meta})
-        with store.transaction() as tx:
-            yield _sse("done", work.page_state(tx, who, task))
+        yield _sse("done", state_of(who))
 
     def generate_pair(who: Annotator, pending: work.Pending) -> Iterator[bytes]:
         left = random.SystemRandom().choice("ab")
@@ -380,8 +384,7 @@ def create_app(config: AppConfig) -> FastAPI:
         with store.transaction(write=True) as tx:
             work.add_item(tx, pending, (texts["a"], texts["b"]), (info_a.name, info_b.name),
                           settings, config.overlap, left)
-        with store.transaction() as tx:
-            yield _sse("done", work.page_state(tx, who, task))
+        yield _sse("done", state_of(who))
 
     @app.post("/api/judge")
     async def api_judge(request: Request) -> Any:

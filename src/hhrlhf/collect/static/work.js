@@ -126,7 +126,7 @@
   async function send(event) {
     event.preventDefault();
     const text = $("message").value;
-    if (!text.trim() || busy) return;
+    if (!text.trim() || busy || !state) return;
     busy = true;
     showError("");
     setSave("saving…", "busy");
@@ -170,7 +170,7 @@
   }
 
   async function newConversation() {
-    if (busy) return;
+    if (busy || !state) return;
     busy = true;
     try {
       if (state.conversation_id !== null) {
