@@ -83,7 +83,8 @@ def start_server(db: Path, policy: Path, port: int, log: Path) -> subprocess.Pop
     return subprocess.Popen(cmd, env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
 
 
-async def wait_up(base: str, timeout: float = 180.0) -> None:
+async def wait_up(base: str, server: subprocess.Popen[bytes], log: Path,
+                  timeout: float = 180.0) -> None:
     deadline = time.monotonic() + timeout
     async with httpx.AsyncClient() as client:
         while True:
@@ -91,6 +92,8 @@ async def wait_up(base: str, timeout: float = 180.0) -> None:
                 await client.get(base + "/healthz", timeout=5)
                 return
             except httpx.TransportError:
+                if server.poll() is not None:
+                    sys.exit(f"the server stopped: {log.read_text()[-2000:]}")
                 if time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(0.2)
@@ -178,7 +181,7 @@ class Annotator:
                 self.log.finishes += code == 200
                 continue
             text = f"annotator {self.aid} message {self.log.n}"
-            code, answer = await self.submit("/api/message", {
+            code, _answer = await self.submit("/api/message", {
                 "conversation_id": state["conversation_id"], "position": len(state["turns"]),
                 "text": text})
             if code == 200:
@@ -235,7 +238,7 @@ def main() -> None:
         base = f"http://127.0.0.1:{port}"
         server_log = tmp / "server.log"
         server = start_server(db, tmp / "policy", port, server_log)
-        asyncio.run(wait_up(base))
+        asyncio.run(wait_up(base, server, server_log))
         logs = [Log(aid) for aid, _ in tokens]
 
         # phase 1: steady load; submit latency
@@ -261,7 +264,7 @@ def main() -> None:
             server.wait()
             t_kill = time.monotonic()
             server = start_server(db, tmp / "policy", port, server_log)
-            await wait_up(base)
+            await wait_up(base, server, server_log)
             restarted["down_s"] = time.monotonic() - t_kill
 
         asyncio.run(load(base, tokens, logs, args.kill_seconds, kill))

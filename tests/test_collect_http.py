@@ -12,10 +12,10 @@ from typing import Any
 
 import httpx
 import pytest
-from fastapi import FastAPI, Request
-from starlette.responses import StreamingResponse
 from collect_support import join, served
+from fastapi import FastAPI, Request
 from policy_support import build_tiny, first_rows, one_thread  # noqa: F401
+from starlette.responses import StreamingResponse
 
 from hhrlhf.collect.app import AppConfig, create_app
 from hhrlhf.collect.export import FILES, export

@@ -55,19 +55,19 @@ def pg_url() -> Iterator[str]:
     port = free_port()
     try:
         r = subprocess.run([*prefix, str(initdb), "-D", str(data), "-A", "trust", "-U",
-                            "postgres", "--no-sync"], capture_output=True, text=True)
+                            "postgres", "--no-sync"], check=False, capture_output=True, text=True)
         if r.returncode != 0:
             pytest.skip(f"initdb failed: {r.stderr.strip()[:300]}")
         r = subprocess.run([*prefix, str(pg_ctl), "-D", str(data), "-l", str(folder / "log"),
                             "-w", "-t", "60", "-o",
-                            f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1 "
-                            "-c fsync=on", "start"], capture_output=True, text=True)
+                            (f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1 "
+                            "-c fsync=on"), "start"], check=False, capture_output=True, text=True)
         if r.returncode != 0:
             pytest.skip(f"pg_ctl start failed: {r.stderr.strip()[:300]}")
         yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
     finally:
         subprocess.run([*prefix, str(pg_ctl), "-D", str(data), "-m", "immediate", "stop"],
-                       capture_output=True)
+                       check=False, capture_output=True)
         shutil.rmtree(folder, ignore_errors=True)
 
 

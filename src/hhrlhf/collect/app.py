@@ -22,13 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from jinja2 import Environment, FileSystemLoader
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.concurrency import run_in_threadpool
 from starlette.responses import StreamingResponse
 
 from hhrlhf.collect import work
@@ -104,6 +104,9 @@ def create_app(config: AppConfig) -> FastAPI:
         "%Y-%m-%d %H:%M UTC", time.gmtime(t))
     templates = Jinja2Templates(env=env)
     limiter = RateLimiter(config.rate_per_minute)
+    # Writes get worker threads of their own: the shared pool's threads can all be taken by
+    # response streams waiting for the model, and a submit must not wait behind them.
+    write_threads = anyio.CapacityLimiter(16)
     app = FastAPI(title="hhrlhf collect", version="1", docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.state.config = config
@@ -192,7 +195,7 @@ def create_app(config: AppConfig) -> FastAPI:
                 raise Denied(400, "the body is not a JSON object")
             return handler(who, body)
 
-        return await run_in_threadpool(run)
+        return await anyio.to_thread.run_sync(run, limiter=write_threads)
 
     def field_int(body: dict[str, Any], name: str, optional: bool = False) -> int | None:
         v = body.get(name)

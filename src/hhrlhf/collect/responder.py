@@ -15,7 +15,7 @@ import json
 import secrets
 import threading
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -91,8 +91,15 @@ class LocalResponder:
         from hhrlhf.policy.sample import Sampler
 
         self.folder = Path(folder)
-        self.settings = settings
         self.policy = Policy.load(folder)
+        positions = getattr(self.policy.config, "max_position_embeddings", None) or 1 << 30
+        if settings.max_prompt_length + settings.max_new_tokens > positions:
+            # as `hhrlhf generate`: the prompt gets what the responses leave of the positions
+            settings = replace(settings, max_prompt_length=positions - settings.max_new_tokens)
+            if settings.max_prompt_length < 4:
+                raise HHRLHFError(f"--max-new-tokens {settings.max_new_tokens} leaves no room "
+                                  f"for a prompt in the policy's {positions} positions")
+        self.settings = settings
         self.policy.check_length(settings.max_prompt_length + settings.max_new_tokens,
                                  "--max-prompt-length + --max-new-tokens")
         self.encoder = PolicyEncoder(self.policy.tokenizer,

@@ -201,9 +201,15 @@ def judge(tx: Tx, who: Annotator, task: str, item_id: int, side: str, strength: 
 
 
 def _may_see_overlap(tx: Tx, who: Annotator, item: dict[str, Any]) -> bool:
-    return bool(item["overlap"]) and tx.one(
-        "SELECT 1 FROM judgements WHERE item_id = ? AND annotator_id = ?",
-        (item["id"], item["owner"])) is not None
+    """An overlap item is open to one second annotator, after its owner judged it."""
+    if not item["overlap"] or tx.one(
+            "SELECT 1 FROM judgements WHERE item_id = ? AND annotator_id = ?",
+            (item["id"], item["owner"])) is None:
+        return False
+    count = tx.one("SELECT COUNT(*) FROM judgements WHERE item_id = ?", (item["id"],))
+    if count is not None and count[0] >= 2:
+        raise Conflict("another annotator gave this second opinion first; reload")
+    return True
 
 
 def finish(tx: Tx, who: Annotator, task: str, conversation_id: int) -> dict[str, Any]:
