@@ -209,13 +209,13 @@ async def load(base: str, tokens: list[tuple[int, str]], logs: list[Log], second
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="20 s of load, 15 s around the kill")
+    ap.add_argument("--quick", action="store_true", help="12 s of load, 10 s around the kill")
     ap.add_argument("--annotators", type=int, default=50)
     ap.add_argument("--seconds", type=float, default=60.0, help="phase 1 (latency)")
     ap.add_argument("--kill-seconds", type=float, default=25.0, help="phase 2 (kill -9)")
     args = ap.parse_args()
     if args.quick:
-        args.seconds, args.kill_seconds = 20.0, 15.0
+        args.seconds, args.kill_seconds = 12.0, 10.0
     sys.path.insert(0, str(ROOT / "src"))
     from hhrlhf.collect.export import FILES, export, side_name
     from hhrlhf.collect.store import open_store
