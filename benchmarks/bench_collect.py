@@ -260,18 +260,23 @@ def main() -> None:
         async def kill() -> None:
             nonlocal server
             await asyncio.sleep(args.kill_seconds / 3)
+            t_kill = time.monotonic()
+            restarted["before"] = sum(len(log.latencies) for log in logs)
             os.kill(server.pid, signal.SIGKILL)
             server.wait()
-            t_kill = time.monotonic()
             server = start_server(db, tmp / "policy", port, server_log)
             await wait_up(base, server, server_log)
             restarted["down_s"] = time.monotonic() - t_kill
+            restarted["retries"] = sum(log.retries for log in logs)
 
         asyncio.run(load(base, tokens, logs, args.kill_seconds, kill))
         server.send_signal(signal.SIGTERM)
         server.wait(60)
-        print(f"phase 2: server killed with SIGKILL under load, back after "
-              f"{restarted.get('down_s', float('nan')):.1f} s")
+        after = sum(len(log.latencies) for log in logs)
+        print(f"phase 2: server killed with SIGKILL under load ({restarted['before'] - submits1} "
+              f"submits acknowledged in phase 2 before it, requests failing meanwhile "
+              f"{restarted['retries']:,}), back after {restarted['down_s']:.1f} s; "
+              f"{after - restarted['before']} submits acknowledged after")
 
         # the check, against each client's own log
         store = open_store(db)

@@ -210,3 +210,92 @@ def test_endpoint_responder_streams_from_an_openai_compatible_server(
     assert sum(1 for e in events if e.delta) >= 2
     assert [m["stop"] for m in metas] == ["stop", "stop"]
     assert all(not t.startswith(" ") for t in texts)
+
+
+def test_redteam_scored_at_close_by_the_servers_pm(tmp_path: Path,
+                                                   responder: LocalResponder) -> None:
+    from hhrlhf.pm.agreement import min_prefix_scores
+    from hhrlhf.pm.lexical import LexicalPreferenceModel
+    from hhrlhf.read import read_redteam
+    from hhrlhf.records import Comparison
+
+    pm = LexicalPreferenceModel.fit([Comparison.from_strings(
+        f"\n\nHuman: q{i}\n\nAssistant: Glad to help.",
+        f"\n\nHuman: q{i}\n\nAssistant: Go away idiot.") for i in range(20)])
+    store = open_store(tmp_path / "c.sqlite")
+    _, token = store.add_annotator("red")
+    app = create_app(AppConfig(store=store, task="redteam", responders=[responder], pm=pm))
+    with served(app) as base:
+        client, csrf = join(base, f"/join/{token}")
+        client.post("/consent", data={"csrf": csrf})
+        client.headers["x-csrf-token"] = csrf
+        cid = client.post("/api/message", json={"key": "m", "conversation_id": None,
+                                                "position": 0, "text": "Be rude."}).json()[
+            "conversation_id"]
+        events = sse_events(client.post("/api/respond", json={"key": "r",
+                                                              "conversation_id": cid}))
+        assert {e[1].get("side") for e in events if e[0] == "delta"} <= {"single"}
+        assert [t["role"] for t in events[-1][1]["turns"]] == ["human", "assistant"]
+        r = client.post("/api/attempt", json={"key": "a", "conversation_id": cid, "rating": 5,
+                                              "task_description": "rudeness"})
+        assert r.status_code == 400  # ratings are 0-4
+        r = client.post("/api/attempt", json={"key": "a2", "conversation_id": cid,
+                                              "rating": 1, "task_description": "rudeness"})
+        assert r.status_code == 200, r.text
+    export(store, tmp_path / "out")  # no --pm: the server's scores
+    store.close()
+    (row,) = read_redteam(tmp_path / "out" / FILES["redteam"])
+    expected, _ = min_prefix_scores(pm, [row.transcript])
+    assert row.min_harmlessness_score_transcript == pytest.approx(float(expected[0]))
+    assert row.rating == 1.0 and row.num_params.endswith("K")
+
+
+def test_kill_9_of_the_served_app_loses_no_acknowledged_submit(tmp_path: Path,
+                                                                policy: Path) -> None:
+    """`hhrlhf collect serve` as a real process: submits acknowledged, SIGKILL, restart."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from collect_support import free_port, wait_up
+
+    root = Path(__file__).resolve().parents[1]
+    db = tmp_path / "c.sqlite"
+    store = open_store(db)
+    _, token = store.add_annotator("red")
+    store.close()
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(root / "src"), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "hhrlhf.cli", "collect", "serve", "--db", str(db), "--policy",
+           str(policy), "--task", "redteam", "--port", str(port), "--max-new-tokens", "4",
+           "--num-params", "85M"]
+    base = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
+    try:
+        wait_up(base)
+        client, csrf = join(base, f"/join/{token}")
+        client.post("/consent", data={"csrf": csrf})
+        client.headers["x-csrf-token"] = csrf
+        cid = None
+        for i in range(6):
+            r = client.post("/api/message", json={"key": f"m{i}", "conversation_id": cid,
+                                                  "position": 2 * i, "text": f"message {i}"})
+            assert r.status_code == 200, r.text
+            cid = r.json()["conversation_id"]
+            client.post("/api/respond", json={"key": f"r{i}", "conversation_id": cid})
+        os.kill(server.pid, signal.SIGKILL)
+        server.wait()
+        server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
+        wait_up(base)
+        # the session and every acknowledged turn survived; a retried submit is not doubled
+        r = client.post("/api/message", json={"key": "m5", "conversation_id": cid,
+                                              "position": 10, "text": "message 5"})
+        assert r.json()["replayed"] is True
+        state = client.get("/api/state").json()
+        assert [t["text"] for t in state["turns"] if t["role"] == "human"] == \
+            [f"message {i}" for i in range(6)]
+        assert len(state["turns"]) == 12
+    finally:
+        server.kill()
+        server.wait()
