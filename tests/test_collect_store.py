@@ -284,3 +284,37 @@ def test_kill_9_of_a_writer_loses_no_acknowledged_write(tmp_path: Path) -> None:
     assert ok == ("ok",)
     assert {f"message {i}" for i in range(acked + 1)} <= texts
     assert {f"reply {i}" for i in range(acked + 1)} <= replies
+
+
+def test_overlap_items_give_one_second_opinion_and_the_agreement(store: Store,
+                                                                  tmp_path: Path) -> None:
+    ada, bob, cy = annotator(store, "Ada"), annotator(store, "Bob"), annotator(store, "Cy")
+    converse(store, ada, "helpful", ["First?", "Second?"], picks=["left", "right"],
+             overlap=1.0)
+    with store.transaction() as tx:
+        state = work.page_state(tx, bob, "helpful")
+        assert work.page_state(tx, ada, "helpful")["mode"] == "conversation"  # not her own
+    assert state["mode"] == "overlap" and state["conversation_id"] is None
+    assert [t["text"] for t in state["turns"]] == ["First?"]  # the context, not ada's pick
+    first = state["item"]["id"]
+    store.write(bob.id, key(), lambda tx: work.judge(tx, bob, "helpful", first, "left", 1, None))
+    # one second opinion per item: cy is refused this one and is offered the next
+    with pytest.raises(Conflict, match="second opinion"):
+        store.write(cy.id, key(), lambda tx: work.judge(tx, cy, "helpful", first, "left", 1,
+                                                        None))
+    with store.transaction() as tx:
+        second = work.page_state(tx, bob, "helpful")["item"]["id"]
+    assert second != first
+    store.write(bob.id, key(), lambda tx: work.judge(tx, bob, "helpful", second, "left", 2,
+                                                     None))
+    with store.transaction() as tx:
+        agreement = work.progress(tx)["agreement"]["helpful"]
+        people = {p["name"]: p for p in work.progress(tx)["annotators"]}
+    # ada picked the left response of the first item and the right one of the second
+    assert agreement == {"items": 2, "agree": 1, "rate": 0.5}
+    assert people["Bob"]["second_opinions"] == 2 and people["Bob"]["judgements"] == 0
+    export(store, tmp_path / "out")
+    assert len(list(read_comparisons([tmp_path / "out" / FILES["helpful"]]))) == 2
+    side = [json.loads(line) for line in (tmp_path / "out" / side_name(FILES["helpful"]))
+            .read_text().splitlines()]
+    assert [s["second_opinions"][0]["picked"] for s in side] == ["chosen", "rejected"]
