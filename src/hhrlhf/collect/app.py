@@ -33,7 +33,14 @@ from starlette.responses import StreamingResponse
 
 from hhrlhf.collect import work
 from hhrlhf.collect.responder import Event, Responder
-from hhrlhf.collect.store import MAX_TAGS, STRENGTHS, Annotator, Conflict, Store
+from hhrlhf.collect.store import (
+    MAX_TAGS,
+    SESSION_SECONDS,
+    STRENGTHS,
+    Annotator,
+    Conflict,
+    Store,
+)
 from hhrlhf.errors import HHRLHFError
 from hhrlhf.explorer.app import _SecurityHeaders
 from hhrlhf.records import ASSISTANT, Dialogue, Turn
@@ -234,7 +241,7 @@ def create_app(config: AppConfig) -> FastAPI:
         # Lax, not Strict: the invite link is opened from a mail or chat (another site), and
         # the redirect after it must carry the cookie. Writes need the CSRF token anyway.
         response.set_cookie(SESSION_COOKIE, session_token, httponly=True, samesite="lax",
-                            path="/", max_age=30 * 86400)
+                            path="/", max_age=SESSION_SECONDS)
         return response
 
     @app.get("/consent", response_class=HTMLResponse, include_in_schema=False)

@@ -35,6 +35,7 @@ MAX_TAGS = 6
 MAX_TAG_CHARS = 64
 MAX_TEXT_CHARS = 20_000
 MAX_KEY_CHARS = 100
+SESSION_SECONDS = 30 * 86400  # a session lasts 30 days; the invite link opens a new one
 # The paper's scale: response A is slightly / much better than B.
 STRENGTHS = {1: "slightly better", 2: "much better"}
 
@@ -61,6 +62,7 @@ CREATE TABLE IF NOT EXISTS items (
   policy_a TEXT NOT NULL, policy_b TEXT NOT NULL, settings TEXT NOT NULL,
   left_side TEXT NOT NULL, overlap INTEGER NOT NULL, created {real} NOT NULL,
   UNIQUE (conversation_id, position));
+CREATE INDEX IF NOT EXISTS items_overlap ON items (overlap, id);
 CREATE TABLE IF NOT EXISTS judgements (
   id {pk}, item_id INTEGER NOT NULL REFERENCES items(id),
   annotator_id INTEGER NOT NULL REFERENCES annotators(id), picked TEXT NOT NULL,
@@ -295,8 +297,8 @@ class Store:
     def session(self, token: str) -> tuple[Annotator, str] | None:
         """The annotator and CSRF token of a session cookie, or None."""
         with self.transaction() as tx:
-            row = tx.one("SELECT annotator_id, csrf FROM sessions WHERE token_hash = ?",
-                         (hash_token(token),))
+            row = tx.one("SELECT annotator_id, csrf FROM sessions WHERE token_hash = ? "
+                         "AND created > ?", (hash_token(token), time.time() - SESSION_SECONDS))
             if row is None:
                 return None
             who = self._annotator(tx, "id", row[0])

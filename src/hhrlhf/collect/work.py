@@ -361,6 +361,7 @@ def progress(tx: Tx) -> dict[str, Any]:
     """The admin page: work per annotator and task, and agreement on overlap items."""
     people = {r[0]: {"id": r[0], "name": r[1], "role": r[2], "consented": r[3] is not None,
                      "conversations": {}, "judgements": 0, "second_opinions": 0,
+                     "judgements_by_task": {},
                      "attempts": 0, "reviews": 0, "last": None}
               for r in tx.all("SELECT id, name, role, consented FROM annotators ORDER BY id")}
 
@@ -372,11 +373,15 @@ def progress(tx: Tx) -> dict[str, Any]:
     for aid, task, n in tx.all("SELECT annotator_id, task, COUNT(*) FROM conversations "
                                "GROUP BY annotator_id, task"):
         people[aid]["conversations"][task] = int(n)
-    for aid, own, n, t in tx.all(
-            "SELECT j.annotator_id, CASE WHEN c.annotator_id = j.annotator_id THEN 1 ELSE 0 "
-            "END, COUNT(*), MAX(j.submitted) FROM judgements j JOIN items i ON i.id = j.item_id "
-            "JOIN conversations c ON c.id = i.conversation_id GROUP BY 1, 2"):
-        people[aid]["judgements" if own else "second_opinions"] += int(n)
+    for aid, task, own, n, t in tx.all(
+            "SELECT j.annotator_id, c.task, CASE WHEN c.annotator_id = j.annotator_id THEN 1 "
+            "ELSE 0 END, COUNT(*), MAX(j.submitted) FROM judgements j "
+            "JOIN items i ON i.id = j.item_id JOIN conversations c ON c.id = i.conversation_id "
+            "GROUP BY 1, 2, 3"):
+        p = people[aid]
+        p["judgements" if own else "second_opinions"] += int(n)
+        if own:
+            p["judgements_by_task"][task] = int(n)
         last(aid, t)
     for aid, n, t in tx.all("SELECT annotator_id, COUNT(*), MAX(submitted) FROM attempts "
                             "GROUP BY annotator_id"):
