@@ -243,6 +243,12 @@ def test_cli_invite_and_export(tmp_path: Path, capsys: pytest.CaptureFixture[str
     code, out, err = run_cli(["collect", "export", str(tmp_path / "none.sqlite"), "--out",
                               str(tmp_path / "o")], capsys)
     assert code == 2 and err.count("\n") == 1
+    code, out, err = run_cli(["collect", "serve", "--db", str(db), "--task", "helpful"],
+                             capsys)
+    assert code == 2 and "needs --policy" in err and err.count("\n") == 1
+    code, out, err = run_cli(["collect", "serve", "--db", str(db), "--task", "redteam",
+                              "--policy", "x", "--num-params", "lots"], capsys)
+    assert code == 2 and "--num-params" in err and err.count("\n") == 1
 
 
 WRITER = r"""

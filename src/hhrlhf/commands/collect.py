@@ -65,7 +65,8 @@ def export(db: str, out: Path, pm_folder: Path | None, card_spelling: bool) -> N
 
 @collect.command("serve")
 @click.option("--db", required=True, help=DB_HELP)
-@click.option("--policy", required=True, help="Policy folder, or an OpenAI-compatible URL.")
+@click.option("--policy", default=None,
+              help="Policy folder, or an OpenAI-compatible URL (not for --task review).")
 @click.option("--policy-b", default=None,
               help="A second policy: each comparison then pits one response of each "
                    "(the annotator is not told which is which).")
@@ -87,7 +88,7 @@ def export(db: str, out: Path, pm_folder: Path | None, card_spelling: bool) -> N
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1))
 @click.option("--rate", default=120, show_default=True, type=click.IntRange(1),
               help="Writes per minute allowed to each annotator.")
-def serve(db: str, policy: str, policy_b: str | None, task: str, pm_folder: Path | None,
+def serve(db: str, policy: str | None, policy_b: str | None, task: str, pm_folder: Path | None,
           host: str, port: int, overlap: float, model_type: str, num_params: str | None,
           max_new_tokens: int, temperature: float, top_p: float, rate: int) -> None:
     """Serve the annotation app for one task (annotators use their invite link)."""
@@ -108,16 +109,18 @@ def serve(db: str, policy: str, policy_b: str | None, task: str, pm_folder: Path
             parse_num_params(num_params)
         except MalformedRow as e:
             raise HHRLHFError(f"--num-params: {e}") from None
+    if task != "review" and policy is None:
+        raise HHRLHFError(f"--task {task} needs --policy (a folder or a URL)")
     sock = _bind(host, port)  # a bad --host or a busy --port fails before the model loads
     try:
         settings = Settings(max_new_tokens=max_new_tokens, temperature=temperature,
                             top_p=top_p)
-        import torch
-
-        torch.set_num_threads(max(1, torch.get_num_threads()))
-        responders = [make_responder(policy, settings, model_type, num_params)]
-        if policy_b:
-            responders.append(make_responder(policy_b, settings, model_type, num_params))
+        responders = []
+        if task != "review":
+            assert policy is not None
+            responders.append(make_responder(policy, settings, model_type, num_params))
+            if policy_b:
+                responders.append(make_responder(policy_b, settings, model_type, num_params))
         if task == "redteam" and responders[0].describe().num_params is None:
             raise HHRLHFError("--num-params is needed for a policy behind a URL (the red-team "
                               "file records the model size)")
