@@ -47,7 +47,8 @@ def converse(store: Store, who: Annotator, task: str, messages: list[str],
             assert pending is not None
             item = work.add_item(tx, pending, (f"Answer A{turn} to {text}",
                                                f"Answer B{turn} to {text}"),
-                                 ("pol-a", "pol-b"), {"seed": turn}, overlap)
+                                 ("pol-a", "pol-b"), {"a": {"seed": turn}, "b": {"seed": -turn}},
+                                 overlap)
         side = (picks or [])[turn] if picks and turn < len(picks) else "left"
         store.write(who.id, key(), lambda tx, i=item, s=side: work.judge(
             tx, who, task, i, s, 2, time.time()))

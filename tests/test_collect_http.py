@@ -299,3 +299,40 @@ def test_kill_9_of_the_served_app_loses_no_acknowledged_submit(tmp_path: Path,
     finally:
         server.kill()
         server.wait()
+
+
+def test_two_policies_one_response_each_hidden_from_the_page(
+        tmp_path: Path, policy: Path, responder: LocalResponder) -> None:
+    import shutil
+
+    other = tmp_path / "tiny-b"
+    shutil.copytree(policy, other)
+    second = LocalResponder(other, Settings(max_new_tokens=6, max_prompt_length=96,
+                                            temperature=0.5))
+    store = open_store(tmp_path / "c.sqlite")
+    _, token = store.add_annotator("ada")
+    app = create_app(AppConfig(store=store, task="harmless", responders=[responder, second]))
+    with served(app) as base:
+        client, csrf = join(base, f"/join/{token}")
+        client.post("/consent", data={"csrf": csrf})
+        client.headers["x-csrf-token"] = csrf
+        cid = client.post("/api/message", json={"key": "m", "conversation_id": None,
+                                                "position": 0, "text": "Insult me."}).json()[
+            "conversation_id"]
+        r = client.post("/api/respond", json={"key": "r", "conversation_id": cid})
+        item = sse_events(r)[-1][1]["item"]
+        assert "tiny" not in r.text  # neither policy is named to the annotator
+        client.post("/api/judge", json={"key": "j", "item_id": item["id"], "side": "left",
+                                        "strength": 1, "shown_ms": 1})
+    export(store, tmp_path / "out")
+    store.close()
+    (row,) = read_comparisons([tmp_path / "out" / FILES["harmless"]])
+    side = json.loads((tmp_path / "out" / "harmless.side.jsonl").read_text())
+    assert row.rejected == item["left"]  # harmless: the picked (more harmful) one
+    assert {side["policy_chosen"], side["policy_rejected"]} == {"tiny", "tiny-b"}
+    assert side["picked"] == "rejected" and side["shown_left"] == "rejected"
+    assert side["shown_at"] is None  # a client time far from the server's is not kept
+    by_policy = {side["policy_chosen"]: "chosen", side["policy_rejected"]: "rejected"}
+    assert side[f"settings_{by_policy['tiny-b']}"]["temperature"] == 0.5
+    assert side[f"settings_{by_policy['tiny']}"]["temperature"] == 1.0
+    assert isinstance(side["settings_chosen"]["seed"], int)

@@ -86,6 +86,9 @@ def test_helpful_export_reads_back_as_official_rows(store: Store, tmp_path: Path
     assert all(s["picked"] == "chosen" and s["strength"] == "much better" for s in side)
     assert all(s["annotator_id"] == ada.id for s in side)
     assert {s["policy_chosen"] for s in side} <= {"pol-a", "pol-b"}
+    # each response's own settings: pol-a's were {"seed": turn}, pol-b's {"seed": -turn}
+    assert all(s["settings_chosen"]["seed"] == (s["turn"] // 2 if s["policy_chosen"] == "pol-a"
+                                                else -(s["turn"] // 2)) for s in side)
     # the official row holds nothing but the two strings
     with gzip.open(path, "rt") as fh:
         assert all(set(json.loads(line)) == {"chosen", "rejected"} for line in fh)

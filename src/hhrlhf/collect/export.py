@@ -116,7 +116,10 @@ def comparison_rows(tx: Tx, task: str) -> tuple[list[dict[str, str]], list[dict[
             "strength": STRENGTHS.get(strength),
             "policy_chosen": policies[chosen], "policy_rejected": policies[rejected],
             "shown_left": "chosen" if left == chosen else "rejected",
-            "settings": json.loads(settings), "responses_at": _iso(created),
+            # the item stores each response's sampling settings under its key, a or b
+            "settings_chosen": json.loads(settings).get(chosen),
+            "settings_rejected": json.loads(settings).get(rejected),
+            "responses_at": _iso(created),
             "shown_at": _iso(shown), "submitted_at": _iso(submitted),
             "second_opinions": second,
         })
