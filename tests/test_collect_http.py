@@ -93,6 +93,9 @@ def test_every_endpoint_needs_a_session_and_writes_a_csrf_token(site: dict[str, 
         assert r.status_code == 403 and "CSRF" in r.json()["detail"], path
         r = client.post(path, json={"key": "k2"}, headers={"x-csrf-token": csrf + "x"})
         assert r.status_code == 403, path
+    big = client.post("/api/message", content=b"x" * 300_000,
+                      headers={"x-csrf-token": csrf, "content-type": "application/json"})
+    assert big.status_code == 413
     # an annotator is not an admin
     assert client.get("/admin").status_code == 403
     assert client.get("/api/admin").status_code == 403

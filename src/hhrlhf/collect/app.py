@@ -49,6 +49,7 @@ HERE = Path(__file__).parent
 EXPLORER_STATIC = HERE.parent / "explorer" / "static"
 SESSION_COOKIE = "hhrlhf_collect"
 CSRF_HEADER = "x-csrf-token"
+MAX_BODY_BYTES = 256 * 1024  # a message is at most 20,000 characters
 # Suggested review tags (reviewers may type their own): themes of the published tags.
 SUGGESTED_TAGS = ("violence", "crime", "hate speech", "sexual content", "self-harm",
                   "privacy", "misinformation", "harmful advice", "profanity", "evasive",
@@ -191,8 +192,13 @@ def create_app(config: AppConfig) -> FastAPI:
                          handler: Callable[[Annotator, dict[str, Any]], Any]) -> Any:
         """Read the JSON body here, then run the checks and ``handler`` in a worker thread:
         database work (a commit waits for its fsync) never blocks the event loop."""
+        raw = b""
+        async for chunk in request.stream():  # bounded: a session cannot send gigabytes
+            raw += chunk
+            if len(raw) > MAX_BODY_BYTES:
+                raise Denied(413, f"the request is larger than {MAX_BODY_BYTES:,} bytes")
         try:
-            body = json.loads(await request.body() or b"{}")
+            body = json.loads(raw or b"{}")
         except ValueError:
             body = None
 
