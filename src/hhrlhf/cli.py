@@ -32,6 +32,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "report": ("hhrlhf.commands.report", "report", "Write one self-contained HTML report."),
     "index": ("hhrlhf.commands.explorer", "index", "Build the SQLite search index."),
     "serve": ("hhrlhf.commands.explorer", "serve", "Browse and search the data in a local web app."),
+    "collect": ("hhrlhf.commands.collect", "collect",
+                "Collect comparisons and red-team attempts from annotators; export them."),
 }
 
 

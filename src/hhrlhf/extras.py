@@ -17,6 +17,7 @@ from hhrlhf.errors import HHRLHFError
 EXTRAS: dict[str, tuple[str, ...]] = {
     "pm": ("torch", "transformers", "accelerate", "sklearn"),
     "explorer": ("fastapi", "uvicorn"),
+    "collect": ("psycopg",),  # only for a Postgres database
     "pandas": ("pandas",),
     "datasets": ("datasets",),
 }

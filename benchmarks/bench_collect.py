@@ -1,0 +1,323 @@
+"""`hhrlhf collect` under load: many simulated annotators submitting at once, then kill -9.
+
+The real server (``hhrlhf collect serve``, a process of its own, the embedded SQLite default)
+on a tiny policy built here; A annotators (asyncio + httpx, one client each, invited first)
+each loop: write a message (a submit), stream the two responses (model time: timed apart),
+pick one (a submit), and every few turns start a new conversation (a submit). Every submit
+carries its own idempotency key and is retried with the same key until it is acknowledged,
+as the browser does. Each client logs what was acknowledged.
+
+Phase 1 runs for ``--seconds``: submit latency (request to acknowledgement, excluding the
+model) is measured here. Phase 2 keeps the load on, kills the server with SIGKILL, starts it
+again on the same database and port, and runs on for a while. Then, from the database and
+from ``hhrlhf collect export``: every acknowledged message is stored exactly once, every
+acknowledged pick once, and every acknowledged pick is a row of the export. Lost = an
+acknowledged submit missing; duplicated = a submit stored more than once.
+
+The last line: ``collect: <A> annotators, <S> submits, lost <L>, duplicated <D>,
+submit p95 <X> ms``.
+
+    .venv/bin/python benchmarks/bench_collect.py [--quick] [--annotators 50] [--seconds 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "tests" / "data" / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
+
+
+@dataclass
+class Log:
+    """One simulated annotator's own record of what the server acknowledged."""
+
+    aid: int
+    messages: list[str] = field(default_factory=list)  # acknowledged message texts
+    picks: list[int] = field(default_factory=list)  # acknowledged item ids
+    finishes: int = 0
+    latencies: list[tuple[float, float]] = field(default_factory=list)  # (start time, seconds)
+    server: list[tuple[float, float]] = field(default_factory=list)  # the server's own time
+    model: list[float] = field(default_factory=list)
+    retries: int = 0
+    n: int = 0  # submits made: numbers the idempotency keys across both phases
+
+
+def build_policy(out: Path) -> None:
+    from hhrlhf.policy.model import TinyConfig, init_tiny
+    from hhrlhf.read import read_comparisons
+
+    rows = []
+    for c in read_comparisons([DATA]):
+        rows.append(c.chosen_raw)
+        if len(rows) >= 200:
+            break
+    init_tiny(rows, out, TinyConfig(vocab_size=600, hidden_size=32, intermediate_size=64,
+                                    num_hidden_layers=2, num_attention_heads=2,
+                                    num_key_value_heads=1, max_position_embeddings=512))
+
+
+def start_server(db: Path, policy: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "hhrlhf.cli", "collect", "serve", "--db", str(db),
+           "--policy", str(policy), "--task", "helpful", "--port", str(port),
+           "--max-new-tokens", "8", "--rate", "100000", "--overlap", "0.1"]
+    return subprocess.Popen(cmd, env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+
+
+async def wait_up(base: str, server: subprocess.Popen[bytes], log: Path,
+                  timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient() as client:
+        while True:
+            try:
+                await client.get(base + "/healthz", timeout=5)
+                return
+            except httpx.TransportError:
+                if server.poll() is not None:
+                    sys.exit(f"the server stopped: {log.read_text()[-2000:]}")
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+
+
+class Annotator:
+    def __init__(self, base: str, aid: int, token: str, log: Log):
+        self.base, self.aid, self.token, self.log = base, aid, token, log
+        self.client = httpx.AsyncClient(base_url=base, timeout=120)
+        self.csrf = ""
+
+    async def enter(self) -> None:
+        import re
+
+        r = await self.retry(lambda: self.client.get(f"/join/{self.token}"))
+        page = await self.retry(lambda: self.client.get("/consent"))
+        m = re.search(r'name="csrf" content="([^"]+)"', page.text)
+        assert m and r.status_code in (200, 303), page.text
+        self.csrf = m.group(1)
+        self.client.headers["x-csrf-token"] = self.csrf
+        await self.retry(lambda: self.client.post("/consent", data={"csrf": self.csrf}))
+
+    async def retry(self, call: Any) -> httpx.Response:
+        """Until the server answers (it may be down: killed and restarting)."""
+        while True:
+            try:
+                r = await call()
+            except httpx.TransportError:
+                self.log.retries += 1
+                await asyncio.sleep(0.25)
+                continue
+            if r.status_code >= 500 or r.status_code == 429:
+                self.log.retries += 1
+                await asyncio.sleep(0.25)
+                continue
+            return r
+
+    async def submit(self, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        self.log.n += 1
+        body["key"] = f"a{self.aid}-s{self.log.n}"  # one key per submit, kept across retries
+        t0 = time.monotonic()
+        r = await self.retry(lambda: self.client.post(path, json=body))
+        self.log.latencies.append((t0, time.monotonic() - t0))
+        timing = r.headers.get("server-timing", "")
+        if "dur=" in timing:
+            self.log.server.append((t0, float(timing.split("dur=")[1]) / 1000))
+        return r.status_code, r.json()
+
+    async def state(self) -> dict[str, Any]:
+        r = await self.retry(lambda: self.client.get("/api/state"))
+        return dict(r.json())
+
+    async def respond(self, cid: int) -> dict[str, Any]:
+        t0 = time.monotonic()
+        while True:
+            try:
+                r = await self.client.post("/api/respond", json={"conversation_id": cid,
+                                                                  "key": "r"})
+                text = r.text
+            except httpx.TransportError:
+                self.log.retries += 1
+                await asyncio.sleep(0.25)
+                continue
+            if r.status_code == 200 and "event: done" in text:
+                data = text.rsplit("event: done\ndata: ", 1)[1].split("\n\n", 1)[0]
+                self.log.model.append(time.monotonic() - t0)
+                return dict(json.loads(data))
+            self.log.retries += 1
+            await asyncio.sleep(0.25)
+
+    async def run(self, stop_at: float) -> None:
+        await self.enter()
+        while time.monotonic() < stop_at:
+            state = await self.state()
+            item = state.get("item")
+            if state["mode"] == "overlap" or item is not None:
+                code, _ = await self.submit("/api/judge", {"item_id": item["id"],
+                                                           "side": "left", "strength": 1})
+                if code == 200:
+                    self.log.picks.append(item["id"])
+                continue
+            if state["needs_response"]:
+                await self.respond(state["conversation_id"])
+                continue
+            if len(state["turns"]) >= 6:
+                code, _ = await self.submit("/api/finish",
+                                            {"conversation_id": state["conversation_id"]})
+                self.log.finishes += code == 200
+                continue
+            text = f"annotator {self.aid} message {self.log.n}"
+            code, _answer = await self.submit("/api/message", {
+                "conversation_id": state["conversation_id"], "position": len(state["turns"]),
+                "text": text})
+            if code == 200:
+                self.log.messages.append(text)
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+async def load(base: str, tokens: list[tuple[int, str]], logs: list[Log], seconds: float,
+               kill: Any) -> None:
+    stop_at = time.monotonic() + seconds
+    annotators = [Annotator(base, aid, tok, log) for (aid, tok), log in zip(tokens, logs)]
+    tasks = [asyncio.create_task(a.run(stop_at)) for a in annotators]
+    if kill is not None:
+        await kill()
+    await asyncio.gather(*tasks)
+    for a in annotators:
+        await a.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="12 s of load, 10 s around the kill")
+    ap.add_argument("--annotators", type=int, default=50)
+    ap.add_argument("--seconds", type=float, default=60.0, help="phase 1 (latency)")
+    ap.add_argument("--kill-seconds", type=float, default=25.0, help="phase 2 (kill -9)")
+    args = ap.parse_args()
+    if args.quick:
+        args.seconds, args.kill_seconds = 12.0, 10.0
+    sys.path.insert(0, str(ROOT / "src"))
+    from hhrlhf.collect.export import FILES, export, side_name
+    from hhrlhf.collect.store import open_store
+
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, python "
+          f"{platform.python_version()}; {args.annotators} annotators, phase 1 "
+          f"{args.seconds:g} s, phase 2 (kill -9 and restart) {args.kill_seconds:g} s")
+    with tempfile.TemporaryDirectory() as tmp_s:
+        tmp = Path(tmp_s)
+        build_policy(tmp / "policy")
+        db = tmp / "collect.sqlite"
+        store = open_store(db)
+        tokens = [store.add_annotator(f"sim{i}") for i in range(args.annotators)]
+        store.close()
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        base = f"http://127.0.0.1:{port}"
+        server_log = tmp / "server.log"
+        server = start_server(db, tmp / "policy", port, server_log)
+        asyncio.run(wait_up(base, server, server_log))
+        logs = [Log(aid) for aid, _ in tokens]
+
+        # phase 1: steady load; submit latency
+        t_start = time.monotonic()
+        asyncio.run(load(base, tokens, logs, args.seconds, None))
+        phase1_end = time.monotonic()
+        lat = [d for log in logs for t0, d in log.latencies if t0 < phase1_end]
+        model = [d for log in logs for d in log.model]
+        own = [d for log in logs for t0, d in log.server if t0 < phase1_end]
+        submits1 = len(lat)
+        print(f"phase 1: {submits1:,} submits in {phase1_end - t_start:.1f} s "
+              f"({submits1 / (phase1_end - t_start):.0f}/s); submit latency p50 "
+              f"{percentile(lat, 50) * 1000:.1f} ms, p95 {percentile(lat, 95) * 1000:.1f} ms, "
+              f"p99 {percentile(lat, 99) * 1000:.1f} ms (server's own time p50 "
+              f"{percentile(own, 50) * 1000:.1f} ms, p95 {percentile(own, 95) * 1000:.1f} ms); model (two responses, streamed) p50 "
+              f"{percentile(model, 50) * 1000:.0f} ms, p95 {percentile(model, 95) * 1000:.0f} ms")
+
+        # phase 2: kill -9 under load, restart, go on
+        restarted: dict[str, float] = {}
+
+        async def kill() -> None:
+            nonlocal server
+            await asyncio.sleep(args.kill_seconds / 3)
+            t_kill = time.monotonic()
+            restarted["before"] = sum(len(log.latencies) for log in logs)
+            os.kill(server.pid, signal.SIGKILL)
+            server.wait()
+            server = start_server(db, tmp / "policy", port, server_log)
+            await wait_up(base, server, server_log)
+            restarted["down_s"] = time.monotonic() - t_kill
+            restarted["retries"] = sum(log.retries for log in logs)
+
+        asyncio.run(load(base, tokens, logs, args.kill_seconds, kill))
+        server.send_signal(signal.SIGTERM)
+        server.wait(60)
+        after = sum(len(log.latencies) for log in logs)
+        print(f"phase 2: server killed with SIGKILL under load ({restarted['before'] - submits1} "
+              f"submits acknowledged in phase 2 before it, requests failing meanwhile "
+              f"{restarted['retries']:,}), back after {restarted['down_s']:.1f} s; "
+              f"{after - restarted['before']} submits acknowledged after")
+
+        # the check, against each client's own log
+        store = open_store(db)
+        with store.transaction() as tx:
+            human = tx.all("SELECT text, COUNT(*) FROM turns WHERE role = 'human' "
+                           "GROUP BY text")
+            judged = tx.all("SELECT annotator_id, item_id, COUNT(*) FROM judgements "
+                            "GROUP BY annotator_id, item_id")
+            integrity = tx.one("PRAGMA integrity_check")
+        stored_msgs = {t: n for t, n in human}
+        stored_picks = {(a, i): n for a, i, n in judged}
+        acked_msgs = [m for log in logs for m in log.messages]
+        acked_picks = [(log.aid, i) for log in logs for i in log.picks]
+        lost = sum(m not in stored_msgs for m in acked_msgs) + \
+            sum(p not in stored_picks for p in acked_picks)
+        duplicated = sum(n - 1 for n in stored_msgs.values() if n > 1) + \
+            sum(n - 1 for n in stored_picks.values() if n > 1) + \
+            (len(acked_msgs) - len(set(acked_msgs))) + (len(acked_picks) - len(set(acked_picks)))
+        result = export(store, tmp / "export")
+        store.close()
+        side = [json.loads(line) for line in
+                (tmp / "export" / side_name(FILES["helpful"])).read_text().splitlines()]
+        exported = {(s["annotator_id"], s["item_id"]) for s in side}
+        second = {(o["annotator_id"], s["item_id"]) for s in side for o in s["second_opinions"]}
+        missing_export = sum(p not in exported and p not in second for p in acked_picks)
+        lost += missing_export
+        submits = sum(len(log.latencies) for log in logs)
+        retries = sum(log.retries for log in logs)
+        print(f"check: {len(acked_msgs):,} messages and {len(acked_picks):,} picks "
+              f"acknowledged; {result.rows.get('helpful', 0):,} rows exported; acknowledged "
+              f"picks missing from the export: {missing_export}; client retries {retries:,}; "
+              f"integrity {integrity[0] if integrity else '?'}")
+        print(f"collect: {args.annotators} annotators, {submits} submits, lost {lost}, "
+              f"duplicated {duplicated}, submit p95 {percentile(lat, 95) * 1000:.1f} ms")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Helpers for the `hhrlhf collect` tests: work done straight through the store (the same
+transactions the web app runs), and a real server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import itertools
+import re
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+import uvicorn
+
+from hhrlhf.collect import work
+from hhrlhf.collect.store import Annotator, Store
+
+_keys = itertools.count()
+
+
+def key() -> str:
+    return f"k{next(_keys)}-{time.monotonic_ns()}"
+
+
+def annotator(store: Store, name: str, role: str = "annotator") -> Annotator:
+    aid, token = store.add_annotator(name, role)
+    who = store.annotator_by_token(token)
+    assert who is not None and who.id == aid
+    store.consent(aid)
+    return who
+
+
+def converse(store: Store, who: Annotator, task: str, messages: list[str],
+             picks: list[str] | None = None, overlap: float = 0.0) -> int:
+    """A conversation of ``task`` through the store: each message, two fixed responses, the
+    pick ('left'/'right', default left) at strength 2. Returns the conversation id."""
+    cid: int | None = None
+    for turn, text in enumerate(messages):
+        answer = store.write(who.id, key(), lambda tx, c=cid, t=turn, m=text: work.add_message(
+            tx, who, task, c, 2 * t, m))
+        cid = int(answer["conversation_id"])
+        with store.transaction(write=True) as tx:
+            pending = work.pending_response(tx, who, cid)
+            assert pending is not None
+            item = work.add_item(tx, pending, (f"Answer A{turn} to {text}",
+                                               f"Answer B{turn} to {text}"),
+                                 ("pol-a", "pol-b"), {"a": {"seed": turn}, "b": {"seed": -turn}},
+                                 overlap)
+        side = (picks or [])[turn] if picks and turn < len(picks) else "left"
+        store.write(who.id, key(), lambda tx, i=item, s=side: work.judge(
+            tx, who, task, i, s, 2, time.time()))
+    assert cid is not None
+    store.write(who.id, key(), lambda tx: work.finish(tx, who, task, cid))
+    return cid
+
+
+def red_team(store: Store, who: Annotator, messages: list[str], rating: int,
+             description: str, scores: tuple[float, float] | None = (0.5, -0.25)) -> int:
+    cid: int | None = None
+    for turn, text in enumerate(messages):
+        answer = store.write(who.id, key(), lambda tx, c=cid, t=turn, m=text: work.add_message(
+            tx, who, "redteam", c, 2 * t, m))
+        cid = int(answer["conversation_id"])
+        with store.transaction(write=True) as tx:
+            pending = work.pending_response(tx, who, cid)
+            assert pending is not None
+            work.add_response_turn(tx, pending, f"Reply {turn}", "pol-a", {"seed": turn})
+    assert cid is not None
+    answer = store.write(who.id, key(), lambda tx: work.close_attempt(
+        tx, who, cid, rating, description, "pol-a", "85M", "plain lm", scores))
+    return int(answer["attempt_id"])
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def served(app: Any) -> Iterator[str]:
+    """An ASGI app on 127.0.0.1 (a free port, uvicorn in a thread); yields its base URL."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_up(base)
+        yield base
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+def wait_up(base: str, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            httpx.get(base + "/healthz", timeout=5)
+            return
+        except httpx.TransportError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def join(base: str, link: str) -> tuple[httpx.Client, str]:
+    """A client logged in through an invite link, and its CSRF token."""
+    token = link.rsplit("/join/", 1)[1]
+    client = httpx.Client(base_url=base, timeout=60)
+    r = client.get(f"/join/{token}", follow_redirects=False)
+    assert r.status_code == 303, r.text
+    page = client.get("/consent")
+    csrf = re.search(r'name="csrf" content="([^"]+)"', page.text)
+    assert csrf, page.text
+    return client, csrf.group(1)
