@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "sft": ("hhrlhf.commands.sft", "sft", "Fine-tune a policy on chosen dialogues (SFT)."),
     "dpo": ("hhrlhf.commands.dpo", "dpo", "Optimise a policy on the preferences (DPO, IPO)."),
     "rl": ("hhrlhf.commands.rl", "rl", "Train a policy against a PM (PPO, RLOO); rl eval."),
+    "online": ("hhrlhf.commands.online", "online", "The iterated online loop (simulated labels)."),
     "generate": ("hhrlhf.commands.generate", "generate", "Sample responses to HH prompts."),
     "bon": ("hhrlhf.commands.bon", "bon", "Best-of-N sampling against a preference model."),
     "redteam": ("hhrlhf.commands.redteam", "redteam", "Analyse the red-team attempts."),
