@@ -403,13 +403,13 @@ class Loop:
             prompts = round_prompts(self.folds.prompts, c.bon_prompts, self.seed(r, 5))
             turns = sample_turns(self.policy_dir(r - 1), prompts, c.bon_n, c, self.seed(r, 6))
             scores = pm.score_groups(prompts, turns)
-            rows = []
+            distill: list[dict[str, str]] = []
             for p, group, s in zip(prompts, turns, scores):
                 best, worst = int(np.argmax(s)), int(np.argmin(s))
-                rows.append({"chosen": Dialogue(p.turns + (group[best],), p.preamble).render(),
+                distill.append({"chosen": Dialogue(p.turns + (group[best],), p.preamble).render(),
                              "rejected": Dialogue(p.turns + (group[worst],),
                                                   p.preamble).render()})
-            write_rows(path, rows)
+            write_rows(path, distill)
             from hhrlhf.runs import write_json
 
             # the reward of best-of-n against its KL: the paper's reward vs sqrt(KL)
@@ -589,9 +589,9 @@ def plot(results: Sequence[dict[str, Any]], path: str | Path) -> Path:
     b.set_ylabel("PM accuracy on fresh pairs")
     b.legend()
     for res in results:
-        pts = res.get("bon_curve")
-        if pts:
-            c.plot([math.sqrt(p["kl"]) for p in pts], [p["reward_mean"] for p in pts],
+        curve = res.get("bon_curve") or []
+        if curve:
+            c.plot([math.sqrt(q["kl"]) for q in curve], [q["reward_mean"] for q in curve],
                    marker="o", label=f"round {res['round']}")
     c.set_xlabel("sqrt(KL) of best-of-n, sqrt(nats)")
     c.set_ylabel("round PM reward")
