@@ -70,6 +70,9 @@ class OnlineConfig(CommonConfig):
     candidates: int = 4  # samples per prompt for best_vs_random and active
     active_pool: int = 4  # active: prompts sampled per pair labelled
     collect_from: str = "current"
+    # the loop fold's human comparisons in every round's PM data (False: the rounds' labels
+    # alone from round 1 on; round 0's PM, which picks round 1's pairs, always has them)
+    pm_seed: bool = True
     # the policy step
     method: str = "bon_sft"
     bon_n: int = 8
@@ -345,11 +348,12 @@ class Loop:
         folder = round_dir(self.out, r) / "pm"
         if (folder / MARKER_FILE).is_file():
             return load(folder)
-        rows = list(self.folds.loop)
+        seed = list(self.folds.loop) if self.config.pm_seed or r == 0 else []
+        labelled: list[Comparison] = []
         for q in range(1, r + 1):
-            rows += read_rows(round_dir(self.out, q) / "comparisons.jsonl.gz")
-        model = LexicalPreferenceModel.fit(rows)
-        model.info["labels"] = len(rows) - len(self.folds.loop)
+            labelled += read_rows(round_dir(self.out, q) / "comparisons.jsonl.gz")
+        model = LexicalPreferenceModel.fit(seed + labelled)
+        model.info["labels"] = len(labelled)
         model.save(folder)
         return model
 
