@@ -77,6 +77,30 @@ def test_noise_free_labels_follow_bradley_terry(temperature: float) -> None:
                - ((1 - f) * expected + f * (1 - expected))) < 0.01
 
 
+def test_pair_selection_rules() -> None:
+    """random: two distinct samples; best_vs_random: the PM's best first; active: per prompt
+    the pair nearest P = 1/2, the least sure prompts first; the label cost is k pairs."""
+    from hhrlhf.online.loop import select_pairs
+    from hhrlhf.records import Turn
+
+    prompts = [Dialogue((Turn("human", f"q{i}"),)) for i in range(3)]
+
+    def turns(*lengths: int) -> list[Turn]:
+        return [Turn("assistant", "x" * n) for n in lengths]
+
+    groups = [turns(30, 30, 10, 52), turns(5, 40, 80, 20), turns(7, 7, 7, 7)]
+    rng = np.random.default_rng(0)
+    judge = LengthJudge()
+    rand = select_pairs("random", prompts, groups, judge, 5, rng)
+    assert [(len(c.chosen), len(c.rejected)) for c in rand] == [(30, 10), (5, 40)]
+    best = select_pairs("best_vs_random", prompts, groups, judge, 5, rng)
+    assert [len(c.chosen) for c in best] == [52, 80] and len(best) == 2
+    active = select_pairs("active", prompts, groups, judge, 1, rng)
+    # prompt 0's closest distinct pair is 30 vs 10 (scores 2.0 apart); prompt 1's 5 vs 20 (1.5)
+    assert [(len(active[0].chosen), len(active[0].rejected))] == [(5, 20)]
+    assert len(select_pairs("active", prompts, groups, judge, 5, rng)) == 2
+
+
 # -- the loop ---------------------------------------------------------------------------------
 def loop_args(real_file: Path, out: Path) -> list[str]:
     sets = {"max_rows": 240, "rounds": 2, "pairs_per_round": 8, "bon_prompts": 16, "bon_n": 4,
