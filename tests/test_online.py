@@ -189,6 +189,25 @@ def test_kill9_mid_round_resumes_to_the_same_files(whole: Path, real_file: Path,
         assert json.loads((cut / name).read_text()) == json.loads((whole / name).read_text())
 
 
+def test_rloo_round_with_active_pairs(real_file: Path, tmp_path: Path) -> None:
+    """One round of RLOO against the PM, its pairs chosen actively: labels at the set cost,
+    the policy step's reward against sqrt(KL) recorded."""
+    from hhrlhf.online.loop import OnlineConfig, run_online
+    from hhrlhf.runs import apply_overrides
+
+    config = OnlineConfig(data=[str(real_file)], max_rows=240, rounds=1, pairs_per_round=6,
+                          pairs="active", method="rloo", bon_prompts=8, rl_samples=2,
+                          eval_prompts=8, tiny_vocab_size=600, tiny_hidden_size=32,
+                          max_new_tokens=12, max_prompt_length=96, max_length=128,
+                          batch_size=4, bootstrap=50, progress=False, out_dir=str(tmp_path / "r"))
+    config = apply_overrides(config, {"save_every": "0"})
+    result = run_online(config)[-1]
+    assert result["labels"] == 6 and result["collect"]["pairs"] == "active"
+    assert result["collect"]["prompts_sampled"] > 6 * 4 - 1  # active_pool prompts per label
+    assert len(result["rl_curve"]) == 2 and {"kl", "reward", "step"} <= set(result["rl_curve"][0])
+    assert result["rl_fit"] is None or result["rl_fit"]["points"] == 2
+
+
 @pytest.mark.parametrize(("setting", "message"), [
     ("pairs=best", "config pairs='best': must be one of random, best_vs_random, active"),
     ("annotator_agreement=0.4", "config annotator_agreement=0.4: must be in [0.5, 1]"),

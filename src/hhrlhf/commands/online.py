@@ -43,8 +43,8 @@ def online() -> None:
 @click.option("--rounds", type=int, help="Rounds after round 0 (default 3).")
 @click.option("--pairs", type=click.Choice(["random", "best_vs_random", "active"]),
               help="Which pairs are labelled (default random).")
-@click.option("--method", type=click.Choice(["bon_sft", "dpo"]),
-              help="The policy step: best-of-N distillation (default) or DPO.")
+@click.option("--method", type=click.Choice(["bon_sft", "dpo", "rloo", "ppo"]),
+              help="The policy step: best-of-N distillation (default), DPO, RLOO or PPO.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False),
               help="YAML, TOML or JSON file of configuration keys.")
 @click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",

@@ -46,7 +46,7 @@ from hhrlhf.runs import CommonConfig
 
 LABELS = ("simulated", "collect")
 PAIRS = ("random", "best_vs_random", "active")
-METHODS = ("bon_sft", "dpo")
+METHODS = ("bon_sft", "dpo", "rloo", "ppo")
 COLLECT_FROM = ("current", "initial")
 RESULT = "result.json"
 
@@ -78,6 +78,8 @@ class OnlineConfig(CommonConfig):
     bon_n: int = 8
     bon_prompts: int = 64
     dpo_beta: float = 0.1
+    rl_samples: int = 4  # rloo, ppo: samples per prompt (bon_prompts prompts a round)
+    kl_coef: float = 0.05  # rloo, ppo: the KL penalty to the previous round's policy
     # round 0
     policy: str = ""  # a causal LM folder; "" = init=tiny
     init: str = "tiny"
@@ -398,6 +400,8 @@ class Loop:
             self.train(folder, lambda resume: train_dpo(dpo, rows, eval_rows=[],
                                                         resume=resume))
             return {}
+        if c.method in ("rloo", "ppo"):
+            return self.reinforce(r, pm, folder, start)
         from hhrlhf.bon import curve
         from hhrlhf.policy.sft import SFTConfig, train_sft
 
@@ -423,6 +427,25 @@ class Loop:
         rows_ = read_rows(path)
         self.train(folder, lambda resume: train_sft(sft, rows_, eval_rows=[], resume=resume))
         return {"bon_curve": json.loads(curve_path.read_text())}
+
+    def reinforce(self, r: int, pm: Any, folder: Path, start: str) -> dict[str, Any]:
+        """RLOO or PPO (``hhrlhf rl``'s trainer) against the round's PM on ``bon_prompts``
+        loop prompts; its reward against sqrt(KL) from the run's metrics."""
+        from hhrlhf.rl.evaluation import RLRun, fit_line, read_curve
+        from hhrlhf.rl.train import RLConfig, train_rl
+
+        c = self.config
+        pm_dir = round_dir(self.out, r) / "pm"
+        rl = RLConfig(policy=start, pm=str(pm_dir), algo=c.method,
+                      samples_per_prompt=c.rl_samples, max_new_tokens=c.max_new_tokens,
+                      temperature=c.temperature, kl_coef=c.kl_coef, lr=c.lr, epochs=c.epochs,
+                      **self.common(folder))
+        prompts = round_prompts(self.folds.prompts, c.bon_prompts, self.seed(r, 5))
+        self.train(folder, lambda resume: train_rl(rl, pm=pm, prompts=prompts, resume=resume))
+        points = read_curve(RLRun(folder, {}, start, str(pm_dir)))
+        fit = fit_line([p.sqrt_kl for p in points], [p.reward for p in points])
+        return {"rl_curve": [asdict(p) for p in points],
+                "rl_fit": asdict(fit) if fit is not None else None}
 
     def evaluate(self, r: int, pm: Any, labels: int, total_labels: int) -> dict[str, Any]:
         """Step 4: the judge's verdict on the round's policy, the PM's accuracy."""
@@ -592,13 +615,14 @@ def plot(results: Sequence[dict[str, Any]], path: str | Path) -> Path:
     b.set_xlabel("labels used")
     b.set_ylabel("PM accuracy on fresh pairs")
     b.legend()
-    for res in results:
-        curve = res.get("bon_curve") or []
+    for res in results:  # best-of-n: reward_mean per n; RL: reward per logged step
+        curve = res.get("bon_curve") or res.get("rl_curve") or []
         if curve:
-            c.plot([math.sqrt(q["kl"]) for q in curve], [q["reward_mean"] for q in curve],
-                   marker="o", label=f"round {res['round']}")
-    c.set_xlabel("sqrt(KL) of best-of-n, sqrt(nats)")
+            c.plot([math.sqrt(max(q["kl"], 0.0)) for q in curve],
+                   [q.get("reward_mean", q.get("reward")) for q in curve],
+                   marker="o" if "bon_curve" in res else "", label=f"round {res['round']}")
+    c.set_xlabel("sqrt(KL), sqrt(nats) (best-of-n: log n - (n-1)/n)")
     c.set_ylabel("round PM reward")
-    if any(res.get("bon_curve") for res in results):
+    if any(res.get("bon_curve") or res.get("rl_curve") for res in results):
         c.legend()
     return plotstyle.save(fig, path)
