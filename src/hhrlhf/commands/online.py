@@ -58,7 +58,7 @@ def run(sources: tuple[str, ...], config_file: str | None, assignments: tuple[st
     annotators (a judge PM fitted on the other fold), refits the PM on all labels so far,
     improves the policy against it, and evaluates. Every round's files in DIR/round-RR."""
     from hhrlhf.online.loop import OnlineConfig, format_table, run_online
-    from hhrlhf.runs import parse_assignments, resolve_config
+    from hhrlhf.runs import apply_overrides, parse_assignments, resolve_config
 
     explicit: dict[str, Any] = {k: v for k, v in options.items() if v is not None}
     if sources:
@@ -66,7 +66,11 @@ def run(sources: tuple[str, ...], config_file: str | None, assignments: tuple[st
     if quiet:
         explicit["progress"] = False
     explicit.update(parse_assignments(assignments))
+    # a resumed loop may go on for more rounds: the rounds run so far do not depend on it
+    rounds = explicit.pop("rounds", None) if resume else None
     config = resolve_config(OnlineConfig, config_file, explicit, resume)
+    if rounds is not None:
+        config = apply_overrides(config, {"rounds": rounds}).validate()
     from hhrlhf.read import resolve
 
     resolve(config.data)
