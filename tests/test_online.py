@@ -230,3 +230,24 @@ def test_resume_without_a_run_is_one_line(tmp_path: Path, capsys: pytest.Capture
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     code, _, err = run_cli(["online", "--out", str(tmp_path), "--resume"], capsys, monkeypatch)
     assert code == 2 and "no run to resume here" in err and len(err.strip().splitlines()) == 1
+
+
+def test_resume_may_change_rounds_only(whole: Path, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str],
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(whole, copy)
+    code, _, err = run_cli(["online", "--out", str(copy), "--resume", "--set", "pairs=active"],
+                           capsys, monkeypatch)
+    assert code == 2 and "these differ: pairs" in err and len(err.strip().splitlines()) == 1
+    # every round done: going on "for 2 rounds" reads them back and trains nothing
+    before = {p: p.stat().st_mtime_ns for p in copy.rglob("*") if p.is_file()}
+    code, out, err = run_cli(["online", "--out", str(copy), "--resume", "-q", "--rounds", "2"],
+                             capsys, monkeypatch)
+    assert code == 0, err
+    assert len(out.splitlines()) == 1 + 3 + 1
+    after = {p: p.stat().st_mtime_ns for p in copy.rglob("*") if p.is_file()}
+    changed = [p.name for p in after if before.get(p) != after[p]]
+    assert changed == ["config.json"], changed
