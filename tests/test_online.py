@@ -232,7 +232,7 @@ def test_resume_without_a_run_is_one_line(tmp_path: Path, capsys: pytest.Capture
     assert code == 2 and "no run to resume here" in err and len(err.strip().splitlines()) == 1
 
 
-def test_resume_may_change_rounds_only(whole: Path, tmp_path: Path,
+def test_resume_may_change_rounds_only(whole: Path, real_file: Path, tmp_path: Path,
                                        capsys: pytest.CaptureFixture[str],
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     import shutil
@@ -242,6 +242,9 @@ def test_resume_may_change_rounds_only(whole: Path, tmp_path: Path,
     code, _, err = run_cli(["online", "--out", str(copy), "--resume", "--set", "pairs=active"],
                            capsys, monkeypatch)
     assert code == 2 and "these differ: pairs" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run_cli(["online", str(real_file), "--out", str(copy)], capsys,
+                           monkeypatch)
+    assert code == 2 and "holds an online run already" in err
     # every round done: going on "for 2 rounds" reads them back and trains nothing
     before = {p: p.stat().st_mtime_ns for p in copy.rglob("*") if p.is_file()}
     code, out, err = run_cli(["online", "--out", str(copy), "--resume", "-q", "--rounds", "2"],

@@ -11,8 +11,9 @@ r = 1, 2, ... then:
 2. **PM**: the lexical PM fitted on the seed rows and every round's comparisons so far
    (``round-RR/pm``; a convex fit, so warm and cold starts reach the same model);
 3. **policy**: the previous policy improved against the new PM (``method``): ``bon_sft``
-   (best-of-N distillation: SFT on the PM's best of N samples, ``round-RR/distill.jsonl.gz``)
-   or ``dpo`` (DPO on the round's comparisons); ``round-RR/policy`` is the trainer's run folder;
+   (best-of-N distillation: SFT on the PM's best of N samples, ``round-RR/distill.jsonl.gz``),
+   ``dpo`` (DPO on the round's comparisons), or ``rloo`` / ``ppo`` (``hhrlhf rl``'s trainer
+   against the PM); ``round-RR/policy`` is the trainer's run folder;
 4. **evaluate**: the judge's win rate and Elo of the round's policy against round 0 and the
    previous round, the PM's accuracy on fresh judge-labelled pairs, labels used;
    ``round-RR/result.json``, written last: a round whose result.json exists is done.
