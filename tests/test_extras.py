@@ -110,6 +110,7 @@ def test_core_commands_work_without_the_extras(core_env: dict[str, str], tmp_pat
     (("generate", "runs/sft", "harmless-base/test"), "pm"),
     (("bon", "runs/sft", "runs/pm", "harmless-base/test"), "pm"),
     (("rl", "runs/sft", "runs/pm", "harmless-base/test", "--out", "runs/rl"), "pm"),
+    (("online", "harmless-base/test", "--out", "runs/online"), "pm"),
 ])
 def test_a_command_that_needs_an_extra_names_it_in_one_line(
         core_env: dict[str, str], tmp_path: Path, args: tuple[str, ...], extra: str) -> None:

@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "sft": ("hhrlhf.commands.sft", "sft", "Fine-tune a policy on chosen dialogues (SFT)."),
     "dpo": ("hhrlhf.commands.dpo", "dpo", "Optimise a policy on the preferences (DPO, IPO)."),
     "rl": ("hhrlhf.commands.rl", "rl", "Train a policy against a PM (PPO, RLOO); rl eval."),
+    "online": ("hhrlhf.commands.online", "online", "The iterated online loop (simulated labels)."),
     "generate": ("hhrlhf.commands.generate", "generate", "Sample responses to HH prompts."),
     "chat": ("hhrlhf.commands.chat", "chat", "Talk with a policy in the terminal; pick A or B."),
     "bon": ("hhrlhf.commands.bon", "bon", "Best-of-N sampling against a preference model."),

@@ -1,0 +1,256 @@
+"""hhrlhf online: simulated annotators keep their set agreement rate and Bradley-Terry
+probabilities; two tiny rounds run end to end in the official format; a loop killed (SIGKILL)
+mid-round and resumed ends with the files of one never stopped; bad settings are one line."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+from policy_support import ENV, one_thread, run_cli  # noqa: F401
+
+from hhrlhf.errors import HHRLHFError
+from hhrlhf.online.annotators import SimulatedAnnotators, flip_probability
+from hhrlhf.pm.base import PreferenceModel
+from hhrlhf.records import Comparison, Dialogue
+
+HHRLHF = str(Path(".venv/bin/hhrlhf").resolve())
+
+
+class LengthJudge(PreferenceModel):
+    """A real (tiny) judge: the final response's length in characters, divided by 10."""
+
+    kind = "test-length"
+
+    def score(self, dialogues: Sequence[Dialogue], batch_size: int = 32) -> np.ndarray:
+        return np.asarray([len(d.turns[-1].text) / 10 for d in dialogues], dtype=np.float64)
+
+    def save(self, path: str | Path) -> None:
+        raise NotImplementedError("lives in the test only")
+
+
+def pairs(n: int, a: str, b: str) -> list[Comparison]:
+    row = Comparison.from_strings(f"\n\nHuman: hi\n\nAssistant: {a}",
+                                  f"\n\nHuman: hi\n\nAssistant: {b}")
+    return [row] * n
+
+
+def test_flip_rate_gives_the_agreement() -> None:
+    for a in (0.5, 0.63, 0.7, 0.77, 1.0):
+        f = flip_probability(a)
+        assert (1 - f) ** 2 + f**2 == pytest.approx(a)
+    with pytest.raises(HHRLHFError, match="must be in"):
+        flip_probability(0.4)
+
+
+@pytest.mark.parametrize("agreement", [0.63, 0.77])
+def test_annotators_agree_at_the_set_rate(agreement: float) -> None:
+    # scores 0.5 apart: the Bradley-Terry draw itself is far from certain
+    annotators = SimulatedAnnotators(LengthJudge(), temperature=1.0, agreement=agreement)
+    labels = annotators.annotate(pairs(40_000, "x" * 10, "x" * 5), seed=3, annotators=2)
+    agree = float((labels[:, 0] == labels[:, 1]).mean())
+    assert abs(agree - agreement) < 0.01  # s.e. about 0.0024
+    again = annotators.annotate(pairs(40_000, "x" * 10, "x" * 5), seed=3, annotators=2)
+    assert np.array_equal(labels, again)  # seeded: reproducible
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_noise_free_labels_follow_bradley_terry(temperature: float) -> None:
+    annotators = SimulatedAnnotators(LengthJudge(), temperature=temperature, agreement=1.0)
+    rows = pairs(40_000, "x" * 10, "x" * 5)  # judge scores 1.0 and 0.5
+    expected = 1 / (1 + math.exp(-0.5 / temperature))
+    assert annotators.probabilities(rows[:1])[0] == pytest.approx(expected)
+    assert abs(float(annotators.label(rows, seed=1).mean()) - expected) < 0.01
+    # with noise, P(a) = (1 - f) p + f (1 - p)
+    noisy = SimulatedAnnotators(LengthJudge(), temperature=temperature, agreement=0.7)
+    f = noisy.flip
+    assert abs(float(noisy.label(rows, seed=2).mean())
+               - ((1 - f) * expected + f * (1 - expected))) < 0.01
+
+
+def test_pair_selection_rules() -> None:
+    """random: two distinct samples; best_vs_random: the PM's best first; active: per prompt
+    the pair nearest P = 1/2, the least sure prompts first; the label cost is k pairs."""
+    from hhrlhf.online.loop import select_pairs
+    from hhrlhf.records import Turn
+
+    prompts = [Dialogue((Turn("human", f"q{i}"),)) for i in range(3)]
+
+    def turns(*lengths: int) -> list[Turn]:
+        return [Turn("assistant", "x" * n) for n in lengths]
+
+    groups = [turns(30, 30, 10, 52), turns(5, 40, 80, 20), turns(7, 7, 7, 7)]
+    rng = np.random.default_rng(0)
+    judge = LengthJudge()
+    rand = select_pairs("random", prompts, groups, judge, 5, rng)
+    assert [(len(c.chosen), len(c.rejected)) for c in rand] == [(30, 10), (5, 40)]
+    best = select_pairs("best_vs_random", prompts, groups, judge, 5, rng)
+    assert [len(c.chosen) for c in best] == [52, 80] and len(best) == 2
+    active = select_pairs("active", prompts, groups, judge, 1, rng)
+    # prompt 0's closest distinct pair is 30 vs 10 (scores 2.0 apart); prompt 1's 5 vs 20 (1.5)
+    assert [(len(active[0].chosen), len(active[0].rejected))] == [(5, 20)]
+    assert len(select_pairs("active", prompts, groups, judge, 5, rng)) == 2
+
+
+# -- the loop ---------------------------------------------------------------------------------
+def loop_args(real_file: Path, out: Path) -> list[str]:
+    sets = {"max_rows": 240, "rounds": 2, "pairs_per_round": 8, "bon_prompts": 16, "bon_n": 4,
+            "eval_prompts": 12, "tiny_vocab_size": 600, "tiny_hidden_size": 32,
+            "max_new_tokens": 12, "max_prompt_length": 96, "max_length": 128, "epochs": 3,
+            "save_every": 2, "bootstrap": 100, "threads": 1}
+    args = [str(real_file), "--out", str(out), "-q"]
+    for k, v in sets.items():
+        args += ["--set", f"{k}={v}"]
+    return args
+
+
+def preference_rows(path: Path) -> list[dict[str, str]]:
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def whole(real_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two tiny rounds, never stopped (a real subprocess, as the killed one is)."""
+    out = tmp_path_factory.mktemp("online") / "whole"
+    proc = subprocess.run([HHRLHF, "online", *loop_args(real_file, out)], env=ENV,
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def test_two_rounds_end_to_end(whole: Path, capsys: pytest.CaptureFixture[str],
+                               monkeypatch: pytest.MonkeyPatch) -> None:
+    for r in range(3):
+        assert (whole / f"round-{r:02d}" / "result.json").is_file()
+        assert (whole / f"round-{r:02d}" / "pm" / "hhrlhf_pm.json").is_file()
+        assert (whole / f"round-{r:02d}" / "policy" / "model" / "config.json").is_file()
+    total = 0
+    for r in (1, 2):
+        folder = whole / f"round-{r:02d}"
+        rows = preference_rows(folder / "comparisons.jsonl.gz")
+        assert len(rows) == 8 and all(set(row) == {"chosen", "rejected"} for row in rows)
+        for row in rows:  # the official format: the same prompt, one final Assistant turn each
+            c = Comparison.from_strings(row["chosen"], row["rejected"])
+            assert "context_mismatch" not in c.flags and c.chosen != c.rejected
+        result = json.loads((folder / "result.json").read_text())
+        total += result["labels"]
+        assert result["labels"] == 8 and result["labels_total"] == total
+        for key in ("vs_round0", "vs_previous"):
+            v = result[key]
+            assert v["prompts"] == 12 and v["win_interval"]["low"] <= v["win_rate"] \
+                <= v["win_interval"]["high"]
+        assert 0 <= result["pm"]["accuracy"] <= 1 and "accuracy_top_decile" in result["pm"]
+        assert [p["n"] for p in result["bon_curve"]] == [1, 2, 4]
+        assert json.loads((folder / "pm" / "hhrlhf_pm.json").read_text())["info"]["labels"] \
+            == total
+    code, out, err = run_cli(["online", "report", str(whole)], capsys, monkeypatch)
+    assert code == 0, err
+    assert out.splitlines()[0].split()[:2] == ["round", "labels"]
+    assert len(out.splitlines()) == 1 + 3 + 1
+    assert (whole / "online.png").stat().st_size > 10_000
+
+
+def test_kill9_mid_round_resumes_to_the_same_files(whole: Path, real_file: Path,
+                                                   tmp_path: Path) -> None:
+    """Killed (SIGKILL) inside round 1's policy step, after a checkpoint, and resumed: the
+    rounds' preference files and results equal those of the loop never stopped."""
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([HHRLHF, "online", *loop_args(real_file, cut)], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = cut / "round-01" / "policy" / "checkpoints"
+    deadline = time.time() + 400
+    while not any(checkpoints.glob("step-*")) and proc.poll() is None and \
+            time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (cut / "round-01" / "result.json").exists(), "round 1 ended before the kill"
+    proc2 = subprocess.run([HHRLHF, "online", "--out", str(cut), "--resume", "-q"], env=ENV,
+                           capture_output=True, text=True, timeout=600, check=False)
+    assert proc2.returncode == 0, proc2.stderr
+    for r in (1, 2):
+        name = f"round-{r:02d}"
+        assert preference_rows(cut / name / "comparisons.jsonl.gz") == \
+            preference_rows(whole / name / "comparisons.jsonl.gz")
+        assert preference_rows(cut / name / "distill.jsonl.gz") == \
+            preference_rows(whole / name / "distill.jsonl.gz")
+    for r in (0, 1, 2):
+        name = f"round-{r:02d}/result.json"
+        assert json.loads((cut / name).read_text()) == json.loads((whole / name).read_text())
+
+
+def test_rloo_round_with_active_pairs(real_file: Path, tmp_path: Path) -> None:
+    """One round of RLOO against the PM, its pairs chosen actively: labels at the set cost,
+    the policy step's reward against sqrt(KL) recorded."""
+    from hhrlhf.online.loop import OnlineConfig, run_online
+    from hhrlhf.runs import apply_overrides
+
+    config = OnlineConfig(data=[str(real_file)], max_rows=240, rounds=1, pairs_per_round=6,
+                          pairs="active", method="rloo", bon_prompts=8, rl_samples=2,
+                          eval_prompts=8, tiny_vocab_size=600, tiny_hidden_size=32,
+                          max_new_tokens=12, max_prompt_length=96, max_length=128,
+                          batch_size=4, bootstrap=50, progress=False, out_dir=str(tmp_path / "r"))
+    config = apply_overrides(config, {"save_every": "0"})
+    result = run_online(config)[-1]
+    assert result["labels"] == 6 and result["collect"]["pairs"] == "active"
+    assert result["collect"]["prompts_sampled"] > 6 * 4 - 1  # active_pool prompts per label
+    assert len(result["rl_curve"]) == 2 and {"kl", "reward", "step"} <= set(result["rl_curve"][0])
+    assert result["rl_fit"] is None or result["rl_fit"]["points"] == 2
+
+
+@pytest.mark.parametrize(("setting", "message"), [
+    ("pairs=best", "config pairs='best': must be one of random, best_vs_random, active"),
+    ("annotator_agreement=0.4", "config annotator_agreement=0.4: must be in [0.5, 1]"),
+    ("labels=collect", "config labels='collect': collecting from people"),
+    ("rounds=0", "config rounds=0: must be at least 1"),
+    ("annotator_temperature=0", "config annotator_temperature=0.0: must be positive"),
+    ("pairs_per_roundz=3", "unknown config key 'pairs_per_roundz'; did you mean"),
+])
+def test_bad_settings_are_one_line(setting: str, message: str, tmp_path: Path,
+                                   capsys: pytest.CaptureFixture[str],
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    code, _, err = run_cli(["online", "harmless-base/test", "--out", str(tmp_path / "x"),
+                            "--set", setting], capsys, monkeypatch)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "x").exists()
+
+
+def test_resume_without_a_run_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    code, _, err = run_cli(["online", "--out", str(tmp_path), "--resume"], capsys, monkeypatch)
+    assert code == 2 and "no run to resume here" in err and len(err.strip().splitlines()) == 1
+
+
+def test_resume_may_change_rounds_only(whole: Path, real_file: Path, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str],
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(whole, copy)
+    code, _, err = run_cli(["online", "--out", str(copy), "--resume", "--set", "pairs=active"],
+                           capsys, monkeypatch)
+    assert code == 2 and "these differ: pairs" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run_cli(["online", str(real_file), "--out", str(copy)], capsys,
+                           monkeypatch)
+    assert code == 2 and "holds an online run already" in err
+    # every round done: going on "for 2 rounds" reads them back and trains nothing
+    before = {p: p.stat().st_mtime_ns for p in copy.rglob("*") if p.is_file()}
+    code, out, err = run_cli(["online", "--out", str(copy), "--resume", "-q", "--rounds", "2"],
+                             capsys, monkeypatch)
+    assert code == 0, err
+    assert len(out.splitlines()) == 1 + 3 + 1
+    after = {p: p.stat().st_mtime_ns for p in copy.rglob("*") if p.is_file()}
+    changed = [p.name for p in after if before.get(p) != after[p]]
+    assert changed == ["config.json"], changed
