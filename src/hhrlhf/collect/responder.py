@@ -115,16 +115,24 @@ class LocalResponder:
         return self.info
 
     def respond(self, dialogue: Dialogue, n: int) -> Iterator[Event]:
+        """The ``n`` responses token by token as the sampler decodes them (whole characters;
+        the HH marker held back and cut), interleaved; each closed by a done event."""
+        from hhrlhf.policy.textstream import stream_text
+
         s = self.settings
         seed = secrets.randbelow(2**31)  # a new draw each time; recorded in the side file
         prompts, _ = self.encoder.encode_prompts([dialogue], s.max_prompt_length)
-        with self._lock:
-            samples = self.sampler.sample(prompts, n=n, max_new_tokens=s.max_new_tokens,
-                                          temperature=s.temperature, top_p=s.top_p,
-                                          top_k=s.top_k, seed=seed, batch_size=max(n, 1))
-        for sample in samples:
-            yield Event(sample.sample_index, _strip_space(sample.text, True))
-            yield Event(sample.sample_index, done=True, meta={"seed": seed, "stop": sample.stop})
+        started: set[int] = set()  # samples whose text has begun (its leading space dropped)
+        with self._lock:  # held while this generator runs; closing it (a client gone) frees it
+            for d in stream_text(self.sampler, prompts, n=n, max_new_tokens=s.max_new_tokens,
+                                 temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                                 seed=seed, batch_size=max(n, 1)):
+                text = d.text if d.sample_index in started else _strip_space(d.text, True)
+                if text:
+                    started.add(d.sample_index)
+                    yield Event(d.sample_index, text)
+                if d.stop is not None:
+                    yield Event(d.sample_index, done=True, meta={"seed": seed, "stop": d.stop})
 
 
 class EndpointResponder:
