@@ -172,14 +172,7 @@ def _local_sampler(model: str, n: int, temperature: float, top_p: float, top_k: 
     if threads:
         torch.set_num_threads(threads)
     policy = Policy.load(model)
-    if not max_prompt_length:
-        positions = getattr(policy.config, "max_position_embeddings", None) or 1 << 30
-        max_prompt_length = min(512, positions - max_new_tokens)
-        if max_prompt_length < 4:
-            raise HHRLHFError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt "
-                              f"in the policy's {positions} positions")
-    policy.check_length(max_prompt_length + max_new_tokens,
-                        "--max-prompt-length + --max-new-tokens")
+    max_prompt_length = policy.prompt_length(max_new_tokens, max_prompt_length)
     if torch.cuda.is_available():
         policy.net.to("cuda")
     encoder = PolicyEncoder(policy.tokenizer, max_prompt_length + max_new_tokens)

@@ -100,6 +100,20 @@ class Policy:
         if positions is not None and tokens > positions:
             raise HHRLHFError(f"{what} {tokens} exceeds the {positions} positions of the policy")
 
+    def prompt_length(self, max_new_tokens: int, max_prompt_length: int = 0) -> int:
+        """The prompt tokens a sampling command keeps: ``max_prompt_length`` when given (0 =
+        512, or what the policy's positions leave beside ``max_new_tokens``), checked to fit
+        with the responses; one line when they do not."""
+        if not max_prompt_length:
+            positions = getattr(self.config, "max_position_embeddings", None) or 1 << 30
+            max_prompt_length = min(512, positions - max_new_tokens)
+            if max_prompt_length < 4:
+                raise HHRLHFError(f"--max-new-tokens {max_new_tokens} leaves no room for a "
+                                  f"prompt in the policy's {positions} positions")
+        self.check_length(max_prompt_length + max_new_tokens,
+                          "--max-prompt-length + --max-new-tokens")
+        return max_prompt_length
+
     def save(self, path: str | Path, state_dict: dict[str, Any] | None = None) -> None:
         """An ordinary transformers folder (config, weights, tokenizer); atomic."""
         from hhrlhf.atomic import atomic_folder
