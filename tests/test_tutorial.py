@@ -28,6 +28,7 @@ def test_every_command_is_an_hhrlhf_command() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # fourteen commands, each a real process: about 3 minutes on 2 cores
 def test_the_tutorial_runs_as_written(tmp_path: Path) -> None:
     bin_dir = Path(sys.executable).parent  # the environment's `hhrlhf`
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
