@@ -28,10 +28,9 @@ from urllib.parse import urlsplit
 import requests
 
 from hhrlhf.errors import HHRLHFError
-from hhrlhf.records import ASSISTANT, ASSISTANT_MARKER, Dialogue
+from hhrlhf.records import ASSISTANT, ASSISTANT_MARKER, HUMAN_MARKER, Dialogue
 
 API_KEY_ENV = "HHRLHF_API_KEY"
-HUMAN_MARKER = "\n\nHuman:"  # the HH next-turn marker (hhrlhf.policy.model's; no torch here)
 TRANSIENT = {408, 429, 500, 502, 503, 504}
 MAX_CHOICES = 4096  # prompts x n per request (hhrlhf policy serve's limit)
 

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from hhrlhf.errors import HHRLHFError
-from hhrlhf.records import Dialogue
+from hhrlhf.records import ASSISTANT_MARKER, HUMAN_MARKER, Dialogue
 
-HUMAN_STOP = "\n\nHuman:"
+HUMAN_STOP = HUMAN_MARKER  # the HH next-turn marker, from records
 
 
 @dataclass(frozen=True)
@@ -169,7 +169,7 @@ class EndpointResponder:
         import httpx
 
         s = self.settings
-        prompt = dialogue.render() + "\n\nAssistant:"
+        prompt = dialogue.render() + ASSISTANT_MARKER
         body = {"model": self.model, "prompt": prompt, "n": n, "stream": True,
                 "max_tokens": s.max_new_tokens, "temperature": s.temperature,
                 "top_p": s.top_p, "stop": [HUMAN_STOP]}

@@ -18,9 +18,7 @@ from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import Any
 
-from hhrlhf.records import ASSISTANT, ASSISTANT_MARKER, HUMAN, Dialogue, Turn
-
-_HUMAN_MARKER = "\n\nHuman:"
+from hhrlhf.records import ASSISTANT, ASSISTANT_MARKER, HUMAN, HUMAN_MARKER, Dialogue, Turn
 
 
 @dataclass(frozen=True)
@@ -62,7 +60,7 @@ def reply_turn(text: str) -> Turn:
     """A sample's text as the Assistant turn it renders to: cut where the policy starts a new
     turn, so the dialogue reads back with exactly this turn; its leading space is the turn's
     separator, as in the published rows and ``hhrlhf generate``'s ``text``."""
-    cuts = [at for at in (text.find(_HUMAN_MARKER), text.find(ASSISTANT_MARKER)) if at >= 0]
+    cuts = [at for at in (text.find(HUMAN_MARKER), text.find(ASSISTANT_MARKER)) if at >= 0]
     text = text[: min(cuts)] if cuts else text
     sep = " " if text.startswith(" ") else ""
     return Turn(ASSISTANT, text[len(sep):], sep)
@@ -110,7 +108,7 @@ class Chat:
             [Dialogue((*self.current.turns, human))], s.max_prompt_length)
         # a reply ends where the policy starts a new turn, either one's: the sampler stops only
         # at the Human's, so the replies end here once every stream has met its end
-        streams = [TextStream(self.policy.tokenizer, stops=(_HUMAN_MARKER, ASSISTANT_MARKER))
+        streams = [TextStream(self.policy.tokenizer, stops=(HUMAN_MARKER, ASSISTANT_MARKER))
                    for _ in range(self.n)]
         steps = self.sampler.stream(prompts, n=self.n, max_new_tokens=s.max_new_tokens,
                                     temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
