@@ -249,7 +249,7 @@ def test_one_run_per_folder(start: Path, real_file: Path, tmp_path: Path) -> Non
     in one line naming the run's process; two started at once: one runs, one is refused."""
     run = tmp_path / "run"
     first = subprocess.Popen(sft_cli(real_file, start, run, "--max-steps", "100000"), env=ENV,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(lambda: (run / "metrics.jsonl").exists(), first, "metrics")
         in_use = (f"hhrlhf: error: {run}: is in use by another hhrlhf run (pid {first.pid}); "
