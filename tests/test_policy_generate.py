@@ -183,3 +183,25 @@ def test_finished_rows_leave_the_batch_without_changing_results(tiny: tuple[Poli
     assert len({len(s.tokens) for s in whole}) > 3
     assert [(s.tokens, s.text, s.stop) for s in kept] == [(s.tokens, s.text, s.stop)
                                                           for s in whole]
+
+
+def test_prompts_cut_to_fit_are_counted_and_said(tiny: tuple[Policy, Path], real_file: Path,
+                                                  capsys: pytest.CaptureFixture[str],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A prompt longer than --max-prompt-length loses its start: generate says how many did,
+    instead of showing the whole dialogue in `text` as if the policy had read it."""
+    args = ["generate", str(tiny[1]), str(real_file), "--max-prompts", "6",
+            "--max-new-tokens", "4", "--temperature", "0"]
+    code, out, err = run_cli([*args, "--max-prompt-length", "24"], capsys, monkeypatch)
+    assert code == 0, err
+    assert len(out.splitlines()) == 6
+    import re
+
+    def cut(err: str) -> int:
+        found = re.search(r"note: (\d+) of 6 prompts were longer than the prompt length", err)
+        return int(found.group(1)) if found else 0
+
+    short = cut(err)
+    assert short >= 4  # 24 tokens hold almost no dialogue
+    code, _, err = run_cli([*args, "--max-prompt-length", "400", "-q"], capsys, monkeypatch)
+    assert code == 0 and cut(err) < short

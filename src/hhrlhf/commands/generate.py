@@ -57,14 +57,15 @@ _CHUNK = 256  # prompts read before sampling: bounded memory on endless stdin
 @click.option("--max-prompts", type=int, default=0, help="Stop after N prompts (0 = all).")
 @click.option("--all-rows", is_flag=True,
               help="Sample every row's prompt, even one repeated in an earlier row.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar (one shows on a terminal).")
 @click.option("--output", "-o", type=click.Path(dir_okay=False),
               help="Write here (atomically) instead of stdout.")
 @threads_option()
 @endpoint_options
 def generate(model: str, sources: tuple[str, ...], n: int, temperature: float, top_p: float,
              top_k: int, max_new_tokens: int, max_prompt_length: int, seed: int,
-             batch_size: int, max_prompts: int, all_rows: bool, output: str | None,
-             threads: int, endpoint_model: str | None, api_key: str | None,
+             batch_size: int, max_prompts: int, all_rows: bool, quiet: bool,
+             output: str | None, threads: int, endpoint_model: str | None, api_key: str | None,
              endpoint_timeout: float) -> None:
     """Sample N responses per prompt of SOURCES (subsets, files, or - for stdin) from the
     policy in folder MODEL; the prefill of a prompt is computed once for its N samples.
@@ -111,16 +112,24 @@ def generate(model: str, sources: tuple[str, ...], n: int, temperature: float, t
     from hhrlhf.records import Dialogue, response_turn
     from hhrlhf.rl.prompts import dialogue_prompts
 
-    sample: Callable[[list[Any], int], list[Any]]
+    sample: Callable[[list[Any], int], tuple[list[Any], int]]
     if remote:
-        def sample(dialogues: list[Any], chunk_no: int) -> list[Any]:
+        def sample(dialogues: list[Any], chunk_no: int) -> tuple[list[Any], int]:
+            # the endpoint cuts (or refuses) long prompts by its own rules: none counted here
             return endpoint.sample(dialogues, n=n, max_new_tokens=max_new_tokens,
                                    temperature=temperature, top_p=top_p, top_k=top_k,
                                    seed=seed + chunk_no,
-                                   max_prompt_length=max_prompt_length or None)
+                                   max_prompt_length=max_prompt_length or None), 0
     else:
         sample = _local_sampler(model, n, temperature, top_p, top_k, max_new_tokens,
                                 max_prompt_length, seed, batch_size, threads)
+
+    from tqdm import tqdm
+
+    # progress on a terminal only (disable=None), never in a pipe or a log
+    bar = tqdm(total=max_prompts or None, desc="generate", unit="prompt", file=sys.stderr,
+               disable=True if quiet else None, dynamic_ncols=True)
+    counts = {"prompts": 0, "cut": 0}
 
     def rows() -> Iterator[dict[str, Any]]:
         chunk: list[tuple[str, Any]] = []
@@ -137,7 +146,11 @@ def generate(model: str, sources: tuple[str, ...], n: int, temperature: float, t
             yield from sampled(chunk, chunk_no)
 
     def sampled(chunk: list[tuple[str, Any]], chunk_no: int) -> Iterator[dict[str, Any]]:
-        for s in sample([d for _, d in chunk], chunk_no):
+        samples, cut = sample([d for _, d in chunk], chunk_no)
+        counts["prompts"] += len(chunk)
+        counts["cut"] += cut
+        bar.update(len(chunk))
+        for s in samples:
             pid, d = chunk[s.prompt_index]
             # cut where the policy starts a new turn, as bon and rl score it
             turn = response_turn(s.text)
@@ -152,16 +165,21 @@ def generate(model: str, sources: tuple[str, ...], n: int, temperature: float, t
 
     if output is None:
         write(sys.stdout)
-        return
-    from hhrlhf.outputs import command_output
+    else:
+        from hhrlhf.outputs import command_output
 
-    with command_output(output, "generate") as tmp, open(tmp, "w", encoding="utf-8") as fh:
-        write(fh)
+        with command_output(output, "generate") as tmp, open(tmp, "w", encoding="utf-8") as fh:
+            write(fh)
+    bar.close()
+    if counts["cut"]:  # nothing is cut without a word
+        click.echo(f"hhrlhf: note: {counts['cut']:,} of {counts['prompts']:,} prompts were "
+                   "longer than the prompt length and lost their start (the policy saw the "
+                   "end); their rows' text holds the whole dialogue", err=True)
 
 
 def _local_sampler(model: str, n: int, temperature: float, top_p: float, top_k: int,
                    max_new_tokens: int, max_prompt_length: int, seed: int, batch_size: int,
-                   threads: int) -> Callable[[list[Any], int], list[Any]]:
+                   threads: int) -> Callable[[list[Any], int], tuple[list[Any], int]]:
     """The policy in folder ``model``, loaded: a function sampling a chunk of dialogues."""
     import torch
 
@@ -178,12 +196,12 @@ def _local_sampler(model: str, n: int, temperature: float, top_p: float, top_k: 
     encoder = PolicyEncoder(policy.tokenizer, max_prompt_length + max_new_tokens)
     sampler = Sampler(policy.net, policy.tokenizer)
 
-    def sample(dialogues: list[Any], chunk_no: int) -> list[Any]:
-        prompts, _ = encoder.encode_prompts(dialogues, max_prompt_length)
+    def sample(dialogues: list[Any], chunk_no: int) -> tuple[list[Any], int]:
+        prompts, cut = encoder.encode_prompts(dialogues, max_prompt_length)
         # bf16 on a GPU (as training there), fp32 on a CPU
         with torch.autocast("cuda", torch.bfloat16, enabled=torch.cuda.is_available()):
             return sampler.sample(prompts, n=n, max_new_tokens=max_new_tokens,
                                   temperature=temperature, top_p=top_p, top_k=top_k,
-                                  seed=seed + chunk_no, batch_size=batch_size)
+                                  seed=seed + chunk_no, batch_size=batch_size), cut
 
     return sample
