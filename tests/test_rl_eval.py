@@ -129,6 +129,11 @@ def test_elo_and_win_rate_formulas() -> None:
     assert r.probability_interval.low <= want <= r.probability_interval.high
     every = compare_scores("trained", "pm", final + 5, initial, bootstrap=0)
     assert every.win_rate == 1 and every.elo == math.inf  # won every prompt: no finite Elo
+    # ... and the table says so in words, not as "+inf"
+    from hhrlhf.rl.evaluation import _elo, _signed
+
+    assert _elo(every.elo) == "all won" and _signed(math.inf) == "unbounded"
+    assert _elo(-math.inf) == "all lost" and _elo(r.elo) == f"{r.elo:+.1f}"
     assert r.mean_change == pytest.approx(0.4)
 
 

@@ -494,9 +494,16 @@ def evaluate(run: RLRun, *, prompt_sources: Sequence[str] = (), max_prompts: int
 
 # -- output ------------------------------------------------------------------------------------
 def _signed(v: float, digits: int = 1) -> str:
+    # a win rate of 1 (or 0) has no finite Elo: said in words, not as a number "+inf"
     if not math.isfinite(v):
-        return "+inf" if v > 0 else "-inf"
+        return "unbounded" if v > 0 else "-unbounded"
     return f"{v:+.{digits}f}"
+
+
+def _elo(v: float) -> str:
+    if not math.isfinite(v):
+        return "all won" if v > 0 else "all lost"
+    return _signed(v)
 
 
 def format_table(ev: Evaluation) -> str:
@@ -525,7 +532,7 @@ def format_table(ev: Evaluation) -> str:
         return (f"  {p.pm:<10} {p.mean_initial:>8.3f} {p.mean_final:>8.3f} "
                 f"{p.mean_change:>+8.3f} {f'[{ci.low:+.3f}, {ci.high:+.3f}]':>18} "
                 f"{p.win_rate:>8.3f} {f'[{wi.low:.3f}, {wi.high:.3f}]':>16} "
-                f"{_signed(p.elo):>7} {f'[{_signed(ei.low)}, {_signed(ei.high)}]':>16} "
+                f"{_elo(p.elo):>7} {f'[{_signed(ei.low)}, {_signed(ei.high)}]':>16} "
                 f"{f'{p.wins}/{p.ties}/{p.losses}':>11} {p.probability:>8.3f}")
 
     if ev.heldout:
