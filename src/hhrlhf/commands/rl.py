@@ -126,7 +126,12 @@ def train(args: tuple[str, ...], config_file: str | None, assignments: tuple[str
     if m["final_reward"] is not None:
         lines.append(f"PM reward {m['first_reward']:.4f} at step 1, {m['final_reward']:.4f} "
                      f"(mean of the last {m['final_window']} steps); KL to the initial policy "
-                     f"{m['final_kl']:.3f} nats")
+                     f"{m['final_kl']:.3f} nats (the mean over the same steps of each step's "
+                     "sample estimate, which can be negative)")
+    if m.get("context_cut_prompts"):  # nothing is cut without a word
+        lines.append(f"note: {m['context_cut_prompts']:,} of {m['prompts']:,} prompts were "
+                     f"longer than max_length - max_new_tokens = "
+                     f"{config.max_length - config.max_new_tokens} tokens and lost their start")
     if m["shared_prompt_off"]:
         lines.append(f"note: shared-prompt packing is off, {m['shared_prompt_off']}: each "
                      "sample is computed as a full row")
