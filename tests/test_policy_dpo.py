@@ -233,3 +233,19 @@ def test_a_policy_equal_to_its_reference_wins_no_pair(folders: dict[str, Path],
     first = train_dpo(cfg, rows).history[0]
     assert first["pairs"] > 8 and first["margin"] != 0  # the rounding noise is there
     assert first["accuracy"] == 0.0
+
+
+def test_the_reference_pass_shows_progress(folders: dict[str, Path], real_file: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """DPO's reference pre-pass (about an epoch of forward passes) is not silent: a bar over
+    the pairs, unless progress is off."""
+    rows = first_rows(real_file, 6)
+    def config(progress: bool) -> DPOConfig:
+        return DPOConfig(policy=str(folders["policy"]), reference=str(folders["reference"]),
+                         out_dir="", max_steps=1, batch_size=6, max_length=96, threads=1,
+                         kl_prompts=0, progress=progress)
+
+    train_dpo(config(True), rows)
+    assert "reference log-probs" in capsys.readouterr().err
+    train_dpo(config(False), rows)
+    assert "reference log-probs" not in capsys.readouterr().err

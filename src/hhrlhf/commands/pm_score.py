@@ -64,15 +64,22 @@ def score(model: str, file: str, output: str | None, batch_size: int, threads: i
         torch.set_num_threads(threads)
     where = "<stdin>" if file == "-" else file
 
+    from tqdm import tqdm
+
     def chunks() -> Iterator[list[tuple[int, dict[str, Any]]]]:
-        chunk: list[tuple[int, dict[str, Any]]] = []
-        for n, line in text_lines(file):
-            chunk.append((n, parse_row(line, where, n)))
-            if len(chunk) >= _CHUNK:
+        # a bar on a terminal only (disable=None): never in a pipe or a log
+        with tqdm(desc="pm score", unit="row", file=sys.stderr, disable=None,
+                  dynamic_ncols=True) as bar:
+            chunk: list[tuple[int, dict[str, Any]]] = []
+            for n, line in text_lines(file):
+                chunk.append((n, parse_row(line, where, n)))
+                if len(chunk) >= _CHUNK:
+                    yield chunk
+                    bar.update(len(chunk))
+                    chunk = []
+            if chunk:
                 yield chunk
-                chunk = []
-        if chunk:
-            yield chunk
+                bar.update(len(chunk))
 
     def scored(chunk: list[tuple[int, dict[str, Any]]]) -> list[dict[str, Any]]:
         texts = [(i, r) for i, (_, r) in enumerate(chunk) if r["kind"] == "text"]

@@ -118,11 +118,16 @@ def correct_pairs(policy_lp: torch.Tensor, reward_chosen: torch.Tensor,
 
 
 def reference_logprobs(net: Any, rows: Any, packed: bool, pad_id: int, batch_size: int,
-                       device: torch.device, autocast: Any = None) -> np.ndarray:
+                       device: torch.device, autocast: Any = None, progress: bool = False,
+                       desc: str = "reference") -> np.ndarray:
     """(pairs, 2) summed log-probs of chosen and rejected under ``net`` (no gradient), in
     the precision training runs in (``autocast``: the accelerator's), so that at the first step
-    the policy's log-probs equal these."""
+    the policy's log-probs equal these. ``progress``: a bar over the pairs (the pass takes
+    about as long as an epoch of forward passes: it is not silent)."""
     import contextlib
+    import sys
+
+    from tqdm import tqdm
 
     from hhrlhf.packing import collate_full, collate_shared
     from hhrlhf.pm.encode import sorted_batches
@@ -132,13 +137,16 @@ def reference_logprobs(net: Any, rows: Any, packed: bool, pad_id: int, batch_siz
     lengths = rows.packed_lengths if packed else rows.full_lengths
     was = net.training
     net.eval()
-    with torch.inference_mode(), (autocast or contextlib.nullcontext)():
+    bar = tqdm(total=len(rows), desc=desc, unit="pair", file=sys.stderr, disable=not progress,
+               dynamic_ncols=True)
+    with bar, torch.inference_mode(), (autocast or contextlib.nullcontext)():
         for idx in sorted_batches(lengths, batch_size):
             batch = (collate_shared if packed else collate_full)([rows.row(i) for i in idx],
                                                                  pad_id)
             batch = {k: v.to(device) for k, v in batch.items()}
             lp, _ = response_logprobs(net, batch, 2)
             out[idx] = lp.double().cpu().numpy()
+            bar.update(len(idx))
     net.train(was)
     return out
 
@@ -190,11 +198,14 @@ def train_dpo(config: DPOConfig, rows: list[Comparison] | None = None, *,
     lengths = data.packed_lengths if packed else data.full_lengths
     ref_train = ref_held = None
     if config.precompute_reference:
+        show = config.progress and accelerator.is_main_process
         ref_train = reference_logprobs(ref_net, data, packed, policy.pad_id,
-                                       config.eval_batch_size, dev, accelerator.autocast)
+                                       config.eval_batch_size, dev, accelerator.autocast, show,
+                                       "reference log-probs")
         if held_data is not None:
             ref_held = reference_logprobs(ref_net, held_data, packed, policy.pad_id,
-                                          config.eval_batch_size, dev, accelerator.autocast)
+                                          config.eval_batch_size, dev, accelerator.autocast,
+                                          show, "reference log-probs, held out")
     out = prepare_run_folder(config, resume, accelerator.is_main_process)
     module = LogprobNet(policy.net)
     ref_module = LogprobNet(ref_net)
