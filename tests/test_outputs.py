@@ -371,3 +371,29 @@ def test_a_subset_name_protects_its_cached_file(
     one_line(run_cli(["generate", str(models["policy"]), "harmless-base/test", "-o",
                       str(cached)], capsys, monkeypatch), "is one of the inputs")
     assert cached.read_bytes() == before
+
+
+def test_a_run_folder_where_its_model_is_meant_names_the_model(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`hhrlhf rl runs/sft runs/pm` (the run folders, not their model/): one line saying which
+    folder was meant, for the policy and for the PM, before anything loads."""
+    from hhrlhf.cli import main
+
+    runs = {}
+    for name in ("sft", "pm"):
+        run = tmp_path / "runs" / name
+        (run / "model").mkdir(parents=True)
+        (run / "config.json").write_text("{}")
+        (run / "metrics.jsonl").write_text("")
+        (run / "model" / "config.json").write_text('{"model_type": "llama"}')
+        runs[name] = run
+    for args, meant in (([str(runs["sft"]), str(runs["pm"])], runs["sft"]),
+                        ([str(runs["sft"] / "model"), str(runs["pm"])], runs["pm"]),
+                        (["score", str(runs["pm"])], runs["pm"])):
+        command = ["pm", *args] if args[0] == "score" else ["rl", *args, "--out",
+                                                              str(tmp_path / "rl")]
+        with pytest.raises(SystemExit) as e:
+            main(command)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1, err
+        assert f"did you mean {meant / 'model'}?" in err

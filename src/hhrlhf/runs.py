@@ -352,6 +352,15 @@ def resolve_config(cls: type[C], config_file: str | None, explicit: dict[str, An
     return wanted.validate()
 
 
+def refuse_run_folder_as_model(folder: str | Path) -> None:
+    """A run folder given where a model is meant (``rl runs/sft/model runs/pm``): one line
+    naming the model inside it, rather than an error about a config.json that is the run's."""
+    path = Path(folder)
+    if path.is_dir() and (path / "model").is_dir() and any(
+            (path / name).exists() for name in ("metrics.jsonl", "result.json", "checkpoints")):
+        raise HHRLHFError(f"is a run folder, not a model; did you mean {path / 'model'}?", path)
+
+
 def check_run_folder(out_dir: str, resume: bool, inputs: list[str] | None = None) -> None:
     """Refuse a run folder that holds a run (unless resumed), is a file, a model folder, an
     input folder or inside or around one (``inputs``), or cannot be written: the rule is

@@ -48,8 +48,8 @@ def rl() -> None:
 
     \b
     Examples:
-      hhrlhf rl runs/sft/model runs/pm harmless-base/test --algo rloo --out runs/rloo
-      hhrlhf rl runs/sft/model runs/pm --prompts redteam --algo ppo --out runs/ppo
+      hhrlhf rl runs/sft/model runs/pm/model harmless-base/test --algo rloo --out runs/rloo
+      hhrlhf rl runs/sft/model runs/pm/model --prompts redteam --algo ppo --out runs/ppo
       hhrlhf rl --out runs/rloo --resume
     """
     from hhrlhf.extras import require

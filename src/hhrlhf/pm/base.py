@@ -119,6 +119,9 @@ def model_kind(path: str | Path) -> str:
         raise HHRLHFError("no such model folder", folder)
     marker = folder / MARKER_FILE
     if not marker.is_file():
+        from hhrlhf.runs import refuse_run_folder_as_model
+
+        refuse_run_folder_as_model(folder)
         return _transformers_kind(folder)
     try:
         kind = json.loads(marker.read_text())["kind"]

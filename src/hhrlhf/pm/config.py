@@ -90,6 +90,9 @@ def resolve_backbone(name: str) -> str:
         return str(folder)
     p = Path(name).expanduser()
     if p.is_dir():
+        from hhrlhf.runs import refuse_run_folder_as_model
+
+        refuse_run_folder_as_model(p)
         if not (p / "config.json").is_file():
             raise HHRLHFError("backbone folder has no config.json (not a transformers model)", p)
         return str(p)
