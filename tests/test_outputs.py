@@ -294,9 +294,9 @@ def test_rl_names_the_key_it_refuses(models: dict[str, Path], real_file: Path, t
     base = ["rl", str(models["policy"]), str(models["pm"]), str(real_file), "--out",
             str(tmp_path / "run"), "--max-steps", "1"]
     one_line(run_cli([*base, "--k", "0", "--algo", "ppo"], capsys, monkeypatch),
-             "config samples_per_prompt=0 (--k): must be at least 1")
+             "config samples_per_prompt=0 (--n): must be at least 1")
     one_line(run_cli([*base, "--k", "1"], capsys, monkeypatch),
-             "config samples_per_prompt=1 (--k): RLOO needs at least 2")
+             "config samples_per_prompt=1 (--n): RLOO needs at least 2")
     # a GPU that is not there: CUDA absent, or one past the last
     missing = f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda:0"
     for key in ("ref_device", "pm_device"):

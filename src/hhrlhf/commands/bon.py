@@ -69,13 +69,14 @@ def _prompts(sources: tuple[str, ...], all_rows: bool, max_prompts: int
               help="PNG: best-of-n reward against KL and against n.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @threads_option()
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--no-progress", is_flag=True, hidden=True)  # its earlier name
 @endpoint_options
 def bon(policy: str, pm: str, sources: tuple[str, ...], n: int, out: str | None,
         rejected: str, max_prompts: int, max_new_tokens: int, max_prompt_length: int,
         temperature: float, top_p: float, top_k: int, seed: int, batch_size: int,
         pm_batch_size: int, all_rows: bool, plot_path: str | None, as_json: bool, threads: int,
-        no_progress: bool, endpoint_model: str | None, api_key: str | None,
+        quiet: bool, no_progress: bool, endpoint_model: str | None, api_key: str | None,
         endpoint_timeout: float) -> None:
     """Best-of-N: sample N responses per prompt of SOURCES from the policy in folder POLICY,
     score them with the preference model in folder PM, keep the best. POLICY may be the
@@ -150,7 +151,7 @@ def bon(policy: str, pm: str, sources: tuple[str, ...], n: int, out: str | None,
                              pm_batch_size=pm_batch_size, rejected=rejected)
     def bon_run(write: Any) -> B.BonResult:
         return B.run_bon(pol, reward_model, prompts, settings, write=write,
-                         progress=not no_progress)
+                         progress=not (quiet or no_progress))
 
     if out:
         with B.jsonl_writer(out) as write:

@@ -67,12 +67,18 @@ def rl() -> None:
 @click.option("--chat-format", type=click.Choice(["auto", "hh", "template"]),
               help="auto (default): the policy's own chat template, the HH text format when it "
                    "has none; hh: the HH text format always.")
-@click.option("--k", "samples_per_prompt", type=int, help="Samples per prompt (default 4).")
+@click.option("--n", "--k", "samples_per_prompt", type=int,
+              help="Samples per prompt (default 4; --k: its earlier name).")
 @click.option("--batch-size", type=int, help="Prompts per step (default 16).")
 @click.option("--max-steps", type=int, help="Steps (default: one pass over the prompts).")
 @click.option("--max-new-tokens", type=int, help="Tokens per response (default 64).")
 @click.option("--kl-coef", type=float, help="KL penalty coefficient (default 0.05).")
 @click.option("--lr", type=float, help="Learning rate (default 1e-6).")
+@click.option("--temperature", type=float, help="Sampling temperature (default 1.0).")
+@click.option("--top-p", type=float, help="Nucleus mass (default 1.0: off).")
+@click.option("--top-k", type=int, help="Top-k (default 0: off).")
+@click.option("--seed", type=click.IntRange(0), help="Seeds prompts, sampling, updates (default 0).")
+@click.option("--threads", type=click.IntRange(0), help="torch CPU threads (default 0: torch's).")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False),
               help="YAML, TOML or JSON file of configuration keys.")
 @click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",

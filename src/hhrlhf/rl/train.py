@@ -114,7 +114,7 @@ class RLConfig(CommonConfig):
             raise HHRLHFError(f"config prompts={self.prompts!r}: must be one of "
                               f"{', '.join(PROMPT_KINDS)}")
         if self.samples_per_prompt < (2 if self.algo == "rloo" else 1):
-            raise HHRLHFError(f"config samples_per_prompt={self.samples_per_prompt} (--k): "
+            raise HHRLHFError(f"config samples_per_prompt={self.samples_per_prompt} (--n): "
                               + ("RLOO needs at least 2 (the leave-one-out baseline)"
                                  if self.algo == "rloo" else "must be at least 1"))
         for key in ("max_new_tokens", "rollout_batch_size", "forward_batch_size", "kl_horizon"):
