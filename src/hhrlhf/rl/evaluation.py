@@ -448,9 +448,22 @@ def evaluate(run: RLRun, *, prompt_sources: Sequence[str] = (), max_prompts: int
 
         groups.append(("redteam", redteam_openings([redteam], max_redteam)))
     everything = [d for _, g in groups for d in g]
+    import sys
+
+    from tqdm import tqdm
+
+    # a bar over the work's phases (each is tens of seconds on a CPU): on a terminal only
+    phases = 2 + len(groups) + len(saved)
+    bar = tqdm(total=phases, desc="rl eval", unit="phase", file=sys.stderr, disable=None,
+               dynamic_ncols=True, bar_format="{desc}: {n}/{total} {postfix}")
+    bar.set_postfix_str(f"sampling {len(everything)} prompts from the final policy")
     # one sampling pass per policy over all prompts, the same seed for both policies
     final_texts = sample_responses(run.final, everything, settings)
+    bar.update(1)
+    bar.set_postfix_str("... from the initial policy")
     initial_texts = sample_responses(run.initial, everything, settings)
+    bar.update(1)
+    bar.set_postfix_str("scoring")
     at = 0
     for name, prompts in groups:
         rows = response_pairs(prompts, final_texts[at: at + len(prompts)],
@@ -473,6 +486,7 @@ def evaluate(run: RLRun, *, prompt_sources: Sequence[str] = (), max_prompts: int
             result.heldout, result.heldout_prompts = results, len(prompts)
         else:
             result.redteam, result.redteam_prompts = results, len(prompts)
+        bar.update(1)
     result.settings = settings
     if saved:
         kl_at = {p.step: p.kl for p in curve}
@@ -485,10 +499,12 @@ def evaluate(run: RLRun, *, prompt_sources: Sequence[str] = (), max_prompts: int
                                      settings.seed) for label, path, pm in pms]
             result.over_training.append(StepWinRates(step, kl_at.get(step), str(folder),
                                                      scored))
+            bar.update(1)
         last = curve[-1].step if curve else saved[-1][0] + 1
         if last > saved[-1][0]:  # the final policy, unless it is the last checkpoint's
             result.over_training.append(StepWinRates(last, kl_at.get(last), str(run.final),
                                                      result.heldout))
+    bar.close()
     return result
 
 
