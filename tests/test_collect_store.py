@@ -96,6 +96,13 @@ def test_helpful_export_reads_back_as_official_rows(store: Store, tmp_path: Path
     assert code == 0, err
     code, _out, err = run_cli(["stats", str(path)], capsys)
     assert code == 0, err
+    # and a preference model trains on them (the lexical one: seconds)
+    code, _out, err = run_cli(["pm", "lexical", str(path), "--out", str(tmp_path / "pm")],
+                              capsys)
+    assert code == 0, err
+    from hhrlhf.pm import load
+
+    assert load(tmp_path / "pm").score_pairs(rows)[0].shape == (3,)
 
 
 def test_harmless_pick_is_rejected(store: Store, tmp_path: Path) -> None:
