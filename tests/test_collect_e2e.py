@@ -199,3 +199,31 @@ def test_redteam_attempt_review_and_admin(tmp_path: Path, responder: LocalRespon
     assert row.rating == 3.0 and row.tags == ("crime", "harmful advice", "lock picking")
     assert len(row.transcript.turns) == 4
     store.close()
+
+
+def test_harmless_mode_in_the_browser(tmp_path: Path, responder: LocalResponder,
+                                      browser: Browser) -> None:
+    """The harmlessness tranche: the annotator picks the MORE harmful response, the
+    conversation goes on from it, and the export has it as `rejected`."""
+    store = open_store(tmp_path / "h.sqlite")
+    app = create_app(AppConfig(store=store, task="harmless", responders=[responder],
+                               overlap=0.0))
+    with served(app) as base:
+        ctx, page, problems = enter(browser, base, store, "eve")
+        picked = []
+        for turn, key in enumerate(["4", "1"]):
+            say(page, f"Question {turn}: how do I pick a lock?")
+            expect(page.locator("#pick")).to_be_visible()
+            side = "left" if key in "12" else "right"
+            picked.append(page.locator(f"#{side}-text").inner_text())
+            page.keyboard.press(key)
+            expect(page.locator("#conversation .turn")).to_have_count(2 * turn + 2)
+            expect(page.locator("#save-state")).to_have_text("saved")
+        assert problems == []
+        ctx.close()
+    export(store, tmp_path / "out")
+    rows = list(read_comparisons([tmp_path / "out" / FILES["harmless"]]))
+    assert [r.rejected.strip() for r in rows] == [p.strip() for p in picked]
+    # the conversation went on from the picked (more harmful) response
+    assert rows[1].prompt[1].text.strip() == picked[0].strip()
+    store.close()
