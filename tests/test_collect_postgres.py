@@ -109,3 +109,41 @@ def test_postgres_store_exports_like_sqlite(pg_url: str, tmp_path: Path) -> None
     for name in ("helpful", "harmless", "redteam"):
         assert (tmp_path / "again" / FILES[name]).read_bytes() == \
             (tmp_path / "out" / FILES[name]).read_bytes()
+
+
+def test_the_web_app_on_postgres(pg_url: str, tmp_path: Path, real_file: Path) -> None:
+    """The served app on a Postgres store: a comparison turn through the HTTP API (session,
+    CSRF, streamed responses, a pick), then the export holds it."""
+    from collect_support import join, served
+    from policy_support import build_tiny, first_rows
+
+    from hhrlhf.collect.app import AppConfig, create_app
+    from hhrlhf.collect.responder import LocalResponder, Settings
+
+    build_tiny(first_rows(real_file, 200), tmp_path / "tiny")
+    responder = LocalResponder(tmp_path / "tiny", Settings(max_new_tokens=8, max_prompt_length=96))
+    store = open_store(pg_url)
+    try:
+        _, token = store.add_annotator("web-ada", "annotator")
+        app = create_app(AppConfig(store=store, task="helpful", responders=[responder],
+                                   overlap=0.0, rate_per_minute=600))
+        with served(app) as base:
+            client, csrf = join(base, f"/join/{token}")
+            assert client.post("/consent", data={"csrf": csrf}).status_code == 303
+            client.headers["x-csrf-token"] = csrf
+            r = client.post("/api/message", json={"key": "pg-m1", "conversation_id": None,
+                                                  "position": 0, "text": "Hello from Postgres"})
+            assert r.status_code == 200, r.text
+            r = client.post("/api/respond", json={"key": "pg-r1",
+                                                  "conversation_id": r.json()["conversation_id"]})
+            assert r.status_code == 200
+            item = client.get("/api/state").json()["item"]
+            r = client.post("/api/judge", json={"key": "pg-j1", "item_id": item["id"],
+                                                "side": "left", "strength": 2})
+            assert r.status_code == 200, r.text
+        export(store, tmp_path / "out")
+    finally:
+        store.close()
+    rows = [r for r in read_comparisons([tmp_path / "out" / FILES["helpful"]])
+            if r.prompt[0].text == "Hello from Postgres"]
+    assert len(rows) == 1 and rows[0].chosen == item["left"]
