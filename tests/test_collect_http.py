@@ -339,3 +339,22 @@ def test_two_policies_one_response_each_hidden_from_the_page(
     assert side[f"settings_{by_policy['tiny-b']}"]["temperature"] == 0.5
     assert side[f"settings_{by_policy['tiny']}"]["temperature"] == 1.0
     assert isinstance(side["settings_chosen"]["seed"], int)
+
+
+def test_an_abandoned_stream_holds_nothing_up(responder: LocalResponder) -> None:
+    """A client that reads one piece of a response and goes away without closing the stream
+    must not block every other annotator's responses (the responder's lock is held one
+    decode step at a time, never across a yield)."""
+    import threading
+
+    first = responder.respond(Dialogue.parse("\n\nHuman: hi"), 2)
+    next(first)  # one event; the client is gone and the generator is never closed
+    done = threading.Event()
+
+    def other() -> None:
+        list(responder.respond(Dialogue.parse("\n\nHuman: hello"), 2))
+        done.set()
+
+    threading.Thread(target=other, daemon=True).start()
+    assert done.wait(300), "a second response waited on the abandoned stream"
+    first.close()

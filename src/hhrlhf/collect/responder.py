@@ -123,16 +123,23 @@ class LocalResponder:
         seed = secrets.randbelow(2**31)  # a new draw each time; recorded in the side file
         prompts, _ = self.encoder.encode_prompts([dialogue], s.max_prompt_length)
         started: set[int] = set()  # samples whose text has begun (its leading space dropped)
-        with self._lock:  # held while this generator runs; closing it (a client gone) frees it
-            for d in stream_text(self.sampler, prompts, n=n, max_new_tokens=s.max_new_tokens,
-                                 temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                                 seed=seed, batch_size=max(n, 1)):
-                text = d.text if d.sample_index in started else _strip_space(d.text, True)
-                if text:
-                    started.add(d.sample_index)
-                    yield Event(d.sample_index, text)
-                if d.stop is not None:
-                    yield Event(d.sample_index, done=True, meta={"seed": seed, "stop": d.stop})
+        deltas = stream_text(self.sampler, prompts, n=n, max_new_tokens=s.max_new_tokens,
+                             temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                             seed=seed, batch_size=max(n, 1))
+        while True:
+            # the lock is held for one decode step at a time, never across a yield: a client
+            # that reads slowly, or goes away without closing its stream, holds nothing up;
+            # other streams' steps interleave (each decode's state is its own)
+            with self._lock:
+                d = next(deltas, None)
+            if d is None:
+                return
+            text = d.text if d.sample_index in started else _strip_space(d.text, True)
+            if text:
+                started.add(d.sample_index)
+                yield Event(d.sample_index, text)
+            if d.stop is not None:
+                yield Event(d.sample_index, done=True, meta={"seed": seed, "stop": d.stop})
 
 
 class EndpointResponder:
