@@ -42,7 +42,10 @@ def test_the_tutorial_runs_as_written(tmp_path: Path) -> None:
         r = subprocess.run(["bash", "-c", f"set -o pipefail; {cmd}"], cwd=work, env=env,
                            capture_output=True, text=True, timeout=600, check=False)
         assert r.returncode == 0, f"{cmd}\n{r.stdout}\n{r.stderr}"
-        outputs[cmd.split()[1] if not cmd.startswith("echo") else "chat"] = r.stdout
+        words = cmd.split()
+        name = "chat" if cmd.startswith("echo") else " ".join(
+            words[1:3] if words[1] in ("rl", "pm") else words[1:2])
+        outputs[name] = r.stdout  # the last run of each command
     for run in ("sft", "pm", "dpo", "rloo", "ppo"):
         assert (work / "runs" / run / "result.json").is_file(), run
         assert (work / "runs" / run / "model").is_dir(), run
@@ -53,4 +56,4 @@ def test_the_tutorial_runs_as_written(tmp_path: Path) -> None:
     assert (work / "bon.jsonl").stat().st_size > 0 and (work / "rloo.png").stat().st_size > 0
     assert outputs["chat"].strip()  # the policy answered
     # the KL in rl's summary says what it is: a mean of per-step estimates, which can be < 0
-    assert "sample estimate, which can be negative" in outputs["rl"]
+    assert "sample estimate, which can be negative" in outputs["rl train"]
