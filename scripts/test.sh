@@ -12,7 +12,9 @@ site=$(mktemp -d)
 trap 'rm -rf "$site"' EXIT
 .venv/bin/mkdocs build --strict --quiet --site-dir "$site"
 set +e
-.venv/bin/python -m pytest "$@"
+# One worker per core (HHRLHF_TEST_WORKERS overrides; 0 runs in this process); a file's tests
+# stay on one worker, so module fixtures (a tiny model trained once) are built once.
+.venv/bin/python -m pytest -n "${HHRLHF_TEST_WORKERS:-auto}" --dist loadfile "$@"
 rc=$?
 # pytest exits 5 when it collected no test: that is a failure here, never a pass.
 [ "$rc" = 5 ] && echo "no tests ran" >&2
