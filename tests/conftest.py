@@ -46,3 +46,10 @@ def seeded_cache(cache: Path, real_file: Path) -> Path:
     dest.parent.mkdir(parents=True)
     shutil.copyfile(real_file, dest)
     return cache
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files with a test marked ``slow`` first: with one worker per core (scripts/test.sh), the
+    longest file starts at once instead of being the last thing the suite waits for."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: order kept otherwise
