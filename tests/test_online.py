@@ -1,6 +1,8 @@
 """hhrlhf online: simulated annotators keep their set agreement rate and Bradley-Terry
 probabilities; two tiny rounds run end to end in the official format; a loop killed (SIGKILL)
-mid-round and resumed ends with the files of one never stopped; bad settings are one line."""
+mid-round and resumed ends with the files of one never stopped; in human mode the collect app
+(a real server, real HTTP, real SQLite) hands each round's quota back to the loop, across a
+SIGKILL; bad settings are one line."""
 
 from __future__ import annotations
 
@@ -101,13 +103,44 @@ def test_pair_selection_rules() -> None:
     assert len(select_pairs("active", prompts, groups, judge, 5, rng)) == 2
 
 
+def test_pm_warm_start_begins_from_the_previous_weights(real_file: Path) -> None:
+    """pm_init: warm starts the PM's solver from the previous round's weights, scratch from
+    zeros. With one solver iteration the warm model is still near the previous one, the
+    scratch one near zero; run to convergence (a convex fit) both reach the same model, the
+    warm one in fewer iterations."""
+    from hhrlhf.pm.lexical import LexicalConfig, LexicalPreferenceModel
+    from hhrlhf.read import read_comparisons
+
+    rows = [c for c in read_comparisons([real_file]) if c.chosen != c.rejected][:300]
+    previous = LexicalPreferenceModel.fit(rows[:200])
+    one = LexicalConfig(max_iter=1)
+    warm = LexicalPreferenceModel.fit(rows, one, init=previous.weights)
+    scratch = LexicalPreferenceModel.fit(rows, one)
+
+    def dist(a: np.ndarray, b: np.ndarray) -> float:
+        return float(np.linalg.norm(a - b))
+
+    assert dist(warm.weights, previous.weights) < 0.5 * dist(scratch.weights, previous.weights)
+    assert dist(scratch.weights, np.zeros_like(scratch.weights)) < dist(
+        warm.weights, np.zeros_like(warm.weights))
+    warm_all = LexicalPreferenceModel.fit(rows, init=previous.weights)
+    scratch_all = LexicalPreferenceModel.fit(rows)
+    assert warm_all.info["converged"] and scratch_all.info["converged"]
+    assert warm_all.info["iterations"] < scratch_all.info["iterations"]
+    # both at the one optimum (lbfgs stops within its tolerance of it)
+    sa, sb = warm_all.score_pairs(rows[:50]), scratch_all.score_pairs(rows[:50])
+    assert np.allclose(sa[0] - sa[1], sb[0] - sb[1], atol=0.05)
+    with pytest.raises(HHRLHFError, match="starting weights"):
+        LexicalPreferenceModel.fit(rows, one, init=np.zeros(3))
+
+
 # -- the loop ---------------------------------------------------------------------------------
-def loop_args(real_file: Path, out: Path) -> list[str]:
+def loop_args(real_file: Path, out: Path, quiet: bool = True) -> list[str]:
     sets = {"max_rows": 240, "rounds": 2, "pairs_per_round": 8, "bon_prompts": 16, "bon_n": 4,
             "eval_prompts": 12, "tiny_vocab_size": 600, "tiny_hidden_size": 32,
             "max_new_tokens": 12, "max_prompt_length": 96, "max_length": 128, "epochs": 3,
             "save_every": 2, "bootstrap": 100, "threads": 1}
-    args = [str(real_file), "--out", str(out), "-q"]
+    args = [str(real_file), "--out", str(out)] + (["-q"] if quiet else [])
     for k, v in sets.items():
         args += ["--set", f"{k}={v}"]
     return args
@@ -151,8 +184,8 @@ def test_two_rounds_end_to_end(whole: Path, capsys: pytest.CaptureFixture[str],
                 <= v["win_interval"]["high"]
         assert 0 <= result["pm"]["accuracy"] <= 1 and "accuracy_top_decile" in result["pm"]
         assert [p["n"] for p in result["bon_curve"]] == [1, 2, 4]
-        assert json.loads((folder / "pm" / "hhrlhf_pm.json").read_text())["info"]["labels"] \
-            == total
+        info = json.loads((folder / "pm" / "hhrlhf_pm.json").read_text())["info"]
+        assert info["labels"] == total and info["init"] == "scratch"
     code, out, err = run_cli(["online", "report", str(whole)], capsys, monkeypatch)
     assert code == 0, err
     assert out.splitlines()[0].split()[:2] == ["round", "labels"]
@@ -211,7 +244,10 @@ def test_rloo_round_with_active_pairs(real_file: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize(("setting", "message"), [
     ("pairs=best", "config pairs='best': must be one of random, best_vs_random, active"),
     ("annotator_agreement=0.4", "config annotator_agreement=0.4: must be in [0.5, 1]"),
-    ("labels=collect", "config labels='collect': collecting from people"),
+    ("labels=collect pairs=active", "config pairs='active': applies to simulated labels only"),
+    ("labels=collect collect_task=redteam",
+     "config collect_task='redteam': must be one of helpful, harmless"),
+    ("pm_init=cold", "config pm_init='cold': must be one of scratch, warm"),
     ("rounds=0", "config rounds=0: must be at least 1"),
     ("annotator_temperature=0", "config annotator_temperature=0.0: must be positive"),
     ("pairs_per_roundz=3", "unknown config key 'pairs_per_roundz'; did you mean"),
@@ -219,8 +255,9 @@ def test_rloo_round_with_active_pairs(real_file: Path, tmp_path: Path) -> None:
 def test_bad_settings_are_one_line(setting: str, message: str, tmp_path: Path,
                                    capsys: pytest.CaptureFixture[str],
                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    sets = [a for s in setting.split() for a in ("--set", s)]
     code, _, err = run_cli(["online", "harmless-base/test", "--out", str(tmp_path / "x"),
-                            "--set", setting], capsys, monkeypatch)
+                            *sets], capsys, monkeypatch)
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and message in err, err
     assert not (tmp_path / "x").exists()
@@ -254,3 +291,111 @@ def test_resume_may_change_rounds_only(whole: Path, real_file: Path, tmp_path: P
     after = {p: p.stat().st_mtime_ns for p in copy.rglob("*") if p.is_file()}
     changed = [p.name for p in after if before.get(p) != after[p]]
     assert changed == ["config.json"], changed
+
+
+# -- human mode: people through the collect app ------------------------------------------------
+def wait_for(path: Path, proc: subprocess.Popen[bytes], log: Path, timeout: float = 400) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.time() < deadline, f"no {path} after {timeout} s"
+        time.sleep(0.1)
+
+
+def server_down(base: str, timeout: float = 60) -> bool:
+    import httpx
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            httpx.get(base + "/healthz", timeout=2)
+        except httpx.TransportError:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def final_pair(row: dict[str, str]) -> tuple[str, str, str]:
+    c = Comparison.from_strings(row["chosen"], row["rejected"])
+    assert "context_mismatch" not in c.flags
+    return c.prompt[-1].text, c.chosen, c.rejected
+
+
+def test_human_mode_rounds_come_from_people(real_file: Path, tmp_path: Path) -> None:
+    """labels=collect: each round's policy is deployed in the collect app (a real `hhrlhf
+    collect serve` child of the loop, real HTTP, real SQLite), an annotator invited once
+    works through the HTTP API, and each round ends with exactly the comparisons made for it
+    (not those made before the loop), trains on them and goes on. The loop is killed with
+    SIGKILL while it waits (its server goes with it) and resumed: what was collected counts."""
+    from collect_support import annotator, converse, free_port, join, judged_turn, wait_up
+
+    from hhrlhf.collect.store import open_store
+
+    db, out, port = tmp_path / "feedback.sqlite", tmp_path / "human", free_port()
+    base = f"http://127.0.0.1:{port}"
+    store = open_store(db)
+    converse(store, annotator(store, "before"), "helpful", ["Made before the loop"])
+    ada_id, token = store.add_annotator("ada")  # invited once, for every round
+    store.close()
+    sets = {"labels": "collect", "collect_db": db, "collect_port": port, "pairs_per_round": 2,
+            "collect_poll": 0.2, "collect_overlap": 0, "pm_init": "warm"}
+    args = loop_args(real_file, out, quiet=False)
+    for k, v in sets.items():
+        args += ["--set", f"{k}={v}"]
+    log1, log2 = tmp_path / "loop1.log", tmp_path / "loop2.log"
+    with open(log1, "wb") as f:
+        proc = subprocess.Popen([HHRLHF, "online", *args], env=ENV, stdout=f, stderr=f)
+    try:
+        wait_for(out / "round-01" / "deploy.json", proc, log1)
+        wait_up(base)
+        client, csrf = join(base, f"/join/{token}")
+        assert client.post("/consent", data={"csrf": csrf}).status_code == 303
+        client.headers["x-csrf-token"] = csrf
+        cid, first = judged_turn(client, None, 0, "How do I brew tea?", "right")
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (out / "round-01" / "comparisons.jsonl.gz").exists()
+    assert server_down(base), "the collect server outlived the killed loop"
+    with open(log2, "wb") as f:
+        proc = subprocess.Popen([HHRLHF, "online", "--out", str(out), "--resume"], env=ENV,
+                                stdout=f, stderr=f)
+    try:
+        wait_up(base)
+        _, second = judged_turn(client, cid, 2, "And with milk?", "left")
+        wait_for(out / "round-02" / "deploy.json", proc, log2)
+        wait_up(base)
+        assert client.post("/api/finish", json={"key": "f1", "conversation_id": cid}
+                           ).status_code == 200
+        cid2, third = judged_turn(client, None, 0, "What is a kettle?", "left")
+        _, fourth = judged_turn(client, cid2, 2, "Thanks!", "right")
+        assert proc.wait(timeout=400) == 0, log2.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+    said = log2.read_text()
+    # resumed, it counts what was collected before the kill
+    assert "online: round 1: 1/2 comparisons" in said and "round 1: 2/2 comparisons" in said
+    expected = {1: [("How do I brew tea?", first["right"], first["left"]),
+                    ("And with milk?", second["left"], second["right"])],
+                2: [("What is a kettle?", third["left"], third["right"]),
+                    ("Thanks!", fourth["right"], fourth["left"])]}
+    for r, pairs_ in expected.items():
+        folder = out / f"round-{r:02d}"
+        rows = preference_rows(folder / "comparisons.jsonl.gz")
+        assert [final_pair(row) for row in rows] == pairs_
+        side = [json.loads(line) for line in
+                (folder / "comparisons.side.jsonl").read_text().splitlines()]
+        assert [s["index"] for s in side] == [0, 1]
+        assert {s["annotator_id"] for s in side} == {ada_id}
+        deploy = json.loads((folder / "deploy.json").read_text())
+        assert Path(deploy["policy"]) == (out / f"round-{r - 1:02d}" / "policy" / "model"
+                                          ).resolve()
+        result = json.loads((folder / "result.json").read_text())
+        assert result["labels"] == 2 and result["labels_total"] == 2 * r
+        assert result["collect"]["source"] == "collect" and result["collect"]["annotators"] == 1
+        # the PM is fitted on every label so far (never the row made before the loop)
+        info = json.loads((folder / "pm" / "hhrlhf_pm.json").read_text())["info"]
+        assert info["labels"] == 2 * r and info["init"] == f"round-{r - 1:02d}"  # pm_init=warm
+        assert (folder / "policy" / "model" / "config.json").is_file()

@@ -49,6 +49,8 @@ LABELS = ("simulated", "collect")
 PAIRS = ("random", "best_vs_random", "active")
 METHODS = ("bon_sft", "dpo", "rloo", "ppo")
 COLLECT_FROM = ("current", "initial")
+TASKS = ("helpful", "harmless")
+PM_INIT = ("scratch", "warm")
 RESULT = "result.json"
 
 
@@ -71,9 +73,21 @@ class OnlineConfig(CommonConfig):
     candidates: int = 4  # samples per prompt for best_vs_random and active
     active_pool: int = 4  # active: prompts sampled per pair labelled
     collect_from: str = "current"
+    # labels=collect: people in the `hhrlhf collect` app (the same database and address in
+    # every round and after a resume; invite annotators once with `hhrlhf collect invite`)
+    collect_db: str = ""  # an SQLite file or a postgresql:// URL; "" = OUT/collect.sqlite
+    collect_task: str = "helpful"  # helpful | harmless: what the annotators are asked
+    collect_host: str = "127.0.0.1"
+    collect_port: int = 8000
+    collect_overlap: float = 0.1  # share of comparisons also shown to a second annotator
+    collect_poll: float = 5.0  # seconds between two counts of the round's comparisons
     # the loop fold's human comparisons in every round's PM data (False: the rounds' labels
     # alone from round 1 on; round 0's PM, which picks round 1's pairs, always has them)
     pm_seed: bool = True
+    # each round's PM: fitted from the previous round's weights (warm) or from zeros (scratch),
+    # with at most pm_max_iter solver iterations (the fit is convex: at convergence both agree)
+    pm_init: str = "scratch"
+    pm_max_iter: int = 1000
     # the policy step
     method: str = "bon_sft"
     bon_n: int = 8
@@ -104,13 +118,24 @@ class OnlineConfig(CommonConfig):
     def validate(self) -> OnlineConfig:
         super().validate()
         for key, allowed in (("labels", LABELS), ("pairs", PAIRS), ("method", METHODS),
-                             ("collect_from", COLLECT_FROM)):
+                             ("collect_from", COLLECT_FROM), ("pm_init", PM_INIT)):
             self.one_of(key, allowed)
         if self.labels == "collect":
-            raise self.bad("labels", "collecting from people (the `hhrlhf collect` app) is not "
-                           "built yet; use labels=simulated")
+            self.one_of("collect_task", TASKS)
+            if self.pairs != "random":
+                raise self.bad("pairs", "applies to simulated labels only: with labels=collect "
+                               "people write the prompts and judge two samples of the "
+                               "deployed policy")
+            if not 1 <= self.collect_port <= 65535:
+                raise self.bad("collect_port", "must be a port number (1-65535)")
+            if not 0 <= self.collect_overlap <= 1:
+                raise self.bad("collect_overlap", "must be in [0, 1]")
+            if not self.collect_poll > 0:
+                raise self.bad("collect_poll", "must be positive")
+            if not self.collect_db:
+                self.collect_db = str(Path(self.out_dir) / "collect.sqlite")
         for key in ("rounds", "pairs_per_round", "bon_prompts", "eval_prompts", "active_pool",
-                    "max_new_tokens", "max_prompt_length"):
+                    "max_new_tokens", "max_prompt_length", "pm_max_iter"):
             self.at_least(key, 1)
         for key in ("candidates", "bon_n"):
             if getattr(self, key) < 2:
@@ -344,9 +369,10 @@ class Loop:
         fit(has_checkpoint)
 
     def pm(self, r: int) -> Any:
-        """The round's PM: read back, or fitted on the seed rows and rounds 1..r's labels."""
+        """The round's PM: read back, or fitted on the seed rows and rounds 1..r's labels,
+        from round r-1's PM's weights (``pm_init=warm``, rounds 1 on) or from zeros."""
         from hhrlhf.pm.base import MARKER_FILE, load
-        from hhrlhf.pm.lexical import LexicalPreferenceModel
+        from hhrlhf.pm.lexical import LexicalConfig, LexicalPreferenceModel
 
         folder = round_dir(self.out, r) / "pm"
         if (folder / MARKER_FILE).is_file():
@@ -355,8 +381,13 @@ class Loop:
         labelled: list[Comparison] = []
         for q in range(1, r + 1):
             labelled += read_rows(round_dir(self.out, q) / "comparisons.jsonl.gz")
-        model = LexicalPreferenceModel.fit(seed + labelled)
+        warm = self.config.pm_init == "warm" and r >= 1
+        init = self.pm(r - 1).weights if warm else None
+        model = LexicalPreferenceModel.fit(seed + labelled,
+                                           LexicalConfig(max_iter=self.config.pm_max_iter),
+                                           init=init)
         model.info["labels"] = len(labelled)
+        model.info["init"] = f"round-{r - 1:02d}" if warm else "scratch"
         model.save(folder)
         return model
 
@@ -369,6 +400,15 @@ class Loop:
         if path.is_file() and info_path.is_file():
             return json.loads(info_path.read_text())  # type: ignore[no-any-return]
         deployed = 0 if c.collect_from == "initial" else r - 1
+        if c.labels == "collect":
+            from hhrlhf.online.human import collect_round
+            from hhrlhf.runs import write_json
+
+            info = collect_round(round_dir(self.out, r), r, deployed,
+                                 self.policy_dir(deployed).resolve(), c,
+                                 lambda m: say(c, m))
+            write_json(info_path, info)
+            return info
         per_prompt = 2 if c.pairs == "random" else c.candidates
         pool = c.pairs_per_round * (c.active_pool if c.pairs == "active" else 1)
         # a few more prompts than pairs: a prompt whose samples are all the same text gives none
