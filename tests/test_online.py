@@ -188,8 +188,16 @@ def test_two_rounds_end_to_end(whole: Path, capsys: pytest.CaptureFixture[str],
         assert info["labels"] == total and info["init"] == "scratch"
     code, out, err = run_cli(["online", "report", str(whole)], capsys, monkeypatch)
     assert code == 0, err
-    assert out.splitlines()[0].split()[:2] == ["round", "labels"]
-    assert len(out.splitlines()) == 1 + 3 + 1
+    lines = out.splitlines()
+    assert lines[0].split()[:2] == ["round", "labels"]
+    # the rounds' table, then each policy step's reward against sqrt(KL), then the PNG
+    assert len(lines) == 1 + 3 + 2 + 2 + 1
+    assert lines[4] == "policy step, PM reward against sqrt(KL):"
+    for r, line in zip((1, 2), lines[6:8]):
+        curve = json.loads((whole / f"round-{r:02d}" / "result.json").read_text())["bon_curve"]
+        words = line.split()
+        assert words[:3] == [str(r), "best-of-n", "3"]
+        assert float(words[3]) == pytest.approx(math.sqrt(curve[-1]["kl"]), abs=1e-3)
     assert (whole / "online.png").stat().st_size > 10_000
 
 
@@ -239,6 +247,42 @@ def test_rloo_round_with_active_pairs(real_file: Path, tmp_path: Path) -> None:
     assert result["collect"]["prompts_sampled"] > 6 * 4 - 1  # active_pool prompts per label
     assert len(result["rl_curve"]) == 2 and {"kl", "reward", "step"} <= set(result["rl_curve"][0])
     assert result["rl_fit"] is None or result["rl_fit"]["points"] == 2
+
+
+def test_dpo_round_records_reward_vs_sqrt_kl(real_file: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A DPO round measures its policy step's two ends: the previous policy at KL 0 and the
+    DPO policy at its KL to it, each scored by the round's PM; the report prints and draws it."""
+    from hhrlhf.online.loop import OnlineConfig, run_online, sample_turns
+    from hhrlhf.pm.base import load
+    from hhrlhf.runs import apply_overrides
+
+    out = tmp_path / "d"
+    config = OnlineConfig(data=[str(real_file)], max_rows=160, rounds=1, pairs_per_round=8,
+                          method="dpo", lr=3e-3, epochs=4, eval_prompts=8, tiny_vocab_size=600,
+                          tiny_hidden_size=32, max_new_tokens=12, max_prompt_length=96,
+                          max_length=128, batch_size=4, bootstrap=50, progress=False,
+                          out_dir=str(out))
+    config = apply_overrides(config, {"save_every": "0"})
+    result = run_online(config)[-1]
+    start, end = result["dpo_curve"]
+    steps = json.loads((out / "round-01" / "policy" / "result.json").read_text())["steps"]
+    assert (start["step"], start["kl"]) == (0, 0.0) and end["step"] == steps > 0
+    assert end["kl"] > 0  # sampled from the new policy: the policy moved
+    assert result["dpo_fit"]["points"] == 2
+    # the start is the previous policy's answers scored by the round's PM
+    loop_prompts = run_online.__globals__["Loop"](config.validate(), out).folds.eval_prompts
+    turns = sample_turns(out / "round-00" / "policy" / "model", loop_prompts, 1, config,
+                         config.seed * 1_000_003 + 101 + 10)
+    pm = load(out / "round-01" / "pm")
+    assert start["reward"] == pytest.approx(float(np.mean(pm.score(
+        [Dialogue(p.turns + (t[0],), p.preamble) for p, t in zip(loop_prompts, turns)]))))
+    code, text, err = run_cli(["online", "report", str(out)], capsys, monkeypatch)
+    assert code == 0, err
+    line = text.splitlines()[-2].split()
+    assert line[:3] == ["1", "dpo", "2"]
+    assert float(line[3]) == pytest.approx(math.sqrt(end["kl"]), abs=1e-3)
 
 
 @pytest.mark.parametrize(("setting", "message"), [
@@ -322,11 +366,12 @@ def final_pair(row: dict[str, str]) -> tuple[str, str, str]:
 
 
 def test_human_mode_rounds_come_from_people(real_file: Path, tmp_path: Path) -> None:
-    """labels=collect: each round's policy is deployed in the collect app (a real `hhrlhf
+    """labels=collect: the round's policy is deployed in the collect app (a real `hhrlhf
     collect serve` child of the loop, real HTTP, real SQLite), an annotator invited once
-    works through the HTTP API, and each round ends with exactly the comparisons made for it
-    (not those made before the loop), trains on them and goes on. The loop is killed with
-    SIGKILL while it waits (its server goes with it) and resumed: what was collected counts."""
+    works through the HTTP API, and the round ends with exactly the comparisons made for it
+    (not one made before the loop), trains on them and goes on to its evaluation. The loop is
+    killed with SIGKILL while it waits (its server goes with it) and resumed: the server is
+    back at the same address, the invite's session still works, what was collected counts."""
     from collect_support import annotator, converse, free_port, join, judged_turn, wait_up
 
     from hhrlhf.collect.store import open_store
@@ -335,10 +380,11 @@ def test_human_mode_rounds_come_from_people(real_file: Path, tmp_path: Path) -> 
     base = f"http://127.0.0.1:{port}"
     store = open_store(db)
     converse(store, annotator(store, "before"), "helpful", ["Made before the loop"])
-    ada_id, token = store.add_annotator("ada")  # invited once, for every round
+    ada_id, token = store.add_annotator("ada")  # invited once, before the loop
     store.close()
     sets = {"labels": "collect", "collect_db": db, "collect_port": port, "pairs_per_round": 2,
-            "collect_poll": 0.2, "collect_overlap": 0, "pm_init": "warm"}
+            "collect_poll": 0.2, "collect_overlap": 0, "pm_init": "warm", "rounds": 1,
+            "max_rows": 160, "eval_prompts": 8, "bon_prompts": 8}
     args = loop_args(real_file, out, quiet=False)
     for k, v in sets.items():
         args += ["--set", f"{k}={v}"]
@@ -355,6 +401,7 @@ def test_human_mode_rounds_come_from_people(real_file: Path, tmp_path: Path) -> 
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
+    assert "online: round 1: 0/2 comparisons" in log1.read_text()
     assert not (out / "round-01" / "comparisons.jsonl.gz").exists()
     assert server_down(base), "the collect server outlived the killed loop"
     with open(log2, "wb") as f:
@@ -363,12 +410,6 @@ def test_human_mode_rounds_come_from_people(real_file: Path, tmp_path: Path) -> 
     try:
         wait_up(base)
         _, second = judged_turn(client, cid, 2, "And with milk?", "left")
-        wait_for(out / "round-02" / "deploy.json", proc, log2)
-        wait_up(base)
-        assert client.post("/api/finish", json={"key": "f1", "conversation_id": cid}
-                           ).status_code == 200
-        cid2, third = judged_turn(client, None, 0, "What is a kettle?", "left")
-        _, fourth = judged_turn(client, cid2, 2, "Thanks!", "right")
         assert proc.wait(timeout=400) == 0, log2.read_text()[-3000:]
     finally:
         if proc.poll() is None:
@@ -377,25 +418,22 @@ def test_human_mode_rounds_come_from_people(real_file: Path, tmp_path: Path) -> 
     said = log2.read_text()
     # resumed, it counts what was collected before the kill
     assert "online: round 1: 1/2 comparisons" in said and "round 1: 2/2 comparisons" in said
-    expected = {1: [("How do I brew tea?", first["right"], first["left"]),
-                    ("And with milk?", second["left"], second["right"])],
-                2: [("What is a kettle?", third["left"], third["right"]),
-                    ("Thanks!", fourth["right"], fourth["left"])]}
-    for r, pairs_ in expected.items():
-        folder = out / f"round-{r:02d}"
-        rows = preference_rows(folder / "comparisons.jsonl.gz")
-        assert [final_pair(row) for row in rows] == pairs_
-        side = [json.loads(line) for line in
-                (folder / "comparisons.side.jsonl").read_text().splitlines()]
-        assert [s["index"] for s in side] == [0, 1]
-        assert {s["annotator_id"] for s in side} == {ada_id}
-        deploy = json.loads((folder / "deploy.json").read_text())
-        assert Path(deploy["policy"]) == (out / f"round-{r - 1:02d}" / "policy" / "model"
-                                          ).resolve()
-        result = json.loads((folder / "result.json").read_text())
-        assert result["labels"] == 2 and result["labels_total"] == 2 * r
-        assert result["collect"]["source"] == "collect" and result["collect"]["annotators"] == 1
-        # the PM is fitted on every label so far (never the row made before the loop)
-        info = json.loads((folder / "pm" / "hhrlhf_pm.json").read_text())["info"]
-        assert info["labels"] == 2 * r and info["init"] == f"round-{r - 1:02d}"  # pm_init=warm
-        assert (folder / "policy" / "model" / "config.json").is_file()
+    assert server_down(base, timeout=1), "the collect server outlived its round"
+    folder = out / "round-01"
+    rows = preference_rows(folder / "comparisons.jsonl.gz")
+    assert [final_pair(row) for row in rows] == [
+        ("How do I brew tea?", first["right"], first["left"]),
+        ("And with milk?", second["left"], second["right"])]
+    side = [json.loads(line) for line in
+            (folder / "comparisons.side.jsonl").read_text().splitlines()]
+    assert [s["index"] for s in side] == [0, 1] and {s["annotator_id"] for s in side} == {ada_id}
+    deploy = json.loads((folder / "deploy.json").read_text())
+    assert Path(deploy["policy"]) == (out / "round-00" / "policy" / "model").resolve()
+    result = json.loads((folder / "result.json").read_text())
+    assert result["labels"] == 2 and result["labels_total"] == 2
+    assert result["collect"]["source"] == "collect" and result["collect"]["annotators"] == 1
+    assert result["vs_round0"]["prompts"] == 8
+    # the PM: fitted on the round's labels (never the row made before the loop), warm
+    info = json.loads((folder / "pm" / "hhrlhf_pm.json").read_text())["info"]
+    assert info["labels"] == 2 and info["init"] == "round-00"
+    assert (folder / "policy" / "model" / "config.json").is_file()
