@@ -8,12 +8,14 @@ r = 1, 2, ... then:
    round-0 one: the offline baseline), pick ``pairs_per_round`` pairs of its responses
    (``pairs``: random, best_vs_random or active) and have them labelled (``labels``);
    written in the official format to ``round-RR/comparisons.jsonl.gz`` (chosen: preferred);
+   with ``labels=collect`` people make them in the collect app (:mod:`hhrlhf.online.human`);
 2. **PM**: the lexical PM fitted on the seed rows and every round's comparisons so far
-   (``round-RR/pm``; a convex fit, so warm and cold starts reach the same model);
+   (``round-RR/pm``), from zeros or (``pm_init=warm``) from the previous round's weights;
 3. **policy**: the previous policy improved against the new PM (``method``): ``bon_sft``
    (best-of-N distillation: SFT on the PM's best of N samples, ``round-RR/distill.jsonl.gz``),
    ``dpo`` (DPO on the round's comparisons), or ``rloo`` / ``ppo`` (``hhrlhf rl``'s trainer
-   against the PM); ``round-RR/policy`` is the trainer's run folder;
+   against the PM); ``round-RR/policy`` is the trainer's run folder; the step's PM reward
+   against sqrt(KL) goes into the round's result (DPO's measured after it);
 4. **evaluate**: the judge's win rate and Elo of the round's policy against round 0 and the
    previous round, the PM's accuracy on fresh judge-labelled pairs, labels used;
    ``round-RR/result.json``, written last: a round whose result.json exists is done.
