@@ -307,6 +307,19 @@ def test_bad_settings_are_one_line(setting: str, message: str, tmp_path: Path,
     assert not (tmp_path / "x").exists()
 
 
+def test_unusable_collect_db_is_one_line_before_round_0(real_file: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    code, _, err = run_cli(["online", str(real_file), "--out", str(tmp_path / "x"), "--set",
+                            "labels=collect", "--set", f"collect_db={folder}"], capsys,
+                           monkeypatch)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"config collect_db='{folder}'" in err and "is a directory" in err
+    assert not (tmp_path / "x").exists()
+
+
 def test_resume_without_a_run_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     code, _, err = run_cli(["online", "--out", str(tmp_path), "--resume"], capsys, monkeypatch)

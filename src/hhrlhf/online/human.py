@@ -121,7 +121,7 @@ class Server:
             if "port is in use" in tail and time.monotonic() - began < 30:
                 time.sleep(1.0)
                 continue
-            raise HHRLHFError(f"online: the collect server stopped: {tail.splitlines()[-1:]} "
+            raise HHRLHFError(f"online: the collect server stopped: {self.last_line()} "
                               f"(its log: {self.log_path})")
 
     def tail(self) -> str:
@@ -129,6 +129,9 @@ class Server:
             return self.log_path.read_text(errors="replace").strip()
         except OSError:
             return ""
+
+    def last_line(self) -> str:
+        return (self.tail().splitlines() or ["(no output)"])[-1]
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -195,8 +198,7 @@ def collect_round(folder: Path, r: int, deployed: int, policy: Path, config: Any
                     break
                 if not server.alive():
                     raise HHRLHFError(f"online: the collect server stopped: "
-                                      f"{server.tail().splitlines()[-1:]} (its log: "
-                                      f"{server.log_path})")
+                                      f"{server.last_line()} (its log: {server.log_path})")
                 time.sleep(c.collect_poll)
                 rows, side = round_rows(c.collect_db, deployment)
         finally:

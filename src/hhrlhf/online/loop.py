@@ -609,6 +609,13 @@ def run_online(config: OnlineConfig, resume: bool = False) -> list[dict[str, Any
     if not resume and (out / "config.json").exists():
         raise HHRLHFError("holds an online run already; resume it (--resume) or choose "
                           "another --out", out)
+    if config.labels == "collect":  # a database the app cannot use fails now, not after round 0
+        from hhrlhf.collect.store import open_store
+
+        try:
+            open_store(config.collect_db).close()
+        except HHRLHFError as e:
+            raise HHRLHFError(f"config collect_db={config.collect_db!r}: {e}") from None
     if config.threads:
         import torch
 
