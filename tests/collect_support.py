@@ -121,3 +121,26 @@ def join(base: str, link: str) -> tuple[httpx.Client, str]:
     csrf = re.search(r'name="csrf" content="([^"]+)"', page.text)
     assert csrf, page.text
     return client, csrf.group(1)
+
+
+def judged_turn(client: httpx.Client, conversation_id: int | None, position: int, text: str,
+                side: str = "left") -> tuple[int, dict[str, Any]]:
+    """One comparison turn through the HTTP API (a consented client with its CSRF header):
+    the message, the two responses (server-sent events), the pick at strength 2.
+    Returns (conversation id, the judged item: its left and right texts)."""
+    import json
+
+    r = client.post("/api/message", json={"key": key(), "conversation_id": conversation_id,
+                                          "position": position, "text": text})
+    assert r.status_code == 200, r.text
+    cid = int(r.json()["conversation_id"])
+    r = client.post("/api/respond", json={"key": key(), "conversation_id": cid})
+    assert r.status_code == 200, r.text
+    done = [chunk for chunk in r.text.split("\n\n") if chunk.startswith("event: done")]
+    assert done, r.text
+    state = json.loads(done[-1].split("data: ", 1)[1])
+    item = state["item"]
+    r = client.post("/api/judge", json={"key": key(), "item_id": item["id"], "side": side,
+                                        "strength": 2})
+    assert r.status_code == 200, r.text
+    return cid, item

@@ -1,6 +1,8 @@
 """hhrlhf online: simulated annotators keep their set agreement rate and Bradley-Terry
 probabilities; two tiny rounds run end to end in the official format; a loop killed (SIGKILL)
-mid-round and resumed ends with the files of one never stopped; bad settings are one line."""
+mid-round and resumed ends with the files of one never stopped; in human mode the collect app
+(a real server, real HTTP, real SQLite) hands each round's quota back to the loop, across a
+SIGKILL; bad settings are one line."""
 
 from __future__ import annotations
 
@@ -101,13 +103,44 @@ def test_pair_selection_rules() -> None:
     assert len(select_pairs("active", prompts, groups, judge, 5, rng)) == 2
 
 
+def test_pm_warm_start_begins_from_the_previous_weights(real_file: Path) -> None:
+    """pm_init: warm starts the PM's solver from the previous round's weights, scratch from
+    zeros. With one solver iteration the warm model is still near the previous one, the
+    scratch one near zero; run to convergence (a convex fit) both reach the same model, the
+    warm one in fewer iterations."""
+    from hhrlhf.pm.lexical import LexicalConfig, LexicalPreferenceModel
+    from hhrlhf.read import read_comparisons
+
+    rows = [c for c in read_comparisons([real_file]) if c.chosen != c.rejected][:300]
+    previous = LexicalPreferenceModel.fit(rows[:200])
+    one = LexicalConfig(max_iter=1)
+    warm = LexicalPreferenceModel.fit(rows, one, init=previous.weights)
+    scratch = LexicalPreferenceModel.fit(rows, one)
+
+    def dist(a: np.ndarray, b: np.ndarray) -> float:
+        return float(np.linalg.norm(a - b))
+
+    assert dist(warm.weights, previous.weights) < 0.5 * dist(scratch.weights, previous.weights)
+    assert dist(scratch.weights, np.zeros_like(scratch.weights)) < dist(
+        warm.weights, np.zeros_like(warm.weights))
+    warm_all = LexicalPreferenceModel.fit(rows, init=previous.weights)
+    scratch_all = LexicalPreferenceModel.fit(rows)
+    assert warm_all.info["converged"] and scratch_all.info["converged"]
+    assert warm_all.info["iterations"] < scratch_all.info["iterations"]
+    # both at the one optimum (lbfgs stops within its tolerance of it)
+    sa, sb = warm_all.score_pairs(rows[:50]), scratch_all.score_pairs(rows[:50])
+    assert np.allclose(sa[0] - sa[1], sb[0] - sb[1], atol=0.05)
+    with pytest.raises(HHRLHFError, match="starting weights"):
+        LexicalPreferenceModel.fit(rows, one, init=np.zeros(3))
+
+
 # -- the loop ---------------------------------------------------------------------------------
-def loop_args(real_file: Path, out: Path) -> list[str]:
+def loop_args(real_file: Path, out: Path, quiet: bool = True) -> list[str]:
     sets = {"max_rows": 240, "rounds": 2, "pairs_per_round": 8, "bon_prompts": 16, "bon_n": 4,
             "eval_prompts": 12, "tiny_vocab_size": 600, "tiny_hidden_size": 32,
             "max_new_tokens": 12, "max_prompt_length": 96, "max_length": 128, "epochs": 3,
             "save_every": 2, "bootstrap": 100, "threads": 1}
-    args = [str(real_file), "--out", str(out), "-q"]
+    args = [str(real_file), "--out", str(out)] + (["-q"] if quiet else [])
     for k, v in sets.items():
         args += ["--set", f"{k}={v}"]
     return args
@@ -151,12 +184,20 @@ def test_two_rounds_end_to_end(whole: Path, capsys: pytest.CaptureFixture[str],
                 <= v["win_interval"]["high"]
         assert 0 <= result["pm"]["accuracy"] <= 1 and "accuracy_top_decile" in result["pm"]
         assert [p["n"] for p in result["bon_curve"]] == [1, 2, 4]
-        assert json.loads((folder / "pm" / "hhrlhf_pm.json").read_text())["info"]["labels"] \
-            == total
+        info = json.loads((folder / "pm" / "hhrlhf_pm.json").read_text())["info"]
+        assert info["labels"] == total and info["init"] == "scratch"
     code, out, err = run_cli(["online", "report", str(whole)], capsys, monkeypatch)
     assert code == 0, err
-    assert out.splitlines()[0].split()[:2] == ["round", "labels"]
-    assert len(out.splitlines()) == 1 + 3 + 1
+    lines = out.splitlines()
+    assert lines[0].split()[:2] == ["round", "labels"]
+    # the rounds' table, then each policy step's reward against sqrt(KL), then the PNG
+    assert len(lines) == 1 + 3 + 2 + 2 + 1
+    assert lines[4] == "policy step, PM reward against sqrt(KL):"
+    for r, line in zip((1, 2), lines[6:8]):
+        curve = json.loads((whole / f"round-{r:02d}" / "result.json").read_text())["bon_curve"]
+        words = line.split()
+        assert words[:3] == [str(r), "best-of-n", "3"]
+        assert float(words[3]) == pytest.approx(math.sqrt(curve[-1]["kl"]), abs=1e-3)
     assert (whole / "online.png").stat().st_size > 10_000
 
 
@@ -208,10 +249,49 @@ def test_rloo_round_with_active_pairs(real_file: Path, tmp_path: Path) -> None:
     assert result["rl_fit"] is None or result["rl_fit"]["points"] == 2
 
 
+def test_dpo_round_records_reward_vs_sqrt_kl(real_file: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A DPO round measures its policy step's two ends: the previous policy at KL 0 and the
+    DPO policy at its KL to it, each scored by the round's PM; the report prints and draws it."""
+    from hhrlhf.online.loop import OnlineConfig, run_online, sample_turns
+    from hhrlhf.pm.base import load
+    from hhrlhf.runs import apply_overrides
+
+    out = tmp_path / "d"
+    config = OnlineConfig(data=[str(real_file)], max_rows=160, rounds=1, pairs_per_round=8,
+                          method="dpo", lr=3e-3, epochs=4, eval_prompts=8, tiny_vocab_size=600,
+                          tiny_hidden_size=32, max_new_tokens=12, max_prompt_length=96,
+                          max_length=128, batch_size=4, bootstrap=50, progress=False,
+                          out_dir=str(out))
+    config = apply_overrides(config, {"save_every": "0"})
+    result = run_online(config)[-1]
+    start, end = result["dpo_curve"]
+    steps = json.loads((out / "round-01" / "policy" / "result.json").read_text())["steps"]
+    assert (start["step"], start["kl"]) == (0, 0.0) and end["step"] == steps > 0
+    assert end["kl"] > 0  # sampled from the new policy: the policy moved
+    assert result["dpo_fit"]["points"] == 2
+    # the start is the previous policy's answers scored by the round's PM
+    loop_prompts = run_online.__globals__["Loop"](config.validate(), out).folds.eval_prompts
+    turns = sample_turns(out / "round-00" / "policy" / "model", loop_prompts, 1, config,
+                         config.seed * 1_000_003 + 101 + 10)
+    pm = load(out / "round-01" / "pm")
+    assert start["reward"] == pytest.approx(float(np.mean(pm.score(
+        [Dialogue(p.turns + (t[0],), p.preamble) for p, t in zip(loop_prompts, turns)]))))
+    code, text, err = run_cli(["online", "report", str(out)], capsys, monkeypatch)
+    assert code == 0, err
+    line = text.splitlines()[-2].split()
+    assert line[:3] == ["1", "dpo", "2"]
+    assert float(line[3]) == pytest.approx(math.sqrt(end["kl"]), abs=1e-3)
+
+
 @pytest.mark.parametrize(("setting", "message"), [
     ("pairs=best", "config pairs='best': must be one of random, best_vs_random, active"),
     ("annotator_agreement=0.4", "config annotator_agreement=0.4: must be in [0.5, 1]"),
-    ("labels=collect", "config labels='collect': collecting from people"),
+    ("labels=collect pairs=active", "config pairs='active': applies to simulated labels only"),
+    ("labels=collect collect_task=redteam",
+     "config collect_task='redteam': must be one of helpful, harmless"),
+    ("pm_init=cold", "config pm_init='cold': must be one of scratch, warm"),
     ("rounds=0", "config rounds=0: must be at least 1"),
     ("annotator_temperature=0", "config annotator_temperature=0.0: must be positive"),
     ("pairs_per_roundz=3", "unknown config key 'pairs_per_roundz'; did you mean"),
@@ -219,10 +299,24 @@ def test_rloo_round_with_active_pairs(real_file: Path, tmp_path: Path) -> None:
 def test_bad_settings_are_one_line(setting: str, message: str, tmp_path: Path,
                                    capsys: pytest.CaptureFixture[str],
                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    sets = [a for s in setting.split() for a in ("--set", s)]
     code, _, err = run_cli(["online", "harmless-base/test", "--out", str(tmp_path / "x"),
-                            "--set", setting], capsys, monkeypatch)
+                            *sets], capsys, monkeypatch)
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "x").exists()
+
+
+def test_unusable_collect_db_is_one_line_before_round_0(real_file: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    code, _, err = run_cli(["online", str(real_file), "--out", str(tmp_path / "x"), "--set",
+                            "labels=collect", "--set", f"collect_db={folder}"], capsys,
+                           monkeypatch)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"config collect_db='{folder}'" in err and "is a directory" in err
     assert not (tmp_path / "x").exists()
 
 
@@ -254,3 +348,105 @@ def test_resume_may_change_rounds_only(whole: Path, real_file: Path, tmp_path: P
     after = {p: p.stat().st_mtime_ns for p in copy.rglob("*") if p.is_file()}
     changed = [p.name for p in after if before.get(p) != after[p]]
     assert changed == ["config.json"], changed
+
+
+# -- human mode: people through the collect app ------------------------------------------------
+def wait_for(path: Path, proc: subprocess.Popen[bytes], log: Path, timeout: float = 400) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.time() < deadline, f"no {path} after {timeout} s"
+        time.sleep(0.1)
+
+
+def server_down(base: str, timeout: float = 60) -> bool:
+    import httpx
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            httpx.get(base + "/healthz", timeout=2)
+        except httpx.TransportError:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def final_pair(row: dict[str, str]) -> tuple[str, str, str]:
+    c = Comparison.from_strings(row["chosen"], row["rejected"])
+    assert "context_mismatch" not in c.flags
+    return c.prompt[-1].text, c.chosen, c.rejected
+
+
+def test_human_mode_rounds_come_from_people(real_file: Path, tmp_path: Path) -> None:
+    """labels=collect: the round's policy is deployed in the collect app (a real `hhrlhf
+    collect serve` child of the loop, real HTTP, real SQLite), an annotator invited once
+    works through the HTTP API, and the round ends with exactly the comparisons made for it
+    (not one made before the loop), trains on them and goes on to its evaluation. The loop is
+    killed with SIGKILL while it waits (its server goes with it) and resumed: the server is
+    back at the same address, the invite's session still works, what was collected counts."""
+    from collect_support import annotator, converse, free_port, join, judged_turn, wait_up
+
+    from hhrlhf.collect.store import open_store
+
+    db, out, port = tmp_path / "feedback.sqlite", tmp_path / "human", free_port()
+    base = f"http://127.0.0.1:{port}"
+    store = open_store(db)
+    converse(store, annotator(store, "before"), "helpful", ["Made before the loop"])
+    ada_id, token = store.add_annotator("ada")  # invited once, before the loop
+    store.close()
+    sets = {"labels": "collect", "collect_db": db, "collect_port": port, "pairs_per_round": 2,
+            "collect_poll": 0.2, "collect_overlap": 0, "pm_init": "warm", "rounds": 1,
+            "max_rows": 160, "eval_prompts": 8, "bon_prompts": 8}
+    args = loop_args(real_file, out, quiet=False)
+    for k, v in sets.items():
+        args += ["--set", f"{k}={v}"]
+    log1, log2 = tmp_path / "loop1.log", tmp_path / "loop2.log"
+    with open(log1, "wb") as f:
+        proc = subprocess.Popen([HHRLHF, "online", *args], env=ENV, stdout=f, stderr=f)
+    try:
+        wait_for(out / "round-01" / "deploy.json", proc, log1)
+        wait_up(base)
+        client, csrf = join(base, f"/join/{token}")
+        assert client.post("/consent", data={"csrf": csrf}).status_code == 303
+        client.headers["x-csrf-token"] = csrf
+        cid, first = judged_turn(client, None, 0, "How do I brew tea?", "right")
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert "online: round 1: 0/2 comparisons" in log1.read_text()
+    assert not (out / "round-01" / "comparisons.jsonl.gz").exists()
+    assert server_down(base), "the collect server outlived the killed loop"
+    with open(log2, "wb") as f:
+        proc = subprocess.Popen([HHRLHF, "online", "--out", str(out), "--resume"], env=ENV,
+                                stdout=f, stderr=f)
+    try:
+        wait_up(base)
+        _, second = judged_turn(client, cid, 2, "And with milk?", "left")
+        assert proc.wait(timeout=400) == 0, log2.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+    said = log2.read_text()
+    # resumed, it counts what was collected before the kill
+    assert "online: round 1: 1/2 comparisons" in said and "round 1: 2/2 comparisons" in said
+    assert server_down(base, timeout=1), "the collect server outlived its round"
+    folder = out / "round-01"
+    rows = preference_rows(folder / "comparisons.jsonl.gz")
+    assert [final_pair(row) for row in rows] == [
+        ("How do I brew tea?", first["right"], first["left"]),
+        ("And with milk?", second["left"], second["right"])]
+    side = [json.loads(line) for line in
+            (folder / "comparisons.side.jsonl").read_text().splitlines()]
+    assert [s["index"] for s in side] == [0, 1] and {s["annotator_id"] for s in side} == {ada_id}
+    deploy = json.loads((folder / "deploy.json").read_text())
+    assert Path(deploy["policy"]) == (out / "round-00" / "policy" / "model").resolve()
+    result = json.loads((folder / "result.json").read_text())
+    assert result["labels"] == 2 and result["labels_total"] == 2
+    assert result["collect"]["source"] == "collect" and result["collect"]["annotators"] == 1
+    assert result["vs_round0"]["prompts"] == 8
+    # the PM: fitted on the round's labels (never the row made before the loop), warm
+    info = json.loads((folder / "pm" / "hhrlhf_pm.json").read_text())["info"]
+    assert info["labels"] == 2 and info["init"] == "round-00"
+    assert (folder / "policy" / "model" / "config.json").is_file()

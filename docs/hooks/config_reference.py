@@ -24,7 +24,7 @@ TRAINERS = (
     ("hhrlhf sft", "hhrlhf.policy.sft:SFTConfig"),
     ("hhrlhf dpo", "hhrlhf.policy.dpo:DPOConfig"),
     ("hhrlhf rl", "hhrlhf.rl.train:RLConfig"),
-    ("hhrlhf online", "hhrlhf.online.config:OnlineConfig"),
+    ("hhrlhf online", "hhrlhf.online.loop:OnlineConfig"),
 )
 
 

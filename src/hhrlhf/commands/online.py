@@ -23,12 +23,14 @@ class OnlineGroup(click.Group):
 
 @click.group("online", cls=OnlineGroup)
 def online() -> None:
-    """The iterated online loop of the HH-RLHF paper, labelled by simulated annotators:
+    """The iterated online loop of the HH-RLHF paper, labelled by simulated annotators or by
+    people in the `hhrlhf collect` app (--set labels=collect):
     `hhrlhf online [SOURCES] --out DIR` runs it, `hhrlhf online report DIR` reports it.
 
     \b
     Examples:
       hhrlhf online harmless-base/test --out runs/online --set rounds=3
+      hhrlhf online --out runs/online --set labels=collect --set collect_port=8000
       hhrlhf online --out runs/online --resume
       hhrlhf online report runs/online
     """
@@ -55,8 +57,10 @@ def run(sources: tuple[str, ...], config_file: str | None, assignments: tuple[st
         resume: bool, quiet: bool, **options: Any) -> None:
     """Round 0: SFT a policy and fit a PM on one fold of SOURCES (default helpful-base/train);
     then each round deploys the policy, has pairs of its responses labelled by simulated
-    annotators (a judge PM fitted on the other fold), refits the PM on all labels so far,
-    improves the policy against it, and evaluates. Every round's files in DIR/round-RR."""
+    annotators (a judge PM fitted on the other fold) or, with labels=collect, by people in
+    the collect app (invite them with `hhrlhf collect invite --db DIR/collect.sqlite`; the
+    round waits for its quota), refits the PM on all labels so far, improves the policy
+    against it, and evaluates. Every round's files in DIR/round-RR."""
     from hhrlhf.online.loop import OnlineConfig, format_table, run_online
     from hhrlhf.runs import apply_overrides, parse_assignments, resolve_config
 
@@ -86,10 +90,15 @@ def run(sources: tuple[str, ...], config_file: str | None, assignments: tuple[st
               help="The PNG to write (default DIR/online.png).")
 def report(run_dir: str, plot_path: str | None) -> None:
     """Print the rounds' table (judge win rate and Elo against round 0 and the previous round
-    with 95% bootstrap intervals, the PM's accuracy, labels used) and draw the curves."""
-    from hhrlhf.online.loop import format_table, plot, read_results
+    with 95% bootstrap intervals, the PM's accuracy, labels used) and each round's policy
+    step (PM reward against sqrt(KL)), and draw the curves."""
+    from hhrlhf.online.loop import format_curves, format_table, plot, read_results
 
     results = read_results(run_dir)
     click.echo(format_table(results))
+    curves = format_curves(results)
+    if curves:
+        click.echo("policy step, PM reward against sqrt(KL):")
+        click.echo(curves)
     path = plot(results, plot_path or Path(run_dir) / "online.png")
     click.echo(f"curves: {path}")

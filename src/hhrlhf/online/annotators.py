@@ -12,8 +12,9 @@ wanted agreement rate ``a`` (the paper's labelers agree 63-77% of the time):
 ``f = (1 - sqrt(2a - 1)) / 2``. Every draw comes from a generator seeded by the caller, so the
 labels of a round are reproducible.
 
-People (``labels: collect``, the ``hhrlhf collect`` app) are the other source: post the round's
-pairs, wait until the quota is in. Only the interface is here.
+People (``labels: collect``, the ``hhrlhf collect`` app) are the other source; they choose
+their own prompts and judge two samples of the deployed policy, so they label no given pairs:
+:mod:`hhrlhf.online.human` deploys the policy and waits for the round's quota.
 """
 
 from __future__ import annotations

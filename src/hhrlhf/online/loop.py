@@ -8,12 +8,14 @@ r = 1, 2, ... then:
    round-0 one: the offline baseline), pick ``pairs_per_round`` pairs of its responses
    (``pairs``: random, best_vs_random or active) and have them labelled (``labels``);
    written in the official format to ``round-RR/comparisons.jsonl.gz`` (chosen: preferred);
+   with ``labels=collect`` people make them in the collect app (:mod:`hhrlhf.online.human`);
 2. **PM**: the lexical PM fitted on the seed rows and every round's comparisons so far
-   (``round-RR/pm``; a convex fit, so warm and cold starts reach the same model);
+   (``round-RR/pm``), from zeros or (``pm_init=warm``) from the previous round's weights;
 3. **policy**: the previous policy improved against the new PM (``method``): ``bon_sft``
    (best-of-N distillation: SFT on the PM's best of N samples, ``round-RR/distill.jsonl.gz``),
    ``dpo`` (DPO on the round's comparisons), or ``rloo`` / ``ppo`` (``hhrlhf rl``'s trainer
-   against the PM); ``round-RR/policy`` is the trainer's run folder;
+   against the PM); ``round-RR/policy`` is the trainer's run folder; the step's PM reward
+   against sqrt(KL) goes into the round's result (DPO's measured after it);
 4. **evaluate**: the judge's win rate and Elo of the round's policy against round 0 and the
    previous round, the PM's accuracy on fresh judge-labelled pairs, labels used;
    ``round-RR/result.json``, written last: a round whose result.json exists is done.
@@ -49,6 +51,8 @@ LABELS = ("simulated", "collect")
 PAIRS = ("random", "best_vs_random", "active")
 METHODS = ("bon_sft", "dpo", "rloo", "ppo")
 COLLECT_FROM = ("current", "initial")
+TASKS = ("helpful", "harmless")
+PM_INIT = ("scratch", "warm")
 RESULT = "result.json"
 
 
@@ -57,60 +61,80 @@ class OnlineConfig(CommonConfig):
     """The loop's settings. The common trainer keys (lr, epochs, batch_size, save_every, ...)
     are the policy step's; ``sft_*`` are round 0's."""
 
-    data: list[str] = field(default_factory=lambda: ["helpful-base/train"])
-    max_rows: int = 0  # 0 = every row of data
-    rounds: int = 3
+    data: list[str] = field(default_factory=lambda: ["helpful-base/train"])  # the rows: split by prompt into the judge's fold and the loop's
+    max_rows: int = 0  # the first N rows of data only (0 = every row)
+    rounds: int = 3  # rounds after round 0 (a resumed loop may be given more)
     # where the labels come from, and the simulated annotators
-    labels: str = "simulated"
+    labels: str = "simulated"  # simulated (a judge PM, Bradley-Terry with noise) or collect (people in the `hhrlhf collect` app)
     judge: str = ""  # a PM folder; "" = the lexical PM fitted on the judge's fold
-    annotator_temperature: float = 1.0
-    annotator_agreement: float = 0.7
+    annotator_temperature: float = 1.0  # simulated: the Bradley-Terry temperature on the judge's scores
+    annotator_agreement: float = 0.7  # simulated: how often two annotators agree on a pair, 0.5-1
     # which pairs are labelled
-    pairs: str = "random"
-    pairs_per_round: int = 64
+    pairs: str = "random"  # simulated: random, best_vs_random or active (collect: people pick the prompts; random only)
+    pairs_per_round: int = 64  # labels a round (collect: the round's quota of comparisons)
     candidates: int = 4  # samples per prompt for best_vs_random and active
     active_pool: int = 4  # active: prompts sampled per pair labelled
-    collect_from: str = "current"
-    # the loop fold's human comparisons in every round's PM data (False: the rounds' labels
-    # alone from round 1 on; round 0's PM, which picks round 1's pairs, always has them)
-    pm_seed: bool = True
+    collect_from: str = "current"  # the policy deployed: current (online) or initial (round 0's: the offline baseline)
+    # labels=collect: people in the `hhrlhf collect` app (the same database and address in
+    # every round and after a resume; invite annotators once with `hhrlhf collect invite`)
+    collect_db: str = ""  # collect: the app's database, an SQLite file or a postgresql:// URL ("" = OUT/collect.sqlite)
+    collect_task: str = "helpful"  # collect: helpful or harmless, what the annotators are asked
+    collect_host: str = "127.0.0.1"  # collect: the address the app listens on (anything but loopback opens it to the network)
+    collect_port: int = 8000  # collect: the app's port, the same in every round
+    collect_overlap: float = 0.1  # collect: share of comparisons also shown to a second annotator
+    collect_poll: float = 5.0  # collect: seconds between two counts of the round's comparisons
+    # the PM (round 0's, which picks round 1's pairs, always has the loop fold's comparisons)
+    pm_seed: bool = True  # the loop fold's comparisons in every round's PM data (false: the rounds' labels alone from round 1 on)
+    pm_init: str = "scratch"  # each round's PM fit starts from zeros (scratch) or from the previous round's PM (warm)
+    pm_max_iter: int = 1000  # the PM fit's solver iterations at most (the fit is convex: run to convergence, warm and scratch agree)
     # the policy step
-    method: str = "bon_sft"
-    bon_n: int = 8
-    bon_prompts: int = 64
-    dpo_beta: float = 0.1
+    method: str = "bon_sft"  # the policy step: bon_sft (best-of-N distillation), dpo, rloo or ppo
+    bon_n: int = 8  # bon_sft: samples per prompt the PM picks the best of
+    bon_prompts: int = 64  # bon_sft, rloo, ppo: prompts a round
+    dpo_beta: float = 0.1  # dpo: the strength of the KL tie to the previous round's policy
     rl_samples: int = 4  # rloo, ppo: samples per prompt (bon_prompts prompts a round)
     kl_coef: float = 0.05  # rloo, ppo: the KL penalty to the previous round's policy
     # round 0
-    policy: str = ""  # a causal LM folder; "" = init=tiny
-    init: str = "tiny"
-    tiny_vocab_size: int = 1024
-    tiny_hidden_size: int = 64
-    tiny_layers: int = 2
-    tiny_heads: int = 2
-    sft_epochs: float = 1.0
-    sft_lr: float = 1e-3
+    policy: str = ""  # round 0's starting policy, a causal LM folder; "" = init=tiny
+    init: str = "tiny"  # tiny: round 0 starts from a new tiny Llama-shaped policy (or give policy)
+    tiny_vocab_size: int = 1024  # init=tiny: the tokenizer's vocabulary
+    tiny_hidden_size: int = 64  # init=tiny: hidden size
+    tiny_layers: int = 2  # init=tiny: layers
+    tiny_heads: int = 2  # init=tiny: attention heads
+    sft_epochs: float = 1.0  # round 0's SFT: epochs
+    sft_lr: float = 1e-3  # round 0's SFT: learning rate
     # sampling and evaluation
-    max_new_tokens: int = 32
-    max_prompt_length: int = 192
-    temperature: float = 1.0
-    eval_prompts: int = 64
-    bootstrap: int = 1000
-    max_length: int = 256
-    lr: float = 1e-4
-    batch_size: int = 8
-    out_dir: str = "runs/online"
+    max_new_tokens: int = 32  # tokens sampled per response (collect: the app's too)
+    max_prompt_length: int = 192  # prompt tokens kept when sampling (its start is cut)
+    temperature: float = 1.0  # sampling temperature (collect: the app's too)
+    eval_prompts: int = 64  # the judge's fold's prompts a round is evaluated on
+    bootstrap: int = 1000  # bootstrap resamples for the win rates' intervals
+    max_length: int = 256  # tokens per sequence in the policy trainers
+    lr: float = 1e-4  # the policy step's learning rate
+    batch_size: int = 8  # the policy step's batch size
+    out_dir: str = "runs/online"  # the run folder: one round-RR folder per round
 
     def validate(self) -> OnlineConfig:
         super().validate()
         for key, allowed in (("labels", LABELS), ("pairs", PAIRS), ("method", METHODS),
-                             ("collect_from", COLLECT_FROM)):
+                             ("collect_from", COLLECT_FROM), ("pm_init", PM_INIT)):
             self.one_of(key, allowed)
         if self.labels == "collect":
-            raise self.bad("labels", "collecting from people (the `hhrlhf collect` app) is not "
-                           "built yet; use labels=simulated")
+            self.one_of("collect_task", TASKS)
+            if self.pairs != "random":
+                raise self.bad("pairs", "applies to simulated labels only: with labels=collect "
+                               "people write the prompts and judge two samples of the "
+                               "deployed policy")
+            if not 1 <= self.collect_port <= 65535:
+                raise self.bad("collect_port", "must be a port number (1-65535)")
+            if not 0 <= self.collect_overlap <= 1:
+                raise self.bad("collect_overlap", "must be in [0, 1]")
+            if not self.collect_poll > 0:
+                raise self.bad("collect_poll", "must be positive")
+            if not self.collect_db:
+                self.collect_db = str(Path(self.out_dir) / "collect.sqlite")
         for key in ("rounds", "pairs_per_round", "bon_prompts", "eval_prompts", "active_pool",
-                    "max_new_tokens", "max_prompt_length"):
+                    "max_new_tokens", "max_prompt_length", "pm_max_iter"):
             self.at_least(key, 1)
         for key in ("candidates", "bon_n"):
             if getattr(self, key) < 2:
@@ -344,9 +368,10 @@ class Loop:
         fit(has_checkpoint)
 
     def pm(self, r: int) -> Any:
-        """The round's PM: read back, or fitted on the seed rows and rounds 1..r's labels."""
+        """The round's PM: read back, or fitted on the seed rows and rounds 1..r's labels,
+        from round r-1's PM's weights (``pm_init=warm``, rounds 1 on) or from zeros."""
         from hhrlhf.pm.base import MARKER_FILE, load
-        from hhrlhf.pm.lexical import LexicalPreferenceModel
+        from hhrlhf.pm.lexical import LexicalConfig, LexicalPreferenceModel
 
         folder = round_dir(self.out, r) / "pm"
         if (folder / MARKER_FILE).is_file():
@@ -355,8 +380,13 @@ class Loop:
         labelled: list[Comparison] = []
         for q in range(1, r + 1):
             labelled += read_rows(round_dir(self.out, q) / "comparisons.jsonl.gz")
-        model = LexicalPreferenceModel.fit(seed + labelled)
+        warm = self.config.pm_init == "warm" and r >= 1
+        init = self.pm(r - 1).weights if warm else None
+        model = LexicalPreferenceModel.fit(seed + labelled,
+                                           LexicalConfig(max_iter=self.config.pm_max_iter),
+                                           init=init)
         model.info["labels"] = len(labelled)
+        model.info["init"] = f"round-{r - 1:02d}" if warm else "scratch"
         model.save(folder)
         return model
 
@@ -369,6 +399,15 @@ class Loop:
         if path.is_file() and info_path.is_file():
             return json.loads(info_path.read_text())  # type: ignore[no-any-return]
         deployed = 0 if c.collect_from == "initial" else r - 1
+        if c.labels == "collect":
+            from hhrlhf.online.human import collect_round
+            from hhrlhf.runs import write_json
+
+            info = collect_round(round_dir(self.out, r), r, deployed,
+                                 self.policy_dir(deployed).resolve(), c,
+                                 lambda m: say(c, m))
+            write_json(info_path, info)
+            return info
         per_prompt = 2 if c.pairs == "random" else c.candidates
         pool = c.pairs_per_round * (c.active_pool if c.pairs == "active" else 1)
         # a few more prompts than pairs: a prompt whose samples are all the same text gives none
@@ -400,7 +439,7 @@ class Loop:
                             kl_prompts=0, **self.common(folder))
             self.train(folder, lambda resume: train_dpo(dpo, rows, eval_rows=[],
                                                         resume=resume))
-            return {}
+            return self.dpo_curve(r, pm, folder, start)
         if c.method in ("rloo", "ppo"):
             return self.reinforce(r, pm, folder, start)
         from hhrlhf.bon import curve
@@ -428,6 +467,41 @@ class Loop:
         rows_ = read_rows(path)
         self.train(folder, lambda resume: train_sft(sft, rows_, eval_rows=[], resume=resume))
         return {"bon_curve": json.loads(curve_path.read_text())}
+
+    def dpo_curve(self, r: int, pm: Any, folder: Path, start: str) -> dict[str, Any]:
+        """DPO logs no reward against KL: its two ends measured after the step. The previous
+        and the new policy each answer the evaluation prompts once (the same seed), the round's
+        PM scores the answers; KL(new || previous) is the DPO trainer's own estimate
+        (:func:`hhrlhf.policy.dpo.sampled_kl`: log-prob differences on the new policy's
+        samples). ``round-RR/dpo_curve.json``."""
+        from hhrlhf.policy.dpo import DPOConfig, sampled_kl
+        from hhrlhf.policy.model import Policy
+        from hhrlhf.rl.evaluation import CurvePoint, fit_line
+        from hhrlhf.runs import write_json
+
+        path = round_dir(self.out, r) / "dpo_curve.json"
+        if not path.is_file():
+            c = self.config
+            prompts = self.folds.eval_prompts
+            seed = self.seed(r, 10)
+
+            def reward(policy_dir: Path) -> float:
+                turns = sample_turns(policy_dir, prompts, 1, c, seed)
+                return float(np.mean(pm.score([Dialogue(p.turns + (t[0],), p.preamble)
+                                               for p, t in zip(prompts, turns)])))
+
+            new, old = Policy.load(folder / "model"), Policy.load(start)
+            settings = DPOConfig(policy=start, max_length=c.max_length, seed=seed,
+                                 kl_max_new_tokens=c.max_new_tokens,
+                                 eval_batch_size=c.batch_size)
+            kl = sampled_kl(new.net, old.net, new, list(prompts), settings)
+            steps = json.loads((folder / RESULT).read_text()).get("steps", 1)
+            points = [CurvePoint(0, 0.0, reward(Path(start))),
+                      CurvePoint(int(steps), kl, reward(folder / "model"))]
+            fit = fit_line([p.sqrt_kl for p in points], [p.reward for p in points])
+            write_json(path, {"dpo_curve": [asdict(p) for p in points],
+                              "dpo_fit": asdict(fit) if fit is not None else None})
+        return json.loads(path.read_text())  # type: ignore[no-any-return]
 
     def reinforce(self, r: int, pm: Any, folder: Path, start: str) -> dict[str, Any]:
         """RLOO or PPO (``hhrlhf rl``'s trainer) against the round's PM on ``bon_prompts``
@@ -535,6 +609,13 @@ def run_online(config: OnlineConfig, resume: bool = False) -> list[dict[str, Any
     if not resume and (out / "config.json").exists():
         raise HHRLHFError("holds an online run already; resume it (--resume) or choose "
                           "another --out", out)
+    if config.labels == "collect":  # a database the app cannot use fails now, not after round 0
+        from hhrlhf.collect.store import open_store
+
+        try:
+            open_store(config.collect_db).close()
+        except HHRLHFError as e:
+            raise HHRLHFError(f"config collect_db={config.collect_db!r}: {e}") from None
     if config.threads:
         import torch
 
@@ -566,6 +647,40 @@ def read_results(folder: str | Path) -> list[dict[str, Any]]:
     return results
 
 
+def policy_curve(res: dict[str, Any]) -> list[tuple[float, float]]:
+    """The round's policy step as (sqrt(KL), PM reward) points, whatever the method:
+    best-of-n (reward_mean per n, KL log n - (n-1)/n), RLOO/PPO (per logged step), DPO (the
+    previous and the new policy)."""
+    curve = res.get("bon_curve") or res.get("rl_curve") or res.get("dpo_curve") or []
+    return [(math.sqrt(max(q["kl"], 0.0)), q.get("reward_mean", q.get("reward")))
+            for q in curve]
+
+
+def _method(res: dict[str, Any]) -> str:
+    for key, name in (("bon_curve", "best-of-n"), ("rl_curve", "rl"), ("dpo_curve", "dpo")):
+        if key in res:
+            return name
+    return "-"
+
+
+def format_curves(results: Sequence[dict[str, Any]]) -> str:
+    """One line per round with a policy step: its reward against sqrt(KL), from the first
+    point to the last (best-of-n: n = 1 to N; RLOO/PPO: the first and last logged steps;
+    DPO: the previous policy to the new one)."""
+    head = (f"{'round':>5}  {'step':<9}  {'points':>6}  {'sqrt(KL)':>8}  {'reward':>15}  "
+            f"{'gain/sqrt(KL)':>13}")
+    lines = [head]
+    for res in results:
+        pts = policy_curve(res)
+        if not pts:
+            continue
+        (x0, y0), (x1, y1) = pts[0], pts[-1]
+        slope = f"{(y1 - y0) / (x1 - x0):+.3f}" if x1 > x0 else "-"
+        lines.append(f"{res['round']:>5}  {_method(res):<9}  {len(pts):>6}  {x1:>8.3f}  "
+                     f"{f'{y0:+.3f} -> {y1:+.3f}':>15}  {slope:>13}")
+    return "\n".join(lines) if len(lines) > 1 else ""
+
+
 def _interval(d: dict[str, Any] | None, key: str = "win") -> str:
     if not d:
         return "-"
@@ -591,8 +706,8 @@ def format_table(results: Sequence[dict[str, Any]]) -> str:
 
 
 def plot(results: Sequence[dict[str, Any]], path: str | Path) -> Path:
-    """Win rate against round 0 and the previous round, PM accuracy, and (best-of-N
-    distillation) each round's best-of-n reward against sqrt(KL): one PNG."""
+    """Win rate against round 0 and the previous round, PM accuracy, and each round's policy
+    step as PM reward against sqrt(KL) (:func:`policy_curve`): one PNG."""
     from hhrlhf import plotstyle
 
     fig, (a, b, c) = plotstyle.subplots(13, 3.8, ncols=3)
@@ -616,14 +731,15 @@ def plot(results: Sequence[dict[str, Any]], path: str | Path) -> Path:
     b.set_xlabel("labels used")
     b.set_ylabel("PM accuracy on fresh pairs")
     b.legend()
-    for res in results:  # best-of-n: reward_mean per n; RL: reward per logged step
-        curve = res.get("bon_curve") or res.get("rl_curve") or []
-        if curve:
-            c.plot([math.sqrt(max(q["kl"], 0.0)) for q in curve],
-                   [q.get("reward_mean", q.get("reward")) for q in curve],
-                   marker="o" if "bon_curve" in res else "", label=f"round {res['round']}")
+    for res in results:  # best-of-n: per n; RL: per logged step; DPO: its two ends
+        pts = policy_curve(res)
+        if pts:
+            c.plot([p[0] for p in pts], [p[1] for p in pts],
+                   marker="" if "rl_curve" in res else "o",
+                   label=f"round {res['round']} ({_method(res)})")
     c.set_xlabel("sqrt(KL), sqrt(nats) (best-of-n: log n - (n-1)/n)")
     c.set_ylabel("round PM reward")
-    if any(res.get("bon_curve") or res.get("rl_curve") for res in results):
+    c.set_title("policy step: reward vs sqrt(KL)")
+    if any(policy_curve(res) for res in results):
         c.legend()
     return plotstyle.save(fig, path)

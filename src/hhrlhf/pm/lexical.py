@@ -183,10 +183,16 @@ class LexicalPreferenceModel(PreferenceModel):
 
     @classmethod
     def fit(
-        cls, comparisons: Iterable[Comparison], config: LexicalConfig | None = None
+        cls,
+        comparisons: Iterable[Comparison],
+        config: LexicalConfig | None = None,
+        init: np.ndarray | None = None,
     ) -> LexicalPreferenceModel:
         """Fit on preference pairs. Pairs whose two sides have the same features (identical
-        responses) carry no preference and are left out."""
+        responses) carry no preference and are left out. ``init``: the weights the solver
+        starts from (a warm start, e.g. an earlier model's; default zeros). The fit is convex:
+        run to convergence, any start reaches the same model; a start only matters when
+        ``max_iter`` stops the solver early."""
         from sklearn.exceptions import ConvergenceWarning
         from sklearn.linear_model import LogisticRegression
 
@@ -205,14 +211,26 @@ class LexicalPreferenceModel(PreferenceModel):
         x = sp.vstack([diff, -diff], format="csr")
         y = np.concatenate([np.ones(n), np.zeros(n)])
         lr = LogisticRegression(
-            C=model.config.C, fit_intercept=False, solver="lbfgs", max_iter=model.config.max_iter
+            C=model.config.C,
+            fit_intercept=False,
+            solver="lbfgs",
+            max_iter=model.config.max_iter,
+            warm_start=init is not None,
         )
+        if init is not None:
+            start = np.asarray(init, dtype=np.float64).ravel()
+            if start.shape != (model.config.dim,):
+                raise HHRLHFError(
+                    f"lexical PM: {start.size} starting weights for {model.config.dim} features"
+                )
+            lr.coef_ = start.reshape(1, -1)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ConvergenceWarning)
             lr.fit(x, y)
         converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
         model.weights = lr.coef_.ravel().astype(np.float64)
-        model.info = {"pairs": len(rows), "pairs_used": n, "converged": converged}
+        model.info = {"pairs": len(rows), "pairs_used": n, "converged": converged,
+                      "iterations": int(np.max(lr.n_iter_))}
         return model
 
     # -- saving -----------------------------------------------------------------------------
