@@ -180,9 +180,9 @@ class Annotator:
             self.log.retries += 1
             await asyncio.sleep(0.25)
 
-    async def run(self, stop_at: float) -> None:
+    async def run(self, until: Until) -> None:
         await self.enter()
-        while time.monotonic() < stop_at:
+        while not until.done:
             state = await self.state()
             item = state.get("item")
             if state["mode"] == "overlap" or item is not None:
@@ -215,31 +215,55 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def load_here(base: str, tokens: list[tuple[int, str]], logs: list[Log],
-                    stop_at: float) -> list[Log]:
+                    stop: Any) -> list[Log]:
     annotators = [Annotator(base, aid, tok, log) for (aid, tok), log in zip(tokens, logs)]
-    await asyncio.gather(*(a.run(stop_at) for a in annotators))
+    until = Until()
+    tasks = [asyncio.create_task(a.run(until)) for a in annotators]
+    while not stop.is_set():  # asked now and then, not by every client on every turn
+        await asyncio.sleep(0.1)
+    until.done = True
+    await asyncio.gather(*tasks)
     for a in annotators:
         await a.close()
     return logs
 
 
+class Until:
+    done = False
+
+
+CLIENT_NICENESS = 5
+
+
+def client_started() -> None:
+    """A client process starts at a lower CPU priority: the annotators' browsers run on their
+    own machines, and here the load generator would otherwise take the server's cores (it
+    still goes before the decode process, at niceness 10)."""
+    os.nice(CLIENT_NICENESS)
+
+
 def client_process(base: str, tokens: list[tuple[int, str]], logs: list[Log],
-                   stop_at: float) -> list[Log]:
-    """One client process: its share of the annotators, until ``stop_at`` (the monotonic
-    clock is the machine's, the same in every process)."""
-    return asyncio.run(load_here(base, tokens, logs, stop_at))
+                   stop: Any) -> list[Log]:
+    """One client process: its share of the annotators, until ``stop`` is set."""
+    return asyncio.run(load_here(base, tokens, logs, stop))
 
 
-def load(pool: ProcessPoolExecutor, processes: int, base: str, tokens: list[tuple[int, str]],
-         logs: list[Log], seconds: float, kill: Any) -> list[Log]:
-    """The annotators, spread over ``processes`` client processes, for ``seconds``; ``kill``
-    (if any) runs here meanwhile. Their logs, in order."""
+def load(pool: ProcessPoolExecutor, stop: Any, processes: int, base: str,
+         tokens: list[tuple[int, str]], logs: list[Log], seconds: float,
+         kill: Any) -> list[Log]:
+    """The annotators, spread over ``processes`` client processes, for ``seconds`` (and at
+    least a few seconds after ``kill``, if any, which runs here meanwhile and returns when
+    the server is back). Their logs, in order."""
+    stop.clear()
     stop_at = time.monotonic() + seconds
     shares = [list(range(i, len(tokens), processes)) for i in range(processes)]
     futures = [pool.submit(client_process, base, [tokens[j] for j in share],
-                           [logs[j] for j in share], stop_at) for share in shares if share]
+                           [logs[j] for j in share], stop) for share in shares if share]
     if kill is not None:
         asyncio.run(kill())
+        stop_at = max(stop_at, time.monotonic() + 5)
+    time.sleep(max(0.0, stop_at - time.monotonic()))
+    stop.set()
     out: list[Log | None] = [None] * len(logs)
     for share, future in zip([s for s in shares if s], futures):
         for j, log in zip(share, future.result()):
@@ -285,12 +309,15 @@ def main() -> None:
         asyncio.run(wait_up(base, server, server_log))
         logs = [Log(aid) for aid, _ in tokens]
         processes = max(1, min(args.client_processes, args.annotators))
-        pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"))
+        context = multiprocessing.get_context("spawn")
+        pool = ProcessPoolExecutor(processes, mp_context=context, initializer=client_started)
         list(pool.map(abs, range(processes)))  # the client processes started before the clock
+        manager = context.Manager()
+        stop = manager.Event()
 
         # phase 1: steady load; submit latency
         t_start = time.monotonic()
-        logs = load(pool, processes, base, tokens, logs, args.seconds, None)
+        logs = load(pool, stop, processes, base, tokens, logs, args.seconds, None)
         phase1_end = time.monotonic()
         lat = [d for log in logs for t0, d in log.latencies if t0 < phase1_end]
         model = [d for log in logs for d in log.model]
@@ -318,8 +345,9 @@ def main() -> None:
             restarted["down_s"] = time.monotonic() - t_kill
 
         retries1 = sum(log.retries for log in logs)
-        logs = load(pool, processes, base, tokens, logs, args.kill_seconds, kill)
+        logs = load(pool, stop, processes, base, tokens, logs, args.kill_seconds, kill)
         pool.shutdown()
+        manager.shutdown()
         server.send_signal(signal.SIGTERM)
         server.wait(60)
         acked = [t0 + d for log in logs for t0, d in log.latencies]

@@ -84,6 +84,8 @@ def enter(browser: Browser, base: str, store: Store, name: str, role: str = "ann
     problems = _watch(page)
     page.goto(f"{base}/join/{token}")
     expect(page.locator("#join-name")).to_have_text(name)  # the link alone signs no one in
+    if tmp_path is not None:
+        shot(page, tmp_path, "join")
     page.click("#sign-in")
     expect(page.locator("#consent")).to_be_visible()
     if tmp_path is not None:
