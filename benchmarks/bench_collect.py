@@ -7,7 +7,8 @@ client processes so that the clients' own interpreter lock does not inflate what
 measure) each loop: write a message (a submit), stream the two responses (model time: timed
 apart), pick one (a submit), and every few turns start a new conversation (a submit). Every
 submit carries its own idempotency key and is retried with the same key until it is
-acknowledged, as the browser does. Each client logs what was acknowledged, and the server's
+acknowledged, as the browser does. The annotators start within one second of each other,
+then submit with no pause for thought. Each client logs what was acknowledged, and the server's
 own time of each submit (its ``Server-Timing`` header: from the request's arrival in the app
 to its answer, the durable write included).
 
@@ -33,6 +34,7 @@ import json
 import multiprocessing
 import os
 import platform
+import random
 import re
 import signal
 import subprocess
@@ -53,6 +55,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data" / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
+START_SPREAD_S = 1.0
 
 
 @dataclass
@@ -181,6 +184,9 @@ class Annotator:
             await asyncio.sleep(0.25)
 
     async def run(self, until: Until) -> None:
+        # people do not all start in the same millisecond: each starts within the first
+        # second (after that, no pause: every client submits again as soon as it can)
+        await asyncio.sleep(random.uniform(0, START_SPREAD_S))
         await self.enter()
         while not until.done:
             state = await self.state()
