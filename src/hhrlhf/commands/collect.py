@@ -89,7 +89,8 @@ def export(db: str, out: Path, pm_folder: Path | None, card_spelling: bool) -> N
 @collect.command("serve")
 @click.option("--db", required=True, help=DB_HELP)
 @click.option("--policy", default=None,
-              help="Policy folder, or an OpenAI-compatible URL (not for --task review).")
+              help="Policy folder (decoded in a child process, `hhrlhf policy serve`), or "
+                   "an OpenAI-compatible URL (not for --task review).")
 @click.option("--policy-b", default=None,
               help="A second policy: each comparison then pits one response of each "
                    "(the annotator is not told which is which).")
