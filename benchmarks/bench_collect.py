@@ -1,11 +1,16 @@
 """`hhrlhf collect` under load: many simulated annotators submitting at once, then kill -9.
 
 The real server (``hhrlhf collect serve``, a process of its own, the embedded SQLite default)
-on a tiny policy built here; A annotators (asyncio + httpx, one client each, invited first)
-each loop: write a message (a submit), stream the two responses (model time: timed apart),
-pick one (a submit), and every few turns start a new conversation (a submit). Every submit
-carries its own idempotency key and is retried with the same key until it is acknowledged,
-as the browser does. Each client logs what was acknowledged.
+on a tiny policy built here, which it decodes in its own child process (``hhrlhf policy
+serve``); A annotators (asyncio + httpx, one client each, invited first, spread over a few
+client processes so that the clients' own interpreter lock does not inflate what they
+measure) each loop: write a message (a submit), stream the two responses (model time: timed
+apart), pick one (a submit), and every few turns start a new conversation (a submit). Every
+submit carries its own idempotency key and is retried with the same key until it is
+acknowledged, as the browser does. The annotators start within one second of each other,
+then submit with no pause for thought. Each client logs what was acknowledged, and the server's
+own time of each submit (its ``Server-Timing`` header: from the request's arrival in the app
+to its answer, the durable write included).
 
 Phase 1 runs for ``--seconds``: submit latency (request to acknowledgement, excluding the
 model) is measured here. Phase 2 keeps the load on, kills the server with SIGKILL, starts it
@@ -18,6 +23,7 @@ The last line: ``collect: <A> annotators, <S> submits, lost <L>, duplicated <D>,
 submit p95 <X> ms``.
 
     .venv/bin/python benchmarks/bench_collect.py [--quick] [--annotators 50] [--seconds 60]
+        [--client-processes 4]
 """
 
 from __future__ import annotations
@@ -25,13 +31,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import platform
+import random
+import re
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +55,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data" / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
+START_SPREAD_S = 1.0
 
 
 @dataclass
@@ -103,16 +114,23 @@ async def wait_up(base: str, server: subprocess.Popen[bytes], log: Path,
 class Annotator:
     def __init__(self, base: str, aid: int, token: str, log: Log):
         self.base, self.aid, self.token, self.log = base, aid, token, log
-        self.client = httpx.AsyncClient(base_url=base, timeout=120)
+        self.client = httpx.AsyncClient(base_url=base, timeout=120, follow_redirects=True)
         self.csrf = ""
 
     async def enter(self) -> None:
-        import re
-
-        r = await self.retry(lambda: self.client.get(f"/join/{self.token}"))
-        page = await self.retry(lambda: self.client.get("/consent"))
-        m = re.search(r'name="csrf" content="([^"]+)"', page.text)
-        assert m and r.status_code in (200, 303), page.text
+        """Sign in as a script does: GET the invite link (the sign-in page: its form token,
+        tied to the pre-session cookie it sets), POST the form; consent."""
+        while True:
+            page = await self.retry(lambda: self.client.get(f"/join/{self.token}"))
+            m = re.search(r'name="csrf" value="([^"]+)"', page.text)
+            assert m, page.text
+            form = {"csrf": m.group(1)}
+            r = await self.retry(lambda f=form: self.client.post(f"/join/{self.token}", data=f))
+            if r.status_code == 200:  # followed the redirect to the consent page
+                break
+            await asyncio.sleep(0.25)  # the server restarted between the two (a new secret)
+        m = re.search(r'name="csrf" content="([^"]+)"', r.text)
+        assert m, r.text
         self.csrf = m.group(1)
         self.client.headers["x-csrf-token"] = self.csrf
         await self.retry(lambda: self.client.post("/consent", data={"csrf": self.csrf}))
@@ -138,9 +156,9 @@ class Annotator:
         t0 = time.monotonic()
         r = await self.retry(lambda: self.client.post(path, json=body))
         self.log.latencies.append((t0, time.monotonic() - t0))
-        timing = r.headers.get("server-timing", "")
-        if "dur=" in timing:
-            self.log.server.append((t0, float(timing.split("dur=")[1]) / 1000))
+        m = re.search(r"app;dur=([0-9.]+)", r.headers.get("server-timing", ""))
+        if m:
+            self.log.server.append((t0, float(m.group(1)) / 1000))
         return r.status_code, r.json()
 
     async def state(self) -> dict[str, Any]:
@@ -165,9 +183,12 @@ class Annotator:
             self.log.retries += 1
             await asyncio.sleep(0.25)
 
-    async def run(self, stop_at: float) -> None:
+    async def run(self, until: Until) -> None:
+        # people do not all start in the same millisecond: each starts within the first
+        # second (after that, no pause: every client submits again as soon as it can)
+        await asyncio.sleep(random.uniform(0, START_SPREAD_S))
         await self.enter()
-        while time.monotonic() < stop_at:
+        while not until.done:
             state = await self.state()
             item = state.get("item")
             if state["mode"] == "overlap" or item is not None:
@@ -199,16 +220,62 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-async def load(base: str, tokens: list[tuple[int, str]], logs: list[Log], seconds: float,
-               kill: Any) -> None:
-    stop_at = time.monotonic() + seconds
+async def load_here(base: str, tokens: list[tuple[int, str]], logs: list[Log],
+                    stop: Any) -> list[Log]:
     annotators = [Annotator(base, aid, tok, log) for (aid, tok), log in zip(tokens, logs)]
-    tasks = [asyncio.create_task(a.run(stop_at)) for a in annotators]
-    if kill is not None:
-        await kill()
+    until = Until()
+    tasks = [asyncio.create_task(a.run(until)) for a in annotators]
+    while not stop.is_set():  # asked now and then, not by every client on every turn
+        await asyncio.sleep(0.1)
+    until.done = True
     await asyncio.gather(*tasks)
     for a in annotators:
         await a.close()
+    return logs
+
+
+class Until:
+    done = False
+
+
+CLIENT_NICENESS = 5
+
+
+def client_started() -> None:
+    """A client process starts at a lower CPU priority: the annotators' browsers run on their
+    own machines, and here the load generator would otherwise take the server's cores (it
+    still goes before the decode process, at niceness 10)."""
+    os.nice(CLIENT_NICENESS)
+
+
+def client_process(base: str, tokens: list[tuple[int, str]], logs: list[Log],
+                   stop: Any) -> list[Log]:
+    """One client process: its share of the annotators, until ``stop`` is set."""
+    return asyncio.run(load_here(base, tokens, logs, stop))
+
+
+def load(pool: ProcessPoolExecutor, stop: Any, processes: int, base: str,
+         tokens: list[tuple[int, str]], logs: list[Log], seconds: float,
+         kill: Any) -> list[Log]:
+    """The annotators, spread over ``processes`` client processes, for ``seconds`` (and at
+    least a few seconds after ``kill``, if any, which runs here meanwhile and returns when
+    the server is back). Their logs, in order."""
+    stop.clear()
+    stop_at = time.monotonic() + seconds
+    shares = [list(range(i, len(tokens), processes)) for i in range(processes)]
+    futures = [pool.submit(client_process, base, [tokens[j] for j in share],
+                           [logs[j] for j in share], stop) for share in shares if share]
+    if kill is not None:
+        asyncio.run(kill())
+        stop_at = max(stop_at, time.monotonic() + 5)
+    time.sleep(max(0.0, stop_at - time.monotonic()))
+    stop.set()
+    out: list[Log | None] = [None] * len(logs)
+    for share, future in zip([s for s in shares if s], futures):
+        for j, log in zip(share, future.result()):
+            out[j] = log
+    assert all(log is not None for log in out)
+    return [log for log in out if log is not None]
 
 
 def main() -> None:
@@ -217,6 +284,8 @@ def main() -> None:
     ap.add_argument("--annotators", type=int, default=50)
     ap.add_argument("--seconds", type=float, default=60.0, help="phase 1 (latency)")
     ap.add_argument("--kill-seconds", type=float, default=25.0, help="phase 2 (kill -9)")
+    ap.add_argument("--client-processes", type=int, default=4,
+                    help="processes the simulated annotators are spread over")
     args = ap.parse_args()
     if args.quick:
         args.seconds, args.kill_seconds = 12.0, 10.0
@@ -226,7 +295,8 @@ def main() -> None:
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, python "
           f"{platform.python_version()}; {args.annotators} annotators, phase 1 "
-          f"{args.seconds:g} s, phase 2 (kill -9 and restart) {args.kill_seconds:g} s")
+          f"{args.seconds:g} s, phase 2 (kill -9 and restart) {args.kill_seconds:g} s; "
+          f"{args.client_processes} client processes")
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
         build_policy(tmp / "policy")
@@ -244,10 +314,16 @@ def main() -> None:
         server = start_server(db, tmp / "policy", port, server_log)
         asyncio.run(wait_up(base, server, server_log))
         logs = [Log(aid) for aid, _ in tokens]
+        processes = max(1, min(args.client_processes, args.annotators))
+        context = multiprocessing.get_context("spawn")
+        pool = ProcessPoolExecutor(processes, mp_context=context, initializer=client_started)
+        list(pool.map(abs, range(processes)))  # the client processes started before the clock
+        manager = context.Manager()
+        stop = manager.Event()
 
         # phase 1: steady load; submit latency
         t_start = time.monotonic()
-        asyncio.run(load(base, tokens, logs, args.seconds, None))
+        logs = load(pool, stop, processes, base, tokens, logs, args.seconds, None)
         phase1_end = time.monotonic()
         lat = [d for log in logs for t0, d in log.latencies if t0 < phase1_end]
         model = [d for log in logs for d in log.model]
@@ -257,8 +333,9 @@ def main() -> None:
               f"({submits1 / (phase1_end - t_start):.0f}/s); submit latency p50 "
               f"{percentile(lat, 50) * 1000:.1f} ms, p95 {percentile(lat, 95) * 1000:.1f} ms, "
               f"p99 {percentile(lat, 99) * 1000:.1f} ms (server's own time p50 "
-              f"{percentile(own, 50) * 1000:.1f} ms, p95 {percentile(own, 95) * 1000:.1f} ms); model (two responses, streamed) p50 "
-              f"{percentile(model, 50) * 1000:.0f} ms, p95 {percentile(model, 95) * 1000:.0f} ms")
+              f"{percentile(own, 50) * 1000:.1f} ms, p95 {percentile(own, 95) * 1000:.1f} ms); "
+              f"model (two responses, streamed) p50 {percentile(model, 50) * 1000:.0f} ms, "
+              f"p95 {percentile(model, 95) * 1000:.0f} ms")
 
         # phase 2: kill -9 under load, restart, go on
         restarted: dict[str, float] = {}
@@ -266,23 +343,25 @@ def main() -> None:
         async def kill() -> None:
             nonlocal server
             await asyncio.sleep(args.kill_seconds / 3)
-            t_kill = time.monotonic()
-            restarted["before"] = sum(len(log.latencies) for log in logs)
+            restarted["t_kill"] = t_kill = time.monotonic()
             os.kill(server.pid, signal.SIGKILL)
             server.wait()
             server = start_server(db, tmp / "policy", port, server_log)
             await wait_up(base, server, server_log)
             restarted["down_s"] = time.monotonic() - t_kill
-            restarted["retries"] = sum(log.retries for log in logs)
 
-        asyncio.run(load(base, tokens, logs, args.kill_seconds, kill))
+        retries1 = sum(log.retries for log in logs)
+        logs = load(pool, stop, processes, base, tokens, logs, args.kill_seconds, kill)
+        pool.shutdown()
+        manager.shutdown()
         server.send_signal(signal.SIGTERM)
         server.wait(60)
-        after = sum(len(log.latencies) for log in logs)
-        print(f"phase 2: server killed with SIGKILL under load ({restarted['before'] - submits1} "
+        acked = [t0 + d for log in logs for t0, d in log.latencies]
+        before = sum(t < restarted["t_kill"] for t in acked)
+        print(f"phase 2: server killed with SIGKILL under load ({before - submits1} "
               f"submits acknowledged in phase 2 before it, requests failing meanwhile "
-              f"{restarted['retries']:,}), back after {restarted['down_s']:.1f} s; "
-              f"{after - restarted['before']} submits acknowledged after")
+              f"{sum(log.retries for log in logs) - retries1:,}), back after "
+              f"{restarted['down_s']:.1f} s; {len(acked) - before} submits acknowledged after")
 
         # the check, against each client's own log
         store = open_store(db)

@@ -112,10 +112,16 @@ def wait_up(base: str, timeout: float = 120.0) -> None:
 
 
 def join(base: str, link: str) -> tuple[httpx.Client, str]:
-    """A client logged in through an invite link, and its CSRF token."""
+    """A client signed in through an invite link, as a script does it: GET the link (the
+    sign-in page, its form token and the pre-session cookie), POST the form; then its CSRF
+    token (from the next page's ``<meta name="csrf">``)."""
     token = link.rsplit("/join/", 1)[1]
     client = httpx.Client(base_url=base, timeout=60)
-    r = client.get(f"/join/{token}", follow_redirects=False)
+    form = client.get(f"/join/{token}")
+    assert form.status_code == 200, form.text
+    sign_in = re.search(r'name="csrf" value="([^"]+)"', form.text)
+    assert sign_in, form.text
+    r = client.post(f"/join/{token}", data={"csrf": sign_in.group(1)}, follow_redirects=False)
     assert r.status_code == 303, r.text
     page = client.get("/consent")
     csrf = re.search(r'name="csrf" content="([^"]+)"', page.text)
@@ -144,3 +150,16 @@ def judged_turn(client: httpx.Client, conversation_id: int | None, position: int
                                         "strength": 2})
     assert r.status_code == 200, r.text
     return cid, item
+
+
+@contextmanager
+def decoding(policy: Any, settings: Any) -> Iterator[Any]:
+    """The embedded default's responder for a policy folder: its decode process (`hhrlhf
+    policy serve`, a child on loopback) started, and ended after."""
+    from hhrlhf.collect.responder import make_responder
+
+    responder = make_responder(str(policy), settings)
+    try:
+        yield responder
+    finally:
+        responder.close()

@@ -1,9 +1,11 @@
 """`hhrlhf collect` in a real browser: Debian's headless Chromium driven by Playwright, against
-real servers on 127.0.0.1 (a tiny policy built here, real SQLite).
+real servers on 127.0.0.1 (a tiny policy built here, decoded in its own process as `collect
+serve` runs it; real SQLite).
 
-A helpful conversation of several turns picked with the keyboard, a reload mid-task, two
-annotators at once, a red-team attempt with its rating, a review with tags, the admin page;
-annotator and model text shown as text, never run. With HHRLHF_UPDATE_DOCS_IMAGES=1 the
+Sign-in by the invite page's button, a helpful conversation of several turns picked with the
+keyboard (the responses streamed), a reload mid-task, two annotators at once, overlap items
+judged by two annotators and their agreement on the admin page, a red-team attempt with its
+rating, a review with tags; annotator and model text shown as text, never run. With HHRLHF_UPDATE_DOCS_IMAGES=1 the
 screenshots replace docs/img/collect-*.png.
 """
 
@@ -16,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from collect_support import served
+from collect_support import decoding, served
 from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
 from policy_support import build_tiny, first_rows, one_thread  # noqa: F401
 
 from hhrlhf.collect.app import AppConfig, create_app
 from hhrlhf.collect.export import FILES, export
-from hhrlhf.collect.responder import LocalResponder, Settings
+from hhrlhf.collect.responder import EndpointResponder, Settings
 from hhrlhf.collect.store import Store, open_store
 from hhrlhf.read import read_comparisons, read_redteam
 
@@ -34,10 +36,12 @@ XSS = "<img src=x onerror=alert('collect')><script>alert('collect')</script>"
 
 
 @pytest.fixture(scope="module")
-def responder(tmp_path_factory: pytest.TempPathFactory, real_file: Path) -> LocalResponder:
+def responder(tmp_path_factory: pytest.TempPathFactory,
+              real_file: Path) -> Iterator[EndpointResponder]:
     out = tmp_path_factory.mktemp("policy") / "tiny"
     build_tiny(first_rows(real_file, 200), out)
-    return LocalResponder(out, Settings(max_new_tokens=16, max_prompt_length=160))
+    with decoding(out, Settings(max_new_tokens=16, max_prompt_length=160)) as r:
+        yield r
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +83,10 @@ def enter(browser: Browser, base: str, store: Store, name: str, role: str = "ann
     page = context.new_page()
     problems = _watch(page)
     page.goto(f"{base}/join/{token}")
+    expect(page.locator("#join-name")).to_have_text(name)  # the link alone signs no one in
+    if tmp_path is not None:
+        shot(page, tmp_path, "join")
+    page.click("#sign-in")
     expect(page.locator("#consent")).to_be_visible()
     if tmp_path is not None:
         shot(page, tmp_path, "consent")
@@ -92,7 +100,7 @@ def say(page: Page, text: str) -> None:
 
 
 def test_helpful_conversation_reload_and_two_annotators(
-        tmp_path: Path, responder: LocalResponder, browser: Browser) -> None:
+        tmp_path: Path, responder: EndpointResponder, browser: Browser) -> None:
     store = open_store(tmp_path / "c.sqlite")
     app = create_app(AppConfig(store=store, task="helpful", responders=[responder],
                                overlap=0.0))
@@ -148,7 +156,7 @@ def test_helpful_conversation_reload_and_two_annotators(
     store.close()
 
 
-def test_redteam_attempt_review_and_admin(tmp_path: Path, responder: LocalResponder,
+def test_redteam_attempt_review_and_admin(tmp_path: Path, responder: EndpointResponder,
                                           browser: Browser) -> None:
     store = open_store(tmp_path / "c.sqlite")
     app = create_app(AppConfig(store=store, task="redteam", responders=[responder]))
@@ -201,7 +209,7 @@ def test_redteam_attempt_review_and_admin(tmp_path: Path, responder: LocalRespon
     store.close()
 
 
-def test_harmless_mode_in_the_browser(tmp_path: Path, responder: LocalResponder,
+def test_harmless_mode_in_the_browser(tmp_path: Path, responder: EndpointResponder,
                                       browser: Browser) -> None:
     """The harmlessness tranche: the annotator picks the MORE harmful response, the
     conversation goes on from it, and the export has it as `rejected`."""
@@ -226,4 +234,49 @@ def test_harmless_mode_in_the_browser(tmp_path: Path, responder: LocalResponder,
     assert [r.rejected.strip() for r in rows] == [p.strip() for p in picked]
     # the conversation went on from the picked (more harmful) response
     assert rows[1].prompt[1].text.strip() == picked[0].strip()
+    store.close()
+
+
+def test_overlap_items_two_annotators_at_once_and_the_agreement(
+        tmp_path: Path, responder: EndpointResponder, browser: Browser) -> None:
+    """Every comparison an overlap item: after its owner judges it, two other annotators,
+    signed in at once, are both shown it; the first to judge gives the second opinion, the
+    other is told and goes on to their own work; the admin page shows the agreement."""
+    store = open_store(tmp_path / "o.sqlite")
+    app = create_app(AppConfig(store=store, task="helpful", responders=[responder],
+                               overlap=1.0))
+    with served(app) as base:
+        ctx, page, problems = enter(browser, base, store, "owner")
+        say(page, "What is a good name for a cat?")
+        expect(page.locator("#pick")).to_be_visible()
+        owner_left = page.locator("#left-text").inner_text()
+        page.keyboard.press("1")  # left, much better
+        expect(page.locator("#save-state")).to_have_text("saved")
+        ctx2, page2, problems2 = enter(browser, base, store, "bob")
+        ctx3, page3, problems3 = enter(browser, base, store, "cat")
+        for p in (page2, page3):  # the same item, in the owner's left/right order
+            expect(p.locator("#overlap-note")).to_be_visible()
+            expect(p.locator("#skip")).to_be_visible()
+            expect(p.locator("#conversation")).to_contain_text("What is a good name for a cat?")
+            assert p.locator("#left-text").inner_text() == owner_left
+        page2.click("#pick-left-1")  # the same response as the owner's
+        expect(page2.locator("#save-state")).to_have_text("saved")
+        expect(page2.locator("#overlap-note")).to_be_hidden()
+        expect(page2.locator("#compose")).to_be_visible()
+        page3.click("#pick-right-2")  # too late: bob gave the second opinion
+        expect(page3.locator("#error")).to_contain_text("second opinion first")
+        expect(page3.locator("#overlap-note")).to_be_hidden()
+        expect(page3.locator("#compose")).to_be_visible()
+        ctx4, admin, _ = enter(browser, base, store, "boss", "admin")
+        admin.goto(base + "/admin")
+        row = admin.locator("#agreement tbody tr")
+        expect(row).to_have_count(1)
+        expect(row).to_contain_text("helpful")
+        expect(row.locator("td").nth(1)).to_have_text("1")
+        expect(row.locator("td").nth(3)).to_have_text("100%")
+        assert problems == [] and problems2 == [] and problems3 == []
+        for c in (ctx, ctx2, ctx3, ctx4):
+            c.close()
+    with store.transaction() as tx:
+        assert tx.one("SELECT COUNT(*) FROM judgements") == (2,)
     store.close()

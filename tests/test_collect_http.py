@@ -1,31 +1,33 @@
 """`hhrlhf collect serve` over HTTP: a real server on 127.0.0.1 with a tiny policy built here,
-real SQLite. Every endpoint refuses a missing or bad session and a missing CSRF token; a
-whole comparison turn through the API; the rate limit; the endpoint responder against a real
-OpenAI-compatible streaming server."""
+decoded in its own process (`hhrlhf policy serve`, started for it), real SQLite. Every
+endpoint refuses a missing or bad session and a missing CSRF token; sign-in only by the
+invite page's POST; revocation; a whole comparison turn through the API; the rate limit; the
+responses streamed token by token from the decode process."""
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from collect_support import join, served
-from fastapi import FastAPI, Request
+from collect_support import decoding, join, served
 from policy_support import build_tiny, first_rows, one_thread  # noqa: F401
-from starlette.responses import StreamingResponse
 
 from hhrlhf.collect.app import AppConfig, create_app
 from hhrlhf.collect.export import FILES, export
 from hhrlhf.collect.responder import (
+    DecodeProcess,
     EndpointResponder,
-    LocalResponder,
     Settings,
     collect_text,
+    make_responder,
 )
 from hhrlhf.collect.store import open_store
+from hhrlhf.errors import HHRLHFError
 from hhrlhf.read import read_comparisons
 from hhrlhf.records import Dialogue
 
@@ -43,12 +45,13 @@ def policy(tmp_path_factory: pytest.TempPathFactory, real_file: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def responder(policy: Path) -> LocalResponder:
-    return LocalResponder(policy, SETTINGS)
+def responder(policy: Path) -> Iterator[EndpointResponder]:
+    with decoding(policy, SETTINGS) as r:
+        yield r
 
 
 @pytest.fixture
-def site(tmp_path: Path, responder: LocalResponder) -> Iterator[dict[str, Any]]:
+def site(tmp_path: Path, responder: EndpointResponder) -> Iterator[dict[str, Any]]:
     store = open_store(tmp_path / "c.sqlite")
     links = {}
     for name, role in (("ada", "annotator"), ("bob", "annotator"), ("root", "admin")):
@@ -112,6 +115,71 @@ def consented(site: dict[str, Any], name: str) -> tuple[httpx.Client, str]:
     return client, csrf
 
 
+def test_sign_in_only_by_the_invite_pages_post(site: dict[str, Any]) -> None:
+    """No login CSRF: the invite link's GET signs nobody in; the POST needs the form's token,
+    which is tied to the pre-session cookie of the browser that loaded the page."""
+    base, link = site["base"], site["links"]["ada"]
+
+    def form(client: httpx.Client) -> str:
+        r = client.get(link)
+        assert r.status_code == 200 and "Sign in as ada" in r.text
+        m = re.search(r'name="csrf" value="([^"]+)"', r.text)
+        assert m
+        return m.group(1)
+
+    victim, attacker = httpx.Client(base_url=base), httpx.Client(base_url=base)
+    theirs = form(attacker)  # the attacker's own page and token, for their own invite
+    mine = form(victim)
+    assert "hhrlhf_collect" not in victim.cookies  # the GET opened no session
+    assert victim.get("/api/state").status_code == 401
+    assert httpx.post(base + link, data={"csrf": theirs}).status_code == 403  # no cookie
+    assert victim.post(link, data={"csrf": theirs}).status_code == 403  # not its cookie's
+    assert victim.post(link, data={}).status_code == 403
+    assert victim.post(link, data={"csrf": mine},
+                       headers={"sec-fetch-site": "cross-site"}).status_code == 403
+    assert victim.get("/api/state").status_code == 401
+    r = victim.post(link, data={"csrf": mine})
+    assert r.status_code == 303 and r.headers["location"] == "/consent"
+    assert victim.get("/consent").status_code == 200
+    assert victim.post(link, data={"csrf": mine}).status_code == 403  # the token is used up
+    assert victim.post("/join/nope", data={"csrf": form(victim)}).status_code == 401
+
+
+def test_revoke_ends_sessions_at_once_and_the_link_stops_working(
+        site: dict[str, Any], capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from policy_support import run_cli
+
+    db = str(site["tmp"] / "c.sqlite")
+    ada, _ = consented(site, "ada")
+    ada_phone, _ = consented(site, "ada")  # a second session of the same person
+    bob, _ = consented(site, "bob")
+    admin, _ = consented(site, "root")
+    aid = site["store"].annotators()[0]["id"]
+    assert ada.get("/api/state").status_code == 200
+    code, out, _ = run_cli(["collect", "revoke", "--db", db, str(aid)], capsys, monkeypatch)
+    assert code == 0 and "revoked annotator 1 (ada): 2 sessions ended" in out
+    for client in (ada, ada_phone):  # at once: the very next call of each session
+        for path in READS:
+            assert client.get(path).status_code == 401, path
+        for path in WRITES:
+            assert client.post(path, json={"key": "after"}).status_code == 401, path
+    r = httpx.get(site["base"] + site["links"]["ada"])
+    assert r.status_code == 401 and "revoked" in r.text
+    assert bob.get("/api/state").status_code == 200  # others go on
+    page = admin.get("/admin").text
+    assert re.search(r"<td>ada</td>.*?revoked \d{4}-", page, re.DOTALL)
+    assert admin.get("/api/admin").json()["annotators"][0]["revoked"] > 0
+    # by the invite link too; again: nothing more to end; unknown: one line
+    code, out, _ = run_cli(["collect", "revoke", "--db", db,
+                            "http://x" + site["links"]["bob"]], capsys, monkeypatch)
+    assert code == 0 and "bob" in out and bob.get("/api/state").status_code == 401
+    code, out, _ = run_cli(["collect", "revoke", "--db", db, str(aid)], capsys, monkeypatch)
+    assert code == 0 and "0 sessions ended" in out
+    code, _, err = run_cli(["collect", "revoke", "--db", db, "999"], capsys, monkeypatch)
+    assert code != 0 and err.count("\n") == 1 and "no annotator" in err
+
+
 def test_a_comparison_turn_through_the_api(site: dict[str, Any]) -> None:
     ada, _ = consented(site, "ada")
     bob, _ = consented(site, "bob")
@@ -131,6 +199,8 @@ def test_a_comparison_turn_through_the_api(site: dict[str, Any]) -> None:
     events = sse_events(r)
     assert events[-1][0] == "done"
     assert {e[1]["side"] for e in events if e[0] == "delta"} <= {"left", "right"}
+    # streamed as the decode process produces the tokens: several pieces, not one a side
+    assert sum(1 for e in events if e[0] == "delta") > 2
     state = events[-1][1]
     item = state["item"]
     assert item and "policy" not in json.dumps(item)  # the policies stay hidden
@@ -155,7 +225,7 @@ def test_a_comparison_turn_through_the_api(site: dict[str, Any]) -> None:
     assert row.prompt[0].text == "<b>Hello</b> there"
 
 
-def test_rate_limit_answers_429(tmp_path: Path, responder: LocalResponder) -> None:
+def test_rate_limit_answers_429(tmp_path: Path, responder: EndpointResponder) -> None:
     store = open_store(tmp_path / "c.sqlite")
     _, token = store.add_annotator("ada")
     app = create_app(AppConfig(store=store, task="helpful", responders=[responder],
@@ -169,54 +239,38 @@ def test_rate_limit_answers_429(tmp_path: Path, responder: LocalResponder) -> No
     assert codes[:5] == [404] * 5 and 429 in codes[5:]
 
 
-def openai_app(responder: LocalResponder) -> Any:
-    """A small OpenAI-compatible server (/v1/models, streaming /v1/completions) over the
-    in-process responder, for the endpoint responder to talk to over real HTTP."""
-    app = FastAPI()
+def test_responses_stream_token_by_token_from_the_decode_process(
+        responder: EndpointResponder, policy: Path) -> None:
+    """The embedded default decodes in a child process (`hhrlhf policy serve` on loopback,
+    with a random API key): its tokens come as they are produced, several pieces a
+    response; without the key it answers nobody; a bad folder is a one-line error."""
+    import asyncio
 
-    @app.get("/v1/models")
-    def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": "tiny", "object": "model"}]}
-
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> StreamingResponse:
-        body = await request.json()
-        assert body["stream"] is True and body["prompt"].endswith("\n\nAssistant:")
-        dialogue = Dialogue.parse(body["prompt"][: -len("\n\nAssistant:")])
-
-        def events() -> Iterator[bytes]:
-            for e in responder.respond(dialogue, body["n"]):
-                if e.delta:
-                    for word in (" " + e.delta).split(" ")[1:]:  # a token at a time
-                        chunk = {"choices": [{"index": e.index, "text": " " + word,
-                                              "finish_reason": None}]}
-                        yield f"data: {json.dumps(chunk)}\n\n".encode()
-                if e.done:
-                    chunk = {"choices": [{"index": e.index, "text": "",
-                                          "finish_reason": "stop"}]}
-                    yield f"data: {json.dumps(chunk)}\n\n".encode()
-            yield b"data: [DONE]\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream")
-
-    return app
-
-
-def test_endpoint_responder_streams_from_an_openai_compatible_server(
-        responder: LocalResponder) -> None:
     dialogue = Dialogue.parse("\n\nHuman: How are you?")
-    with served(openai_app(responder)) as base:
-        remote = EndpointResponder(base + "/v1", SETTINGS, num_params="85M")
-        assert remote.describe().name == "tiny"
-        events = list(remote.respond(dialogue, 2))
-        texts, metas = collect_text(iter(events), 2)
-    assert sum(1 for e in events if e.delta) >= 2
-    assert [m["stop"] for m in metas] == ["stop", "stop"]
+    owner = responder.owner
+    assert isinstance(owner, DecodeProcess) and owner.proc.poll() is None
+    assert owner.url.startswith("http://127.0.0.1:")
+
+    async def pieces() -> list[Any]:
+        return [e async for e in responder.respond(dialogue, 2)]
+
+    events = asyncio.run(pieces())
+    texts, metas = asyncio.run(collect_text(responder.respond(dialogue, 2), 2))
+    assert sum(1 for e in events if e.delta) > 2  # streamed, not one piece a response
+    assert [m["stop"] for m in metas] == ["stop", "stop"] or all(m["stop"] for m in metas)
+    assert all(isinstance(m["seed"], int) for m in metas)
     assert all(not t.startswith(" ") for t in texts)
+    assert responder.describe().name == "tiny"
+    assert responder.describe().num_params.endswith("K")  # counted by the decode process
+    assert httpx.get(owner.url + "/v1/models").status_code == 401  # the key is needed
+    bad = policy.parent / "not-a-policy"
+    bad.mkdir(exist_ok=True)
+    with pytest.raises(HHRLHFError, match="decode process .* did not start: .*config.json"):
+        make_responder(str(bad), SETTINGS)
 
 
 def test_redteam_scored_at_close_by_the_servers_pm(tmp_path: Path,
-                                                   responder: LocalResponder) -> None:
+                                                   responder: EndpointResponder) -> None:
     from hhrlhf.pm.agreement import min_prefix_scores
     from hhrlhf.pm.lexical import LexicalPreferenceModel
     from hhrlhf.read import read_redteam
@@ -260,8 +314,13 @@ def test_kill_9_of_the_served_app_loses_no_acknowledged_submit(tmp_path: Path,
     import signal
     import subprocess
     import sys
+    import time
 
     from collect_support import free_port, wait_up
+
+    def children(pid: int) -> list[int]:
+        return [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
+                for c in (task / "children").read_text().split()]
 
     root = Path(__file__).resolve().parents[1]
     db = tmp_path / "c.sqlite"
@@ -287,8 +346,15 @@ def test_kill_9_of_the_served_app_loses_no_acknowledged_submit(tmp_path: Path,
             assert r.status_code == 200, r.text
             cid = r.json()["conversation_id"]
             client.post("/api/respond", json={"key": f"r{i}", "conversation_id": cid})
+        decoders = children(server.pid)
+        assert len(decoders) == 1  # the decode process of --policy FOLDER
         os.kill(server.pid, signal.SIGKILL)
         server.wait()
+        for _ in range(600):  # it dies with the server, even killed with SIGKILL
+            if not Path(f"/proc/{decoders[0]}").exists():
+                break
+            time.sleep(0.1)
+        assert not Path(f"/proc/{decoders[0]}").exists(), "a decode process outlived its server"
         server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
         wait_up(base)
         # the session and every acknowledged turn survived; a retried submit is not doubled
@@ -305,17 +371,16 @@ def test_kill_9_of_the_served_app_loses_no_acknowledged_submit(tmp_path: Path,
 
 
 def test_two_policies_one_response_each_hidden_from_the_page(
-        tmp_path: Path, policy: Path, responder: LocalResponder) -> None:
+        tmp_path: Path, policy: Path, responder: EndpointResponder) -> None:
     import shutil
 
     other = tmp_path / "tiny-b"
     shutil.copytree(policy, other)
-    second = LocalResponder(other, Settings(max_new_tokens=6, max_prompt_length=96,
-                                            temperature=0.5))
+    second_settings = Settings(max_new_tokens=6, max_prompt_length=96, temperature=0.5)
     store = open_store(tmp_path / "c.sqlite")
     _, token = store.add_annotator("ada")
-    app = create_app(AppConfig(store=store, task="harmless", responders=[responder, second]))
-    with served(app) as base:
+    with decoding(other, second_settings) as second, served(create_app(AppConfig(
+            store=store, task="harmless", responders=[responder, second]))) as base:
         client, csrf = join(base, f"/join/{token}")
         client.post("/consent", data={"csrf": csrf})
         client.headers["x-csrf-token"] = csrf
@@ -341,20 +406,19 @@ def test_two_policies_one_response_each_hidden_from_the_page(
     assert isinstance(side["settings_chosen"]["seed"], int)
 
 
-def test_an_abandoned_stream_holds_nothing_up(responder: LocalResponder) -> None:
-    """A client that reads one piece of a response and goes away without closing the stream
-    must not block every other annotator's responses (the responder's lock is held one
-    decode step at a time, never across a yield)."""
-    import threading
+def test_an_abandoned_stream_holds_nothing_up(responder: EndpointResponder) -> None:
+    """A client that reads one piece of a response and stops reading, without closing the
+    stream, must not block every other annotator's responses."""
+    import asyncio
 
-    first = responder.respond(Dialogue.parse("\n\nHuman: hi"), 2)
-    next(first)  # one event; the client is gone and the generator is never closed
-    done = threading.Event()
+    async def run() -> list[str]:
+        first = responder.respond(Dialogue.parse("\n\nHuman: hi"), 2)
+        await first.__anext__()  # one event; then nothing is read
+        try:
+            texts, _ = await asyncio.wait_for(collect_text(responder.respond(
+                Dialogue.parse("\n\nHuman: hello"), 2), 2), 300)
+        finally:
+            await first.aclose()
+        return texts
 
-    def other() -> None:
-        list(responder.respond(Dialogue.parse("\n\nHuman: hello"), 2))
-        done.set()
-
-    threading.Thread(target=other, daemon=True).start()
-    assert done.wait(300), "a second response waited on the abandoned stream"
-    first.close()
+    assert len(asyncio.run(run())) == 2

@@ -113,21 +113,21 @@ def test_postgres_store_exports_like_sqlite(pg_url: str, tmp_path: Path) -> None
 
 def test_the_web_app_on_postgres(pg_url: str, tmp_path: Path, real_file: Path) -> None:
     """The served app on a Postgres store: a comparison turn through the HTTP API (session,
-    CSRF, streamed responses, a pick), then the export holds it."""
-    from collect_support import join, served
+    CSRF, streamed responses, a pick), a revocation, then the export holds the turn."""
+    from collect_support import decoding, join, served
     from policy_support import build_tiny, first_rows
 
     from hhrlhf.collect.app import AppConfig, create_app
-    from hhrlhf.collect.responder import LocalResponder, Settings
+    from hhrlhf.collect.responder import Settings
 
     build_tiny(first_rows(real_file, 200), tmp_path / "tiny")
-    responder = LocalResponder(tmp_path / "tiny", Settings(max_new_tokens=8, max_prompt_length=96))
     store = open_store(pg_url)
     try:
-        _, token = store.add_annotator("web-ada", "annotator")
-        app = create_app(AppConfig(store=store, task="helpful", responders=[responder],
-                                   overlap=0.0, rate_per_minute=600))
-        with served(app) as base:
+        aid, token = store.add_annotator("web-ada", "annotator")
+        with decoding(tmp_path / "tiny", Settings(max_new_tokens=8)) as responder, \
+                served(create_app(AppConfig(store=store, task="helpful",
+                                            responders=[responder], overlap=0.0,
+                                            rate_per_minute=600))) as base:
             client, csrf = join(base, f"/join/{token}")
             assert client.post("/consent", data={"csrf": csrf}).status_code == 303
             client.headers["x-csrf-token"] = csrf
@@ -141,6 +141,9 @@ def test_the_web_app_on_postgres(pg_url: str, tmp_path: Path, real_file: Path) -
             r = client.post("/api/judge", json={"key": "pg-j1", "item_id": item["id"],
                                                 "side": "left", "strength": 2})
             assert r.status_code == 200, r.text
+            # revoked: the session's next call is refused, on Postgres too
+            assert store.revoke(str(aid))[1] == 1
+            assert client.get("/api/state").status_code == 401
         export(store, tmp_path / "out")
     finally:
         store.close()

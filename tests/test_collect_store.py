@@ -337,3 +337,27 @@ def test_overlap_items_give_one_second_opinion_and_the_agreement(store: Store,
     side = [json.loads(line) for line in (tmp_path / "out" / side_name(FILES["helpful"]))
             .read_text().splitlines()]
     assert [s["second_opinions"][0]["picked"] for s in side] == ["chosen", "rejected"]
+
+
+def test_a_schema_1_database_gains_revocation(tmp_path: Path) -> None:
+    """A database made before revocation (schema 1) opens: the column is added."""
+    import sqlite3
+
+    db = tmp_path / "old.sqlite"
+    store = open_store(db)
+    aid, token = store.add_annotator("ada")
+    store.close()
+    conn = sqlite3.connect(db)
+    conn.execute("ALTER TABLE annotators DROP COLUMN revoked")
+    conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema'")
+    conn.commit()
+    conn.close()
+    store = open_store(db)
+    session, _ = store.new_session(aid)
+    assert store.session(session) is not None
+    who, ended = store.revoke(token)
+    assert who.id == aid and ended == 1 and store.session(session) is None
+    with pytest.raises(Conflict):
+        store.new_session(aid)
+    assert store.annotators()[0]["revoked"] is not None
+    store.close()

@@ -245,3 +245,31 @@ def test_a_client_gone_mid_stream_frees_the_server(policy: Policy, url: str) -> 
         no_eos.remove()
     assert len(got.choices) == 1 and got.choices[0].finish_reason == "length"
     assert len(passes) < 200
+
+
+def test_streams_take_turns_step_by_step(policy: Policy, url: str) -> None:
+    """A stream whose client stops reading (it stays connected) holds no other stream up:
+    the model is held one decode step at a time. A short stream started after a long one
+    ends long before the long one's decode could have (counted in forward passes)."""
+    prompt = "\n\nHuman: hi" + ASSISTANT_MARKER
+    passes: list[int] = []
+    count = policy.net.get_input_embeddings().register_forward_hook(lambda *_: passes.append(1))
+    ends = torch.tensor([policy.eos_id, *policy.tokenizer(
+        HUMAN_MARKER, add_special_tokens=False)["input_ids"]])
+    no_eos = policy.net.lm_head.register_forward_hook(
+        lambda _m, _i, out: out.index_fill(-1, ends, -1e9))
+    long_body = {"model": MODEL, "prompt": prompt, "max_tokens": 400, "stream": True,
+                 "temperature": 1.0, "seed": 1}
+    short_body = {**long_body, "max_tokens": 3, "seed": 2}
+    try:
+        with httpx.stream("POST", url + "/completions", json=long_body, timeout=120) as slow:
+            assert next(slow.iter_lines()).startswith("data: {")  # then it reads no more
+            with httpx.stream("POST", url + "/completions", json=short_body,
+                              timeout=120) as quick:
+                lines = [x for x in quick.iter_lines() if x.startswith("data:")]
+            at_short_end = len(passes)
+    finally:
+        count.remove()
+        no_eos.remove()
+    assert lines[-1] == "data: [DONE]"
+    assert at_short_end < 200  # the long stream (400 steps) was still being decoded

@@ -1,7 +1,10 @@
 """The `hhrlhf collect` web app: FastAPI, Jinja (autoescaped) pages and small vanilla JS.
 
-Access: an invite link (``/join/<token>``) opens a session (an HttpOnly cookie); every page and
-API call needs that session, except ``/healthz`` and the static files, which tell nothing.
+Access: an invite link (``/join/<token>``) shows a sign-in page; its button POSTs back with a
+token tied to a pre-session cookie (no login CSRF: another site cannot sign a visitor in as
+someone else), and that opens a session (an HttpOnly cookie). Every page and API call needs a
+session, looked up on every call (a revoked annotator's calls get 401 at once), except
+``/healthz``, the sign-in page and the static files, which tell nothing.
 Every write needs the session's CSRF token (header ``X-CSRF-Token``; a form field for the one
 plain form) and an idempotency key (``key``); writes are rate-limited per annotator. The
 content security policy allows no inline script or style; texts are put in pages escaped (Jinja)
@@ -15,9 +18,10 @@ from __future__ import annotations
 import hmac
 import json
 import random
+import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +34,7 @@ from fastapi.templating import Jinja2Templates
 from jinja2 import Environment, FileSystemLoader
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import StreamingResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hhrlhf.collect import work
 from hhrlhf.collect.responder import Event, Responder
@@ -48,6 +53,7 @@ from hhrlhf.records import ASSISTANT, Dialogue, Turn
 HERE = Path(__file__).parent
 EXPLORER_STATIC = HERE.parent / "explorer" / "static"
 SESSION_COOKIE = "hhrlhf_collect"
+JOIN_COOKIE = "hhrlhf_collect_join"  # the pre-session of the sign-in page
 CSRF_HEADER = "x-csrf-token"
 MAX_BODY_BYTES = 256 * 1024  # a message is at most 20,000 characters
 # Suggested review tags (reviewers may type their own): themes of the published tags.
@@ -96,6 +102,30 @@ class Denied(Exception):
         self.status, self.message, self.retry_after = status, message, retry_after
 
 
+class _Timing:
+    """``Server-Timing: app;dur=<ms>`` on every answer: the time from the request's arrival
+    in the app to its answer's start (the body read, the wait for a thread, the checks, the
+    durable write), for load tests. Plain ASGI: no task per request."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+
+        async def timed(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                ms = (time.perf_counter() - t0) * 1000
+                message["headers"] = [*message.get("headers", []),
+                                      (b"server-timing", f"app;dur={ms:.2f}".encode())]
+            await send(message)
+
+        await self.app(scope, receive, timed)
+
+
 def _sse(event: str, data: Any) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
 
@@ -112,6 +142,7 @@ def create_app(config: AppConfig) -> FastAPI:
         "%Y-%m-%d %H:%M UTC", time.gmtime(t))
     templates = Jinja2Templates(env=env)
     limiter = RateLimiter(config.rate_per_minute)
+    join_secret = secrets.token_bytes(32)  # signs the sign-in form's token (this process)
     # Writes get worker threads of their own: the shared pool's threads can all be taken by
     # response streams waiting for the model, and a submit must not wait behind them.
     write_threads = anyio.CapacityLimiter(16)
@@ -119,6 +150,7 @@ def create_app(config: AppConfig) -> FastAPI:
                   openapi_url=None)
     app.state.config = config
     app.add_middleware(_SecurityHeaders)
+    app.add_middleware(_Timing)  # the outermost: it times all of the app
     app.mount("/static/explorer", StaticFiles(directory=EXPLORER_STATIC), name="explorer")
     app.mount("/static/collect", StaticFiles(directory=HERE / "static"), name="collect")
 
@@ -243,17 +275,55 @@ def create_app(config: AppConfig) -> FastAPI:
     def healthz() -> Response:
         return Response("ok\n", media_type="text/plain")
 
-    @app.get("/join/{token}", include_in_schema=False)
-    def join(token: str) -> Response:
+    def invited(token: str) -> Annotator:
         who = store.annotator_by_token(token) if len(token) < 200 else None
         if who is None:
             raise Denied(401, "this invite link is not valid (ask for a new one)")
+        if who.revoked:
+            raise Denied(401, "this invite link was revoked (ask for a new one)")
+        return who
+
+    async def read_form(request: Request) -> dict[str, str]:
+        from urllib.parse import parse_qs
+
+        raw = b""
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > 4096:
+                raise Denied(413, "the form is too large")
+        form = parse_qs(raw.decode("utf-8", "replace"))
+        return {k: v[0] for k, v in form.items() if v}
+
+    def join_csrf(pre_session: str) -> str:
+        return hmac.new(join_secret, pre_session.encode(), "sha256").hexdigest()
+
+    @app.get("/join/{token}", response_class=HTMLResponse, include_in_schema=False)
+    def join_page(request: Request, token: str) -> Response:
+        """The invite link shows a page; only its button (a POST) signs in. A GET that
+        signed in would let another site sign a visitor in as someone else (login CSRF)."""
+        who = invited(token)
+        pre = secrets.token_urlsafe(24)  # the pre-session that the form's token is tied to
+        response = page(request, "join.html", who=None, csrf="", invitee=who.name,
+                        token=token, join_csrf=join_csrf(pre))
+        response.set_cookie(JOIN_COOKIE, pre, httponly=True, samesite="strict",
+                            path="/join", max_age=3600)
+        return response
+
+    @app.post("/join/{token}", include_in_schema=False)
+    async def join(request: Request, token: str) -> Response:
+        form = await read_form(request)
+        pre, sent = request.cookies.get(JOIN_COOKIE, ""), form.get("csrf", "")
+        if request.headers.get("sec-fetch-site") == "cross-site" or not pre or not sent or \
+                not hmac.compare_digest(sent, join_csrf(pre)):
+            raise Denied(403, "missing or wrong sign-in token (open your invite link again)")
+        who = invited(token)
         session_token, _ = store.new_session(who.id)
         response = RedirectResponse("/" if who.consented else "/consent", status_code=303)
-        # Lax, not Strict: the invite link is opened from a mail or chat (another site), and
-        # the redirect after it must carry the cookie. Writes need the CSRF token anyway.
+        # Lax: a link to the app from a mail or chat (another site) opens it signed in.
+        # Writes need the CSRF token anyway.
         response.set_cookie(SESSION_COOKIE, session_token, httponly=True, samesite="lax",
                             path="/", max_age=SESSION_SECONDS)
+        response.delete_cookie(JOIN_COOKIE, path="/join")
         return response
 
     @app.get("/consent", response_class=HTMLResponse, include_in_schema=False)
@@ -263,11 +333,8 @@ def create_app(config: AppConfig) -> FastAPI:
 
     @app.post("/consent", include_in_schema=False)
     async def consent_accept(request: Request) -> Response:
-        from urllib.parse import parse_qs
-
         who, csrf = session(request)
-        form = parse_qs((await request.body()).decode("utf-8", "replace"))
-        sent = form.get("csrf", [""])[0]
+        sent = (await read_form(request)).get("csrf", "")
         if not sent or not hmac.compare_digest(sent, csrf):
             raise Denied(403, "missing or wrong CSRF token (reload the page)")
         store.consent(who.id)
@@ -345,47 +412,58 @@ def create_app(config: AppConfig) -> FastAPI:
         return await write_call(request, handle)
 
     def state_of(who: Annotator) -> dict[str, Any]:
-        # Never yield inside a transaction: the stream's steps run on any worker thread, and
-        # a transaction left open on one thread's connection would block its next request.
         with store.transaction() as tx:
             return {"task": task, **work.page_state(tx, who, task)}
 
-    def generate(who: Annotator, pending: work.Pending | None) -> Iterator[bytes]:
+    async def in_thread(fn: Callable[[], Any]) -> Any:
+        """Database work of a stream: in a write thread, never on the event loop."""
+        return await anyio.to_thread.run_sync(fn, limiter=write_threads)
+
+    async def generate(who: Annotator, pending: work.Pending | None) -> AsyncIterator[bytes]:
+        """The stream: the responses are read from the decode server asynchronously (no
+        thread is held while the model writes); the stores are done in a write thread."""
         if pending is None:  # generated already (another tab, a retry): the page reloads
-            yield _sse("done", state_of(who))
+            yield _sse("done", await in_thread(lambda: state_of(who)))
             return
         try:
             if task == "redteam":
-                yield from generate_single(who, pending)
+                async for chunk in generate_single(who, pending):
+                    yield chunk
             else:
-                yield from generate_pair(who, pending)
+                async for chunk in generate_pair(who, pending):
+                    yield chunk
         except HHRLHFError as e:
             yield _sse("error", {"detail": str(e)})
 
-    def generate_single(who: Annotator, pending: work.Pending) -> Iterator[bytes]:
+    async def generate_single(who: Annotator, pending: work.Pending) -> AsyncIterator[bytes]:
         responder = config.responders[0]
         text = ""
         meta: dict[str, Any] = {}
-        for e in responder.respond(pending.dialogue, 1):
+        async for e in responder.respond(pending.dialogue, 1):
             text += e.delta
             if e.delta:
                 yield _sse("delta", {"side": "single", "text": e.delta})
             if e.done:
                 meta = e.meta
         info = responder.describe()
-        with store.transaction(write=True) as tx:
-            work.add_response_turn(tx, pending, text, info.name, {**info.settings, **meta})
-        yield _sse("done", state_of(who))
 
-    def generate_pair(who: Annotator, pending: work.Pending) -> Iterator[bytes]:
+        def save() -> dict[str, Any]:
+            with store.transaction(write=True) as tx:
+                work.add_response_turn(tx, pending, text, info.name, {**info.settings, **meta})
+            return state_of(who)
+
+        yield _sse("done", await in_thread(save))
+
+    async def generate_pair(who: Annotator, pending: work.Pending) -> AsyncIterator[bytes]:
         left = random.SystemRandom().choice("ab")
         side_of = {"a": "left" if left == "a" else "right",
                    "b": "right" if left == "a" else "left"}
         texts = {"a": "", "b": ""}
         metas: dict[str, dict[str, Any]] = {"a": {}, "b": {}}
 
-        def stream(events: Iterator[Event], label: dict[int, str]) -> Iterator[bytes]:
-            for e in events:
+        async def stream(events: AsyncIterator[Event],
+                         label: dict[int, str]) -> AsyncIterator[bytes]:
+            async for e in events:
                 which = label[e.index]
                 texts[which] += e.delta
                 if e.delta:
@@ -396,17 +474,24 @@ def create_app(config: AppConfig) -> FastAPI:
         first = config.responders[0]
         if len(config.responders) > 1:
             second = config.responders[1]
-            yield from stream(first.respond(pending.dialogue, 1), {0: "a"})
-            yield from stream(second.respond(pending.dialogue, 1), {0: "b"})
+            async for chunk in stream(first.respond(pending.dialogue, 1), {0: "a"}):
+                yield chunk
+            async for chunk in stream(second.respond(pending.dialogue, 1), {0: "b"}):
+                yield chunk
         else:
             second = first
-            yield from stream(first.respond(pending.dialogue, 2), {0: "a", 1: "b"})
+            async for chunk in stream(first.respond(pending.dialogue, 2), {0: "a", 1: "b"}):
+                yield chunk
         info_a, info_b = first.describe(), second.describe()
         settings = {"a": {**info_a.settings, **metas["a"]}, "b": {**info_b.settings, **metas["b"]}}
-        with store.transaction(write=True) as tx:
-            work.add_item(tx, pending, (texts["a"], texts["b"]), (info_a.name, info_b.name),
-                          settings, config.overlap, left)
-        yield _sse("done", state_of(who))
+
+        def save() -> dict[str, Any]:
+            with store.transaction(write=True) as tx:
+                work.add_item(tx, pending, (texts["a"], texts["b"]), (info_a.name, info_b.name),
+                              settings, config.overlap, left)
+            return state_of(who)
+
+        yield _sse("done", await in_thread(save))
 
     @app.post("/api/judge")
     async def api_judge(request: Request) -> Any:

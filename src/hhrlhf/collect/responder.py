@@ -1,28 +1,42 @@
 """Where responses come from: a :class:`Responder` streams N responses to a dialogue.
 
-Two kinds, chosen by what ``--policy`` names: a policy folder runs in this process
-(:class:`LocalResponder`, over :class:`~hhrlhf.policy.sample.Sampler`), a URL is any
-OpenAI-compatible server's ``/v1/completions`` with ``stream=true`` (:class:`EndpointResponder`;
-``hhrlhf policy serve`` is one). All of it is in this file so that it is rewired in one place.
+Every response comes from an OpenAI-compatible server's ``/v1/completions`` with
+``stream=true`` (:class:`EndpointResponder`), read asynchronously, so that a response being
+written takes no thread and no CPU of the app's process. What ``--policy`` names:
 
-The local one gives each response as one chunk for now (the sampler decodes a batch to the
-end); an endpoint's text arrives token by token as the server sends it.
+- a URL: any such server (vLLM, TGI, llama.cpp's server, ``hhrlhf policy serve``);
+- a policy folder: the embedded default. :class:`DecodeProcess` starts ``hhrlhf policy serve``
+  for it as a child process on a free loopback port, with a random API key, and the responder
+  talks to it. The decoding runs outside the app's process: the app's cores and interpreter
+  lock stay free for the submits, which must not wait behind a decode.
+
+All of it is in this file so that it is rewired in one place; the child's command line is
+built in :func:`policy_serve_command` only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import secrets
-import threading
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, replace
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import IO, Any, Protocol
 
 from hhrlhf.errors import HHRLHFError
 from hhrlhf.records import ASSISTANT_MARKER, HUMAN_MARKER, Dialogue
 
 HUMAN_STOP = HUMAN_MARKER  # the HH next-turn marker, from records
+API_KEY_ENV = "HHRLHF_API_KEY"  # as `hhrlhf policy serve` and hhrlhf.endpoint read it
 
 
 @dataclass(frozen=True)
@@ -47,11 +61,13 @@ class PolicyInfo:
 
 
 class Responder(Protocol):
-    def respond(self, dialogue: Dialogue, n: int) -> Iterator[Event]:
+    def respond(self, dialogue: Dialogue, n: int) -> AsyncIterator[Event]:
         """Stream ``n`` responses to ``dialogue`` (which ends with the human's turn)."""
         ...
 
     def describe(self) -> PolicyInfo: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -80,115 +96,84 @@ def _strip_space(text: str, first: bool) -> str:
     return text[1:] if first and text.startswith(" ") else text
 
 
-class LocalResponder:
-    """A policy folder, sampled in this process. One generation at a time (a lock): the
-    torch threads are shared, and two decodes at once would only slow each other down."""
-
-    def __init__(self, folder: str | Path, settings: Settings, model_type: str = "plain lm",
-                 num_params: str | None = None):
-        from hhrlhf.policy.encode import PolicyEncoder
-        from hhrlhf.policy.model import Policy
-        from hhrlhf.policy.sample import Sampler
-
-        self.folder = Path(folder)
-        self.policy = Policy.load(folder)
-        positions = getattr(self.policy.config, "max_position_embeddings", None) or 1 << 30
-        if settings.max_prompt_length + settings.max_new_tokens > positions:
-            # as `hhrlhf generate`: the prompt gets what the responses leave of the positions
-            settings = replace(settings, max_prompt_length=positions - settings.max_new_tokens)
-            if settings.max_prompt_length < 4:
-                raise HHRLHFError(f"--max-new-tokens {settings.max_new_tokens} leaves no room "
-                                  f"for a prompt in the policy's {positions} positions")
-        self.settings = settings
-        self.policy.check_length(settings.max_prompt_length + settings.max_new_tokens,
-                                 "--max-prompt-length + --max-new-tokens")
-        self.encoder = PolicyEncoder(self.policy.tokenizer,
-                                     settings.max_prompt_length + settings.max_new_tokens)
-        self.sampler = Sampler(self.policy.net, self.policy.tokenizer)
-        count = sum(p.numel() for p in self.policy.net.parameters())
-        self.info = PolicyInfo(self.folder.name or str(self.folder),
-                               num_params or format_num_params(count), model_type,
-                               asdict(settings))
-        self._lock = threading.Lock()
-
-    def describe(self) -> PolicyInfo:
-        return self.info
-
-    def respond(self, dialogue: Dialogue, n: int) -> Iterator[Event]:
-        """The ``n`` responses token by token as the sampler decodes them (whole characters;
-        the HH marker held back and cut), interleaved; each closed by a done event."""
-        from hhrlhf.policy.textstream import stream_text
-
-        s = self.settings
-        seed = secrets.randbelow(2**31)  # a new draw each time; recorded in the side file
-        prompts, _ = self.encoder.encode_prompts([dialogue], s.max_prompt_length)
-        started: set[int] = set()  # samples whose text has begun (its leading space dropped)
-        deltas = stream_text(self.sampler, prompts, n=n, max_new_tokens=s.max_new_tokens,
-                             temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                             seed=seed, batch_size=max(n, 1))
-        while True:
-            # the lock is held for one decode step at a time, never across a yield: a client
-            # that reads slowly, or goes away without closing its stream, holds nothing up;
-            # other streams' steps interleave (each decode's state is its own)
-            with self._lock:
-                d = next(deltas, None)
-            if d is None:
-                return
-            text = d.text if d.sample_index in started else _strip_space(d.text, True)
-            if text:
-                started.add(d.sample_index)
-                yield Event(d.sample_index, text)
-            if d.stop is not None:
-                yield Event(d.sample_index, done=True, meta={"seed": seed, "stop": d.stop})
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:200] or type(e).__name__
 
 
 class EndpointResponder:
     """Any OpenAI-compatible server: ``POST {url}/v1/completions`` with ``stream=true``,
-    read as server-sent events (``data: {...}`` lines, then ``data: [DONE]``)."""
+    read as server-sent events (``data: {...}`` lines, then ``data: [DONE]``).
+
+    ``api_key``: sent as a Bearer token (None: ``$HHRLHF_API_KEY`` if set). ``num_params``:
+    None takes the count the server's model card gives (``hhrlhf policy serve`` gives one).
+    ``owner``: a :class:`DecodeProcess` this responder ends when it is closed."""
 
     def __init__(self, url: str, settings: Settings, model_type: str = "plain lm",
                  num_params: str | None = None, model: str | None = None,
-                 timeout: float = 300.0):
+                 timeout: float = 300.0, api_key: str | None = None,
+                 owner: DecodeProcess | None = None):
         import httpx
 
         base = url.rstrip("/")
         self.base = base.removesuffix("/v1")
         self.settings = settings
-        self.client = httpx.Client(base_url=self.base, timeout=timeout)
-        self.model = model or self._first_model()
+        self.timeout = timeout
+        key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
+        self.headers = {"authorization": f"Bearer {key}"} if key else {}
+        self.owner = owner
+        # made once: a client made without one loads the CA bundle again (about 50 ms of CPU
+        # with the interpreter lock held, on every response: it held every submit up)
+        self._tls = ssl.create_default_context()
+        with httpx.Client(base_url=self.base, timeout=timeout, headers=self.headers) as client:
+            card = self._card(client, model)
+        self.model = str(card["id"])
+        counted = card.get("num_params")
+        if num_params is None and isinstance(counted, int) and counted > 0:
+            num_params = format_num_params(counted)
         self.info = PolicyInfo(self.model, num_params, model_type, asdict(settings))
 
-    def _first_model(self) -> str:
+    def _card(self, client: Any, model: str | None) -> dict[str, Any]:
         import httpx
 
         try:
-            r = self.client.get("/v1/models")
+            r = client.get("/v1/models")
             r.raise_for_status()
-            return str(r.json()["data"][0]["id"])
+            cards = [c for c in r.json()["data"] if model is None or c["id"] == model]
+            return dict(cards[0]) if cards else {"id": model}
         except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as e:
             raise HHRLHFError(f"{self.base}: not an OpenAI-compatible server (GET /v1/models: "
-                              f"{' '.join(str(e).split())[:200]})") from None
+                              f"{_one_line(e)})") from None
 
     def describe(self) -> PolicyInfo:
         return self.info
 
-    def respond(self, dialogue: Dialogue, n: int) -> Iterator[Event]:
+    def close(self) -> None:
+        if self.owner is not None:
+            self.owner.close()
+
+    async def respond(self, dialogue: Dialogue, n: int) -> AsyncIterator[Event]:
+        """The ``n`` responses as the server streams them (one connection per call: the app
+        may run on several event loops, a pooled connection belongs to one), interleaved;
+        each closed by a done event."""
         import httpx
 
         s = self.settings
         prompt = dialogue.render() + ASSISTANT_MARKER
-        body = {"model": self.model, "prompt": prompt, "n": n, "stream": True,
+        seed = secrets.randbelow(2**31)  # a new draw each time; recorded in the side file
+        body = {"model": self.model, "prompt": prompt, "n": n, "stream": True, "seed": seed,
                 "max_tokens": s.max_new_tokens, "temperature": s.temperature,
                 "top_p": s.top_p, "stop": [HUMAN_STOP]}
         started: set[int] = set()
         finished: dict[int, str | None] = {}
         try:
-            with self.client.stream("POST", "/v1/completions", json=body) as r:
+            async with httpx.AsyncClient(base_url=self.base, timeout=self.timeout,
+                                         headers=self.headers, verify=self._tls) as client, \
+                    client.stream("POST", "/v1/completions", json=body) as r:
                 if r.status_code != 200:
-                    r.read()
-                    raise HHRLHFError(f"{self.base}/v1/completions answered {r.status_code}: "
-                                      f"{r.text[:200]}")
-                for line in r.iter_lines():
+                    await r.aread()
+                    raise HHRLHFError(f"{self.base}/v1/completions answered "
+                                      f"{r.status_code}: {r.text[:200]}")
+                async for line in r.aiter_lines():
                     if not line.startswith("data:"):
                         continue  # comments, event names, blank separators
                     data = line[5:].strip()
@@ -203,24 +188,142 @@ class EndpointResponder:
                         if choice.get("finish_reason"):
                             finished[i] = choice["finish_reason"]
         except httpx.HTTPError as e:
-            raise HHRLHFError(f"{self.base}: {' '.join(str(e).split())[:200]}") from None
+            raise HHRLHFError(f"{self.base}: {_one_line(e)}") from None
         for i in range(n):
-            yield Event(i, done=True, meta={"stop": finished.get(i)})
+            yield Event(i, done=True, meta={"seed": seed, "stop": finished.get(i)})
+
+
+def policy_serve_command(folder: Path, port: int, name: str, settings: Settings) -> list[str]:
+    """The decode process's command line: ``hhrlhf policy serve`` on loopback (its API key
+    goes in the environment, never on the command line). The one place it is spelled."""
+    return [sys.executable, "-m", "hhrlhf.cli", "policy", "serve", str(folder),
+            "--host", "127.0.0.1", "--port", str(port), "--model-name", name,
+            "--max-new-tokens", str(settings.max_new_tokens)]
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+DECODE_NICENESS = 10
+
+
+def _child_setup() -> Callable[[], None]:
+    """Run in the decode process before its exec. It gets a lower CPU priority (niceness
+    +10): where the app and the decoding share CPU cores, a submit (a few milliseconds of
+    work) goes before the next decode step, never waits behind it; on a GPU the decoding
+    hardly needs the CPU anyway. Linux: it also gets SIGKILL when the app's process dies,
+    even by kill -9, so no decode process outlives its server (elsewhere it is ended when
+    the server stops)."""
+    prctl = None
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def run() -> None:  # in the child, before exec: no locks, no imports
+        with contextlib.suppress(OSError):
+            os.nice(DECODE_NICENESS)
+        if prctl is not None:
+            prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+            if os.getppid() != parent:  # the parent died before the line above
+                os._exit(1)
+
+    return run
+
+
+class DecodeProcess:
+    """``hhrlhf policy serve FOLDER`` as a child of the app: a free loopback port, a random
+    API key, its output kept in a temporary file (the last line is the error when it fails to
+    start). ``close`` ends it; on Linux it also dies with the app's process."""
+
+    def __init__(self, folder: str | Path, settings: Settings, start_timeout: float = 600.0):
+        import httpx
+
+        import hhrlhf
+
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise HHRLHFError("no such policy folder (give a folder or an http(s) URL)",
+                              self.folder)
+        self.name = self.folder.resolve().name or str(self.folder)
+        self.api_key = secrets.token_urlsafe(24)
+        port = _free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self._log: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 (closed in close)
+        # the child imports the hhrlhf this process runs, wherever it was imported from
+        src = str(Path(hhrlhf.__file__).resolve().parents[1])
+        path = os.environ.get("PYTHONPATH")
+        env = {**os.environ, API_KEY_ENV: self.api_key,
+               "PYTHONPATH": src + (os.pathsep + path if path else "")}
+        cmd = policy_serve_command(self.folder, port, self.name, settings)
+        self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=self._log,
+                                     # a ctypes call resolved before the fork: no lock
+                                     preexec_fn=_child_setup())  # noqa: PLW1509
+        deadline = time.monotonic() + start_timeout
+        try:
+            while True:
+                if self.proc.poll() is not None:
+                    raise HHRLHFError(f"the decode process (hhrlhf policy serve) did not start: "
+                                      f"{self.last_line()}", self.folder)
+                try:
+                    if httpx.get(self.url + "/health", timeout=5).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise HHRLHFError(f"the decode process (hhrlhf policy serve) did not answer "
+                                      f"within {start_timeout:g} s", self.folder)
+                time.sleep(0.1)
+        except BaseException:
+            self.close()
+            raise
+
+    def last_line(self) -> str:
+        self._log.seek(0)
+        lines = [x.strip() for x in self._log.read().decode("utf-8", "replace").splitlines()]
+        lines = [x for x in lines if x]
+        text = lines[-1] if lines else f"exit status {self.proc.returncode}"
+        return text.removeprefix("hhrlhf: error: ").removeprefix("Error: ")[:300]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        with contextlib.suppress(OSError):
+            self._log.close()
 
 
 def make_responder(policy: str, settings: Settings, model_type: str = "plain lm",
-                   num_params: str | None = None) -> Responder:
-    """A folder -> :class:`LocalResponder`; an http(s) URL -> :class:`EndpointResponder`."""
+                   num_params: str | None = None) -> EndpointResponder:
+    """An http(s) URL -> an :class:`EndpointResponder` to it; a folder -> one to a
+    :class:`DecodeProcess` started for it (closed with the responder)."""
     if policy.startswith(("http://", "https://")):
         return EndpointResponder(policy, settings, model_type, num_params)
-    return LocalResponder(policy, settings, model_type, num_params)
+    process = DecodeProcess(policy, settings)
+    try:
+        return EndpointResponder(process.url, settings, model_type, num_params,
+                                 model=process.name, api_key=process.api_key, owner=process)
+    except BaseException:
+        process.close()
+        raise
 
 
-def collect_text(events: Iterator[Event], n: int) -> tuple[list[str], list[dict[str, Any]]]:
+async def collect_text(events: AsyncIterator[Event],
+                       n: int) -> tuple[list[str], list[dict[str, Any]]]:
     """The whole texts and metas of ``n`` streamed responses."""
     texts = [""] * n
     metas: list[dict[str, Any]] = [{} for _ in range(n)]
-    for e in events:
+    async for e in events:
         texts[e.index] += e.delta
         if e.done:
             metas[e.index] = e.meta

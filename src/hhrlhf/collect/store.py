@@ -28,7 +28,7 @@ from typing import Any
 
 from hhrlhf.errors import HHRLHFError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: annotators.revoked
 ROLES = ("annotator", "reviewer", "admin")
 TASKS = ("helpful", "harmless", "redteam")
 MAX_TAGS = 6
@@ -44,7 +44,8 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS annotators (
   id {pk}, name TEXT NOT NULL, role TEXT NOT NULL, token_hash TEXT NOT NULL UNIQUE,
-  is_upworker INTEGER NOT NULL DEFAULT 0, created {real} NOT NULL, consented {real});
+  is_upworker INTEGER NOT NULL DEFAULT 0, created {real} NOT NULL, consented {real},
+  revoked {real});
 CREATE TABLE IF NOT EXISTS sessions (
   token_hash TEXT PRIMARY KEY, annotator_id INTEGER NOT NULL REFERENCES annotators(id),
   csrf TEXT NOT NULL, created {real} NOT NULL);
@@ -101,6 +102,7 @@ class Annotator:
     role: str
     is_upworker: bool
     consented: bool
+    revoked: bool = False
 
 
 def hash_token(token: str) -> str:
@@ -235,6 +237,10 @@ class Store:
             if row is None:
                 tx.execute("INSERT INTO meta (key, value) VALUES ('schema', ?)",
                            (str(SCHEMA_VERSION),))
+            elif row[0] == "1":  # before revocation: the column added, nothing else changes
+                tx.execute(f"ALTER TABLE annotators ADD COLUMN revoked {real}")
+                tx.execute("UPDATE meta SET value = ? WHERE key = 'schema'",
+                           (str(SCHEMA_VERSION),))
             elif row[0] != str(SCHEMA_VERSION):
                 raise HHRLHFError(f"database schema {row[0]}, this hhrlhf knows "
                                   f"{SCHEMA_VERSION}", self.target)
@@ -275,20 +281,25 @@ class Store:
         return aid, token
 
     def _annotator(self, tx: Tx, where: str, value: Any) -> Annotator | None:
-        row = tx.one("SELECT id, name, role, is_upworker, consented FROM annotators "
+        row = tx.one("SELECT id, name, role, is_upworker, consented, revoked FROM annotators "
                      f"WHERE {where} = ?", (value,))
         if row is None:
             return None
-        return Annotator(int(row[0]), row[1], row[2], bool(row[3]), row[4] is not None)
+        return Annotator(int(row[0]), row[1], row[2], bool(row[3]), row[4] is not None,
+                         row[5] is not None)
 
     def annotator_by_token(self, token: str) -> Annotator | None:
         with self.transaction() as tx:
             return self._annotator(tx, "token_hash", hash_token(token))
 
     def new_session(self, annotator_id: int) -> tuple[str, str]:
-        """(session token for the cookie, CSRF token for the pages)."""
+        """(session token for the cookie, CSRF token for the pages); a revoked annotator
+        gets :class:`Conflict` (401)."""
         session, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(24)
         with self.transaction(write=True) as tx:
+            who = self._annotator(tx, "id", annotator_id)
+            if who is None or who.revoked:
+                raise Conflict("this invite link was revoked (ask for a new one)", 401)
             tx.execute("INSERT INTO sessions (token_hash, annotator_id, csrf, created) "
                        "VALUES (?, ?, ?, ?)", (hash_token(session), annotator_id, csrf,
                                                time.time()))
@@ -302,7 +313,27 @@ class Store:
             if row is None:
                 return None
             who = self._annotator(tx, "id", row[0])
-        return None if who is None else (who, row[1])
+        return None if who is None or who.revoked else (who, row[1])
+
+    def revoke(self, who: str) -> tuple[Annotator, int]:
+        """End an annotator's sessions and stop their invite from signing in again, at once
+        (every server of the database asks it on every call). ``who``: an annotator id, an
+        invite token or an invite link. (The annotator, the number of sessions ended);
+        revoking again ends nothing more."""
+        who = who.strip()
+        token = who.rsplit("/join/", 1)[1] if "/join/" in who else who
+        with self.transaction(write=True) as tx:
+            found = (self._annotator(tx, "id", int(token)) if token.isdigit() and len(token) < 12
+                     else self._annotator(tx, "token_hash", hash_token(token)) if token
+                     else None)
+            if found is None:
+                raise HHRLHFError(f"no annotator with the id or invite token {who[:60]!r}")
+            if not found.revoked:
+                tx.execute("UPDATE annotators SET revoked = ? WHERE id = ?",
+                           (time.time(), found.id))
+            ended = tx.execute("DELETE FROM sessions WHERE annotator_id = ?",
+                               (found.id,)).rowcount
+        return found, max(int(ended or 0), 0)
 
     def consent(self, annotator_id: int) -> None:
         with self.transaction(write=True) as tx:
@@ -311,10 +342,10 @@ class Store:
 
     def annotators(self) -> list[dict[str, Any]]:
         with self.transaction() as tx:
-            rows = tx.all("SELECT id, name, role, is_upworker, created, consented "
+            rows = tx.all("SELECT id, name, role, is_upworker, created, consented, revoked "
                           "FROM annotators ORDER BY id")
         return [{"id": r[0], "name": r[1], "role": r[2], "is_upworker": bool(r[3]),
-                 "created": r[4], "consented": r[5]} for r in rows]
+                 "created": r[4], "consented": r[5], "revoked": r[6]} for r in rows]
 
 
 def _is_sqlite(path: Path) -> bool:

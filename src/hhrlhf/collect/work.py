@@ -360,10 +360,11 @@ def next_for_review(tx: Tx, who: Annotator) -> dict[str, Any] | None:
 def progress(tx: Tx) -> dict[str, Any]:
     """The admin page: work per annotator and task, and agreement on overlap items."""
     people = {r[0]: {"id": r[0], "name": r[1], "role": r[2], "consented": r[3] is not None,
-                     "conversations": {}, "judgements": 0, "second_opinions": 0,
-                     "judgements_by_task": {},
+                     "revoked": r[4], "conversations": {}, "judgements": 0,
+                     "second_opinions": 0, "judgements_by_task": {},
                      "attempts": 0, "reviews": 0, "last": None}
-              for r in tx.all("SELECT id, name, role, consented FROM annotators ORDER BY id")}
+              for r in tx.all("SELECT id, name, role, consented, revoked FROM annotators "
+                              "ORDER BY id")}
 
     def last(aid: int, t: float | None) -> None:
         if t is not None and aid in people:

@@ -38,6 +38,29 @@ def invite(db: str, name: str, role: str, upworker: bool, base_url: str) -> None
     click.echo(f"{role} {aid} ({name}): {base_url.rstrip('/')}/join/{token}")
 
 
+@collect.command("revoke")
+@click.argument("who")
+@click.option("--db", required=True, help=DB_HELP)
+def revoke(who: str, db: str) -> None:
+    """End a person's sessions at once and stop their invite link from signing in again.
+
+    WHO is their annotator id (as `invite` printed it), their invite token or link. Their
+    work stays, and is exported; the admin page shows them as revoked. To let them back in,
+    invite them again (a new id).
+    """
+    from hhrlhf.collect.store import open_store
+
+    if not db.startswith(("postgres://", "postgresql://")) and not Path(db).is_file():
+        raise HHRLHFError("no such database file", db)
+    store = open_store(db)
+    try:
+        found, ended = store.revoke(who)
+    finally:
+        store.close()
+    click.echo(f"revoked {found.role} {found.id} ({found.name}): {ended} session"
+               f"{'' if ended == 1 else 's'} ended; the invite link no longer signs in")
+
+
 @collect.command("export")
 @click.argument("db")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
@@ -66,7 +89,8 @@ def export(db: str, out: Path, pm_folder: Path | None, card_spelling: bool) -> N
 @collect.command("serve")
 @click.option("--db", required=True, help=DB_HELP)
 @click.option("--policy", default=None,
-              help="Policy folder, or an OpenAI-compatible URL (not for --task review).")
+              help="Policy folder (decoded in a child process, `hhrlhf policy serve`), or "
+                   "an OpenAI-compatible URL (not for --task review).")
 @click.option("--policy-b", default=None,
               help="A second policy: each comparison then pits one response of each "
                    "(the annotator is not told which is which).")
@@ -98,7 +122,7 @@ def serve(db: str, policy: str | None, policy_b: str | None, task: str, pm_folde
     import uvicorn
 
     from hhrlhf.collect.app import AppConfig, create_app
-    from hhrlhf.collect.responder import Settings, make_responder
+    from hhrlhf.collect.responder import Responder, Settings, make_responder
     from hhrlhf.collect.store import open_store
     from hhrlhf.commands.explorer import _bind
 
@@ -112,33 +136,39 @@ def serve(db: str, policy: str | None, policy_b: str | None, task: str, pm_folde
     if task != "review" and policy is None:
         raise HHRLHFError(f"--task {task} needs --policy (a folder or a URL)")
     sock = _bind(host, port)  # a bad --host or a busy --port fails before the model loads
+    responders: list[Responder] = []
     try:
-        settings = Settings(max_new_tokens=max_new_tokens, temperature=temperature,
-                            top_p=top_p)
-        responders = []
-        if task != "review":
-            assert policy is not None
-            responders.append(make_responder(policy, settings, model_type, num_params))
-            if policy_b:
-                responders.append(make_responder(policy_b, settings, model_type, num_params))
-        if task == "redteam" and responders[0].describe().num_params is None:
-            raise HHRLHFError("--num-params is needed for a policy behind a URL (the red-team "
-                              "file records the model size)")
-        pm = None
-        if pm_folder is not None:
-            from hhrlhf.pm import load
+        try:
+            settings = Settings(max_new_tokens=max_new_tokens, temperature=temperature,
+                                top_p=top_p)
+            if task != "review":
+                assert policy is not None
+                # a folder starts its decode process here (`hhrlhf policy serve`, a child)
+                responders.append(make_responder(policy, settings, model_type, num_params))
+                if policy_b:
+                    responders.append(make_responder(policy_b, settings, model_type,
+                                                     num_params))
+            if task == "redteam" and responders[0].describe().num_params is None:
+                raise HHRLHFError("--num-params is needed for a policy behind a URL (the "
+                                  "red-team file records the model size)")
+            pm = None
+            if pm_folder is not None:
+                from hhrlhf.pm import load
 
-            pm = load(pm_folder)
-        store = open_store(db)
-    except BaseException:
-        sock.close()
-        raise
-    app = create_app(AppConfig(store=store, task=task, responders=responders, pm=pm,
-                               overlap=overlap, rate_per_minute=rate))
-    if host not in _LOOPBACK:
-        click.echo(f"hhrlhf: note: listening on {host}: anyone with an invite link who can "
-                   "reach this machine can work here; put TLS in front of it", err=True)
-    shown = f"[{host}]" if ":" in host else host
-    click.echo(f"collecting {task} into {db} at http://{shown}:{port}/ (Ctrl+C to stop); "
-               "invite people with `hhrlhf collect invite`", file=sys.stdout)
-    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+                pm = load(pm_folder)
+            store = open_store(db)
+        except BaseException:
+            sock.close()
+            raise
+        app = create_app(AppConfig(store=store, task=task, responders=responders, pm=pm,
+                                   overlap=overlap, rate_per_minute=rate))
+        if host not in _LOOPBACK:
+            click.echo(f"hhrlhf: note: listening on {host}: anyone with an invite link who can "
+                       "reach this machine can work here; put TLS in front of it", err=True)
+        shown = f"[{host}]" if ":" in host else host
+        click.echo(f"collecting {task} into {db} at http://{shown}:{port}/ (Ctrl+C to stop); "
+                   "invite people with `hhrlhf collect invite`", file=sys.stdout)
+        uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+    finally:
+        for r in responders:  # the decode processes end with the server
+            r.close()

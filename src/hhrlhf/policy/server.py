@@ -8,8 +8,9 @@ the protocol vLLM, TGI and llama.cpp's server speak, so one client
 Prompts are HH dialogues, encoded as ``hhrlhf generate`` encodes them (:class:`PolicyEncoder`,
 the end kept), and sampled by the shared-prefill :class:`Sampler`: the ``n`` samples of a
 prompt share its prefill, the prompts of one request are decoded together, and a request with
-the same prompts, settings and ``seed`` gives what ``hhrlhf generate`` gives. One request is
-sampled at a time (one model); others wait their turn.
+the same prompts, settings and ``seed`` gives what ``hhrlhf generate`` gives. The model runs
+one thing at a time: a whole request, or one decode step of a streamed one (streams take turns
+step by step, so each sends its first tokens soon, and a stalled client holds no one up).
 
 A sample ends at EOS or at the HH next-turn marker ``"\\n\\nHuman:"`` (``finish_reason``
 ``"stop"``; ``stop_reason`` is the marker, or null for EOS, as vLLM reports it), or after
@@ -309,8 +310,13 @@ def create_app(policy: Policy, model_name: str, api_key: str | None = None,
             raise APIError(404, f"the model '{name}' does not exist; this server has "
                                 f"'{model_name}'", "model", "model_not_found")
 
+    num_params = sum(p.numel() for p in policy.net.parameters())
+
     def card() -> dict[str, Any]:
-        return {"id": model_name, "object": "model", "created": created, "owned_by": "hhrlhf"}
+        # num_params: an extension (clients that do not know it ignore it); `hhrlhf collect`
+        # records it as the red-team file's model size
+        return {"id": model_name, "object": "model", "created": created, "owned_by": "hhrlhf",
+                "num_params": num_params}
 
     @app.get("/health")
     def health() -> dict[str, str]:
@@ -381,37 +387,40 @@ def create_app(policy: Policy, model_name: str, api_key: str | None = None,
                 choice["stop_reason"] = reason
             return _sse({**head, "choices": [choice]})
 
-        async with engine.lock:
-            steps = engine.steps(job)
-            try:
-                while not all(finished):
+        # The lock is held one decode step at a time, never across a yield: concurrent
+        # streams take turns step by step (each decode's state is its own), and a client
+        # that reads slowly, or stalls without closing, holds no other stream up.
+        steps = engine.steps(job)
+        try:
+            while not all(finished):
+                async with engine.lock:
                     step = await anyio.to_thread.run_sync(engine.next_step, steps)
-                    if step is None:
-                        break
-                    out = []
-                    for s in step:
-                        j = s.prompt_index * job.n + s.sample_index
-                        tokens += 1
-                        if finished[j]:
-                            continue  # a stop string ended its text; the sampler goes on
-                        t = texts[j]
-                        delta = t.push(s.token)
-                        if s.stop is not None:
-                            delta += t.finish()
-                        if lead[j] and delta:
-                            delta, lead[j] = delta.removeprefix(" "), False
-                        finish = reason = None
-                        if t.done:
-                            finished[j] = True
-                            finish = "length" if s.stop == "length" and t.stopped is None \
-                                else "stop"
-                            reason = t.stopped
-                        if delta or finish:
-                            out.append(chunk(j, delta, finish, reason))
-                    for text in out:
-                        yield text
-            finally:
-                steps.close()  # a client gone, or every text stopped: the decode ends
+                if step is None:
+                    break
+                out = []
+                for s in step:
+                    j = s.prompt_index * job.n + s.sample_index
+                    tokens += 1
+                    if finished[j]:
+                        continue  # a stop string ended its text; the sampler goes on
+                    t = texts[j]
+                    delta = t.push(s.token)
+                    if s.stop is not None:
+                        delta += t.finish()
+                    if lead[j] and delta:
+                        delta, lead[j] = delta.removeprefix(" "), False
+                    finish = reason = None
+                    if t.done:
+                        finished[j] = True
+                        finish = "length" if s.stop == "length" and t.stopped is None \
+                            else "stop"
+                        reason = t.stopped
+                    if delta or finish:
+                        out.append(chunk(j, delta, finish, reason))
+                for text in out:
+                    yield text
+        finally:
+            steps.close()  # a client gone, or every text stopped: the decode ends
         if with_usage:
             yield _sse({**head, "choices": [], "usage": usage(job, tokens)})
         yield "data: [DONE]\n\n"
