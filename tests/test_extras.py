@@ -107,9 +107,10 @@ def test_core_commands_work_without_the_extras(core_env: dict[str, str], tmp_pat
     (("serve",), "explorer"),
     (("sft", "harmless-base/test", "--init", "tiny", "--out", "runs/sft"), "pm"),
     (("dpo", "harmless-base/test", "--policy", "runs/sft", "--out", "runs/dpo"), "pm"),
-    (("generate", "runs/sft", "harmless-base/test"), "pm"),
-    (("bon", "runs/sft", "runs/pm", "harmless-base/test"), "pm"),
-    (("rl", "runs/sft", "runs/pm", "harmless-base/test", "--out", "runs/rl"), "pm"),
+    (("generate", "--policy", "runs/sft", "harmless-base/test"), "pm"),
+    (("bon", "--policy", "runs/sft", "--pm", "runs/pm", "harmless-base/test"), "pm"),
+    (("rl", "--policy", "runs/sft", "--pm", "runs/pm", "harmless-base/test", "--out", "runs/rl"),
+     "pm"),
     (("online", "harmless-base/test", "--out", "runs/online"), "pm"),
 ])
 def test_a_command_that_needs_an_extra_names_it_in_one_line(
