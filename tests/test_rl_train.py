@@ -280,9 +280,9 @@ def test_rl_is_a_group_with_a_default_train_and_a_lazy_eval(monkeypatch: pytest.
     assert listed.exit_code == 0 and "train" in listed.output
     assert "hhrlhf rl train --policy" in listed.output and "hhrlhf rl eval runs/" in listed.output
     missing = runner.invoke(cli, ["rl", "train", "--policy", "a-policy"])
-    assert missing.exit_code == 2 and "Missing option '--pm'" in missing.output
+    assert missing.exit_code == 2 and "missing option '--pm'" in missing.output
     default = runner.invoke(cli, ["rl", "--policy", "a-policy"])  # no subcommand: train
-    assert default.exit_code == 2 and "Missing option '--pm'" in default.output
+    assert default.exit_code == 2 and "missing option '--pm'" in default.output
 
     @click.command("eval")
     @click.argument("run")
