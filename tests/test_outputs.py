@@ -318,8 +318,8 @@ def test_rl_names_the_key_it_refuses(models: dict[str, Path], real_file: Path, t
 def test_empty_input_is_the_no_rows_error(
         command: str, models: dict[str, Path], tmp_path: Path,
         capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    model = str(models["policy" if command == "generate" else "pm"])
-    args = command.split() + [model]
+    args = (["generate", "--policy", str(models["policy"])] if command == "generate"
+            else ["pm", "score", str(models["pm"])])  # the PM is the subject in the pm group
     empty = tmp_path / "empty.jsonl"
     empty.touch()
     blank = tmp_path / "blank.jsonl"

@@ -66,3 +66,41 @@ def test_generate_and_pm_score_draw_a_bar_on_a_terminal_and_none_with_q(
     assert "pm score: " in shown and "3row" in shown, shown
     quiet = on_a_terminal([*score, "-q"], tmp_path)
     assert '"score"' in quiet and "pm score:" not in quiet
+
+
+def test_rl_eval_draws_a_bar_on_a_terminal_and_none_with_q(
+        models: dict[str, Path], real_file: Path, tmp_path: Path) -> None:
+    """A run folder as `hhrlhf rl` writes it (its final policy the initial one), evaluated on
+    two prompts: one bar over the evaluation's phases."""
+    import json
+    import shutil
+
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copytree(models["policy"], run / "model")
+    (run / "config.json").write_text(json.dumps({
+        "policy": str(models["policy"]), "pm": str(models["pm"]), "algo": "rloo",
+        "data": [str(real_file)], "seed": 0, "max_new_tokens": 4, "max_length": 68,
+        "temperature": 1.0, "top_p": 1.0, "top_k": 0}))
+    (run / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": step, "reward_mean": 0.1 * step, "kl": 0.01 * step}) + "\n"
+        for step in (1, 2, 3)))
+    args = ["rl", "eval", str(run), "--prompts", str(real_file), "--max-prompts", "2"]
+    shown = on_a_terminal(args, tmp_path)
+    assert "rl eval: 0/3" in shown and "rl eval: 3/3 , scoring" in shown, shown
+    quiet = on_a_terminal([*args, "-q"], tmp_path)
+    assert "win rate" in quiet.lower() and "rl eval:" not in quiet, quiet
+
+
+@pytest.mark.parametrize("args", [["audit"], ["stats"], ["export", "--format", "trl", "-o",
+                                                         "out.jsonl"]], ids=lambda a: a[0])
+def test_the_data_commands_draw_a_bar_on_a_terminal_and_none_with_q(
+        args: list[str], real_file: Path, tmp_path: Path) -> None:
+    """audit, stats and export: a bar over the rows read (cleared at the end), none with -q."""
+    command = [args[0], str(real_file), *args[1:]]
+    shown = on_a_terminal(command, tmp_path)
+    label = "exporting trl: " if args[0] == "export" else f"{args[0]}: "
+    assert label in shown and "rows/s]" in shown, shown  # the bar: "audit: 0 rows [00:00, ..."
+    (tmp_path / "out.jsonl").unlink(missing_ok=True)
+    quiet = on_a_terminal([*command, "-q"], tmp_path)
+    assert "rows/s]" not in quiet, quiet

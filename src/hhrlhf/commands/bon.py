@@ -19,6 +19,7 @@ from hhrlhf.commands.options import (
     ModelCommand,
     cut_note,
     endpoint_options,
+    given,
     max_prompts_option,
     output_option,
     pm_option,
@@ -58,8 +59,8 @@ def _prompts(sources: tuple[str, ...], all_rows: bool, max_prompts: int
 @pm_option()
 @click.argument("sources", nargs=-1, required=True)
 @click.option("--n", "n", type=int, default=16, show_default=True, help="Samples per prompt.")
-@output_option("Preference file to write (official format; .gz compresses).")
-@click.option("--out", "out_alias", type=click.Path(dir_okay=False), hidden=True)  # earlier
+@output_option("Preference file to write (official format; .gz compresses).",
+               alias="--out")  # its earlier name
 @click.option("--rejected", type=click.Choice(["worst", "random"]), default="worst",
               show_default=True,
               help="The rejected side: the lowest-scored other sample, or a random other one.")
@@ -75,14 +76,13 @@ def _prompts(sources: tuple[str, ...], all_rows: bool, max_prompts: int
               help="PNG: best-of-n reward against KL and against n.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @threads_option()
-@quiet_option()
-@click.option("--no-progress", is_flag=True, hidden=True)  # its earlier name
+@quiet_option(alias="--no-progress")  # its earlier name
 @endpoint_options
 def bon(policy: str, pm: str, sources: tuple[str, ...], n: int, output: str | None,
-        out_alias: str | None, rejected: str, max_prompts: int, max_new_tokens: int,
+        output_alias: str | None, rejected: str, max_prompts: int, max_new_tokens: int,
         max_prompt_length: int, temperature: float, top_p: float, top_k: int, seed: int,
         batch_size: int, pm_batch_size: int, all_rows: bool, plot_path: str | None,
-        as_json: bool, threads: int, quiet: bool, no_progress: bool,
+        as_json: bool, threads: int, quiet: bool, quiet_alias: bool,
         endpoint_model: str | None, api_key: str | None, endpoint_timeout: float) -> None:
     """Best-of-N: sample N responses per prompt of SOURCES from the --policy, score them with
     the preference model --pm, keep the best.
@@ -98,7 +98,7 @@ def bon(policy: str, pm: str, sources: tuple[str, ...], n: int, output: str | No
       hhrlhf bon --policy runs/sft/model --pm runs/pm/model harmless-base/test \\
           --max-prompts 200 --plot bon.png --json
     """
-    out = output if output is not None else out_alias
+    out = given(output, output_alias)
     from hhrlhf.extras import require
 
     require("pm", "hhrlhf bon")
@@ -158,7 +158,7 @@ def bon(policy: str, pm: str, sources: tuple[str, ...], n: int, output: str | No
                              pm_batch_size=pm_batch_size, rejected=rejected)
     def bon_run(write: Any) -> B.BonResult:
         return B.run_bon(pol, reward_model, prompts, settings, write=write,
-                         progress=not (quiet or no_progress))
+                         progress=not (quiet or quiet_alias))
 
     if out:
         with B.jsonl_writer(out) as write:

@@ -154,6 +154,23 @@ def require_models(ctx: click.Context, **given: str | None) -> None:
             raise click.UsageError(f"missing option '--{name}'", ctx)
 
 
+# -- earlier names ------------------------------------------------------------------------------
+def alias_option(name: str, dest: str, **kwargs: Any) -> Callable[[F], F]:
+    """An option's earlier name, still taken but unlisted (hidden from the help): its value
+    arrives as ``dest`` (``<option>_alias``) and the command uses it when the option itself
+    was not given (:func:`given`). The one way a renamed option is kept."""
+    kwargs.setdefault("default", None)
+    return click.option(name, dest, hidden=True, **kwargs)
+
+
+def given(value: Any, alias: Any, default: Any = None) -> Any:
+    """An option's value: ``value`` when given (not None), else its earlier name's ``alias``,
+    else ``default``."""
+    if value is not None:
+        return value
+    return alias if alias is not None else default
+
+
 # -- inputs, outputs, progress -----------------------------------------------------------------
 def split_option(help: str) -> Callable[[F], F]:
     """``--split train|test``: checked when the arguments are parsed, before anything is read."""
@@ -164,14 +181,17 @@ MAX_ROWS_HELP = "Use the first N rows of the input (0 = all)."
 MAX_PROMPTS_HELP = "Stop after N distinct prompts (0 = all)."
 
 
-def max_rows_option(config: str, key: str = "max_rows", alias: str | None = None
+def max_rows_option(config: str | None = None, key: str = "max_rows", alias: str | None = None
                     ) -> Callable[[F], F]:
     """``--max-rows N``: the first N rows of the input, the configuration key ``key`` of
-    ``config``; ``alias``: a hidden earlier name (its value arrives as ``max_rows_alias``)."""
+    ``config`` (without one, default None: all); ``alias``: a hidden earlier name (its value
+    arrives as ``max_rows_alias``, see :func:`alias_option`)."""
     def decorate(f: F) -> F:
         if alias is not None:
-            f = click.option(alias, "max_rows_alias", type=click.IntRange(0), hidden=True,
-                             default=None)(f)
+            f = alias_option(alias, "max_rows_alias", type=click.IntRange(0))(f)
+        if config is None:
+            return click.option("--max-rows", type=click.IntRange(0), metavar="N",
+                                default=None, help=MAX_ROWS_HELP)(f)
         return click.option("--max-rows", type=click.IntRange(0), metavar="N",
                             help=MAX_ROWS_HELP, **from_config(config, key))(f)
     return decorate
@@ -187,11 +207,22 @@ def max_prompts_option(default: int | None = 0, config: str | None = None
                         show_default=bool(default), help=MAX_PROMPTS_HELP)
 
 
-def output_option(help: str = "Write here (atomically) instead of stdout."
-                  ) -> Callable[[F], F]:
-    """``-o/--output FILE``: a file written."""
-    return click.option("--output", "-o", type=click.Path(dir_okay=False), default=None,
-                        help=help)
+def output_option(help: str = "Write here (atomically) instead of stdout.",
+                  alias: str | None = None, **kwargs: Any) -> Callable[[F], F]:
+    """``-o/--output FILE``: a file written (``kwargs``: click's, e.g. ``required``,
+    ``default``, ``path_type``); ``alias``: a hidden earlier name (its value arrives as
+    ``output_alias``, see :func:`alias_option`)."""
+    path_type = kwargs.pop("path_type", None)
+    kwargs.setdefault("default", None)
+
+    def decorate(f: F) -> F:
+        if alias is not None:
+            f = alias_option(alias, "output_alias",
+                             type=click.Path(dir_okay=False, path_type=path_type))(f)
+        return click.option("--output", "-o", type=click.Path(dir_okay=False,
+                                                              path_type=path_type),
+                            help=help, **kwargs)(f)
+    return decorate
 
 
 def out_dir_option(help: str = "Run folder (checkpoints, metrics, model).") -> Callable[[F], F]:
@@ -199,9 +230,15 @@ def out_dir_option(help: str = "Run folder (checkpoints, metrics, model).") -> C
     return click.option("--out", "out_dir", metavar="DIR", help=help)
 
 
-def quiet_option(help: str = "No progress bar.") -> Callable[[F], F]:
-    """``-q/--quiet``."""
-    return click.option("--quiet", "-q", is_flag=True, help=help)
+def quiet_option(help: str = "No progress bar.", alias: str | None = None
+                 ) -> Callable[[F], F]:
+    """``-q/--quiet``; ``alias``: a hidden earlier flag (``--no-progress``), its value
+    arriving as ``quiet_alias`` (see :func:`alias_option`)."""
+    def decorate(f: F) -> F:
+        if alias is not None:
+            f = alias_option(alias, "quiet_alias", is_flag=True, default=False)(f)
+        return click.option("--quiet", "-q", is_flag=True, help=help)(f)
+    return decorate
 
 
 def seed_option(help: str = "Random seed (0 or more).", config: str | None = None

@@ -13,6 +13,7 @@ import click
 
 from hhrlhf.commands.options import (
     from_config,
+    given,
     max_rows_option,
     out_dir_option,
     quiet_option,
@@ -66,7 +67,7 @@ def train(sources: tuple[str, ...], config_file: str | None, assignments: tuple[
     for key, value in (("data", list(sources) or None), ("out_dir", out_dir),
                        ("backbone", backbone), ("eval_data", list(eval_data) or None),
                        ("max_steps", max_steps),
-                       ("max_pairs", max_rows if max_rows is not None else max_rows_alias),
+                       ("max_pairs", given(max_rows, max_rows_alias)),
                        ("batch_size", batch_size), ("lr", lr), ("max_length", max_length),
                        ("seed", seed), ("threads", threads),
                        ("progress", False if quiet else None)):

@@ -14,8 +14,10 @@ import click
 
 from hhrlhf.commands.options import (
     ModelCommand,
+    alias_option,
     cut_note,
     from_config,
+    given,
     max_prompts_option,
     out_dir_option,
     pm_option,
@@ -95,9 +97,9 @@ def rl() -> None:
               help="auto: the policy's own chat template, the HH text format when it "
                    "has none; hh: the HH text format always.",
               **from_config(CONFIG, "chat_format"))
-@click.option("--n", "--k", "samples_per_prompt", type=int,
-              help="Samples per prompt (--k: its earlier name).",
+@click.option("--n", "samples_per_prompt", type=int, help="Samples per prompt.",
               **from_config(CONFIG, "samples_per_prompt"))
+@alias_option("--k", "samples_per_prompt_alias", type=int)  # --n's earlier name
 @click.option("--batch-size", type=int, help="Prompts per step.",
               **from_config(CONFIG, "batch_size"))
 @click.option("--max-steps", type=int, help="Steps (0: one pass over the prompts).",
@@ -138,6 +140,8 @@ def train(sources: tuple[str, ...], config_file: str | None, assignments: tuple[
     if not resume:
         require_models(click.get_current_context(), policy=options["policy"],
                        pm=options["pm"])
+    options["samples_per_prompt"] = given(options["samples_per_prompt"],
+                                          options.pop("samples_per_prompt_alias"))
     explicit: dict[str, Any] = {}
     if sources:
         explicit["data"] = list(sources)
