@@ -119,7 +119,7 @@ def _assert_refused(code: int, err: str, out: Path, data: Path, before: bytes) -
 def test_report_refuses_to_write_over_its_input(data: Path,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     before = data.read_bytes()
-    _assert_refused(*_run(capsys, "report", str(data), "--out", str(data)), data, data, before)
+    _assert_refused(*_run(capsys, "report", str(data), "-o", str(data)), data, data, before)
 
 
 def test_stats_plot_refuses_to_write_over_its_input(data: Path, tmp_path: Path,

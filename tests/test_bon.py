@@ -213,9 +213,9 @@ def _cli(*args: object) -> subprocess.CompletedProcess[str]:
 def test_bon_writes_a_preference_file_that_audit_stats_and_pm_train_read(
         folders: dict[str, Path], real_file: Path, tmp_path: Path) -> None:
     out, png = tmp_path / "bon.jsonl.gz", tmp_path / "bon.png"
-    r = _cli("bon", folders["policy"], folders["pm"], real_file, "--n", 4, "--max-prompts", 12,
-             "--max-new-tokens", 12, "--seed", 1, "--out", out, "--plot", png, "--json",
-             "--no-progress")
+    r = _cli("bon", "--policy", folders["policy"], "--pm", folders["pm"], real_file, "--n", 4,
+             "--max-prompts", 12, "--max-new-tokens", 12, "--seed", 1, "-o", out, "--plot", png,
+             "--json", "-q")
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
     assert summary["prompts"] == 12 and summary["pairs"] + summary["no_pair"] == 12
@@ -246,8 +246,10 @@ def test_bon_writes_a_preference_file_that_audit_stats_and_pm_train_read(
     assert train.returncode == 0, train.stderr
     assert (tmp_path / "run" / "model" / "hhrlhf_pm.json").exists()
     # same seed, same samples
-    again = _cli("bon", folders["policy"], folders["pm"], real_file, "--n", 4, "--max-prompts",
-                 12, "--max-new-tokens", 12, "--seed", 1, "--json", "--no-progress")
+    # the earlier spellings still work: --out FILE, --no-progress
+    again = _cli("bon", "--policy", folders["policy"], "--pm", folders["pm"], real_file, "--n",
+                 4, "--max-prompts", 12, "--max-new-tokens", 12, "--seed", 1, "--json",
+                 "--no-progress", "--out", tmp_path / "again.jsonl")
     assert json.loads(again.stdout)["curve"] == summary["curve"]
 
 
@@ -255,22 +257,29 @@ def test_bon_errors_are_one_line(folders: dict[str, Path], real_file: Path, tmp_
                                  capsys: pytest.CaptureFixture[str]) -> None:
     from hhrlhf.cli import main
 
-    base = [real_file, "--max-prompts", 2, "--max-new-tokens", 4, "--no-progress"]
+    base = [real_file, "--max-prompts", 2, "--max-new-tokens", 4, "-q"]
+
+    def models(policy: Path, pm: Path) -> tuple[object, ...]:
+        return ("--policy", policy, "--pm", pm)
+
+    ok = models(folders["policy"], folders["pm"])
     cases = [
-        ((folders["policy"], folders["policy"], *base), "not an hhrlhf preference model"),
-        ((folders["bert"], folders["pm"], *base), "not a causal language model"),
-        ((folders["policy"], folders["pm"], *base, "--out", real_file),
-         "is one of the inputs"),
-        ((folders["policy"], folders["pm"], *base, "--out", folders["pm"] / "x.jsonl"),
+        ((*models(folders["policy"], folders["policy"]), *base),
+         "not an hhrlhf preference model"),
+        ((*models(folders["bert"], folders["pm"]), *base), "not a causal language model"),
+        ((*ok, *base, "-o", real_file), "is one of the inputs"),
+        ((*ok, *base, "-o", folders["pm"] / "x.jsonl"),
          "an input folder; refusing to write into it"),
-        ((folders["policy"], folders["pm"], *base, "--temperature", 0),
-         "--temperature must be a finite number above 0"),
-        ((folders["policy"], folders["pm"], *base, "--n", 0), "--n must be at least 1"),
+        ((*ok, *base, "--temperature", 0), "--temperature must be a finite number above 0"),
+        ((*ok, *base, "--n", 0), "--n must be at least 1"),
+        # the old positional spelling: named as such
+        ((folders["policy"], folders["pm"], *base),
+         (f"{folders['policy']} is a model folder: give it as --policy {folders['policy']} "
+         "(and the PM as --pm)")),
     ]
     mine = tmp_path / "notes.txt"
     mine.write_text("my own notes\n")
-    cases.append(((folders["policy"], folders["pm"], *base, "--out", mine),
-                  "was not written by `hhrlhf bon`"))
+    cases.append(((*ok, *base, "-o", mine), "was not written by `hhrlhf bon`"))
     for args, needle in cases:  # in this process: seven interpreter starts cost a minute
         with pytest.raises(SystemExit) as exit_:
             main(["bon", *map(str, args)])

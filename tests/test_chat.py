@@ -46,7 +46,7 @@ class ChatProcess:
     """`hhrlhf chat ARGS` with pipes; stdout read line by line as it comes."""
 
     def __init__(self, args: list[str], cwd: Path):
-        self.proc = subprocess.Popen([str(HHRLHF), "chat", *args], cwd=cwd,
+        self.proc = subprocess.Popen([str(HHRLHF), "chat", "--policy", *args], cwd=cwd,
                                      env={**ENV, "PYTHONIOENCODING": "utf-8"},
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE)
@@ -106,7 +106,7 @@ def test_a_reply_per_line_equal_to_generate(tiny: Path, tmp_path: Path,
     assert again == first  # /reset: the same first turn, the same (greedy) reply
 
     def generated(dialogue: str) -> dict[str, str]:
-        code, out, err = run_cli(["generate", str(tiny), *knobs], capsys, monkeypatch,
+        code, out, err = run_cli(["generate", "--policy", str(tiny), *knobs], capsys, monkeypatch,
                                  stdin=json.dumps({"text": dialogue}) + "\n")
         assert code == 0, err
         row: dict[str, str] = json.loads(out)
@@ -164,12 +164,17 @@ def test_two_replies_a_pick_and_save_give_preference_rows(tiny: Path, tmp_path: 
 def test_user_mistakes_are_one_line(tiny: Path, tmp_path: Path,
                                     capsys: pytest.CaptureFixture[str],
                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    for args in (["chat", str(tmp_path / "no-such-model")], ["chat", str(tmp_path)],
-                 ["chat", str(tiny), "--n", "3"],
-                 ["chat", str(tiny), "--n", "2", "--temperature", "0"]):
+    for args in (["chat", "--policy", str(tmp_path / "no-such-model")],
+                 ["chat", "--policy", str(tmp_path)],
+                 ["chat", "--policy", str(tiny), "--n", "3"],
+                 ["chat", "--policy", str(tiny), "--n", "2", "--temperature", "0"],
+                 ["chat", str(tiny)], ["chat"]):
         code, out, err = run_cli(args, capsys, monkeypatch)
         assert code == 2 and not out, args
         assert err.startswith("hhrlhf: error: ") and err.count("\n") == 1, err
+    # the old spelling, the policy as an argument: the option named
+    code, _, err = run_cli(["chat", str(tiny)], capsys, monkeypatch)
+    assert f"{tiny} is a model folder: give it as --policy {tiny}" in err, err
 
 
 @pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
@@ -184,7 +189,7 @@ def test_in_a_terminal_the_two_replies_stand_side_by_side(tiny: Path, tmp_path: 
 
     master, slave = os.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 100, 0, 0))
-    proc = subprocess.Popen([str(HHRLHF), "chat", str(tiny), "--n", "2", "--max-new-tokens",
+    proc = subprocess.Popen([str(HHRLHF), "chat", "--policy", str(tiny), "--n", "2", "--max-new-tokens",
                              "6"], cwd=tmp_path, env={**ENV, "COLUMNS": "100"},
                             stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
     os.close(slave)

@@ -82,9 +82,10 @@ def test_generate_and_bon_take_an_endpoint_url(tiny: tuple[Policy, Path], url: s
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     args = [str(real_file), "--n", "2", "--max-prompts", "3", "--max-new-tokens", "12",
             "--seed", "1"]
-    code, remote, err = run_cli(["generate", url, *args], capsys, monkeypatch)
+    code, remote, err = run_cli(["generate", "--policy", url, *args], capsys, monkeypatch)
     assert code == 0, err
-    code, local, err = run_cli(["generate", str(tiny[1]), *args], capsys, monkeypatch)
+    code, local, err = run_cli(["generate", "--policy", str(tiny[1]), *args], capsys,
+                               monkeypatch)
     assert code == 0, err
     rows = [json.loads(x) for x in remote.splitlines()]
     assert len(rows) == 6 and set(rows[0]) == {"id", "prompt_id", "sample", "text", "response",
@@ -95,19 +96,20 @@ def test_generate_and_bon_take_an_endpoint_url(tiny: tuple[Policy, Path], url: s
 
     pm = tmp_path / "pm"
     LexicalPreferenceModel.fit(first_rows(real_file, 200)).save(pm)
-    bon = [str(pm), str(real_file), "--n", "4", "--max-prompts", "3", "--max-new-tokens", "10",
-           "--max-prompt-length", "200", "--no-progress"]
-    code, out, err = run_cli(["bon", url, *bon], capsys, monkeypatch)
+    bon = ["--pm", str(pm), str(real_file), "--n", "4", "--max-prompts", "3", "--max-new-tokens", "10",
+           "--max-prompt-length", "200", "-q"]
+    code, out, err = run_cli(["bon", "--policy", url, *bon], capsys, monkeypatch)
     assert code == 0, err
     assert out.startswith("best-of-4: 3 prompts x 4 samples")
     assert "n   KL (nats)   PM reward of best-of-n" in out
-    code, as_json, err = run_cli(["bon", url, *bon, "--json"], capsys, monkeypatch)
-    code2, local_json, err2 = run_cli(["bon", str(tiny[1]), *bon, "--json"], capsys, monkeypatch)
+    code, as_json, err = run_cli(["bon", "--policy", url, *bon, "--json"], capsys, monkeypatch)
+    code2, local_json, err2 = run_cli(["bon", "--policy", str(tiny[1]), *bon, "--json"], capsys,
+                                      monkeypatch)
     assert code == code2 == 0, err + err2
     assert json.loads(as_json)["curve"] == json.loads(local_json)["curve"]
     # a wrong model name: one line, naming the fix
-    code, _, err = run_cli(["generate", url, *args, "--endpoint-model", "nope"], capsys,
-                           monkeypatch)
+    code, _, err = run_cli(["generate", "--policy", url, *args, "--endpoint-model", "nope"],
+                           capsys, monkeypatch)
     assert code == 2 and err.count("\n") == 1
     assert "answered 404" in err and "--endpoint-model" in err
 
@@ -238,12 +240,12 @@ def test_generate_from_an_endpoint_needs_no_extras(url: str, real_file: Path,
     env = {**ENV, "HHRLHF_TEST_BLOCK": ",".join(BLOCKED),
            "PYTHONPATH": os.pathsep.join([str(tmp_path), ENV.get("PYTHONPATH", "")])}
     cli = [sys.executable, "-m", "hhrlhf.cli"]
-    r = subprocess.run([*cli, "generate", url, str(real_file), "--max-prompts", "2",
+    r = subprocess.run([*cli, "generate", "--policy", url, str(real_file), "--max-prompts", "2",
                         "--max-new-tokens", "4"], env=env, capture_output=True, text=True,
                        timeout=300, check=False)
     assert r.returncode == 0, r.stderr
     assert [json.loads(x)["sample"] for x in r.stdout.splitlines()] == [0, 0]
-    r = subprocess.run([*cli, "policy", "serve", str(tmp_path)], env=env, capture_output=True,
+    r = subprocess.run([*cli, "policy", "serve", "--policy", str(tmp_path)], env=env, capture_output=True,
                        text=True, timeout=300, check=False)
     assert r.returncode == 2
     assert r.stderr == ("hhrlhf: error: hhrlhf policy serve needs the 'pm' extra: "

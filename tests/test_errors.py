@@ -76,8 +76,8 @@ def test_empty_input_is_an_error_when_read(tmp_path: Path, name: str) -> None:
 
 @pytest.mark.parametrize("command", [
     ("stats",), ("stats", "--json"), ("audit",),
-    ("export", "--format", "trl", "--out", "out.jsonl"),
-    ("report", "--out", "out.html"), ("index", "--db", "out.sqlite"), ("redteam",),
+    ("export", "--format", "trl", "-o", "out.jsonl"),
+    ("report", "-o", "out.html"), ("index", "--db", "out.sqlite"), ("redteam",),
 ])
 @pytest.mark.parametrize("name", ["empty.jsonl", "nothing.jsonl.gz"])
 def test_every_command_refuses_empty_input_and_writes_nothing(tmp_path: Path, cache: Path,
@@ -229,7 +229,7 @@ ARGUMENT_ERRORS = {
     "audit --split tset": f"audit: {SPLIT_CHOICE} (see `hhrlhf audit --help`)",
     "fetch --split tset": f"fetch: {SPLIT_CHOICE} (see `hhrlhf fetch --help`)",
     # export checked its --split only when reading; now when parsing, like the others
-    "export no-such-file --format trl --out o.jsonl --split tset":
+    "export no-such-file --format trl -o o.jsonl --split tset":
         f"export: {SPLIT_CHOICE} (see `hhrlhf export --help`)",
     "export harmless-base": "export: missing option '--format' (see `hhrlhf export --help`)",
     "stats --bogus": "stats: no such option '--bogus' (see `hhrlhf stats --help`)",
@@ -366,7 +366,7 @@ def flaky_mirror(mode: str = "503", failures: int = 2,
 
 
 def fetch_cli(*args: str, cache: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return run("fetch", "harmless-base/test", "--no-progress", "--backoff", "0.01", *args,
+    return run("fetch", "harmless-base/test", "-q", "--backoff", "0.01", *args,
                cwd=cwd, cache=cache)
 
 
@@ -444,7 +444,7 @@ def test_fetch_names_a_full_cache_not_the_mirror(tmp_path: Path, cache: Path) ->
         resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
 
     env = {**os.environ, "HHRLHF_CACHE": str(cache)}
-    r = subprocess.run([HHRLHF, "fetch", "harmless-base/test", "--no-progress", "--mirror",
+    r = subprocess.run([HHRLHF, "fetch", "harmless-base/test", "-q", "--mirror",
                         str(tmp_path / "mirror")], capture_output=True, text=True, env=env,
                        timeout=120, check=False, preexec_fn=limit_file_size)
     assert r.returncode == 2

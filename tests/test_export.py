@@ -48,7 +48,7 @@ def exports(env: Path, real_file: Path) -> dict[tuple[str, str], Path]:
     for fmt in FORMATS:
         for ext in ("parquet", "jsonl"):
             path = env / "out" / f"{fmt}.{ext}"
-            main(["export", str(real_file), "--format", fmt, "--out", str(path)])
+            main(["export", str(real_file), "--format", fmt, "-o", str(path)])
             out[fmt, ext] = path
     return out
 
@@ -129,7 +129,7 @@ def test_drop_removes_exactly_the_flagged_rows(env: Path, real_file: Path,
                                                records: list[Comparison],
                                                capsys: pytest.CaptureFixture[str]) -> None:
     out = env / "dropped.parquet"
-    code, err = _run(capsys, str(real_file), "--format", "parquet", "--out", str(out),
+    code, err = _run(capsys, str(real_file), "--format", "parquet", "-o", str(out),
                      "--drop", "role_marker_in_text,empty_response", "--drop", "repeated_prompt")
     assert code == 0
     audit = run_audit(records)
@@ -148,7 +148,7 @@ def test_drop_removes_exactly_the_flagged_rows(env: Path, real_file: Path,
 def test_trl_summary_counts_rows_it_cannot_hold(env: Path, real_file: Path,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     out = env / "summary.jsonl"
-    code, err = _run(capsys, str(real_file), "--format", "trl", "--out", str(out),
+    code, err = _run(capsys, str(real_file), "--format", "trl", "-o", str(out),
                      "--drop", "empty_response")
     assert code == 0
     assert err == (f"hhrlhf export: wrote 2,303 of 2,312 rows to {out} (trl, jsonl); dropped "
@@ -178,7 +178,7 @@ def test_rows_a_format_cannot_hold_are_left_out_and_counted(
     src = tmp_path / "odd.jsonl"
     src.write_text("".join(json.dumps({"chosen": c, "rejected": r}) + "\n" for c, r in ODD_ROWS))
     out = tmp_path / "out.jsonl"
-    code, err = _run(capsys, str(src), "--format", fmt, "--out", str(out))
+    code, err = _run(capsys, str(src), "--format", fmt, "-o", str(out))
     assert code == 0
     summary = f"wrote {len(written)} of 5 rows to {out} ({fmt}, jsonl)"
     if left_out:
@@ -195,14 +195,14 @@ def test_rows_a_format_cannot_hold_are_left_out_and_counted(
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--format", "trl", "--out", "{dir}/x.csv"],
+    (["--format", "trl", "-o", "{dir}/x.csv"],
      "cannot tell the container from the extension '.csv'; use one of .parquet, .jsonl"),
-    (["--format", "trl", "--out", "{dir}/x"], "extension '(none)'"),
-    (["--format", "alpaca", "--out", "{dir}/x.jsonl"],
+    (["--format", "trl", "-o", "{dir}/x"], "extension '(none)'"),
+    (["--format", "alpaca", "-o", "{dir}/x.jsonl"],
      "unknown format 'alpaca'; known: trl, trl-text, openai, parquet"),
-    (["--format", "trl", "--out", "{dir}/x.jsonl", "--drop", "too_long"],
+    (["--format", "trl", "-o", "{dir}/x.jsonl", "--drop", "too_long"],
      "unknown check 'too_long'; known: identical_pair,"),
-    (["--format", "trl", "--out", "{dir}/x.jsonl", "--split", "dev"],
+    (["--format", "trl", "-o", "{dir}/x.jsonl", "--split", "dev"],
      "invalid value for '--split': 'dev' is not one of 'train', 'test'"),
 ])
 def test_bad_arguments_are_one_line_errors_and_write_nothing(
@@ -225,16 +225,30 @@ def test_a_failure_mid_write_leaves_no_output(tmp_path: Path, cache: Path, real_
     d.mkdir()
     out = d / "x.parquet"
     # The real file's rows are written first; the second source then fails to parse.
-    code, err = _run(capsys, str(real_file), str(broken), "--format", "trl", "--out", str(out))
+    code, err = _run(capsys, str(real_file), str(broken), "--format", "trl", "-o", str(out))
     assert code == 2
     assert err == f"hhrlhf: error: {broken}:2: not valid JSON: " + err.split("not valid JSON: ")[1]
     assert list(d.iterdir()) == []
     # An existing output is left as it was.
     out.write_bytes(b"old")
-    assert _run(capsys, str(real_file), str(broken), "--format", "trl", "--out", str(out))[0] == 2
+    assert _run(capsys, str(real_file), str(broken), "--format", "trl", "-o", str(out))[0] == 2
     assert out.read_bytes() == b"old" and list(d.iterdir()) == [out]
     # A directory where the file should go is an error too.
-    assert _run(capsys, str(real_file), "--format", "trl", "--out", str(d))[0] == 2
+    assert _run(capsys, str(real_file), "--format", "trl", "-o", str(d))[0] == 2
+
+
+def test_the_file_is_output_and_out_its_earlier_name(
+        real_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """-o/--output names the file (the rule for a file written); --out still works, unlisted;
+    neither given is a one-line usage error that writes nothing."""
+    code, err = _run(capsys, str(real_file), "--format", "trl")
+    assert code == 2 and err == ("hhrlhf: error: export: missing option '--output' (see "
+                                 "`hhrlhf export --help`)\n"), err
+    assert list(tmp_path.iterdir()) == []
+    new, old = tmp_path / "new.jsonl", tmp_path / "old.jsonl"
+    assert _run(capsys, str(real_file), "--format", "trl", "--output", str(new))[0] == 0
+    assert _run(capsys, str(real_file), "--format", "trl", "--out", str(old))[0] == 0
+    assert new.read_bytes() == old.read_bytes() and new.stat().st_size > 0
 
 
 def _plain_copy(real_file: Path, path: Path) -> Path:
@@ -259,7 +273,7 @@ def test_an_output_that_is_a_source_is_refused(tmp_path: Path, cache: Path, real
         os.link(data, out)
     elif how == "second source":
         sources = [str(real_file), str(data)]
-    code, err = _run(capsys, *sources, "--format", "trl-text", "--out", str(out))
+    code, err = _run(capsys, *sources, "--format", "trl-text", "-o", str(out))
     assert code == 2
     assert err == (f"hhrlhf: error: {out}: is one of the inputs"
                    f"{'' if out == data else f' ({data})'}; refusing to write over it: "
@@ -281,7 +295,7 @@ def test_temporaries_of_a_killed_export_are_removed(tmp_path: Path, cache: Path,
     old = time.time() - 2 * 3600
     os.utime(stale, (old, old))
     os.utime(other, (old, old))
-    assert _run(capsys, str(real_file), "--format", "trl", "--out", str(out))[0] == 0
+    assert _run(capsys, str(real_file), "--format", "trl", "-o", str(out))[0] == 0
     assert not stale.exists()
     assert recent.exists() and other.exists() and out.exists()
 
@@ -362,9 +376,9 @@ def test_trl_export_trains_unmodified_in_trl(tmp_path: Path, cache: Path, real_f
     src = tmp_path / "rows.jsonl"
     src.write_bytes(b"".join(lines))
     out = tmp_path / "trl.parquet"
-    assert _run(capsys, str(src), "--format", "trl", "--out", str(out))[0] == 0
+    assert _run(capsys, str(src), "--format", "trl", "-o", str(out))[0] == 0
     out_text = tmp_path / "trl-text.jsonl"
-    assert _run(capsys, str(src), "--format", "trl-text", "--out", str(out_text))[0] == 0
+    assert _run(capsys, str(src), "--format", "trl-text", "-o", str(out_text))[0] == 0
 
     hf_cache = str(tmp_path / "hf")
     train = datasets.Dataset.from_parquet(str(out), cache_dir=hf_cache)

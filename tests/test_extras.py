@@ -74,7 +74,7 @@ def test_the_blocker_hides_the_extras(core_env: dict[str, str]) -> None:
 def test_core_commands_work_without_the_extras(core_env: dict[str, str], tmp_path: Path,
                                                cache: Path) -> None:
     fetched = run(core_env, "fetch", "harmless-base", "--split", "test", "--mirror", str(MIRROR),
-                  "--no-progress")
+                  "-q")
     assert fetched.returncode == 0, fetched.stderr
     audit = run(core_env, "audit", "harmless-base", "--json")
     assert audit.returncode == 0, audit.stderr
@@ -84,7 +84,7 @@ def test_core_commands_work_without_the_extras(core_env: dict[str, str], tmp_pat
     assert (tmp_path / "stats.png").stat().st_size > 0
     for out in ("hh.parquet", "hh.jsonl"):
         fmt = "parquet" if out.endswith(".parquet") else "trl"
-        exported = run(core_env, "export", "harmless-base", "--format", fmt, "--out",
+        exported = run(core_env, "export", "harmless-base", "--format", fmt, "-o",
                        str(tmp_path / out))
         assert exported.returncode == 0, exported.stderr
         assert (tmp_path / out).stat().st_size > 0
@@ -92,7 +92,7 @@ def test_core_commands_work_without_the_extras(core_env: dict[str, str], tmp_pat
     core_env = {**core_env, "HHRLHF_PINS": str(pins)}
     redteam = run(core_env, "redteam")
     assert redteam.returncode == 0, redteam.stderr
-    report = run(core_env, "report", "--out", str(tmp_path / "report.html"))
+    report = run(core_env, "report", "-o", str(tmp_path / "report.html"))
     assert report.returncode == 0, report.stderr
     assert (tmp_path / "report.html").stat().st_size > 0
     helps = run(core_env, "--help"), run(core_env, "pm", "--help")
@@ -107,9 +107,10 @@ def test_core_commands_work_without_the_extras(core_env: dict[str, str], tmp_pat
     (("serve",), "explorer"),
     (("sft", "harmless-base/test", "--init", "tiny", "--out", "runs/sft"), "pm"),
     (("dpo", "harmless-base/test", "--policy", "runs/sft", "--out", "runs/dpo"), "pm"),
-    (("generate", "runs/sft", "harmless-base/test"), "pm"),
-    (("bon", "runs/sft", "runs/pm", "harmless-base/test"), "pm"),
-    (("rl", "runs/sft", "runs/pm", "harmless-base/test", "--out", "runs/rl"), "pm"),
+    (("generate", "--policy", "runs/sft", "harmless-base/test"), "pm"),
+    (("bon", "--policy", "runs/sft", "--pm", "runs/pm", "harmless-base/test"), "pm"),
+    (("rl", "--policy", "runs/sft", "--pm", "runs/pm", "harmless-base/test", "--out", "runs/rl"),
+     "pm"),
     (("online", "harmless-base/test", "--out", "runs/online"), "pm"),
 ])
 def test_a_command_that_needs_an_extra_names_it_in_one_line(

@@ -490,18 +490,19 @@ def test_cli_success_failure_and_one_line_errors(cache: Path, mirror_url: str,
     assert "742,801 bytes  sha256 ebfaaed21162" in ok.stdout
     assert "harmless-base/test" in ok.stderr and "100%" in ok.stderr  # the progress bar
 
-    partial = run_cli("harmless-base", "--mirror", mirror_url, "--no-progress", cache=cache)
+    partial = run_cli("harmless-base", "--mirror", mirror_url, "-q", cache=cache)
     assert partial.returncode == 2
     assert f"HTTP 404 File not found from {mirror_url}harmless-base/train.jsonl.gz" \
         in partial.stdout
     assert "cached      harmless-base/test " in partial.stdout
     assert partial.stderr == "hhrlhf: error: 1 of 2 files not fetched: harmless-base/train\n"
 
+    # --no-progress: -q's earlier name, still taken
     dead = run_cli("helpful-base/test", "--mirror", dead_url, "--no-progress", cache=cache)
     assert dead.returncode == 2 and "Connection refused" in dead.stdout
     assert dead.stderr == "hhrlhf: error: 1 of 1 files not fetched: helpful-base/test\n"
 
-    offline = run_cli("--offline", "--no-progress", cache=cache)
+    offline = run_cli("--offline", "-q", cache=cache)
     assert offline.returncode == 2 and "Traceback" not in offline.stderr
     assert offline.stderr.startswith("hhrlhf: error: 8 of 9 files missing from the cache")
 

@@ -55,7 +55,7 @@ def trainer_args(command: str, models: dict[str, Path], real_file: Path, out: Pa
     return {
         "sft": ["sft", src, "--policy", pol, *steps],
         "dpo": ["dpo", src, "--policy", pol, *steps],
-        "rl": ["rl", pol, str(models["pm"]), src, *steps],
+        "rl": ["rl", "--policy", pol, "--pm", str(models["pm"]), src, *steps],
         "pm train": ["pm", "train", src, "--backbone", pol, *steps],
     }[command]
 
@@ -124,7 +124,7 @@ def test_generate_never_writes_over_its_model_its_prompts_or_a_foreign_file(
         monkeypatch: pytest.MonkeyPatch) -> None:
     pol, prompts = models["policy"], models["prompts"]
     before = snapshot(pol.parent)
-    base = ["generate", str(pol), str(prompts), "--max-new-tokens", "2"]
+    base = ["generate", "--policy", str(pol), str(prompts), "--max-new-tokens", "2"]
     one_line(run_cli([*base, "-o", str(pol / "config.json")], capsys, monkeypatch),
              "is one of the inputs; refusing to write over it")
     one_line(run_cli([*base, "-o", str(prompts)], capsys, monkeypatch), "is one of the inputs")
@@ -163,8 +163,9 @@ def test_bon_does_not_replace_a_users_preference_file(
             for c in first_rows(real_file, 3)]
     train.write_text("".join(json.dumps(r) + "\n" for r in rows))
     before = train.read_bytes()
-    one_line(run_cli(["bon", str(models["policy"]), str(models["pm"]), str(real_file),
-                      "--max-prompts", "1", "--out", str(train)], capsys, monkeypatch),
+    one_line(run_cli(["bon", "--policy", str(models["policy"]), "--pm", str(models["pm"]),
+                      str(real_file), "--max-prompts", "1", "-o", str(train)], capsys,
+                     monkeypatch),
              "exists and was not written by `hhrlhf bon`")
     assert train.read_bytes() == before
 
@@ -184,8 +185,9 @@ def writers(models: dict[str, Path], tmp_path: Path) -> dict[str, list[str]]:
     if not run.exists():
         rl_run_folder(models, run)
     return {
-        "generate": ["generate", pol, prompts, "--max-new-tokens", "2", "-o"],
-        "bon": ["bon", pol, pm, str(models["prompts"].parent / "pairs.jsonl"), "--out"],
+        "generate": ["generate", "--policy", pol, prompts, "--max-new-tokens", "2", "-o"],
+        "bon": ["bon", "--policy", pol, "--pm", pm, str(models["prompts"].parent / "pairs.jsonl"),
+                "-o"],
         "rl eval": ["rl", "eval", str(run), "-o"],
         "pm score": ["pm", "score", pm, prompts, "-o"],
     }
@@ -272,17 +274,21 @@ def test_negative_seed_and_threads_are_refused_everywhere(
         capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     pol, pm, src = str(models["policy"]), str(models["pm"]), str(real_file)
     commands = {
-        "--seed": [["generate", pol, src], ["bon", pol, pm, src], ["rl", "eval", str(tmp_path)],
-                   ["pm", "eval", pm, src], ["pm", "cv", src], ["pm", "agree", pm]],
-        "--threads": [["generate", pol, src], ["bon", pol, pm, src],
-                      ["rl", "eval", str(tmp_path)], ["pm", "score", pm, src]],
+        "--seed": [["generate", "--policy", pol, src], ["bon", "--policy", pol, "--pm", pm, src],
+                   ["rl", "eval", str(tmp_path)], ["pm", "eval", pm, src], ["pm", "cv", src],
+                   ["pm", "agree", pm], ["chat", "--policy", pol],
+                   ["sft", src, "--init", "tiny"], ["pm", "train", src]],
+        "--threads": [["generate", "--policy", pol, src], ["bon", "--policy", pol, "--pm", pm, src],
+                      ["rl", "eval", str(tmp_path)], ["pm", "score", pm, src],
+                      ["chat", "--policy", pol], ["policy", "serve", "--policy", pol],
+                      ["dpo", src, "--policy", pol]],
     }[option]
     for args in commands:
         one_line(run_cli([*args, option, "-1"], capsys, monkeypatch),
                  f"invalid value for '{option}': -1 is not in the range x>=0")
     key = option.lstrip("-")
     for trainer in (["sft", src, "--init", "tiny"], ["dpo", src, "--policy", pol],
-                    ["rl", pol, pm, src], ["pm", "train", src]):
+                    ["rl", "--policy", pol, "--pm", pm, src], ["pm", "train", src]):
         one_line(run_cli([*trainer, "--out", str(tmp_path / "run"), "--set", f"{key}=-1"],
                          capsys, monkeypatch), f"config {key}=-1: must be 0 or more")
     assert not (tmp_path / "run").exists()
@@ -291,7 +297,8 @@ def test_negative_seed_and_threads_are_refused_everywhere(
 def test_rl_names_the_key_it_refuses(models: dict[str, Path], real_file: Path, tmp_path: Path,
                                      capsys: pytest.CaptureFixture[str],
                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    base = ["rl", str(models["policy"]), str(models["pm"]), str(real_file), "--out",
+    base = ["rl", "--policy", str(models["policy"]), "--pm", str(models["pm"]), str(real_file),
+            "--out",
             str(tmp_path / "run"), "--max-steps", "1"]
     one_line(run_cli([*base, "--k", "0", "--algo", "ppo"], capsys, monkeypatch),
              "config samples_per_prompt=0 (--n): must be at least 1")
@@ -311,8 +318,8 @@ def test_rl_names_the_key_it_refuses(models: dict[str, Path], real_file: Path, t
 def test_empty_input_is_the_no_rows_error(
         command: str, models: dict[str, Path], tmp_path: Path,
         capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    model = str(models["policy" if command == "generate" else "pm"])
-    args = command.split() + [model]
+    args = (["generate", "--policy", str(models["policy"])] if command == "generate"
+            else ["pm", "score", str(models["pm"])])  # the PM is the subject in the pm group
     empty = tmp_path / "empty.jsonl"
     empty.touch()
     blank = tmp_path / "blank.jsonl"
@@ -368,15 +375,15 @@ def test_a_subset_name_protects_its_cached_file(
         monkeypatch: pytest.MonkeyPatch) -> None:
     cached = seeded_cache / "data" / "harmless-base" / "test.jsonl.gz"
     before = cached.read_bytes()
-    one_line(run_cli(["generate", str(models["policy"]), "harmless-base/test", "-o",
+    one_line(run_cli(["generate", "--policy", str(models["policy"]), "harmless-base/test", "-o",
                       str(cached)], capsys, monkeypatch), "is one of the inputs")
     assert cached.read_bytes() == before
 
 
 def test_a_run_folder_where_its_model_is_meant_names_the_model(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """`hhrlhf rl runs/sft runs/pm` (the run folders, not their model/): one line saying which
-    folder was meant, for the policy and for the PM, before anything loads."""
+    """`hhrlhf rl --policy runs/sft --pm runs/pm` (the run folders, not their model/): one line
+    saying which folder was meant, for the policy and for the PM, before anything loads."""
     from hhrlhf.cli import main
 
     runs = {}
@@ -387,8 +394,9 @@ def test_a_run_folder_where_its_model_is_meant_names_the_model(
         (run / "metrics.jsonl").write_text("")
         (run / "model" / "config.json").write_text('{"model_type": "llama"}')
         runs[name] = run
-    for args, meant in (([str(runs["sft"]), str(runs["pm"])], runs["sft"]),
-                        ([str(runs["sft"] / "model"), str(runs["pm"])], runs["pm"]),
+    for args, meant in ((["--policy", str(runs["sft"]), "--pm", str(runs["pm"])], runs["sft"]),
+                        (["--policy", str(runs["sft"] / "model"), "--pm", str(runs["pm"])],
+                         runs["pm"]),
                         (["score", str(runs["pm"])], runs["pm"])):
         command = ["pm", *args] if args[0] == "score" else ["rl", *args, "--out",
                                                               str(tmp_path / "rl")]

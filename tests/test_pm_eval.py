@@ -397,7 +397,7 @@ def test_cli_cv_with_a_tiny_neural_model(tmp_path: Path, real_file: Path, tiny_b
     from hhrlhf.cli import main
 
     saved = tmp_path / "cv.json"
-    main(["pm", "cv", str(real_file), "--folds", "2", "--max-pairs", "60", "--json", "-q",
+    main(["pm", "cv", str(real_file), "--folds", "2", "--max-rows", "60", "--json", "-q",
           "--set", f"backbone={tiny_bert}", "--set", "max_steps=2", "--set", "max_length=64",
           "--set", "batch_size=8", "--save-json", str(saved)])
     out = json.loads(capsys.readouterr().out)

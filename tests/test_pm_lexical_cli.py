@@ -24,7 +24,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_pm_lexical_fits_and_saves_what_the_api_fits(real_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "lex"
-    r = _cli(str(real_file), "--out", str(out), "--max-pairs", "80", "--set", "ngram_max=1",
+    r = _cli(str(real_file), "--out", str(out), "--max-rows", "80", "--set", "ngram_max=1",
              "--set", "C=0.5")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()

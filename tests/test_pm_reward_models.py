@@ -338,9 +338,8 @@ def test_best_of_n_ranks_by_a_reward_model(rows: list[Comparison], bpe: Any, rea
     rm = _save(_llama_rm(tok), tok, tmp_path / "rm")
     build_tiny(rows, tmp_path / "policy")
     out = tmp_path / "bon.jsonl.gz"
-    proc = _cli("bon", str(tmp_path / "policy"), str(rm), str(real_file), "--n", "3",
-                "--max-prompts", "4", "--max-new-tokens", "6", "--no-progress", "--out",
-                str(out))
+    proc = _cli("bon", "--policy", str(tmp_path / "policy"), "--pm", str(rm), str(real_file),
+                "--n", "3", "--max-prompts", "4", "--max-new-tokens", "6", "-q", "-o", str(out))
     assert proc.returncode == 0, proc.stderr
     with gzip.open(out, "rt") as f:
         written = [json.loads(x) for x in f]

@@ -387,7 +387,7 @@ def test_truncation_keeps_the_end_and_never_cuts_a_response_silently(tiny: dict[
 def test_resume_after_sigkill_ends_with_the_same_metrics(tiny: dict[str, Path],
                                                          real_file: Path, tmp_path: Path) -> None:
     args = [sys.executable, "-m", "hhrlhf.cli", "pm", "train", str(real_file), "--backbone",
-            str(tiny["gpt2"]), "--max-steps", "40", "--max-pairs", "200", "--batch-size", "4",
+            str(tiny["gpt2"]), "--max-steps", "40", "--max-rows", "200", "--batch-size", "4",
             "--max-length", "64", "--lr", "1e-3", "--eval", str(real_file), "--quiet",
             "--set", "eval_max_pairs=24", "--set", "eval_every=10", "--set", "save_every=4",
             "--set", "weight_decay=0.01"]
@@ -485,7 +485,7 @@ def test_two_processes_train_with_ddp_on_cpu(tiny: dict[str, Path], real_file: P
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "-m", "hhrlhf.cli", "pm", "train", str(real_file), "--backbone", str(tiny["llama"]),
-         "--eval", str(real_file), "--max-pairs", "64", "--set", "eval_max_pairs=16",
+         "--eval", str(real_file), "--max-rows", "64", "--set", "eval_max_pairs=16",
          "--max-steps", "3", "--batch-size", "4", "--max-length", "96", "--out", str(out),
          "--quiet"], env=ENV, capture_output=True, text=True, check=False, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -623,7 +623,7 @@ def test_pm_train_says_when_its_model_is_for_hhrlhf_only(
     from hhrlhf.cli import main
 
     args = ["pm", "train", str(real_file), "--backbone", str(tiny["bert"]), "--max-steps", "1",
-            "--max-pairs", "8", "--batch-size", "4", "--max-length", "64", "-q"]
+            "--max-pairs", "8", "--batch-size", "4", "--max-length", "64", "-q"]  # its old name
     main(args + ["--out", str(tmp_path / "mean"), "--set", "pooling=mean"])
     out = capsys.readouterr().out
     assert "pooling mean is computed by hhrlhf only" in out

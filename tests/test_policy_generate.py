@@ -81,7 +81,7 @@ def test_generate_command_feeds_pm_score(tiny: tuple[Policy, Path], real_file: P
                                          tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "samples.jsonl"
-    code, _, err = run_cli(["generate", str(tiny[1]), str(real_file), "--n", "3",
+    code, _, err = run_cli(["generate", "--policy", str(tiny[1]), str(real_file), "--n", "3",
                             "--max-prompts", "4", "--max-new-tokens", "12", "--seed", "1", "-o",
                             str(out)], capsys, monkeypatch)
     assert code == 0, err
@@ -103,14 +103,14 @@ def test_generate_command_feeds_pm_score(tiny: tuple[Policy, Path], real_file: P
     scores = [json.loads(x) for x in stdout.splitlines()]
     assert [s["id"] for s in scores] == [r["id"] for r in rows]
     # stdin, greedy: a typed line is a prompt
-    code, stdout, err = run_cli(["generate", str(tiny[1]), "--temperature", "0",
+    code, stdout, err = run_cli(["generate", "--policy", str(tiny[1]), "--temperature", "0",
                                  "--max-new-tokens", "5"], capsys, monkeypatch,
                                 stdin="Human: How do I bake bread?\n")
     assert code == 0, err
     row = json.loads(stdout)
     assert row["text"].startswith("\n\nHuman: How do I bake bread?\n\nAssistant:")
     # refusing to write over an input
-    code, _, err = run_cli(["generate", str(tiny[1]), str(out), "-o", str(out)], capsys,
+    code, _, err = run_cli(["generate", "--policy", str(tiny[1]), str(out), "-o", str(out)], capsys,
                            monkeypatch)
     assert code == 2 and "is one of the inputs; refusing to write over it" in err
 
@@ -190,7 +190,7 @@ def test_prompts_cut_to_fit_are_counted_and_said(tiny: tuple[Policy, Path], real
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """A prompt longer than --max-prompt-length loses its start: generate says how many did,
     instead of showing the whole dialogue in `text` as if the policy had read it."""
-    args = ["generate", str(tiny[1]), str(real_file), "--max-prompts", "6",
+    args = ["generate", "--policy", str(tiny[1]), str(real_file), "--max-prompts", "6",
             "--max-new-tokens", "4", "--temperature", "0"]
     code, out, err = run_cli([*args, "--max-prompt-length", "24"], capsys, monkeypatch)
     assert code == 0, err

@@ -197,7 +197,7 @@ def test_the_command_serves_with_a_key_from_the_environment(policy: Policy,
     port = free_port()
     env = {**ENV, "HHRLHF_API_KEY": "k-123"}
     exe = [sys.executable, "-m", "hhrlhf.cli"]
-    proc = subprocess.Popen([*exe, "policy", "serve", str(folder), "--port", str(port),
+    proc = subprocess.Popen([*exe, "policy", "serve", "--policy", str(folder), "--port", str(port),
                              "--model-name", "hh"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
@@ -207,7 +207,7 @@ def test_the_command_serves_with_a_key_from_the_environment(policy: Policy,
         assert got.choices[0].finish_reason in ("stop", "length")
         assert httpx.get(f"http://127.0.0.1:{port}/v1/models").status_code == 401
         # the port is taken now: one line, exit 2
-        busy = subprocess.run([*exe, "policy", "serve", str(folder), "--port", str(port)],
+        busy = subprocess.run([*exe, "policy", "serve", "--policy", str(folder), "--port", str(port)],
                               env=env, capture_output=True, text=True, timeout=120,
                               check=False)
         assert busy.returncode == 2

@@ -543,7 +543,7 @@ def test_a_bad_cached_red_team_file_does_not_stop_the_rest(
                                             {REDTEAM_CACHE_PATH: bad_path}))
         expected = f"hhrlhf: warning: {bad_path}:2: not a red-team row: field 'num_params'"
 
-    report = _cli(["report", "--out", "report.html"], seeded_cache, tmp_path, **env)
+    report = _cli(["report", "-o", "report.html"], seeded_cache, tmp_path, **env)
     assert report.returncode == 0, report.stderr
     (line,) = _warnings(report.stderr)
     assert line.startswith(expected), line
@@ -592,7 +592,7 @@ def test_a_real_shaped_file_at_realistic_size_through_every_command(
     assert cell["attacks"] == gt.cells[("context distillation", "52B")].attacks
     assert cell["attacks"] == max(c["attacks"] for c in d["cells"])  # the paper's biggest cell
 
-    report = _cli(["report", "--out", "report.html"], seeded_cache, tmp_path, **env)
+    report = _cli(["report", "-o", "report.html"], seeded_cache, tmp_path, **env)
     assert report.returncode == 0 and _warnings(report.stderr) == [], report.stderr
     html = (tmp_path / "report.html").read_text(encoding="utf-8")
     assert "Red-team attempts" in html and f"{n:,}" in html and "harmless-base/test" in html
@@ -609,10 +609,10 @@ def test_a_real_shaped_file_at_realistic_size_through_every_command(
         assert shown["tags"] == gt.rows[i]["tags"]
 
     out = tmp_path / "pairs.jsonl"
-    export = _cli(["export", "--format", "trl", "--out", str(out)], seeded_cache, tmp_path, **env)
+    export = _cli(["export", "--format", "trl", "-o", str(out)], seeded_cache, tmp_path, **env)
     assert export.returncode == 0, export.stderr  # the preference files of the cache
     assert "of 2,312 rows" in export.stderr and out.exists()
-    named = _cli(["export", "red-team-attempts", "--format", "trl", "--out", str(out)],
+    named = _cli(["export", "red-team-attempts", "--format", "trl", "-o", str(out)],
                  seeded_cache, tmp_path, **env)
     assert named.returncode == 2
     assert named.stderr == ("hhrlhf: error: red-team-attempts holds no preference rows; use "

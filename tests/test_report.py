@@ -46,7 +46,7 @@ def full_cache(seeded_cache: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Pat
 def test_report_in_a_browser(full_cache: tuple[Path, GroundTruth], tmp_path: Path) -> None:
     cache, gt = full_cache
     out = tmp_path / "out" / "report.html"
-    p = run(["--out", str(out)], cache, tmp_path)  # no sources: everything in the cache
+    p = run(["-o", str(out)], cache, tmp_path)  # no sources: everything in the cache
     assert p.returncode == 0, p.stderr
     assert out.exists() and f"wrote {out}" in p.stdout
     html = out.read_text(encoding="utf-8")
@@ -160,7 +160,7 @@ def test_report_in_a_browser(full_cache: tuple[Path, GroundTruth], tmp_path: Pat
 def test_named_sources_and_atomic_write(tmp_path: Path, cache: Path, real_file: Path) -> None:
     gt = write_redteam_file(tmp_path / "rt.json.gz", n=300, seed=5)
     out = tmp_path / "r.html"
-    p = run([str(gt.path), "--out", str(out), "--top", "1"], cache, tmp_path)
+    p = run([str(gt.path), "-o", str(out), "--top", "1"], cache, tmp_path)
     assert p.returncode == 0, p.stderr
     html = out.read_text(encoding="utf-8")
     assert "Red-team attempts" in html and "Preference data" not in html
@@ -169,7 +169,7 @@ def test_named_sources_and_atomic_write(tmp_path: Path, cache: Path, real_file: 
     # A failure midway (a malformed second file) leaves the previous report untouched.
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"chosen": "\\n\\nHuman: hi\\n\\nAssistant: a", "rejected": "x"}\n{oops\n')
-    p = run([str(real_file), str(bad), "--out", str(out)], cache, tmp_path)
+    p = run([str(real_file), str(bad), "-o", str(out)], cache, tmp_path)
     assert p.returncode == 2
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"hhrlhf: error: {bad}:2: not valid JSON")
@@ -187,7 +187,7 @@ def test_shared_report_names_files_not_folders_once_each(tmp_path: Path, cache: 
     out = tmp_path / "r.html"
     # Each file named twice, once by a path that goes round about.
     twice = tmp_path / "data" / ".." / "data" / "mine.jsonl.gz"
-    p = run([str(local), str(twice), str(gt.path), str(gt.path), "--out", str(out)], cache,
+    p = run([str(local), str(twice), str(gt.path), str(gt.path), "-o", str(out)], cache,
             tmp_path)
     assert p.returncode == 0, p.stderr
     html = out.read_text(encoding="utf-8")

@@ -177,8 +177,8 @@ def test_one_line_errors(tmp_path: Path, tiny: tuple[Path, list], lexical_pm: Pa
     policy, _ = tiny
     out = tmp_path / "run"
     # a folder that is not a PM (a policy folder)
-    proc = run_cli("rl", str(policy), str(policy), str(real_file), "--out", str(out),
-                   check=False)
+    proc = run_cli("rl", "--policy", str(policy), "--pm", str(policy), str(real_file), "--out",
+                   str(out), check=False)
     assert proc.returncode == 2
     assert proc.stderr.startswith("hhrlhf: error: ") and "not an hhrlhf preference model" \
         in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
@@ -186,8 +186,8 @@ def test_one_line_errors(tmp_path: Path, tiny: tuple[Path, list], lexical_pm: Pa
     bert = tmp_path / "bert"
     BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=1,
                intermediate_size=8).save_pretrained(bert)
-    proc = run_cli("rl", str(bert), str(lexical_pm), str(real_file), "--out", str(out),
-                   "--set", "max_prompts=4", check=False)
+    proc = run_cli("rl", "--policy", str(bert), "--pm", str(lexical_pm), str(real_file),
+                   "--out", str(out), "--set", "max_prompts=4", check=False)
     assert proc.returncode == 2, proc.stderr
     assert "not a causal language model (bert)" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
@@ -220,7 +220,8 @@ def test_kill9_resume_gives_identical_results(tmp_path: Path, tiny: tuple[Path, 
     from hhrlhf.policy import Policy
 
     policy, _ = tiny
-    common = [str(policy), str(lexical_pm), str(real_file), "--algo", "ppo", "--k", "2",
+    common = ["--policy", str(policy), "--pm", str(lexical_pm), str(real_file), "--algo", "ppo",
+              "--k", "2",
               "--batch-size", "4", "--max-new-tokens", "24", "--max-steps", "6", "--lr",
               "1e-3", "-q", "--set", "save_every=2", "--set", "max_prompts=40",
               "--set", "max_length=256", "--set", "threads=1"]
@@ -263,8 +264,9 @@ def test_kill9_resume_gives_identical_results(tmp_path: Path, tiny: tuple[Path, 
 
 def test_rl_is_a_group_with_a_default_train_and_a_lazy_eval(monkeypatch: pytest.MonkeyPatch
                                                              ) -> None:
-    """`hhrlhf rl POLICY PM` is `hhrlhf rl train POLICY PM`; `rl eval` runs the command of
-    hhrlhf.commands.rl_eval once that module exists, and is absent before."""
+    """`hhrlhf rl --policy P --pm PM` is `hhrlhf rl train --policy P --pm PM`; `rl eval` runs
+    the command of hhrlhf.commands.rl_eval once that module exists, and is absent before; the
+    group's help shows how to train and evaluate."""
     import sys
     import types
 
@@ -276,10 +278,11 @@ def test_rl_is_a_group_with_a_default_train_and_a_lazy_eval(monkeypatch: pytest.
     runner = CliRunner()
     listed = runner.invoke(cli, ["rl", "--help"])
     assert listed.exit_code == 0 and "train" in listed.output
-    missing = runner.invoke(cli, ["rl", "train", "only-a-policy"])
-    assert missing.exit_code == 2 and "give POLICY and PM" in missing.output
-    default = runner.invoke(cli, ["rl", "only-a-policy"])  # no subcommand: train
-    assert default.exit_code == 2 and "give POLICY and PM" in default.output
+    assert "hhrlhf rl train --policy" in listed.output and "hhrlhf rl eval runs/" in listed.output
+    missing = runner.invoke(cli, ["rl", "train", "--policy", "a-policy"])
+    assert missing.exit_code == 2 and "missing option '--pm'" in missing.output
+    default = runner.invoke(cli, ["rl", "--policy", "a-policy"])  # no subcommand: train
+    assert default.exit_code == 2 and "missing option '--pm'" in default.output
 
     @click.command("eval")
     @click.argument("run")

@@ -29,7 +29,7 @@ def rows(real_file: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pat
 
 
 def _export(head: Path, fmt: str, out: Path) -> list[dict[str, object]]:
-    main(["export", str(head), "--format", fmt, "--out", str(out)])
+    main(["export", str(head), "--format", fmt, "-o", str(out)])
     return [json.loads(x) for x in out.read_text().splitlines()]
 
 

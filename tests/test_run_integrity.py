@@ -90,9 +90,9 @@ def test_non_finite_settings_are_refused(value: str) -> None:
 def test_non_finite_sampling_temperatures_are_refused(capsys: pytest.CaptureFixture[str],
                                                       monkeypatch: pytest.MonkeyPatch,
                                                       tmp_path: Path) -> None:
-    for args in (["generate", str(tmp_path), "harmless-base/test", "--temperature", "nan"],
-                 ["generate", str(tmp_path), "harmless-base/test", "--temperature", "inf"],
-                 ["bon", str(tmp_path), str(tmp_path), "harmless-base/test",
+    for args in (["generate", "--policy", str(tmp_path), "harmless-base/test", "--temperature", "nan"],
+                 ["generate", "--policy", str(tmp_path), "harmless-base/test", "--temperature", "inf"],
+                 ["bon", "--policy", str(tmp_path), "--pm", str(tmp_path), "harmless-base/test",
                   "--temperature", "nan"]):
         code, _, err = run_cli(args, capsys, monkeypatch)
         assert code == 2 and "--temperature must be a finite number" in err, err

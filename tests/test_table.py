@@ -210,7 +210,7 @@ def test_a_damaged_cache_is_rebuilt_with_a_note_and_exports_stay_right(
 
     monkeypatch.setattr(table, "BATCH_ROWS", 512)  # several record batches in a small file
     reference = tmp_path / "reference.parquet"
-    main(["export", str(real_file), "--format", "parquet", "--out", str(reference)])
+    main(["export", str(real_file), "--format", "parquet", "-o", str(reference)])
     [src] = resolve([real_file])
     path = cache_path(src)
     assert len(_batch_ends(path)) == 5
@@ -218,7 +218,7 @@ def test_a_damaged_cache_is_rebuilt_with_a_note_and_exports_stay_right(
 
     damage(path)  # in place, as a bad disk or a crash would leave it
     out = tmp_path / "after.parquet"
-    main(["export", str(real_file), "--format", "parquet", "--out", str(out)])
+    main(["export", str(real_file), "--format", "parquet", "-o", str(out)])
     err = capsys.readouterr().err
     notes = [line for line in err.splitlines() if line.startswith("hhrlhf: note:")]
     assert len(notes) == 1
@@ -252,6 +252,6 @@ def test_stale_temporaries_of_killed_cache_writes_are_removed(cache: Path, real_
         p.write_bytes(b"\0" * 4096)
     hour_ago = time.time() - 3700
     os.utime(stale, (hour_ago, hour_ago))
-    main(["export", str(real_file), "--format", "trl", "--out", str(tmp_path / "x.jsonl")])
+    main(["export", str(real_file), "--format", "trl", "-o", str(tmp_path / "x.jsonl")])
     assert not stale.exists()
     assert fresh.exists()

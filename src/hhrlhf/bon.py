@@ -124,21 +124,23 @@ def pick_pair(rewards: np.ndarray, texts: Sequence[str], rule: str,
 
 
 def sample_and_score(policy: Any, pm: Any, encoder: Any, prompts: Sequence[tuple[str, Dialogue]],
-                     settings: BonSettings, seed: int) -> list[BonPrompt]:
+                     settings: BonSettings, seed: int) -> tuple[list[BonPrompt], int]:
     """N samples per prompt from ``policy`` (shared prefill; or an
     :class:`~hhrlhf.endpoint.EndpointSampler`, ``encoder`` then None), scored by ``pm``
-    (packed)."""
+    (packed); and how many prompts lost their start to ``max_prompt_length`` (an endpoint
+    cuts by its own rules: none counted)."""
     from hhrlhf.endpoint import EndpointSampler
     from hhrlhf.policy.sample import Sampler
 
     samples: Sequence[Any]
+    cut = 0
     if isinstance(policy, EndpointSampler):
         samples = policy.sample(
             [d for _, d in prompts], n=settings.n, max_new_tokens=settings.max_new_tokens,
             temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
             seed=seed, max_prompt_length=settings.max_prompt_length)
     else:
-        ids, _ = encoder.encode_prompts([d for _, d in prompts], settings.max_prompt_length)
+        ids, cut = encoder.encode_prompts([d for _, d in prompts], settings.max_prompt_length)
         samples = Sampler(policy.net, policy.tokenizer).sample(
             ids, n=settings.n, max_new_tokens=settings.max_new_tokens,
             temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
@@ -150,13 +152,14 @@ def sample_and_score(policy: Any, pm: Any, encoder: Any, prompts: Sequence[tuple
                               batch_size=settings.pm_batch_size)
     return [BonPrompt(pid, d, turns[i], np.asarray(rewards[i], dtype=np.float64),
                       [samples[i * n + k].stop for k in range(n)])
-            for i, (pid, d) in enumerate(prompts)]
+            for i, (pid, d) in enumerate(prompts)], cut
 
 
 def run(policy: Any, pm: Any, prompts: Iterable[tuple[str, Dialogue]], settings: BonSettings,
-        chunk: int = 16) -> Iterator[list[BonPrompt]]:
+        chunk: int = 16) -> Iterator[tuple[list[BonPrompt], int]]:
     """:func:`sample_and_score` over ``prompts`` in chunks of ``chunk`` prompts (chunk c
-    sampled with seed ``settings.seed + c``); yields each chunk's results."""
+    sampled with seed ``settings.seed + c``); yields each chunk's results and how many of
+    its prompts were cut."""
     from hhrlhf.endpoint import EndpointSampler
     from hhrlhf.policy.encode import PolicyEncoder
 
@@ -184,6 +187,7 @@ class BonResult:
     seconds: float
     pairs: int = 0  # preference rows written
     no_pair: int = 0  # prompts whose samples were all the same text
+    context_cut: int = 0  # prompts longer than max_prompt_length: they lost their start
 
     @property
     def prompts(self) -> int:
@@ -193,7 +197,7 @@ class BonResult:
         return {"prompts": self.prompts, "curve": self.curve,
                 "reward_mean": float(self.rewards.mean()),
                 "reward_best_mean": self.curve[-1]["reward_mean"], "stops": self.stops,
-                "seconds": round(self.seconds, 2),
+                "seconds": round(self.seconds, 2), "context_cut_prompts": self.context_cut,
                 "samples_per_s": round(self.rewards.size / self.seconds, 2)}
 
 
@@ -210,13 +214,14 @@ def run_bon(policy: Any, pm: Any, prompts: Sequence[tuple[str, Dialogue]],
 
     rewards: list[np.ndarray] = []
     stops: dict[str, int] = {}
-    pairs = no_pair = 0
+    pairs = no_pair = context_cut = 0
     rng = np.random.default_rng(settings.seed)
     started = time.perf_counter()
     with tqdm(total=len(prompts), desc=f"best-of-{settings.n}", unit="prompt", file=sys.stderr,
               disable=not progress, dynamic_ncols=True) as bar:
-        for chunk in run(policy, pm, prompts, settings):
+        for chunk, cut in run(policy, pm, prompts, settings):
             bar.update(len(chunk))
+            context_cut += cut
             for r in chunk:
                 rewards.append(r.rewards)
                 for stop in r.stops:
@@ -229,7 +234,7 @@ def run_bon(policy: Any, pm: Any, prompts: Sequence[tuple[str, Dialogue]],
                 no_pair += none
     matrix = np.stack(rewards)
     return BonResult(matrix, curve(matrix), stops, time.perf_counter() - started, pairs,
-                     no_pair)
+                     no_pair, context_cut)
 
 
 def preference_rows(results: Sequence[BonPrompt], rule: str, rng: np.random.Generator

@@ -212,27 +212,30 @@ class _Sink:
         self._writer.close()
 
 
-def _cross_row_flagger(sources: Sequence[Source]) -> Callable[[Comparison], set[str]]:
+def _cross_row_flagger(sources: Sequence[Source], progress: bool = True
+                       ) -> Callable[[Comparison], set[str]]:
     """``flags_of`` of an audit of ``sources``, labelled as ``hhrlhf audit`` labels them."""
     from hhrlhf.audit import Auditor
 
     auditor = Auditor()
     for src in sources:
         name = src.label
-        for c in arrow_to_comparisons(source_table(src)[0]):
+        for c in arrow_to_comparisons(source_table(src, progress=progress)[0]):
             auditor.add(c, name, src.split)
     return auditor.result().flags_of
 
 
 def export(sources: str | Path | Sequence[str | Path], fmt: str, out: str | Path, *,
-           split: str | None = None, drop: Iterable[str] = ()) -> ExportResult:
+           split: str | None = None, drop: Iterable[str] = (), progress: bool = True
+           ) -> ExportResult:
     """Write the rows of ``sources`` (subsets, ``subset/split``, paths; none: every preference
     file in the cache) in ``fmt`` to ``out``, leaving out rows flagged by a ``drop`` check.
 
     Cross-row checks (``duplicate_pair``, ``repeated_prompt``, ``train_test_overlap``) are
     computed as ``hhrlhf audit SOURCES`` computes them: over the named sources with both
     splits, whatever ``split`` says, so ``--split train --drop train_test_overlap`` leaves out
-    the train rows whose prompt is also in a test file.
+    the train rows whose prompt is also in a test file. ``progress``: a progress bar on a
+    terminal's stderr.
     """
     from tqdm import tqdm
 
@@ -255,7 +258,7 @@ def export(sources: str | Path | Sequence[str | Path], fmt: str, out: str | Path
         audited = preference_sources(names, None)
         inputs += [s.path for s in audited]
         refuse_overwriting_inputs(out, inputs)
-        flags_of = _cross_row_flagger(audited)
+        flags_of = _cross_row_flagger(audited, progress)
 
     result = ExportResult(out, fmt, container, 0, 0)
     dropped: Counter[str] = Counter()
@@ -265,7 +268,7 @@ def export(sources: str | Path | Sequence[str | Path], fmt: str, out: str | Path
     def write_rows(sink: _Sink, bar: Any) -> None:
         # Sources are read (or mapped from the table cache) one at a time, while writing.
         for src in srcs:
-            table = source_table(src)[0]
+            table = source_table(src, progress=progress)[0]
             bar.total = (bar.total or 0) + table.num_rows
             bar.refresh()
             for batch in table.to_batches(max_chunksize=BATCH_ROWS):
@@ -302,7 +305,8 @@ def export(sources: str | Path | Sequence[str | Path], fmt: str, out: str | Path
         with atomic_path(out, inputs=inputs) as tmp:
             sink = _Sink(tmp, container, OUTPUT_SCHEMAS[fmt])
             try:
-                with tqdm(total=None, desc=f"exporting {fmt}", unit=" rows", disable=None,
+                with tqdm(total=None, desc=f"exporting {fmt}", unit=" rows",
+                          disable=None if progress else True,
                           file=sys.stderr, leave=False) as bar:
                     write_rows(sink, bar)
             finally:

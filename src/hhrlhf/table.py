@@ -247,26 +247,28 @@ def _write_ipc_atomic(table: pa.Table, path: Path) -> None:
             tmp_check.write_text(json.dumps(record) + "\n")
 
 
-def _parse_source(source: Source) -> pa.Table:
+def _parse_source(source: Source, progress: bool = True) -> pa.Table:
     from tqdm import tqdm
 
     rows = read_source_comparisons(source)
     label = source.subset if source.subset else source.path.name
     if source.split:
         label += f"/{source.split}"
-    bar = tqdm(rows, desc=f"parsing {label}", unit=" rows", disable=None, file=sys.stderr,
-               leave=False)
+    bar = tqdm(rows, desc=f"parsing {label}", unit=" rows", disable=None if progress else True,
+               file=sys.stderr, leave=False)
     return pa.Table.from_batches(list(iter_batches(bar)), schema=SCHEMA)
 
 
-def source_table(source: Source, *, use_cache: bool = True) -> tuple[pa.Table, Path | None]:
+def source_table(source: Source, *, use_cache: bool = True, progress: bool = True
+                 ) -> tuple[pa.Table, Path | None]:
     """One source file's table and its cache file (None when not cached).
 
     A cache hit maps the file; a miss parses the source and writes the cache. A cache that
-    cannot be written (read-only disk) is a note on stderr, not an error.
+    cannot be written (read-only disk) is a note on stderr, not an error. ``progress``: a bar
+    on a terminal while a file is parsed.
     """
     if not use_cache:
-        return _parse_source(source), None
+        return _parse_source(source, progress), None
     path = cache_path(source)
     if path.exists():
         try:
@@ -274,7 +276,7 @@ def source_table(source: Source, *, use_cache: bool = True) -> tuple[pa.Table, P
         except CacheDamaged as e:  # a full disk, a crash, a bad sector: parse again
             print(f"hhrlhf: note: the table cache {path} is damaged ({e}); rebuilding it",
                   file=sys.stderr)
-    table = _parse_source(source)
+    table = _parse_source(source, progress)
     try:
         _write_ipc_atomic(table, path)
     except OSError as e:

@@ -6,7 +6,7 @@ import click
 import orjson
 
 from hhrlhf.audit import CHECKS, DESCRIPTIONS, Auditor, AuditResult, parse_check_names
-from hhrlhf.commands.options import split_option
+from hhrlhf.commands.options import quiet_option, split_option
 from hhrlhf.read import iter_labelled, preference_sources
 
 
@@ -44,8 +44,9 @@ def format_table(result: AuditResult, sources: list[str], examples: int = 3) -> 
                    "check).")
 @click.option("--examples", default=3, show_default=True, type=click.IntRange(min=0),
               help="Rows named per check in the table.")
+@quiet_option()
 def audit(sources: tuple[str, ...], split: str | None, as_json: bool,
-          fail_on: tuple[str, ...], examples: int) -> None:
+          fail_on: tuple[str, ...], examples: int, quiet: bool) -> None:
     """Report rows that break the data's rules, per check, by (subset, split, index).
 
     SOURCES are subsets (harmless-base, helpful-base/test) or local files; none means every
@@ -57,7 +58,7 @@ def audit(sources: tuple[str, ...], split: str | None, as_json: bool,
     gate = parse_check_names(fail_on)  # before reading: a typo fails at once
     srcs = preference_sources(sources, split)
     auditor = Auditor()
-    with tqdm(desc="audit", unit=" rows", disable=None, leave=False) as bar:
+    with tqdm(desc="audit", unit=" rows", disable=True if quiet else None, leave=False) as bar:
         for c, subset, sp in iter_labelled(srcs):
             auditor.add(c, subset, sp)
             bar.update()

@@ -1,4 +1,4 @@
-"""`hhrlhf bon POLICY PM SOURCES --n 16 --out FILE`: best-of-N sampling against a PM.
+"""`hhrlhf bon --policy PATH --pm PATH SOURCES --n 16 -o FILE`: best-of-N sampling against a PM.
 
 Prompts: the prompt of each preference row of SOURCES (subsets such as ``harmless-base/test``
 or files), every turn before the final Assistant turn, taken from the parsed records; a prompt
@@ -14,7 +14,20 @@ from typing import Any
 
 import click
 
-from hhrlhf.commands.options import endpoint_options, seed_option, threads_option
+from hhrlhf.commands.options import (
+    ENDPOINT_POLICY,
+    ModelCommand,
+    cut_note,
+    endpoint_options,
+    given,
+    max_prompts_option,
+    output_option,
+    pm_option,
+    policy_option,
+    quiet_option,
+    sampling_options,
+    threads_option,
+)
 from hhrlhf.errors import HHRLHFError
 
 
@@ -41,24 +54,18 @@ def _prompts(sources: tuple[str, ...], all_rows: bool, max_prompts: int
     return out
 
 
-@click.command("bon")
-@click.argument("policy", type=click.Path())
-@click.argument("pm", type=click.Path())
+@click.command("bon", cls=ModelCommand)
+@policy_option(ENDPOINT_POLICY)
+@pm_option()
 @click.argument("sources", nargs=-1, required=True)
 @click.option("--n", "n", type=int, default=16, show_default=True, help="Samples per prompt.")
-@click.option("--out", "out", type=click.Path(dir_okay=False),
-              help="Preference file to write (official format; .gz compresses).")
+@output_option("Preference file to write (official format; .gz compresses).",
+               alias="--out")  # its earlier name
 @click.option("--rejected", type=click.Choice(["worst", "random"]), default="worst",
               show_default=True,
               help="The rejected side: the lowest-scored other sample, or a random other one.")
-@click.option("--max-prompts", type=int, default=0, help="Stop after N prompts (0 = all).")
-@click.option("--max-new-tokens", type=int, default=128, show_default=True)
-@click.option("--max-prompt-length", type=int, default=512, show_default=True,
-              help="Prompt tokens kept (the end of the dialogue).")
-@click.option("--temperature", type=float, default=1.0, show_default=True)
-@click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus mass.")
-@click.option("--top-k", type=int, default=0, show_default=True, help="0 = no top-k.")
-@seed_option()
+@max_prompts_option()
+@sampling_options()
 @click.option("--batch-size", type=int, default=64, show_default=True,
               help="Sequences sampled together (prompts x n).")
 @click.option("--pm-batch-size", type=int, default=32, show_default=True,
@@ -69,29 +76,29 @@ def _prompts(sources: tuple[str, ...], all_rows: bool, max_prompts: int
               help="PNG: best-of-n reward against KL and against n.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @threads_option()
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-@click.option("--no-progress", is_flag=True, hidden=True)  # its earlier name
+@quiet_option(alias="--no-progress")  # its earlier name
 @endpoint_options
-def bon(policy: str, pm: str, sources: tuple[str, ...], n: int, out: str | None,
-        rejected: str, max_prompts: int, max_new_tokens: int, max_prompt_length: int,
-        temperature: float, top_p: float, top_k: int, seed: int, batch_size: int,
-        pm_batch_size: int, all_rows: bool, plot_path: str | None, as_json: bool, threads: int,
-        quiet: bool, no_progress: bool, endpoint_model: str | None, api_key: str | None,
-        endpoint_timeout: float) -> None:
-    """Best-of-N: sample N responses per prompt of SOURCES from the policy in folder POLICY,
-    score them with the preference model in folder PM, keep the best. POLICY may be the
-    http(s):// URL of an OpenAI-compatible endpoint instead (`hhrlhf policy serve`, vLLM).
+def bon(policy: str, pm: str, sources: tuple[str, ...], n: int, output: str | None,
+        output_alias: str | None, rejected: str, max_prompts: int, max_new_tokens: int,
+        max_prompt_length: int, temperature: float, top_p: float, top_k: int, seed: int,
+        batch_size: int, pm_batch_size: int, all_rows: bool, plot_path: str | None,
+        as_json: bool, threads: int, quiet: bool, quiet_alias: bool,
+        endpoint_model: str | None, api_key: str | None, endpoint_timeout: float) -> None:
+    """Best-of-N: sample N responses per prompt of SOURCES from the --policy, score them with
+    the preference model --pm, keep the best.
 
     Prints the PM reward of best-of-n for n = 1, 2, 4, ..., N (estimated from the same N
-    samples) with its KL from the policy, log n - (n-1)/n; --out writes a preference file
+    samples) with its KL from the policy, log n - (n-1)/n; -o writes a preference file
     (chosen: the best sample; rejected: see --rejected) that audit, stats and pm train read.
 
     \b
     Examples:
-      hhrlhf bon runs/sft/model runs/pm/model harmless-base/test --n 16 --out bon.jsonl.gz
-      hhrlhf bon runs/sft/model runs/pm/model harmless-base/test --max-prompts 200 \\
-          --plot bon.png --json
+      hhrlhf bon --policy runs/sft/model --pm runs/pm/model harmless-base/test --n 16 \\
+          -o bon.jsonl.gz
+      hhrlhf bon --policy runs/sft/model --pm runs/pm/model harmless-base/test \\
+          --max-prompts 200 --plot bon.png --json
     """
+    out = given(output, output_alias)
     from hhrlhf.extras import require
 
     require("pm", "hhrlhf bon")
@@ -106,7 +113,7 @@ def bon(policy: str, pm: str, sources: tuple[str, ...], n: int, out: str | None,
         raise HHRLHFError("--temperature must be a finite number above 0 (best-of-N needs "
                           "different samples) and --top-p in (0, 1]")
     if out and plot_path and Path(out).resolve() == Path(plot_path).resolve():
-        raise HHRLHFError("--out and --plot name the same file", out)
+        raise HHRLHFError("--output and --plot name the same file", out)
     from hhrlhf.endpoint import EndpointSampler, is_endpoint
     from hhrlhf.pm.config import resolve_backbone
     from hhrlhf.read import resolve
@@ -151,7 +158,7 @@ def bon(policy: str, pm: str, sources: tuple[str, ...], n: int, out: str | None,
                              pm_batch_size=pm_batch_size, rejected=rejected)
     def bon_run(write: Any) -> B.BonResult:
         return B.run_bon(pol, reward_model, prompts, settings, write=write,
-                         progress=not (quiet or no_progress))
+                         progress=not (quiet or quiet_alias))
 
     if out:
         with B.jsonl_writer(out) as write:
@@ -177,6 +184,9 @@ def bon(policy: str, pm: str, sources: tuple[str, ...], n: int, out: str | None,
                f"({summary['samples_per_s']} samples/s); stops: "
                + ", ".join(f"{k} {v}" for k, v in sorted(stops.items())))
     click.echo(B.format_table(points))
+    if result.context_cut:  # nothing is cut without a word
+        click.echo(cut_note(result.context_cut, result.prompts,
+                            f"--max-prompt-length {max_prompt_length} tokens"))
     if out:
         click.echo(f"wrote {result.pairs} pairs to {out} (chosen: the best sample; rejected: "
                    f"the {'lowest-scored' if rejected == 'worst' else 'a random'} other sample)"

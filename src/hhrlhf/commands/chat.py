@@ -1,4 +1,4 @@
-"""`hhrlhf chat MODEL`: talk with a policy in the terminal, in the HH format.
+"""`hhrlhf chat --policy PATH`: talk with a policy in the terminal, in the HH format.
 
 Each line read is the Human's turn (a literal ``\\n`` in it a newline); the Assistant's reply
 is streamed at once (stdin is read line by line, stdout flushed after every piece of text), so
@@ -29,6 +29,14 @@ from typing import TYPE_CHECKING
 
 import click
 
+from hhrlhf.commands.options import (
+    AUTO_PROMPT,
+    SAMPLING_SEED,
+    ModelCommand,
+    policy_option,
+    sampling_options,
+    threads_option,
+)
 from hhrlhf.errors import HHRLHFError
 
 if TYPE_CHECKING:
@@ -46,43 +54,36 @@ conversation so far.
 _MIN_COLUMN = 30  # narrower than this, the two replies are shown one after the other
 
 
-@click.command("chat")
-@click.argument("model", type=click.Path())
+@click.command("chat", cls=ModelCommand)
+@policy_option()
 @click.option("--n", "n", type=int, default=1, show_default=True,
               help="Replies per turn: 2 shows two, labelled A and B, and asks which one "
                    "continues.")
-@click.option("--temperature", type=float, default=1.0, show_default=True,
-              help="0 = greedy.")
-@click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus mass.")
-@click.option("--top-k", type=int, default=0, show_default=True, help="0 = no top-k.")
-@click.option("--max-new-tokens", type=int, default=128, show_default=True)
-@click.option("--max-prompt-length", type=int, default=0,
-              help="Prompt tokens kept (the end of the conversation); default: 512, or what "
-                   "the model's positions leave beside --max-new-tokens.")
-@click.option("--seed", type=int, default=0, show_default=True,
-              help="Reply k of a conversation is sampled with seed SEED+k.")
-@click.option("--threads", type=int, default=0, help="torch CPU threads (0: torch's default).")
-def chat(model: str, n: int, temperature: float, top_p: float, top_k: int,
+@sampling_options(defaults={"max_prompt_length": 0}, shown={"max_prompt_length": AUTO_PROMPT},
+                  seed=SAMPLING_SEED + " Reply k of a conversation is sampled with seed "
+                                       "SEED+k.")
+@threads_option()
+def chat(policy: str, n: int, temperature: float, top_p: float, top_k: int,
          max_new_tokens: int, max_prompt_length: int, seed: int, threads: int) -> None:
-    """Talk with the policy in folder MODEL: each line you type is the Human's turn and the
-    reply streams as it is sampled. With --n 2, pick which of two replies continues; /save
-    writes those picks as preference rows (the HH format) that every other command reads.
+    """Talk with the --policy: each line you type is the Human's turn and the reply streams
+    as it is sampled. With --n 2, pick which of two replies continues; /save writes those
+    picks as preference rows (the HH format) that every other command reads.
 
     In the chat: /reset (a new conversation), /save FILE, /help, /quit (or Ctrl-D). With
     stdin not a terminal, stdout holds only the replies, one line each.
 
     \b
     Examples:
-      hhrlhf chat runs/dpo/model
-      hhrlhf chat runs/dpo/model --n 2 --temperature 0.8      # then /save prefs.jsonl
-      printf 'Hi\\nHow do I bake bread?\\n' | hhrlhf chat runs/sft/model --temperature 0
+      hhrlhf chat --policy runs/dpo/model
+      hhrlhf chat --policy runs/dpo/model --n 2 --temperature 0.8      # then /save prefs.jsonl
+      printf 'Hi\\nHow do I bake bread?\\n' | hhrlhf chat --policy runs/sft/model --temperature 0
     """
+    model = policy
     from hhrlhf.extras import require
 
     require("pm", "hhrlhf chat")
     for name, value, low in (("--max-new-tokens", max_new_tokens, 1), ("--top-k", top_k, 0),
-                             ("--max-prompt-length", max_prompt_length, 0),
-                             ("--seed", seed, 0), ("--threads", threads, 0)):
+                             ("--max-prompt-length", max_prompt_length, 0)):
         if value < low:
             raise HHRLHFError(f"{name} must be at least {low}")
     if n not in (1, 2):
@@ -104,13 +105,13 @@ def chat(model: str, n: int, temperature: float, top_p: float, top_k: int,
 
     if threads:
         torch.set_num_threads(threads)
-    policy = Policy.load(model)
-    max_prompt_length = policy.prompt_length(max_new_tokens, max_prompt_length)
+    loaded = Policy.load(model)
+    max_prompt_length = loaded.prompt_length(max_new_tokens, max_prompt_length)
     if torch.cuda.is_available():
-        policy.net.to("cuda")
+        loaded.net.to("cuda")
     settings = SampleSettings(max_new_tokens=max_new_tokens, max_prompt_length=max_prompt_length,
                               temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
-    Session(Chat(policy, settings, n), model, interactive=sys.stdin.isatty()).run()
+    Session(Chat(loaded, settings, n), model, interactive=sys.stdin.isatty()).run()
 
 
 class Session:

@@ -8,14 +8,18 @@ from typing import Any
 
 import click
 
+from hhrlhf.commands.options import ModelCommand, from_config
 from hhrlhf.commands.sft import check_sources, common_options, explicit_settings
 
+CONFIG = "hhrlhf.policy.dpo:DPOConfig"
 
-@click.command("dpo")
-@common_options
-@click.option("--beta", type=float, help="The KL strength beta (default 0.1).")
-@click.option("--loss", type=click.Choice(["sigmoid", "ipo"]), help="sigmoid (DPO) or ipo.")
-@click.option("--max-rows", type=int, help="Use the first N training rows.")
+
+@click.command("dpo", cls=ModelCommand)
+@common_options(CONFIG, "The starting policy (a causal LM folder), e.g. runs/sft/model; "
+                        "the frozen reference too unless --set reference=PATH.")
+@click.option("--beta", type=float, help="The KL strength beta.", **from_config(CONFIG, "beta"))
+@click.option("--loss", type=click.Choice(["sigmoid", "ipo"]), help="sigmoid (DPO) or ipo.",
+              **from_config(CONFIG, "loss"))
 def dpo(sources: tuple[str, ...], config_file: str | None, assignments: tuple[str, ...],
         resume: bool, **options: Any) -> None:
     """Optimise --policy on the preference rows of SOURCES (default: the four preference

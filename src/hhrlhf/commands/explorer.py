@@ -12,16 +12,17 @@ from typing import Any
 
 import click
 
+from hhrlhf.commands.options import quiet_option
 from hhrlhf.errors import HHRLHFError
 
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
-def _build(paths: tuple[Path, ...], db: Path | None, rebuild: bool) -> Path:
+def _build(paths: tuple[Path, ...], db: Path | None, rebuild: bool, quiet: bool) -> Path:
     from hhrlhf.explorer.index import IndexConfig, build_index
 
     report = build_index(IndexConfig(db_path=db, paths=paths, rebuild=rebuild,
-                                     progress=sys.stderr.isatty()))
+                                     progress=not quiet and sys.stderr.isatty()))
     for line in report.lines():
         click.echo(line)
     return report.db_path
@@ -32,14 +33,15 @@ def _build(paths: tuple[Path, ...], db: Path | None, rebuild: bool) -> Path:
 @click.option("--db", type=click.Path(path_type=Path, dir_okay=False),
               help="Database file.  [default: <cache>/explorer.sqlite]")
 @click.option("--rebuild", is_flag=True, help="Index every file again, changed or not.")
-def index(paths: tuple[Path, ...], db: Path | None, rebuild: bool) -> None:
+@quiet_option("No progress bars (drawn on a terminal only).")
+def index(paths: tuple[Path, ...], db: Path | None, rebuild: bool, quiet: bool) -> None:
     """Build the SQLite search index over every fetched file, plus PATHS (local files).
 
     Incremental: files whose SHA-256 has not changed since the last build are skipped. The new
     database replaces the old one only when complete. Runs at once take turns (a lock); a file
     at --db that is not an hhrlhf index is never replaced; a damaged index is built again.
     """
-    _build(paths, db, rebuild)
+    _build(paths, db, rebuild, quiet)
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -94,8 +96,9 @@ def _listen_address(host: str, port: int) -> tuple[socket.AddressFamily, tuple[A
               help="Database file.  [default: <cache>/explorer.sqlite]")
 @click.option("--no-update", is_flag=True,
               help="Serve the database as it is (it is still built when missing).")
+@quiet_option("No progress bars while the index is built (drawn on a terminal only).")
 def serve(paths: tuple[Path, ...], host: str, port: int, db: Path | None,
-          no_update: bool) -> None:
+          no_update: bool, quiet: bool) -> None:
     """Browse and search the data in a local web app (and its JSON API).
 
     Brings the index up to date first (built on first use; unchanged files are skipped).
@@ -114,7 +117,7 @@ def serve(paths: tuple[Path, ...], host: str, port: int, db: Path | None,
     # it would answer every page with an error.
     try:
         if not no_update or not db_path.exists() or paths or check_index(db_path) is not None:
-            db_path = _build(paths, db, False)
+            db_path = _build(paths, db, False, quiet)
     except BaseException:
         sock.close()
         raise

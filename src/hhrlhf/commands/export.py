@@ -6,7 +6,13 @@ from pathlib import Path
 
 import click
 
-from hhrlhf.commands.options import split_option
+from hhrlhf.commands.options import (
+    given,
+    output_option,
+    quiet_option,
+    require_models,
+    split_option,
+)
 from hhrlhf.export import CONTAINERS, FORMATS, UNREPRESENTABLE
 
 
@@ -22,14 +28,15 @@ def _format_help() -> str:
 @click.argument("sources", nargs=-1, metavar="[SUBSET|PATH]...")
 @click.option("--format", "fmt", required=True, metavar="FORMAT",
               help=f"{', '.join(FORMATS)}. {_format_help()}.")
-@click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help=f"Output file; its extension picks the container ({', '.join(CONTAINERS)}).")
+@output_option(f"The file to write (required); its extension picks the container "
+               f"({', '.join(CONTAINERS)}).", alias="--out", path_type=Path)  # --out: earlier
 @split_option(help="Only this split of the named subsets (train, test).")
 @click.option("--drop", "drop", multiple=True, metavar="CHECK[,CHECK...]",
               help="Leave out rows that these audit checks flag (repeatable; 'all' = every "
                    "check). Cross-row checks are computed over the named sources, both splits.")
-def export(sources: tuple[str, ...], fmt: str, out: Path, split: str | None,
-           drop: tuple[str, ...]) -> None:
+@quiet_option()
+def export(sources: tuple[str, ...], fmt: str, output: Path | None, output_alias: Path | None,
+           split: str | None, drop: tuple[str, ...], quiet: bool) -> None:
     """Export preference rows (the named subsets/files, or every preference file in the cache).
 
     Rows a format cannot hold are left out and counted on stderr, never altered; every other
@@ -38,5 +45,7 @@ def export(sources: tuple[str, ...], fmt: str, out: Path, split: str | None,
     """
     from hhrlhf.export import export as run_export
 
-    result = run_export(list(sources), fmt, out, split=split, drop=drop)
+    out = given(output, output_alias)
+    require_models(click.get_current_context(), output=out)
+    result = run_export(list(sources), fmt, out, split=split, drop=drop, progress=not quiet)
     click.echo(f"hhrlhf export: {result.summary()}", err=True)

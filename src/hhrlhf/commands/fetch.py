@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from hhrlhf.commands.options import split_option
+from hhrlhf.commands.options import quiet_option, split_option
 from hhrlhf.errors import HHRLHFError
 from hhrlhf.registry import SUBSETS
 
@@ -28,8 +28,7 @@ exit status is non-zero if any did.
                    "instead of Hugging Face + GitHub. Default: $HHRLHF_MIRROR.")
 @click.option("--offline/--online", default=None,
               help="Use the cache only and report what is missing. Default: $HHRLHF_OFFLINE.")
-@click.option("--progress/--no-progress", default=True, show_default=True,
-              help="Progress bars on stderr.")
+@quiet_option("No progress bars on stderr.", alias="--no-progress")  # its earlier name
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True),
               default=None, metavar="SECONDS",
               help="Give up on a source that takes longer than this to connect or goes quiet "
@@ -42,8 +41,8 @@ exit status is non-zero if any did.
               show_default=True, metavar="SECONDS",
               help="Wait before the first retry; doubled for each next one (at most 30 s).")
 def fetch(subsets: tuple[str, ...], split: str | None, mirror: str | None,
-          offline: bool | None, progress: bool, timeout_s: float | None, retries: int,
-          backoff_s: float) -> None:
+          offline: bool | None, quiet: bool, quiet_alias: bool, timeout_s: float | None,
+          retries: int, backoff_s: float) -> None:
     from hhrlhf.fetch import FetchSettings
     from hhrlhf.fetch import fetch as fetch_files
     from hhrlhf.registry import cache_dir
@@ -51,7 +50,7 @@ def fetch(subsets: tuple[str, ...], split: str | None, mirror: str | None,
     settings = (FetchSettings(retries=retries, backoff_s=backoff_s) if timeout_s is None else
                 FetchSettings.with_timeout(timeout_s, retries=retries, backoff_s=backoff_s))
     report = fetch_files(subsets or None, split=split, mirror=mirror, offline=offline,
-                         progress=progress, settings=settings)
+                         progress=not (quiet or quiet_alias), settings=settings)
     for line in report.lines():
         click.echo(line)
     click.echo(f"cache: {cache_dir()}")

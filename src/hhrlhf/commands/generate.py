@@ -1,6 +1,6 @@
-"""`hhrlhf generate MODEL [SOURCES|FILE|-]`: sample responses to HH prompts.
+"""`hhrlhf generate --policy PATH [SOURCES|FILE|-]`: sample responses to HH prompts.
 
-MODEL is a policy folder, or an http(s):// URL of an OpenAI-compatible completions endpoint
+The policy is a model folder, or an http(s):// URL of an OpenAI-compatible completions endpoint
 (``hhrlhf policy serve``, vLLM, TGI, llama.cpp's server; :mod:`hhrlhf.endpoint`), which then
 samples instead: the prompts go as text and the server keeps their end.
 
@@ -33,51 +33,54 @@ from typing import IO, Any
 
 import click
 
-from hhrlhf.commands.options import endpoint_options, seed_option, threads_option
+from hhrlhf.commands.options import (
+    AUTO_PROMPT,
+    ENDPOINT_POLICY,
+    ModelCommand,
+    cut_note,
+    endpoint_options,
+    max_prompts_option,
+    output_option,
+    policy_option,
+    quiet_option,
+    sampling_options,
+    threads_option,
+)
 from hhrlhf.errors import HHRLHFError
 
 _CHUNK = 256  # prompts read before sampling: bounded memory on endless stdin
 
 
-@click.command("generate")
-@click.argument("model", type=click.Path())
+@click.command("generate", cls=ModelCommand)
+@policy_option(ENDPOINT_POLICY)
 @click.argument("sources", nargs=-1)
 @click.option("--n", "n", type=int, default=1, show_default=True, help="Samples per prompt.")
-@click.option("--temperature", type=float, default=1.0, show_default=True,
-              help="0 = greedy.")
-@click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus mass.")
-@click.option("--top-k", type=int, default=0, show_default=True, help="0 = no top-k.")
-@click.option("--max-new-tokens", type=int, default=128, show_default=True)
-@click.option("--max-prompt-length", type=int, default=0,
-              help="Prompt tokens kept (the end of the dialogue); default: 512, or what the "
-                   "model's positions leave beside --max-new-tokens.")
-@seed_option()
+@sampling_options(defaults={"max_prompt_length": 0}, shown={"max_prompt_length": AUTO_PROMPT})
 @click.option("--batch-size", type=int, default=64, show_default=True,
               help="Sequences decoded together (prompts x samples).")
-@click.option("--max-prompts", type=int, default=0, help="Stop after N prompts (0 = all).")
+@max_prompts_option()
 @click.option("--all-rows", is_flag=True,
               help="Sample every row's prompt, even one repeated in an earlier row.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar (one shows on a terminal).")
-@click.option("--output", "-o", type=click.Path(dir_okay=False),
-              help="Write here (atomically) instead of stdout.")
+@quiet_option("No progress bar (one shows on a terminal).")
+@output_option()
 @threads_option()
 @endpoint_options
-def generate(model: str, sources: tuple[str, ...], n: int, temperature: float, top_p: float,
+def generate(policy: str, sources: tuple[str, ...], n: int, temperature: float, top_p: float,
              top_k: int, max_new_tokens: int, max_prompt_length: int, seed: int,
              batch_size: int, max_prompts: int, all_rows: bool, quiet: bool,
              output: str | None, threads: int, endpoint_model: str | None, api_key: str | None,
              endpoint_timeout: float) -> None:
     """Sample N responses per prompt of SOURCES (subsets, files, or - for stdin) from the
-    policy in folder MODEL; the prefill of a prompt is computed once for its N samples.
-    MODEL may be the http(s):// URL of an OpenAI-compatible endpoint instead.
+    --policy; the prefill of a prompt is computed once for its N samples.
 
     \b
     Examples:
-      hhrlhf generate runs/sft/model harmless-base/test --n 8 --max-prompts 100 -o samples.jsonl
-      echo 'Human: How do I bake bread?' | hhrlhf generate runs/dpo/model --temperature 0
-      hhrlhf generate runs/dpo/model harmless-base/test --n 4 | hhrlhf pm score runs/pm/model
-      hhrlhf generate http://127.0.0.1:8000/v1 harmless-base/test --n 4 --max-prompts 10
+      hhrlhf generate --policy runs/sft/model harmless-base/test --n 8 --max-prompts 100 -o samples.jsonl
+      echo 'Human: How do I bake bread?' | hhrlhf generate --policy runs/dpo/model --temperature 0
+      hhrlhf generate --policy runs/dpo/model harmless-base/test --n 4 | hhrlhf pm score runs/pm/model
+      hhrlhf generate --policy http://127.0.0.1:8000/v1 harmless-base/test --n 4 --max-prompts 10
     """
+    model = policy
     from hhrlhf.endpoint import EndpointSampler, is_endpoint
     from hhrlhf.extras import require
 
@@ -172,9 +175,8 @@ def generate(model: str, sources: tuple[str, ...], n: int, temperature: float, t
             write(fh)
     bar.close()
     if counts["cut"]:  # nothing is cut without a word
-        click.echo(f"hhrlhf: note: {counts['cut']:,} of {counts['prompts']:,} prompts were "
-                   "longer than the prompt length and lost their start (the policy saw the "
-                   "end); their rows' text holds the whole dialogue", err=True)
+        click.echo(f"hhrlhf: {cut_note(counts['cut'], counts['prompts'], 'the prompt length')}"
+                   "; their rows' text holds the whole dialogue", err=True)
 
 
 def _local_sampler(model: str, n: int, temperature: float, top_p: float, top_k: int,

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from hhrlhf.atomic import write_text
-from hhrlhf.commands.options import seed_option
+from hhrlhf.commands.options import given, max_rows_option, quiet_option, seed_option
 from hhrlhf.errors import HHRLHFError
 from hhrlhf.outputs import check_output_file, check_output_folder, mark_output
 from hhrlhf.records import Comparison
@@ -60,12 +60,12 @@ def _emit_json(obj: object) -> None:
               help="Calibration bins on [0, 1].")
 @seed_option("Seed of the lexical baseline's cross-fitting folds.")
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
-@click.option("--max-pairs", type=click.IntRange(0), default=0,
-              help="Evaluate only the first N pairs (0 = all).")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@max_rows_option(alias="--max-pairs")  # --max-pairs: its earlier name
+@quiet_option()
 def eval_(model: str, data: tuple[str, ...], split: str, as_json: bool, plot: str | None,
           baseline_train: tuple[str, ...], save_baseline: str | None, bins: int, seed: int,
-          batch_size: int, max_pairs: int, quiet: bool) -> None:
+          batch_size: int, max_rows: int | None, max_rows_alias: int | None, quiet: bool
+          ) -> None:
     """Accuracy (ties count half), margin and calibration of MODEL on SUBSETs or files,
     against chance, "the longer response wins" and a lexical PM, on the same rows.
 
@@ -88,7 +88,7 @@ def eval_(model: str, data: tuple[str, ...], split: str, as_json: bool, plot: st
         check_output_folder(save_baseline, "a model", "--save-baseline",
                             [model, *data, *baseline_train])
     pm = load(model)
-    rows, labels = read_labelled(data, split, max_pairs)
+    rows, labels = read_labelled(data, split, given(max_rows, max_rows_alias, 0))
     train_rows: list[Comparison] | None = None
     if baseline_train:
         train_rows, _ = read_labelled(baseline_train, "train")
@@ -136,17 +136,17 @@ def eval_(model: str, data: tuple[str, ...], split: str, as_json: bool, plot: st
 @click.option("--plot", type=click.Path(dir_okay=False), default=None,
               help="Reliability diagram (PNG) of the pooled out-of-fold predictions.")
 @click.option("--bins", type=click.IntRange(2, 100), default=10, show_default=True)
-@click.option("--max-pairs", type=click.IntRange(0), default=0,
-              help="Use only the first N pairs (0 = all).")
+@max_rows_option(alias="--max-pairs")  # --max-pairs: its earlier name
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Keep each fold's neural run in OUT/fold-<k> (default: train in memory; "
                    "this replaces the configuration's out_dir).")
 @click.option("--save-json", type=click.Path(dir_okay=False), default=None,
               help="Also write the JSON results to this file (a long run keeps its numbers).")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@quiet_option("No progress bars.")
 def cv(data: tuple[str, ...], split: str, folds: int, seed: int, config_file: str | None,
        assignments: tuple[str, ...], as_json: bool, plot: str | None, bins: int,
-       max_pairs: int, out_dir: str | None, save_json: str | None, quiet: bool) -> None:
+       max_rows: int | None, max_rows_alias: int | None, out_dir: str | None,
+       save_json: str | None, quiet: bool) -> None:
     """K-fold cross-validation of the neural PM against the baselines.
 
     Each fold is scored by a neural PM and a lexical PM both trained on the other folds, and by
@@ -170,7 +170,7 @@ def cv(data: tuple[str, ...], split: str, folds: int, seed: int, config_file: st
     if out_dir is not None:
         check_output_folder(out_dir, "the folds' runs", "--out",
                             [*data, config_file, config.backbone, config.tokenizer])
-    rows, labels = read_labelled(data, split, max_pairs)
+    rows, labels = read_labelled(data, split, given(max_rows, max_rows_alias, 0))
 
     def fit_neural(k: int, train_rows: list[Comparison]) -> PreferenceModel:
         from hhrlhf.pm.train import train

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from hhrlhf.commands.options import given, max_rows_option
 from hhrlhf.errors import HHRLHFError
 
 # The same default data and row filter as `hhrlhf pm train` (its TrainConfig defaults).
@@ -24,12 +25,12 @@ SKIP_FLAGS = ("identical_responses",)  # no preference to learn from
 @click.argument("sources", nargs=-1)
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="The model folder to write (must not exist, or be empty).")
-@click.option("--max-pairs", type=int, help="Use the first N training pairs.")
+@max_rows_option(alias="--max-pairs")  # --max-pairs: its earlier name
 @click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
               help="Set a LexicalConfig key (repeatable): n_features, ngram_max, lowercase, "
                    "context, length_features, C, max_iter.")
-def lexical(sources: tuple[str, ...], out_dir: str, max_pairs: int | None,
-            assignments: tuple[str, ...]) -> None:
+def lexical(sources: tuple[str, ...], out_dir: str, max_rows: int | None,
+            max_rows_alias: int | None, assignments: tuple[str, ...]) -> None:
     """Fit a lexical preference model on SOURCES (subsets such as harmless-base/train, or
     files; default harmless-base/train) and save it in the folder --out.
 
@@ -43,8 +44,6 @@ def lexical(sources: tuple[str, ...], out_dir: str, max_pairs: int | None,
     from hhrlhf.read import resolve
     from hhrlhf.runs import apply_overrides, parse_assignments
 
-    if max_pairs is not None and max_pairs < 1:
-        raise HHRLHFError("--max-pairs must be at least 1")
     out = Path(out_dir)
     # A model folder is never overwritten (as `pm train` never overwrites a run).
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -60,7 +59,7 @@ def lexical(sources: tuple[str, ...], out_dir: str, max_pairs: int | None,
     from hhrlhf.pm.train import load_rows
 
     t0 = time.perf_counter()
-    rows, skipped = load_rows(data, SKIP_FLAGS, max_pairs or 0)
+    rows, skipped = load_rows(data, SKIP_FLAGS, given(max_rows, max_rows_alias, 0))
     if not rows:
         raise HHRLHFError("no training pairs left (all skipped or none given)")
     pm = LexicalPreferenceModel.fit(rows, config)

@@ -24,7 +24,7 @@ from typing import Any
 
 import click
 
-from hhrlhf.commands.options import threads_option
+from hhrlhf.commands.options import output_option, quiet_option, threads_option
 from hhrlhf.errors import HHRLHFError
 from hhrlhf.logistic import sigmoid
 from hhrlhf.outputs import check_output_file, command_output
@@ -37,12 +37,13 @@ _CHUNK = 512  # rows read before scoring; bounded memory on endless stdin
 @click.command("score")
 @click.argument("model", type=click.Path())
 @click.argument("file", default="-")
-@click.option("--output", "-o", type=click.Path(dir_okay=False),
-              help="Write here (atomically) instead of stdout.")
+@output_option()
 @click.option("--batch-size", type=int, default=32, show_default=True,
               help="Dialogues per forward pass.")
 @threads_option()
-def score(model: str, file: str, output: str | None, batch_size: int, threads: int) -> None:
+@quiet_option("No progress bar (one shows on a terminal).")
+def score(model: str, file: str, output: str | None, batch_size: int, threads: int,
+          quiet: bool) -> None:
     """Score dialogues from FILE (or stdin) with the preference model in folder MODEL."""
     from hhrlhf.commands.pm import model_folder
 
@@ -68,7 +69,8 @@ def score(model: str, file: str, output: str | None, batch_size: int, threads: i
 
     def chunks() -> Iterator[list[tuple[int, dict[str, Any]]]]:
         # a bar on a terminal only (disable=None): never in a pipe or a log
-        with tqdm(desc="pm score", unit="row", file=sys.stderr, disable=None,
+        with tqdm(desc="pm score", unit="row", file=sys.stderr,
+                  disable=True if quiet else None,
                   dynamic_ncols=True) as bar:
             chunk: list[tuple[int, dict[str, Any]]] = []
             for n, line in text_lines(file):

@@ -11,6 +11,18 @@ from typing import Any
 
 import click
 
+from hhrlhf.commands.options import (
+    from_config,
+    given,
+    max_rows_option,
+    out_dir_option,
+    quiet_option,
+    seed_option,
+    threads_option,
+)
+
+CONFIG = "hhrlhf.pm.config:TrainConfig"
+
 
 @click.command("train")
 @click.argument("sources", nargs=-1)
@@ -18,20 +30,26 @@ import click
               help="YAML, TOML or JSON file of TrainConfig keys.")
 @click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
               help="Set any TrainConfig key (repeatable), e.g. --set lr=1e-4.")
-@click.option("--out", "out_dir", help="Run folder (checkpoints, metrics, model).")
+@out_dir_option()
 @click.option("--backbone", help="Model folder or hub id (default: the packaged MiniLM-L6).")
 @click.option("--eval", "eval_data", multiple=True, help="Evaluation source (repeatable).")
-@click.option("--max-steps", type=int, help="Optimizer steps (default: one epoch).")
-@click.option("--max-pairs", type=int, help="Use the first N training pairs.")
-@click.option("--batch-size", type=int, help="Pairs per step.")
-@click.option("--lr", type=float, help="Peak learning rate.")
-@click.option("--max-length", type=int, help="Tokens per dialogue (the end is kept).")
+@click.option("--max-steps", type=int, help="Optimizer steps (0: one epoch).",
+              **from_config(CONFIG, "max_steps"))
+@max_rows_option(CONFIG, "max_pairs", alias="--max-pairs")  # --max-pairs: its earlier name
+@click.option("--batch-size", type=int, help="Pairs per step.",
+              **from_config(CONFIG, "batch_size"))
+@click.option("--lr", type=float, help="Peak learning rate.", **from_config(CONFIG, "lr"))
+@click.option("--max-length", type=int, help="Tokens per dialogue (the end is kept).",
+              **from_config(CONFIG, "max_length"))
+@seed_option("Seeds data order, initialisation and dropout.", config=CONFIG)
+@threads_option(config=CONFIG)
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@quiet_option()
 def train(sources: tuple[str, ...], config_file: str | None, assignments: tuple[str, ...],
           out_dir: str | None, backbone: str | None, eval_data: tuple[str, ...],
-          max_steps: int | None, max_pairs: int | None, batch_size: int | None,
-          lr: float | None, max_length: int | None, resume: bool, quiet: bool) -> None:
+          max_steps: int | None, max_rows: int | None, max_rows_alias: int | None,
+          batch_size: int | None, lr: float | None, max_length: int | None,
+          seed: int | None, threads: int | None, resume: bool, quiet: bool) -> None:
     """Train a preference model on SOURCES (subsets such as harmless-base/train, or files).
 
     \b
@@ -48,8 +66,10 @@ def train(sources: tuple[str, ...], config_file: str | None, assignments: tuple[
     explicit: dict[str, Any] = {}
     for key, value in (("data", list(sources) or None), ("out_dir", out_dir),
                        ("backbone", backbone), ("eval_data", list(eval_data) or None),
-                       ("max_steps", max_steps), ("max_pairs", max_pairs),
+                       ("max_steps", max_steps),
+                       ("max_pairs", given(max_rows, max_rows_alias)),
                        ("batch_size", batch_size), ("lr", lr), ("max_length", max_length),
+                       ("seed", seed), ("threads", threads),
                        ("progress", False if quiet else None)):
         if value is not None:
             explicit[key] = value

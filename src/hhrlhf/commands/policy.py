@@ -1,4 +1,4 @@
-"""`hhrlhf policy serve POLICY`: a policy over the OpenAI-compatible HTTP API
+"""`hhrlhf policy serve --policy PATH`: a policy over the OpenAI-compatible HTTP API
 (see :mod:`hhrlhf.policy.server`)."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import secrets
 import click
 
 from hhrlhf.commands.explorer import _LOOPBACK, _bind
+from hhrlhf.commands.options import ModelCommand, policy_option, threads_option
 from hhrlhf.errors import HHRLHFError
 
 API_KEY_ENV = "HHRLHF_API_KEY"
@@ -15,16 +16,16 @@ API_KEY_ENV = "HHRLHF_API_KEY"
 
 @click.group("policy")
 def policy() -> None:
-    """Serve a policy: `hhrlhf policy serve POLICY`."""
+    """Serve a policy: `hhrlhf policy serve --policy PATH`."""
 
 
-@policy.command("serve")
-@click.argument("model", metavar="POLICY", type=click.Path())
+@policy.command("serve", cls=ModelCommand)
+@policy_option()
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on (127.0.0.1: this machine only).")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--model-name", default=None,
-              help="The model name clients ask for.  [default: POLICY as given]")
+              help="The model name clients ask for.  [default: --policy as given]")
 @click.option("--api-key", envvar=API_KEY_ENV, default=None,
               help=f"Require 'Authorization: Bearer KEY' (also ${API_KEY_ENV}). Off 127.0.0.1 "
                    "without one, a key is made and printed.")
@@ -32,21 +33,21 @@ def policy() -> None:
               help="max_tokens for a request that gives none.")
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True,
               help="Sequences decoded together (prompts x n).")
-@click.option("--threads", type=click.IntRange(0), default=0,
-              help="torch CPU threads (0: torch's default).")
-def serve(model: str, host: str, port: int, model_name: str | None, api_key: str | None,
+@threads_option()
+def serve(policy: str, host: str, port: int, model_name: str | None, api_key: str | None,
           max_new_tokens: int, batch_size: int, threads: int) -> None:
-    """Serve the policy in folder POLICY over the OpenAI-compatible API: POST /v1/completions
+    """Serve the --policy (a model folder) over the OpenAI-compatible API: POST /v1/completions
     (HH prompts ending with "\\n\\nAssistant:"), POST /v1/chat/completions, GET /v1/models;
     both POSTs stream with "stream": true.
 
     \b
     Examples:
-      hhrlhf policy serve runs/dpo/model --model-name hh-dpo
-      hhrlhf generate http://127.0.0.1:8000/v1 harmless-base/test --n 4 --max-prompts 10
+      hhrlhf policy serve --policy runs/dpo/model --model-name hh-dpo
+      hhrlhf generate --policy http://127.0.0.1:8000/v1 harmless-base/test --n 4 --max-prompts 10
     """
     from hhrlhf.extras import require
 
+    model = policy
     require("pm", "hhrlhf policy serve")
     require("explorer", "hhrlhf policy serve")
     if api_key is not None and not api_key.strip():

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from hhrlhf.commands.options import quiet_option
 from hhrlhf.registry import REDTEAM_SUBSET
 
 
@@ -20,8 +21,9 @@ from hhrlhf.registry import REDTEAM_SUBSET
               help="An attack succeeded when its rating is at least this (ratings are 0-4).")
 @click.option("--top", "top_k", type=click.IntRange(min=0), default=5, show_default=True,
               help="Most harmful transcripts listed per model type.")
+@quiet_option()
 def redteam(source: str, as_json: bool, out_dir: Path | None, threshold: float,
-            top_k: int) -> None:
+            top_k: int, quiet: bool) -> None:
     """Attacks by model type and size (success rates with Wilson intervals, harmlessness
     scores), rating against score, tags, red-team members and the most harmful transcripts.
     """
@@ -39,7 +41,7 @@ def redteam(source: str, as_json: bool, out_dir: Path | None, threshold: float,
 
         for name in FIGURE_BUILDERS:
             check_output_file(out_dir / name, "redteam", inputs=[source])
-    analysis = load_and_analyse(source, cfg)
+    analysis = load_and_analyse(source, cfg, progress=not quiet)
     figures: list[Path] = []
     if out_dir is not None:
         from hhrlhf.outputs import mark_output

@@ -1,7 +1,7 @@
 """`hhrlhf rl`: train a policy against a preference model (PPO or RLOO); `hhrlhf rl eval RUN`
 (the paper's evaluation) comes from :mod:`hhrlhf.commands.rl_eval` when it is installed.
 
-``hhrlhf rl POLICY PM [SOURCES...]`` is ``hhrlhf rl train POLICY PM [SOURCES...]``.
+``hhrlhf rl [OPTIONS] [SOURCES...]`` is ``hhrlhf rl train [OPTIONS] [SOURCES...]``.
 """
 
 from __future__ import annotations
@@ -12,6 +12,23 @@ from typing import Any
 
 import click
 
+from hhrlhf.commands.options import (
+    ModelCommand,
+    alias_option,
+    cut_note,
+    from_config,
+    given,
+    max_prompts_option,
+    out_dir_option,
+    pm_option,
+    policy_option,
+    quiet_option,
+    require_models,
+    sampling_options,
+    threads_option,
+)
+
+CONFIG = "hhrlhf.rl.train:RLConfig"
 EVAL_MODULE = "hhrlhf.commands.rl_eval"
 
 
@@ -43,56 +60,76 @@ class RLGroup(click.Group):
 
 @click.group("rl", cls=RLGroup, invoke_without_command=False)
 def rl() -> None:
-    """Steer a policy with a preference model: `hhrlhf rl POLICY PM [SOURCES]` trains (PPO or
-    RLOO), `hhrlhf rl eval RUN` evaluates a run.
+    """Steer a policy with a preference model: `hhrlhf rl train` trains it (RLOO or PPO, with
+    a KL penalty to the starting policy), `hhrlhf rl eval RUN` evaluates the run (reward
+    against sqrt(KL), win rates and Elo against the starting policy). `hhrlhf rl ...` without
+    a subcommand is `hhrlhf rl train ...`.
 
     \b
     Examples:
-      hhrlhf rl runs/sft/model runs/pm/model harmless-base/test --algo rloo --out runs/rloo
-      hhrlhf rl runs/sft/model runs/pm/model --prompts redteam --algo ppo --out runs/ppo
-      hhrlhf rl --out runs/rloo --resume
+      hhrlhf rl train --policy runs/sft/model --pm runs/pm/model harmless-base/train \\
+          --algo rloo --max-steps 200 --out runs/rloo
+      hhrlhf rl train --policy runs/sft/model --pm runs/pm/model --prompts redteam \\
+          --algo ppo --out runs/ppo
+      hhrlhf rl train --out runs/rloo --resume
+      hhrlhf rl eval runs/rloo --prompts harmless-base/test --heldout-pm runs/pm-b/model \\
+          --plot reward_kl.png
     """
     from hhrlhf.extras import require
 
     require("pm", "hhrlhf rl")
 
 
-@rl.command("train")
-@click.argument("args", nargs=-1, metavar="POLICY PM [SOURCES]...")
-@click.option("--algo", type=click.Choice(["rloo", "ppo"]), help="rloo (default) or ppo.")
-@click.option("--out", "out_dir", help="Run folder (checkpoints, metrics, model).")
+@rl.command("train", cls=ModelCommand)
+@policy_option("The initial policy (a causal LM folder), e.g. runs/sft/model; the KL penalty "
+               "ties the trained policy to it.", required=False)
+@pm_option(required=False)
+@click.argument("sources", nargs=-1, metavar="[SOURCES]...")
+@click.option("--algo", type=click.Choice(["rloo", "ppo"]), help="The algorithm.",
+              **from_config(CONFIG, "algo"))
+@out_dir_option()
 @click.option("--prompts", type=click.Choice(["records", "redteam"]),
-              help="records: each row's dialogue up to its final Assistant turn (default); "
-                   "redteam: the red-team transcripts' opening human turns.")
+              help="records: each row's dialogue up to its final Assistant turn; "
+                   "redteam: the red-team transcripts' opening human turns.",
+              **from_config(CONFIG, "prompts"))
+@max_prompts_option(config=CONFIG)
 @click.option("--chat-format", type=click.Choice(["auto", "hh", "template"]),
-              help="auto (default): the policy's own chat template, the HH text format when it "
-                   "has none; hh: the HH text format always.")
-@click.option("--n", "--k", "samples_per_prompt", type=int,
-              help="Samples per prompt (default 4; --k: its earlier name).")
-@click.option("--batch-size", type=int, help="Prompts per step (default 16).")
-@click.option("--max-steps", type=int, help="Steps (default: one pass over the prompts).")
-@click.option("--max-new-tokens", type=int, help="Tokens per response (default 64).")
-@click.option("--kl-coef", type=float, help="KL penalty coefficient (default 0.05).")
-@click.option("--lr", type=float, help="Learning rate (default 1e-6).")
-@click.option("--temperature", type=float, help="Sampling temperature (default 1.0).")
-@click.option("--top-p", type=float, help="Nucleus mass (default 1.0: off).")
-@click.option("--top-k", type=int, help="Top-k (default 0: off).")
-@click.option("--seed", type=click.IntRange(0), help="Seeds prompts, sampling, updates (default 0).")
-@click.option("--threads", type=click.IntRange(0), help="torch CPU threads (default 0: torch's).")
+              help="auto: the policy's own chat template, the HH text format when it "
+                   "has none; hh: the HH text format always.",
+              **from_config(CONFIG, "chat_format"))
+@click.option("--n", "samples_per_prompt", type=int, help="Samples per prompt.",
+              **from_config(CONFIG, "samples_per_prompt"))
+@alias_option("--k", "samples_per_prompt_alias", type=int)  # --n's earlier name
+@click.option("--batch-size", type=int, help="Prompts per step.",
+              **from_config(CONFIG, "batch_size"))
+@click.option("--max-steps", type=int, help="Steps (0: one pass over the prompts).",
+              **from_config(CONFIG, "max_steps"))
+@click.option("--kl-coef", type=float, help="KL penalty coefficient.",
+              **from_config(CONFIG, "kl_coef"))
+@click.option("--lr", type=float, help="Learning rate.", **from_config(CONFIG, "lr"))
+@sampling_options(config=CONFIG, keys=("temperature", "top_p", "top_k", "max_new_tokens"),
+                  seed="Seeds prompts, sampling and updates.")
+@threads_option(config=CONFIG)
 @click.option("--config", "config_file", type=click.Path(dir_okay=False),
               help="YAML, TOML or JSON file of configuration keys.")
 @click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
               help="Set any configuration key (repeatable), e.g. --set kl_target=6.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def train(args: tuple[str, ...], config_file: str | None, assignments: tuple[str, ...],
+@quiet_option()
+def train(sources: tuple[str, ...], config_file: str | None, assignments: tuple[str, ...],
           resume: bool, quiet: bool, **options: Any) -> None:
-    """Train POLICY (a causal LM folder) against the preference model PM on the prompts of
-    SOURCES (subsets or files; default: the four preference subsets' train splits, or with
-    --prompts redteam the red-team attempts), by RLOO or PPO with a KL penalty to POLICY.
+    """Train the --policy against the preference model --pm on the prompts of SOURCES
+    (subsets or files; default: the four preference subsets' train splits, or with --prompts
+    redteam the red-team attempts), by RLOO or PPO with a KL penalty to the initial policy.
 
     One line per step goes to RUN/metrics.jsonl: reward_mean, kl, entropy, response_len,
     clip_frac, value_loss (ppo), kl_coef, prompts_per_s.
+
+    \b
+    Examples:
+      hhrlhf rl train --policy runs/sft/model --pm runs/pm/model harmless-base/train \\
+          --algo rloo --max-steps 200 --out runs/rloo
+      hhrlhf rl train --out runs/rloo --resume
     """
     from hhrlhf.outputs import run_inputs
     from hhrlhf.pm.base import model_kind
@@ -100,13 +137,14 @@ def train(args: tuple[str, ...], config_file: str | None, assignments: tuple[str
     from hhrlhf.rl.train import RLConfig
     from hhrlhf.runs import check_run_folder, resolve_config
 
+    if not resume:
+        require_models(click.get_current_context(), policy=options["policy"],
+                       pm=options["pm"])
+    options["samples_per_prompt"] = given(options["samples_per_prompt"],
+                                          options.pop("samples_per_prompt_alias"))
     explicit: dict[str, Any] = {}
-    if len(args) == 1:
-        raise click.UsageError("give POLICY and PM (or neither, with --resume)")
-    if args:
-        explicit.update(policy=args[0], pm=args[1])
-        if args[2:]:
-            explicit["data"] = list(args[2:])
+    if sources:
+        explicit["data"] = list(sources)
     explicit.update({key: v for key, v in options.items() if v is not None})
     if quiet:
         explicit["progress"] = False
@@ -135,9 +173,9 @@ def train(args: tuple[str, ...], config_file: str | None, assignments: tuple[str
                      f"{m['final_kl']:.3f} nats (the mean over the same steps of each step's "
                      "sample estimate, which can be negative)")
     if m.get("context_cut_prompts"):  # nothing is cut without a word
-        lines.append(f"note: {m['context_cut_prompts']:,} of {m['prompts']:,} prompts were "
-                     f"longer than max_length - max_new_tokens = "
-                     f"{config.max_length - config.max_new_tokens} tokens and lost their start")
+        lines.append(cut_note(m["context_cut_prompts"], m["prompts"],
+                              f"max_length - max_new_tokens = "
+                              f"{config.max_length - config.max_new_tokens} tokens"))
     if m["shared_prompt_off"]:
         lines.append(f"note: shared-prompt packing is off, {m['shared_prompt_off']}: each "
                      "sample is computed as a full row")

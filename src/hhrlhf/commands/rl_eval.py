@@ -8,7 +8,14 @@ from pathlib import Path
 
 import click
 
-from hhrlhf.commands.options import seed_option, threads_option
+from hhrlhf.commands.options import (
+    max_prompts_option,
+    output_option,
+    pm_option,
+    quiet_option,
+    sampling_options,
+    threads_option,
+)
 from hhrlhf.errors import HHRLHFError
 
 
@@ -18,8 +25,7 @@ from hhrlhf.errors import HHRLHFError
               help="Held-out prompts for the win rates: subsets, preference files or dialogue "
                    "files, as `hhrlhf generate` reads them (repeatable). Without it (and "
                    "--redteam) only the reward-vs-sqrt(KL) fit is computed.")
-@click.option("--max-prompts", type=int, default=200, show_default=True,
-              help="Held-out prompts used (0 = all).")
+@max_prompts_option(200)
 @click.option("--heldout-pm", type=click.Path(), default=None,
               help="A second PM, trained on other data than the run's PM: its win rate beside "
                    "the trained PM's shows over-optimisation.")
@@ -31,44 +37,39 @@ from hhrlhf.errors import HHRLHFError
 @click.option("--checkpoints", "with_checkpoints", is_flag=True,
               help="Also the win rates of every checkpoint the run kept, on the --prompts "
                    "(the trained and held-out PMs diverging over training).")
-@click.option("--pm", "pm_override", type=click.Path(), default=None,
-              help="The PM trained against, if it moved (default: the run config's `pm`).")
-@click.option("--initial", "initial_override", default=None,
+@pm_option("The PM trained against, if it moved (default: the run config's `pm`).",
+           required=False)
+@click.option("--initial", "initial_override", default=None, metavar="PATH",
               help="The initial policy, if it moved (default: the run config's `policy`); "
                    "or an http(s):// URL of an OpenAI-compatible endpoint serving it (its API "
                    "key from $HHRLHF_API_KEY).")
-@click.option("--temperature", type=float, default=None,
-              help="Sampling temperature, 0 = greedy [default: the run's, else 1.0].")
-@click.option("--top-p", type=float, default=None, help="[default: the run's, else 1.0]")
-@click.option("--top-k", type=int, default=None,
-              help="0 = no top-k [default: the run's, else 0].")
-@click.option("--max-new-tokens", type=int, default=None,
-              help="[default: the run's, else 128]")
-@click.option("--max-prompt-length", type=int, default=None,
-              help="Prompt tokens kept (the end) [default: the run's max_length minus "
-                   "max_new_tokens, else 512].")
+@sampling_options(shown={"temperature": "the run's, else 1.0", "top_p": "the run's, else 1.0",
+                         "top_k": "the run's, else 0",
+                         "max_new_tokens": "the run's, else 128",
+                         "max_prompt_length": "the run's max_length minus max_new_tokens, "
+                                              "else 512"},
+                  seed="Sampling (the same for both policies) and bootstrap seed.")
 @click.option("--batch-size", type=int, default=64, show_default=True,
               help="Sequences sampled together.")
 @click.option("--bootstrap", type=int, default=1000, show_default=True,
               help="Bootstrap resamples of the prompts for the intervals (0 = none).")
-@seed_option("Sampling (the same for both policies) and bootstrap seed.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
-@click.option("--output", "-o", type=click.Path(dir_okay=False), default=None,
-              help="Also write the JSON to this file (atomically).")
+@output_option("Also write the JSON to this file (atomically).")
 @click.option("--samples", "samples_out", type=click.Path(dir_okay=False), default=None,
               help="Write every prompt's two responses and their PM scores here (JSON Lines).")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None,
               help="Write the reward-vs-sqrt(KL) plot here (PNG; with --checkpoints a second "
                    "panel: the win rates over training).")
 @threads_option()
+@quiet_option("No progress bar (one shows on a terminal).")
 def rl_eval(run: str, prompt_sources: tuple[str, ...], max_prompts: int, heldout_pm: str | None,
             redteam: str | None, max_redteam: int, with_checkpoints: bool,
-            pm_override: str | None,
+            pm: str | None,
             initial_override: str | None, temperature: float | None, top_p: float | None,
             top_k: int | None,
             max_new_tokens: int | None, max_prompt_length: int | None, batch_size: int,
             bootstrap: int, seed: int, as_json: bool, output: str | None,
-            samples_out: str | None, plot: str | None, threads: int) -> None:
+            samples_out: str | None, plot: str | None, threads: int, quiet: bool) -> None:
     """Evaluate the RL run in folder RUN: PM reward against sqrt(KL) over training (linear
     fit), the final policy's win rate and Elo against the initial policy under the PM it was
     trained against and a held-out PM, and the PM harmlessness of its answers to red-team
@@ -97,7 +98,7 @@ def rl_eval(run: str, prompt_sources: tuple[str, ...], max_prompts: int, heldout
         raise HHRLHFError("--heldout-pm needs prompts to compare on: --prompts or --redteam")
     if with_checkpoints and not prompt_sources:
         raise HHRLHFError("--checkpoints compares on held-out prompts: give --prompts")
-    rl_run = read_run(run, initial_override, pm_override)
+    rl_run = read_run(run, initial_override, pm)
     config = rl_run.config
 
     def from_run(given: float | None, key: str, default: float) -> float:
@@ -147,7 +148,8 @@ def rl_eval(run: str, prompt_sources: tuple[str, ...], max_prompts: int, heldout
         torch.set_num_threads(threads)
     ev = evaluate(rl_run, prompt_sources=prompt_sources, max_prompts=max_prompts,
                   redteam=redteam, max_redteam=max_redteam, heldout_pm=heldout_pm,
-                  settings=settings, bootstrap=bootstrap, checkpoints=with_checkpoints)
+                  settings=settings, bootstrap=bootstrap, checkpoints=with_checkpoints,
+                  progress=not quiet)
     doc = json.dumps(ev.to_json(), indent=2, allow_nan=False)
     from hhrlhf.atomic import write_text
     from hhrlhf.outputs import mark_output

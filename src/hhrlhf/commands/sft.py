@@ -6,35 +6,60 @@ options below and ``--set key=value``. Everything is checked before torch is imp
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
+from hhrlhf.commands.options import (
+    ModelCommand,
+    from_config,
+    max_rows_option,
+    out_dir_option,
+    policy_option,
+    quiet_option,
+    seed_option,
+    threads_option,
+)
 
-def common_options(fn: Any) -> Any:
-    """The options ``hhrlhf sft`` and ``hhrlhf dpo`` share."""
-    for opt in reversed([
-        click.argument("sources", nargs=-1),
-        click.option("--config", "config_file", type=click.Path(dir_okay=False),
-                     help="YAML, TOML or JSON file of configuration keys."),
-        click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
-                     help="Set any configuration key (repeatable), e.g. --set lr=1e-4."),
-        click.option("--out", "out_dir", help="Run folder (checkpoints, metrics, model)."),
-        click.option("--policy", help="Starting policy: any causal LM folder."),
-        click.option("--chat-format", type=click.Choice(["auto", "hh", "template"]),
-                     help="auto (default): the policy's own chat template, the HH text format "
-                          "when it has none; hh: the HH text format always."),
-        click.option("--eval", "eval_data", multiple=True, help="Held-out source (repeatable)."),
-        click.option("--max-steps", type=int, help="Optimizer steps (default: one epoch)."),
-        click.option("--batch-size", type=int, help="Rows per step."),
-        click.option("--lr", type=float, help="Peak learning rate."),
-        click.option("--max-length", type=int, help="Tokens per sequence (the end is kept)."),
-        click.option("--resume", is_flag=True, help="Continue the run in --out."),
-        click.option("--quiet", "-q", is_flag=True, help="No progress bar."),
-    ]):
-        fn = opt(fn)
-    return fn
+
+def common_options(config: str, policy_help: str) -> Callable[[Any], Any]:
+    """The options ``hhrlhf sft`` and ``hhrlhf dpo`` share; their help shows the defaults of
+    the configuration dataclass ``config`` (``"module:Class"``)."""
+    def decorate(fn: Any) -> Any:
+        for opt in reversed([
+            click.argument("sources", nargs=-1),
+            click.option("--config", "config_file", type=click.Path(dir_okay=False),
+                         help="YAML, TOML or JSON file of configuration keys."),
+            click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
+                         help="Set any configuration key (repeatable), e.g. --set lr=1e-4."),
+            out_dir_option(),
+            policy_option(policy_help, required=False),
+            click.option("--chat-format", type=click.Choice(["auto", "hh", "template"]),
+                         help="auto: the policy's own chat template, the HH text format "
+                              "when it has none; hh: the HH text format always.",
+                         **from_config(config, "chat_format")),
+            click.option("--eval", "eval_data", multiple=True,
+                         help="Held-out source (repeatable)."),
+            click.option("--max-steps", type=int, help="Optimizer steps (0: one epoch).",
+                         **from_config(config, "max_steps")),
+            max_rows_option(config),
+            click.option("--batch-size", type=int, help="Rows per step.",
+                         **from_config(config, "batch_size")),
+            click.option("--lr", type=float, help="Peak learning rate.",
+                         **from_config(config, "lr")),
+            click.option("--max-length", type=int,
+                         help="Tokens per sequence (the end is kept).",
+                         **from_config(config, "max_length")),
+            seed_option("Seeds data order, initialisation and dropout.", config=config),
+            threads_option(config=config),
+            click.option("--resume", is_flag=True, help="Continue the run in --out."),
+            quiet_option(),
+        ]):
+            fn = opt(fn)
+        return fn
+    return decorate
 
 
 def explicit_settings(sources: tuple[str, ...], assignments: tuple[str, ...],
@@ -65,11 +90,11 @@ def check_sources(config: Any) -> None:
         resolve(config.eval_data)
 
 
-@click.command("sft")
-@common_options
+@click.command("sft", cls=ModelCommand)
+@common_options("hhrlhf.policy.sft:SFTConfig",
+                "The starting policy: any causal LM folder (or --init tiny).")
 @click.option("--init", type=click.Choice(["tiny"]),
               help="Build a tiny Llama-shaped policy and BPE tokenizer from the training data.")
-@click.option("--max-rows", type=int, help="Use the first N training rows.")
 def sft(sources: tuple[str, ...], config_file: str | None, assignments: tuple[str, ...],
         resume: bool, **options: Any) -> None:
     """Supervised fine-tuning on the chosen dialogues of SOURCES (default: the helpful

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from hhrlhf.commands.options import seed_option
 from hhrlhf.errors import HHRLHFError
 
 
@@ -17,8 +18,7 @@ from hhrlhf.errors import HHRLHFError
               help="Folds to cut the rows into (grouped by prompt).")
 @click.option("--fold", type=int, default=0, show_default=True,
               help="The fold held out as test.jsonl; the others are train.jsonl.")
-@click.option("--seed", type=int, default=0, show_default=True,
-              help="Seeds the assignment of prompts to folds.")
+@seed_option("Seeds the assignment of prompts to folds.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Folder to write train.jsonl and test.jsonl into.")
 def split(sources: tuple[str, ...], folds: int, fold: int, seed: int, out_dir: str) -> None:
@@ -39,8 +39,6 @@ def split(sources: tuple[str, ...], folds: int, fold: int, seed: int, out_dir: s
         raise HHRLHFError(f"--folds must be at least 2, got {folds}")
     if not 0 <= fold < folds:
         raise HHRLHFError(f"--fold must be in 0..{folds - 1}, got {fold}")
-    if seed < 0:
-        raise HHRLHFError(f"--seed must be 0 or more, got {seed}")
     from hhrlhf.folds import prompt_folds
     from hhrlhf.outputs import check_output_file, check_output_folder, command_output
     from hhrlhf.read import preference_sources, read_source_comparisons

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 import orjson
 
-from hhrlhf.commands.options import split_option
+from hhrlhf.commands.options import quiet_option, split_option
 from hhrlhf.read import iter_labelled, preference_sources
 
 
@@ -22,8 +22,9 @@ from hhrlhf.read import iter_labelled, preference_sources
                    "and prompt lengths), then the length bias of each file.")
 @click.option("--tokenizer", "tokenizer_path", type=click.Path(path_type=Path), default=None,
               help="A local Hugging Face tokenizer directory: lengths in tokens too.")
+@quiet_option()
 def stats(sources: tuple[str, ...], split: str | None, as_json: bool, plot_path: Path | None,
-          tokenizer_path: Path | None) -> None:
+          tokenizer_path: Path | None, quiet: bool) -> None:
     """Describe rows per subset and split, turns per dialogue, lengths and length bias.
 
     SOURCES are subsets (harmless-base, helpful-base/test) or local files; none means every
@@ -44,7 +45,7 @@ def stats(sources: tuple[str, ...], split: str | None, as_json: bool, plot_path:
         check_output_file(plot_path, "stats", inputs=[s.path for s in srcs])
     tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path is not None else None
     builder = StatsBuilder(tokenizer, str(tokenizer_path) if tokenizer_path else None)
-    with tqdm(desc="stats", unit=" rows", disable=None, leave=False) as bar:
+    with tqdm(desc="stats", unit=" rows", disable=True if quiet else None, leave=False) as bar:
         for c, subset, sp in iter_labelled(srcs):
             builder.add(c, subset, sp)
             bar.update()

@@ -415,9 +415,10 @@ def curve_fit(points: Sequence[CurvePoint]) -> tuple[LinearFit | None, int]:
 def evaluate(run: RLRun, *, prompt_sources: Sequence[str] = (), max_prompts: int = 200,
              redteam: str | None = None, max_redteam: int = 200, heldout_pm: str | None = None,
              settings: SampleSettings | None = None, bootstrap: int = 1000,
-             checkpoints: bool = False) -> Evaluation:
+             checkpoints: bool = False, progress: bool = True) -> Evaluation:
     """Everything ``hhrlhf rl eval`` reports. Sampling is skipped without prompt sources.
-    ``checkpoints``: also the win rates of every kept checkpoint on the held-out prompts."""
+    ``checkpoints``: also the win rates of every kept checkpoint on the held-out prompts;
+    ``progress``: a bar on stderr when it is a terminal."""
     settings = settings or SampleSettings()
     curve = read_curve(run)
     fit, clipped = curve_fit(curve)
@@ -454,7 +455,8 @@ def evaluate(run: RLRun, *, prompt_sources: Sequence[str] = (), max_prompts: int
 
     # a bar over the work's phases (each is tens of seconds on a CPU): on a terminal only
     phases = 2 + len(groups) + len(saved)
-    bar = tqdm(total=phases, desc="rl eval", unit="phase", file=sys.stderr, disable=None,
+    bar = tqdm(total=phases, desc="rl eval", unit="phase", file=sys.stderr,
+               disable=None if progress else True,
                dynamic_ncols=True, bar_format="{desc}: {n}/{total} {postfix}")
     bar.set_postfix_str(f"sampling {len(everything)} prompts from the final policy")
     # one sampling pass per policy over all prompts, the same seed for both policies
