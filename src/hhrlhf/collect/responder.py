@@ -196,7 +196,7 @@ class EndpointResponder:
 def policy_serve_command(folder: Path, port: int, name: str, settings: Settings) -> list[str]:
     """The decode process's command line: ``hhrlhf policy serve`` on loopback (its API key
     goes in the environment, never on the command line). The one place it is spelled."""
-    return [sys.executable, "-m", "hhrlhf.cli", "policy", "serve", str(folder),
+    return [sys.executable, "-m", "hhrlhf.cli", "policy", "serve", "--policy", str(folder),
             "--host", "127.0.0.1", "--port", str(port), "--model-name", name,
             "--max-new-tokens", str(settings.max_new_tokens)]
 
@@ -237,7 +237,7 @@ def _child_setup() -> Callable[[], None]:
 
 
 class DecodeProcess:
-    """``hhrlhf policy serve FOLDER`` as a child of the app: a free loopback port, a random
+    """``hhrlhf policy serve --policy FOLDER`` as a child of the app: a free loopback port, a random
     API key, its output kept in a temporary file (the last line is the error when it fails to
     start). ``close`` ends it; on Linux it also dies with the app's process."""
 
