@@ -284,7 +284,7 @@ def test_cli_json_and_figure(lex_dir: Path, redteam_file: GroundTruth,
     img = matplotlib.image.imread(plot)
     assert plot.read_bytes()[:8] == PNG_MAGIC and img.shape[1] >= 1200
     # The text table, with a seeded sample.
-    proc = run_cli(str(lex_dir), str(redteam_file.path), "--max-rows", "100", "--seed", "2",
+    proc = run_cli(str(lex_dir), str(redteam_file.path), "--sample", "100", "--seed", "2",
                    "-q")
     assert proc.returncode == 0, proc.stderr
     assert "400 rows; 100 sampled, seed 2" in proc.stdout
@@ -312,7 +312,7 @@ def test_cli_scores_file(lex_dir: Path, redteam_file: GroundTruth,
         assert r["line"] > 1  # the line of the row's object in the JSON array
     # A second run may replace its own scores file; never someone else's file.
     again = run_cli(str(lex_dir), str(redteam_file.path), "--scores", str(scores), "-q",
-                    "--max-rows", "50")
+                    "--sample", "50")
     assert again.returncode == 0, again.stderr
     assert len(scores.read_text().splitlines()) <= 50
     other = tmp_path / "other.jsonl"

@@ -65,8 +65,8 @@ BARS = [("generate",), ("bon",), ("rl", "train"), ("rl", "eval"), ("sft",), ("dp
         ("pm", "train"), ("pm", "score"), ("pm", "eval"), ("pm", "cv"), ("pm", "agree"),
         ("online", "run"), ("fetch",), ("audit",), ("stats",), ("export",), ("index",),
         ("serve",), ("report",), ("redteam",)]
-# commands that read the first N rows of their input (pm agree's --max-rows is a seeded
-# random sample of N transcripts: another idea, its own help)
+# commands that read the first N rows of their input (pm agree's --sample N, a seeded random
+# sample of N transcripts, is another idea with its own name)
 ROWS = [("sft",), ("dpo",), ("pm", "train"), ("pm", "eval"), ("pm", "cv"), ("pm", "lexical")]
 # earlier names, still taken but unlisted: (command, earlier spelling, its value), the
 # parameter that receives it, and the value it gets
@@ -77,6 +77,7 @@ ALIASES = [
     (("bon",), ["--no-progress"], "quiet_alias", True),
     (("fetch",), ["--no-progress"], "quiet_alias", True),
     (("pm", "train"), ["--max-pairs", "8"], "max_rows_alias", 8),
+    (("pm", "agree"), ["--max-rows", "8"], "sample_alias", 8),
     (("pm", "eval"), ["--max-pairs", "8"], "max_rows_alias", 8),
     (("pm", "cv"), ["--max-pairs", "8"], "max_rows_alias", 8),
     (("pm", "lexical"), ["--max-pairs", "8"], "max_rows_alias", 8),
@@ -131,6 +132,13 @@ def test_a_trainer_writes_a_run_folder_with_out(path: tuple[str, ...]) -> None:
 def test_row_limits_are_max_rows(path: tuple[str, ...]) -> None:
     opt = option(path, "--max-rows")
     assert opt is not None and opt.help == MAX_ROWS_HELP
+
+
+@pytest.mark.parametrize("path", sorted(ALL), ids=" ".join)
+def test_max_rows_means_the_first_rows_wherever_it_is_listed(path: tuple[str, ...]) -> None:
+    """One name, one meaning: a listed --max-rows is the first N rows of the input."""
+    opt = option(path, "--max-rows")
+    assert opt is None or opt.hidden or opt.help == MAX_ROWS_HELP, path
 
 
 @pytest.mark.parametrize("path", sorted(ALL), ids=" ".join)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from hhrlhf.commands.options import seed_option
+from hhrlhf.commands.options import alias_option, given, seed_option
 from hhrlhf.errors import HHRLHFError
 from hhrlhf.registry import REDTEAM_SUBSET
 
@@ -27,8 +27,9 @@ def _check_target(path: Path, option: str, inputs: list[Path]) -> None:
 @click.argument("model", metavar="MODEL")
 @click.argument("source", required=False, default=REDTEAM_SUBSET,
                 metavar="[red-team-attempts|PATH]")
-@click.option("--max-rows", type=click.IntRange(0), default=0,
-              help="Score a seeded random sample of N transcripts (0 = all).")
+@click.option("--sample", type=click.IntRange(0), default=None,
+              help="Score a seeded random sample of N transcripts (0 = all).  [default: 0]")
+@alias_option("--max-rows", "sample_alias", type=click.IntRange(0))  # its earlier name
 @seed_option("Seed of the sample.")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write a figure (PNG): hhrlhf score against the published score, and rho "
@@ -41,8 +42,8 @@ def _check_target(path: Path, option: str, inputs: list[Path]) -> None:
               help="A group with fewer rows gets its n and no rho.")
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def agree(model: str, source: str, max_rows: int, seed: int, plot: Path | None,
-          scores: Path | None, as_json: bool, min_rows: int, batch_size: int,
+def agree(model: str, source: str, sample: int | None, sample_alias: int | None, seed: int,
+          plot: Path | None, scores: Path | None, as_json: bool, min_rows: int, batch_size: int,
           quiet: bool) -> None:
     """Agreement of MODEL with Anthropic's preference model on the red-team transcripts.
 
@@ -70,7 +71,8 @@ def agree(model: str, source: str, max_rows: int, seed: int, plot: Path | None,
     attempts = read_attempts(source, progress=not quiet)
     if not attempts:
         raise HHRLHFError("no red-team attempts in the file", source)
-    result = agreement(pm, attempts, model_path=model, source=source, max_rows=max_rows,
+    result = agreement(pm, attempts, model_path=model, source=source,
+                       max_rows=given(sample, sample_alias, 0),
                        seed=seed, batch_size=batch_size, min_rows=min_rows,
                        progress=not quiet)
     if plot is not None:
