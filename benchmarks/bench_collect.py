@@ -19,6 +19,11 @@ from ``hhrlhf collect export``: every acknowledged message is stored exactly onc
 acknowledged pick once, and every acknowledged pick is a row of the export. Lost = an
 acknowledged submit missing; duplicated = a submit stored more than once.
 
+Streaming: before the load, the time to the first token as a client reads the server-sent
+events (one annotator's turns on the idle server), against the sampler's own first-token time
+(the decode process's engine in this process, the same two-response request); and the
+client's first-token time under phase 1's load.
+
 The last line: ``collect: <A> annotators, <S> submits, lost <L>, duplicated <D>,
 submit p95 <X> ms``.
 
@@ -56,6 +61,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data" / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
 START_SPREAD_S = 1.0
+MAX_NEW_TOKENS = 8
 
 
 @dataclass
@@ -69,6 +75,7 @@ class Log:
     latencies: list[tuple[float, float]] = field(default_factory=list)  # (start time, seconds)
     server: list[tuple[float, float]] = field(default_factory=list)  # the server's own time
     model: list[float] = field(default_factory=list)
+    first: list[float] = field(default_factory=list)  # to the first token the client reads
     retries: int = 0
     n: int = 0  # submits made: numbers the idempotency keys across both phases
 
@@ -91,7 +98,7 @@ def start_server(db: Path, policy: Path, port: int, log: Path) -> subprocess.Pop
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "hhrlhf.cli", "collect", "serve", "--db", str(db),
            "--policy", str(policy), "--task", "helpful", "--port", str(port),
-           "--max-new-tokens", "8", "--rate", "100000", "--overlap", "0.1"]
+           "--max-new-tokens", str(MAX_NEW_TOKENS), "--rate", "100000", "--overlap", "0.1"]
     return subprocess.Popen(cmd, env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
 
 
@@ -166,12 +173,18 @@ class Annotator:
         return dict(r.json())
 
     async def respond(self, cid: int) -> dict[str, Any]:
+        """The two responses, read as the browser reads them: server-sent events as they
+        come. Times the first token (the first ``delta`` event) and the whole."""
         t0 = time.monotonic()
         while True:
+            first, text = None, ""
             try:
-                r = await self.client.post("/api/respond", json={"conversation_id": cid,
-                                                                  "key": "r"})
-                text = r.text
+                async with self.client.stream("POST", "/api/respond", json={
+                        "conversation_id": cid, "key": "r"}) as r:
+                    async for chunk in r.aiter_text():
+                        if first is None and "event: delta" in chunk:
+                            first = time.monotonic() - t0
+                        text += chunk
             except httpx.TransportError:
                 self.log.retries += 1
                 await asyncio.sleep(0.25)
@@ -179,6 +192,8 @@ class Annotator:
             if r.status_code == 200 and "event: done" in text:
                 data = text.rsplit("event: done\ndata: ", 1)[1].split("\n\n", 1)[0]
                 self.log.model.append(time.monotonic() - t0)
+                if first is not None:
+                    self.log.first.append(first)
                 return dict(json.loads(data))
             self.log.retries += 1
             await asyncio.sleep(0.25)
@@ -214,6 +229,56 @@ class Annotator:
 
     async def close(self) -> None:
         await self.client.aclose()
+
+
+STREAM_PROBES = 8
+
+
+async def idle_streams(base: str, aid: int, token: str) -> list[float]:
+    """First-token times as a client reads them from the idle server: one annotator's
+    ``STREAM_PROBES`` turns, one after another (message, the two responses, a pick)."""
+    annotator = Annotator(base, aid, token, Log(aid))
+    await annotator.enter()
+    for _ in range(STREAM_PROBES):
+        state = await annotator.state()
+        if len(state["turns"]) >= 6:
+            await annotator.submit("/api/finish", {"conversation_id": state["conversation_id"]})
+            state = await annotator.state()
+        await annotator.submit("/api/message", {
+            "conversation_id": state["conversation_id"], "position": len(state["turns"]),
+            "text": f"probe message {annotator.log.n}"})
+        state = await annotator.state()
+        state = await annotator.respond(state["conversation_id"])
+        item = state.get("item") or (await annotator.state())["item"]
+        await annotator.submit("/api/judge", {"item_id": item["id"], "side": "left",
+                                              "strength": 1})
+    await annotator.close()
+    return annotator.log.first
+
+
+def sampler_first_token(policy: Path, max_new_tokens: int) -> list[float]:
+    """The sampler's own first-token time, in this process with nothing else running: the
+    decode process's engine (``hhrlhf policy serve``'s) on the same two-response request,
+    from the request to its first decode step."""
+    import torch
+
+    from hhrlhf.policy.model import Policy
+    from hhrlhf.policy.server import CompletionRequest, Engine, completion_dialogue
+
+    torch.set_num_threads(1)  # as the decode process runs (OMP_NUM_THREADS=1)
+    engine = Engine(Policy.load(str(policy)), default_max_tokens=max_new_tokens)
+    out = []
+    for i in range(STREAM_PROBES + 2):
+        prompt = f"\n\nHuman: probe message {i}\n\nAssistant:"
+        req = CompletionRequest(prompt=prompt, n=2, max_tokens=max_new_tokens, seed=i,
+                                stream=True, temperature=1.0, top_p=1.0, top_k=0,
+                                truncate_prompt_tokens=None)
+        t0 = time.monotonic()
+        steps = engine.steps(engine.job([completion_dialogue(prompt)], req, None))
+        engine.next_step(steps)
+        out.append(time.monotonic() - t0)
+        steps.close()
+    return out[2:]  # the first two warm the model up
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -303,6 +368,7 @@ def main() -> None:
         db = tmp / "collect.sqlite"
         store = open_store(db)
         tokens = [store.add_annotator(f"sim{i}") for i in range(args.annotators)]
+        probe = store.add_annotator("probe")
         store.close()
         import socket
 
@@ -313,6 +379,8 @@ def main() -> None:
         server_log = tmp / "server.log"
         server = start_server(db, tmp / "policy", port, server_log)
         asyncio.run(wait_up(base, server, server_log))
+        own_first = sampler_first_token(tmp / "policy", MAX_NEW_TOKENS)
+        idle_first = asyncio.run(idle_streams(base, *probe))
         logs = [Log(aid) for aid, _ in tokens]
         processes = max(1, min(args.client_processes, args.annotators))
         context = multiprocessing.get_context("spawn")
@@ -336,6 +404,13 @@ def main() -> None:
               f"{percentile(own, 50) * 1000:.1f} ms, p95 {percentile(own, 95) * 1000:.1f} ms); "
               f"model (two responses, streamed) p50 {percentile(model, 50) * 1000:.0f} ms, "
               f"p95 {percentile(model, 95) * 1000:.0f} ms")
+        loaded_first = [d for log in logs for d in log.first]
+        print(f"streaming: first token as the client reads it p50 "
+              f"{percentile(idle_first, 50) * 1000:.0f} ms on the idle server, "
+              f"{percentile(loaded_first, 50) * 1000:.0f} ms (p95 "
+              f"{percentile(loaded_first, 95) * 1000:.0f} ms) under phase 1's load; the "
+              f"sampler's own first token p50 {percentile(own_first, 50) * 1000:.0f} ms "
+              f"(in-process, idle, the same two-response request)")
 
         # phase 2: kill -9 under load, restart, go on
         restarted: dict[str, float] = {}
