@@ -248,7 +248,7 @@ def test_responses_stream_token_by_token_from_the_decode_process(
 
     dialogue = Dialogue.parse("\n\nHuman: How are you?")
     owner = responder.owner
-    assert isinstance(owner, DecodeProcess) and owner.proc.poll() is None
+    assert isinstance(owner, DecodeProcess) and owner.child.alive()
     assert owner.url.startswith("http://127.0.0.1:")
 
     async def pieces() -> list[Any]:

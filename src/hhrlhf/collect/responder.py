@@ -16,21 +16,17 @@ built in :func:`policy_serve_command` only.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import secrets
 import signal
 import socket
 import ssl
-import subprocess
 import sys
-import tempfile
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import Any, Protocol
 
 from hhrlhf.errors import HHRLHFError
 from hhrlhf.records import ASSISTANT_MARKER, HUMAN_MARKER, Dialogue
@@ -207,44 +203,21 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# Where the app and the decoding share CPU cores, a submit (a few milliseconds of work) goes
+# before the next decode step, never waits behind it; on a GPU the decoding hardly needs the
+# CPU anyway.
 DECODE_NICENESS = 10
 
 
-def _child_setup() -> Callable[[], None]:
-    """Run in the decode process before its exec. It gets a lower CPU priority (niceness
-    +10): where the app and the decoding share CPU cores, a submit (a few milliseconds of
-    work) goes before the next decode step, never waits behind it; on a GPU the decoding
-    hardly needs the CPU anyway. Linux: it also gets SIGKILL when the app's process dies,
-    even by kill -9, so no decode process outlives its server (elsewhere it is ended when
-    the server stops)."""
-    prctl = None
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        with contextlib.suppress(OSError, AttributeError):
-            prctl = ctypes.CDLL(None, use_errno=True).prctl
-    parent = os.getpid()
-
-    def run() -> None:  # in the child, before exec: no locks, no imports
-        with contextlib.suppress(OSError):
-            os.nice(DECODE_NICENESS)
-        if prctl is not None:
-            prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-            if os.getppid() != parent:  # the parent died before the line above
-                os._exit(1)
-
-    return run
-
-
 class DecodeProcess:
-    """``hhrlhf policy serve --policy FOLDER`` as a child of the app: a free loopback port, a random
-    API key, its output kept in a temporary file (the last line is the error when it fails to
-    start). ``close`` ends it; on Linux it also dies with the app's process."""
+    """``hhrlhf policy serve --policy FOLDER`` as a child of the app (:class:`hhrlhf.child.
+    ChildServer`: it dies with the app's process, even by kill -9, on Linux): a free loopback
+    port, a random API key, a lower CPU priority; when it fails to start, its last line is the
+    error. ``close`` ends it."""
 
     def __init__(self, folder: str | Path, settings: Settings, start_timeout: float = 600.0):
-        import httpx
-
         import hhrlhf
+        from hhrlhf.child import ChildServer
 
         self.folder = Path(folder)
         if not self.folder.is_dir():
@@ -254,53 +227,25 @@ class DecodeProcess:
         self.api_key = secrets.token_urlsafe(24)
         port = _free_port()
         self.url = f"http://127.0.0.1:{port}"
-        self._log: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 (closed in close)
         # the child imports the hhrlhf this process runs, wherever it was imported from
         src = str(Path(hhrlhf.__file__).resolve().parents[1])
         path = os.environ.get("PYTHONPATH")
         env = {**os.environ, API_KEY_ENV: self.api_key,
                "PYTHONPATH": src + (os.pathsep + path if path else "")}
-        cmd = policy_serve_command(self.folder, port, self.name, settings)
-        self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=self._log,
-                                     # a ctypes call resolved before the fork: no lock
-                                     preexec_fn=_child_setup())  # noqa: PLW1509
-        deadline = time.monotonic() + start_timeout
+        self.child = ChildServer(policy_serve_command(self.folder, port, self.name, settings),
+                                 self.url + "/health", "the decode process (hhrlhf policy serve)",
+                                 env=env, niceness=DECODE_NICENESS, death_signal=signal.SIGKILL)
         try:
-            while True:
-                if self.proc.poll() is not None:
-                    raise HHRLHFError(f"the decode process (hhrlhf policy serve) did not start: "
-                                      f"{self.last_line()}", self.folder)
-                try:
-                    if httpx.get(self.url + "/health", timeout=5).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise HHRLHFError(f"the decode process (hhrlhf policy serve) did not answer "
-                                      f"within {start_timeout:g} s", self.folder)
-                time.sleep(0.1)
-        except BaseException:
-            self.close()
-            raise
+            self.child.start(start_timeout)
+        except HHRLHFError as e:
+            raise HHRLHFError(str(e), self.folder) from None
 
-    def last_line(self) -> str:
-        self._log.seek(0)
-        lines = [x.strip() for x in self._log.read().decode("utf-8", "replace").splitlines()]
-        lines = [x for x in lines if x]
-        text = lines[-1] if lines else f"exit status {self.proc.returncode}"
-        return text.removeprefix("hhrlhf: error: ").removeprefix("Error: ")[:300]
+    @property
+    def pid(self) -> int | None:
+        return self.child.proc.pid if self.child.proc is not None else None
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        with contextlib.suppress(OSError):
-            self._log.close()
+        self.child.stop()
 
 
 def make_responder(policy: str, settings: Settings, model_type: str = "plain lm",

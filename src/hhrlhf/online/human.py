@@ -23,17 +23,15 @@ counting from what is in the database.
 
 from __future__ import annotations
 
-import ctypes
-import signal
-import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
+from hhrlhf.child import ChildServer
 from hhrlhf.errors import HHRLHFError
 
 DEPLOY = "deploy.json"
@@ -77,78 +75,6 @@ def round_rows(db: str, deployment: Deployment) -> tuple[list[dict[str, str]],
     return [rows[i] for i in keep], [side[i] for i in keep]
 
 
-def _die_with_parent() -> None:
-    """In the child: the kernel sends it SIGTERM when the loop dies (Linux; elsewhere a
-    server left behind by a killed loop must be stopped by hand)."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-class Server:
-    """``hhrlhf collect serve`` as a child process (stopped with :meth:`stop`)."""
-
-    def __init__(self, args: Sequence[str], log: Path):
-        self.args = list(args)
-        self.log_path = log
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
-
-    def start(self, url: str, timeout: float = 300.0) -> None:
-        """Start it and wait until it answers; a port still held by a server that is shutting
-        down (a resumed loop's) is tried again for 30 s."""
-        import httpx
-
-        began = time.monotonic()
-        while True:
-            self._log = open(self.log_path, "ab")  # noqa: SIM115 (kept open while it runs)
-            self.proc = subprocess.Popen(
-                self.args, stdout=self._log, stderr=self._log, stdin=subprocess.DEVNULL,
-                preexec_fn=_die_with_parent)  # noqa: PLW1509
-            while self.proc.poll() is None:
-                try:
-                    httpx.get(url.rstrip("/") + "/healthz", timeout=5)
-                    return
-                except httpx.TransportError:
-                    if time.monotonic() - began > timeout:
-                        self.stop()
-                        raise HHRLHFError(f"online: the collect server did not answer at {url} "
-                                          f"in {timeout:.0f} s (its log: {self.log_path})")
-                    time.sleep(0.2)
-            self._log.close()
-            tail = self.tail()
-            if "port is in use" in tail and time.monotonic() - began < 30:
-                time.sleep(1.0)
-                continue
-            raise HHRLHFError(f"online: the collect server stopped: {self.last_line()} "
-                              f"(its log: {self.log_path})")
-
-    def tail(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace").strip()
-        except OSError:
-            return ""
-
-    def last_line(self) -> str:
-        return (self.tail().splitlines() or ["(no output)"])[-1]
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self._log is not None:
-            self._log.close()
-        self.proc = None
-
-
 def read_deployment(path: Path) -> Deployment:
     import json
 
@@ -183,11 +109,16 @@ def collect_round(folder: Path, r: int, deployed: int, policy: Path, config: Any
                 "--overlap", str(c.collect_overlap),
                 "--max-new-tokens", str(c.max_new_tokens),
                 "--temperature", str(c.temperature)]
-        server = Server(args, folder / "collect-server.log")
+        log = folder / "collect-server.log"
+        server = ChildServer(args, deployment.url.rstrip("/") + "/healthz",
+                             "online: the collect server", log=log)
         say(f"round {r}: deploying {deployment.policy} ({deployment.task}) at "
             f"{deployment.url}; invite annotators with `hhrlhf collect invite --db "
             f"{c.collect_db} --name NAME --url {deployment.url}`")
-        server.start(deployment.url)
+        try:  # a port still held by a server shutting down (a resumed loop's): tried 30 s
+            server.start(timeout=300.0, busy_retry_s=30.0)
+        except HHRLHFError as e:
+            raise HHRLHFError(f"{e} (its log: {log})") from None
         try:
             shown_count, last_line = -1, 0.0
             while True:
@@ -198,7 +129,7 @@ def collect_round(folder: Path, r: int, deployed: int, policy: Path, config: Any
                     break
                 if not server.alive():
                     raise HHRLHFError(f"online: the collect server stopped: "
-                                      f"{server.last_line()} (its log: {server.log_path})")
+                                      f"{server.last_line()} (its log: {log})")
                 time.sleep(c.collect_poll)
                 rows, side = round_rows(c.collect_db, deployment)
         finally:
