@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import itertools
 import re
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import httpx
-import uvicorn
+from web_support import served_app, wait_until_up
 
 from hhrlhf.collect import work
 from hhrlhf.collect.store import Annotator, Store
@@ -74,41 +72,16 @@ def red_team(store: Store, who: Annotator, messages: list[str], rating: int,
     return int(answer["attempt_id"])
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextmanager
 def served(app: Any) -> Iterator[str]:
-    """An ASGI app on 127.0.0.1 (a free port, uvicorn in a thread); yields its base URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_up(base)
+    """The collect app on 127.0.0.1 (a free port, uvicorn in a thread); yields its base URL."""
+    with served_app(app, "/healthz") as base:
         yield base
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
 
 
 def wait_up(base: str, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            httpx.get(base + "/healthz", timeout=5)
-            return
-        except httpx.TransportError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
+    """Until the collect server at ``base`` answers."""
+    wait_until_up(base + "/healthz", timeout)
 
 
 def join(base: str, link: str) -> tuple[httpx.Client, str]:

@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
-import uvicorn
+from web_support import served_app
 
 XSS_SCRIPT = "<script>alert('pair')</script>"
 XSS_IMG = "<img src=x onerror=alert('pair')>"
@@ -44,41 +40,10 @@ def write_payload_pairs(path: Path, extra: tuple[tuple[str, str], ...] = ()) -> 
     return path
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_until_up(base: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            httpx.get(base + "/api/facets", timeout=5)
-            return
-        except httpx.TransportError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
-
-
 @contextmanager
 def served(db_path: Path) -> Iterator[str]:
     """The explorer app on 127.0.0.1, a free port, uvicorn in a thread; yields its base URL."""
     from hhrlhf.explorer.app import create_app
 
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(db_path), log_level="warning",
-                                           lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_up(base)
+    with served_app(create_app(db_path), "/api/facets") as base:
         yield base
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()

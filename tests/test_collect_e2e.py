@@ -15,12 +15,12 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from collect_support import decoding, served
-from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
+from playwright.sync_api import Browser, BrowserContext, Page, expect
 from policy_support import build_tiny, first_rows, one_thread  # noqa: F401
+from web_support import chromium, watch
 
 from hhrlhf.collect.app import AppConfig, create_app
 from hhrlhf.collect.export import FILES, export
@@ -29,9 +29,6 @@ from hhrlhf.collect.store import Store, open_store
 from hhrlhf.read import read_comparisons, read_redteam
 
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 XSS = "<img src=x onerror=alert('collect')><script>alert('collect')</script>"
 
 
@@ -46,23 +43,8 @@ def responder(tmp_path_factory: pytest.TempPathFactory,
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    assert Path(CHROMIUM).exists(), "apt-get install -y chromium"
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    with chromium() as b:
         yield b
-        b.close()
-
-
-def _watch(page: Page) -> list[str]:
-    problems: list[str] = []
-
-    def on_dialog(d: Any) -> None:
-        problems.append(f"dialog: {d.message}")
-        d.dismiss()
-
-    page.on("dialog", on_dialog)
-    page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
-    return problems
 
 
 def shot(page: Page, tmp_path: Path, name: str) -> None:
@@ -81,7 +63,7 @@ def enter(browser: Browser, base: str, store: Store, name: str, role: str = "ann
     _, token = store.add_annotator(name, role)
     context = browser.new_context(viewport={"width": 1200, "height": 900})
     page = context.new_page()
-    problems = _watch(page)
+    problems = watch(page)
     page.goto(f"{base}/join/{token}")
     expect(page.locator("#join-name")).to_have_text(name)  # the link alone signs no one in
     if tmp_path is not None:

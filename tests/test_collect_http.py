@@ -316,7 +316,8 @@ def test_kill_9_of_the_served_app_loses_no_acknowledged_submit(tmp_path: Path,
     import sys
     import time
 
-    from collect_support import free_port, wait_up
+    from collect_support import wait_up
+    from web_support import free_port
 
     def children(pid: int) -> list[int]:
         return [int(c) for task in Path(f"/proc/{pid}/task").iterdir()

@@ -12,7 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from collect_support import annotator, converse, free_port, key, red_team
+from collect_support import annotator, converse, key, red_team
+from web_support import free_port
 
 from hhrlhf.collect import work
 from hhrlhf.collect.export import FILES, export

@@ -19,7 +19,8 @@ from policy_support import (
     one_thread,  # noqa: F401  # autouse
     run_cli,
 )
-from serve_support import MODEL, free_port, served, varied_policy
+from serve_support import MODEL, served, varied_policy
+from web_support import free_port
 
 from hhrlhf.endpoint import EndpointSampler, base_url, is_endpoint, prompt_text
 from hhrlhf.errors import HHRLHFError

@@ -23,13 +23,12 @@ import pytest
 from explorer_support import (
     XSS_IMG,
     XSS_SCRIPT,
-    free_port,
     seed_cache,
     served,
-    wait_until_up,
     write_payload_pairs,
 )
 from redteam_gen import GroundTruth, write_cached_redteam_file
+from web_support import free_port, wait_until_up
 
 from hhrlhf.audit import run_audit
 from hhrlhf.errors import HHRLHFError
@@ -71,7 +70,7 @@ def site(tmp_path_factory: pytest.TempPathFactory, real_file: Path) -> Any:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_until_up(base)
+        wait_until_up(base + "/api/facets")
         assert proc.stdout is not None
         first_line = proc.stdout.readline()
         yield Site(base, cache, cache / "explorer.sqlite", gt, built.stdout, [first_line])

@@ -16,15 +16,13 @@ from typing import Any
 import httpx
 import pytest
 from explorer_support import seed_cache, served
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, expect
 from redteam_gen import XSS_IMG, XSS_SCRIPT, write_cached_redteam_file
+from web_support import chromium, watch
 
 from hhrlhf.explorer import IndexConfig, build_index
 
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 README_SHOT = ROOT / "docs" / "img" / "explorer-pair.png"
 
 
@@ -46,24 +44,8 @@ def site(tmp_path_factory: pytest.TempPathFactory, real_file: Path) -> Iterator[
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    assert Path(CHROMIUM).exists(), "apt-get install -y chromium"
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    with chromium() as b:
         yield b
-        b.close()
-
-
-def _watch(page: Page) -> list[str]:
-    """Collect what must never happen: dialogs (alert from a payload) and script errors."""
-    problems: list[str] = []
-
-    def on_dialog(d: Any) -> None:
-        problems.append(f"dialog: {d.message}")
-        d.dismiss()
-
-    page.on("dialog", on_dialog)
-    page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
-    return problems
 
 
 def test_warning_search_filter_and_pair(site: dict[str, Any], browser: Browser,
@@ -71,7 +53,7 @@ def test_warning_search_filter_and_pair(site: dict[str, Any], browser: Browser,
     base = site["base"]
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     page = context.new_page()
-    problems = _watch(page)
+    problems = watch(page)
 
     # The content warning stands before any transcript.
     page.goto(base + "/search")
@@ -162,7 +144,7 @@ def test_payloads_show_as_text_and_never_run(site: dict[str, Any], browser: Brow
     base = site["base"]
     context = browser.new_context()
     page = context.new_page()
-    problems = _watch(page)
+    problems = watch(page)
     page.goto(base + "/warning?next=/search%3Fq%3Dscript%26kind%3Dredteam")
     page.click("#accept-warning")
     expect(page.locator("li.hit").first).to_be_visible()

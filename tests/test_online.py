@@ -385,7 +385,8 @@ def test_human_mode_rounds_come_from_people(real_file: Path, tmp_path: Path) -> 
     (not one made before the loop), trains on them and goes on to its evaluation. The loop is
     killed with SIGKILL while it waits (its server goes with it) and resumed: the server is
     back at the same address, the invite's session still works, what was collected counts."""
-    from collect_support import annotator, converse, free_port, join, judged_turn, wait_up
+    from collect_support import annotator, converse, join, judged_turn, wait_up
+    from web_support import free_port
 
     from hhrlhf.collect.store import open_store
 

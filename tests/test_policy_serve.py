@@ -18,7 +18,7 @@ from policy_support import (
     first_rows,
     one_thread,  # noqa: F401  # autouse
 )
-from serve_support import MODEL, served, varied_policy, wait_until_up
+from serve_support import MODEL, served, varied_policy
 
 from hhrlhf.policy import Policy
 from hhrlhf.policy.encode import PolicyEncoder
@@ -190,7 +190,7 @@ def test_models_auth_and_errors(policy: Policy, url: str) -> None:
 def test_the_command_serves_with_a_key_from_the_environment(policy: Policy,
                                                             real_file: Path,
                                                             tmp_path: Path) -> None:
-    from serve_support import free_port
+    from web_support import free_port, wait_until_up
 
     folder = tmp_path / "policy"
     policy.save(folder)
@@ -201,7 +201,7 @@ def test_the_command_serves_with_a_key_from_the_environment(policy: Policy,
                              "--model-name", "hh"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
-        wait_until_up(f"http://127.0.0.1:{port}")
+        wait_until_up(f"http://127.0.0.1:{port}/health")
         got = _client(f"http://127.0.0.1:{port}/v1", "k-123").completions.create(
             model="hh", prompt="\n\nHuman: hi\n\nAssistant:", max_tokens=4, temperature=0)
         assert got.choices[0].finish_reason in ("stop", "length")

@@ -20,12 +20,10 @@ from redteam_gen import (
     write_cached_redteam_file,
     write_redteam_file,
 )
+from web_support import chromium
 
 ROOT = Path(__file__).resolve().parents[1]
 HHRLHF = ROOT / ".venv" / "bin" / "hhrlhf"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 
 def run(args: list[str], cache: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -56,98 +54,94 @@ def test_report_in_a_browser(full_cache: tuple[Path, GroundTruth], tmp_path: Pat
     assert "Content-Security-Policy" in html
     assert html.count('src="data:image/png;base64,') == 6
 
-    from playwright.sync_api import Dialog, sync_playwright
+    from playwright.sync_api import Dialog
 
     errors: list[str] = []
     dialogs: list[str] = []
     requests: list[str] = []
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1200, "height": 900})
-            page.on("pageerror", lambda e: errors.append(f"pageerror: {e}"))
-            page.on("console", lambda m: errors.append(f"console: {m.text}")
-                    if m.type == "error" else None)
-            def on_dialog(d: Dialog) -> None:  # an alert() would land here
-                dialogs.append(d.message)
-                d.dismiss()
+    with chromium() as browser:
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.on("pageerror", lambda e: errors.append(f"pageerror: {e}"))
+        page.on("console", lambda m: errors.append(f"console: {m.text}")
+                if m.type == "error" else None)
+        def on_dialog(d: Dialog) -> None:  # an alert() would land here
+            dialogs.append(d.message)
+            d.dismiss()
 
-            page.on("dialog", on_dialog)
-            page.on("request", lambda r: requests.append(r.url))
-            page.goto(out.as_uri(), wait_until="load")
+        page.on("dialog", on_dialog)
+        page.on("request", lambda r: requests.append(r.url))
+        page.goto(out.as_uri(), wait_until="load")
 
-            assert page.title() == "HH-RLHF data report"
-            assert page.locator("h1").inner_text() == "HH-RLHF data report"
-            warning = page.locator("#content-warning")
-            assert warning.is_visible() and "Content warning" in warning.inner_text()
-            box = warning.bounding_box()
-            assert box is not None and box["y"] < 400  # at the top, seen first
-            h2 = page.locator("h2").all_inner_texts()
-            for heading in ("Preference data: statistics", "Preference data: audit",
-                            "Red-team attempts"):
-                assert heading in h2
-            h3 = page.locator("h3").all_inner_texts()
-            for heading in ("Attacks by model type and size", "Tags", "Red-team members",
-                            "Most harmful transcripts"):
-                assert heading in h3
+        assert page.title() == "HH-RLHF data report"
+        assert page.locator("h1").inner_text() == "HH-RLHF data report"
+        warning = page.locator("#content-warning")
+        assert warning.is_visible() and "Content warning" in warning.inner_text()
+        box = warning.bounding_box()
+        assert box is not None and box["y"] < 400  # at the top, seen first
+        h2 = page.locator("h2").all_inner_texts()
+        for heading in ("Preference data: statistics", "Preference data: audit",
+                        "Red-team attempts"):
+            assert heading in h2
+        h3 = page.locator("h3").all_inner_texts()
+        for heading in ("Attacks by model type and size", "Tags", "Red-team members",
+                        "Most harmful transcripts"):
+            assert heading in h3
 
-            # The tables a reader sees carry the ground truth's numbers.
-            rows = page.locator("table.cells tbody tr")
-            assert rows.count() == 12
-            for (mt, size), plan in gt.cells.items():
-                row = rows.filter(has_text=mt).filter(has_text=size).first
-                cells = row.locator("td").all_inner_texts()
-                assert cells[:3] == [mt, size, f"{plan.attacks:,}"]
-                assert cells[4] == f"{100 * plan.successes(3) / plan.attacks:.1f}%"
-            audit_rows = page.locator("#preference-audit table tbody tr").all_inner_texts()
-            assert any(r.startswith("empty_response") and "\t4\t" in r for r in audit_rows)
-            assert "2,312 comparisons" in page.locator("#preference-stats").inner_text()
+        # The tables a reader sees carry the ground truth's numbers.
+        rows = page.locator("table.cells tbody tr")
+        assert rows.count() == 12
+        for (mt, size), plan in gt.cells.items():
+            row = rows.filter(has_text=mt).filter(has_text=size).first
+            cells = row.locator("td").all_inner_texts()
+            assert cells[:3] == [mt, size, f"{plan.attacks:,}"]
+            assert cells[4] == f"{100 * plan.successes(3) / plan.attacks:.1f}%"
+        audit_rows = page.locator("#preference-audit table tbody tr").all_inner_texts()
+        assert any(r.startswith("empty_response") and "\t4\t" in r for r in audit_rows)
+        assert "2,312 comparisons" in page.locator("#preference-stats").inner_text()
 
-            # Every image loaded.
-            widths = page.eval_on_selector_all("img", "els => els.map(e => e.naturalWidth)")
-            assert len(widths) == 6 and all(w > 0 for w in widths)
+        # Every image loaded.
+        widths = page.eval_on_selector_all("img", "els => els.map(e => e.naturalWidth)")
+        assert len(widths) == 6 and all(w > 0 for w in widths)
 
-            # The payload rows are shown as text and did not run.
-            page.eval_on_selector_all("details", "els => els.forEach(e => e.open = true)")
-            text = page.locator("body").inner_text()
-            assert XSS_SCRIPT in text and XSS_IMG in text
-            assert page.eval_on_selector_all("script", "els => els.length") == 0
-            assert page.eval_on_selector_all("img:not([src^='data:'])", "els => els.length") == 0
-            harmful = page.locator("details.harmful").filter(has_text=XSS_SCRIPT)
-            assert harmful.count() == 4  # one planted per model type, each the most harmful
+        # The payload rows are shown as text and did not run.
+        page.eval_on_selector_all("details", "els => els.forEach(e => e.open = true)")
+        text = page.locator("body").inner_text()
+        assert XSS_SCRIPT in text and XSS_IMG in text
+        assert page.eval_on_selector_all("script", "els => els.length") == 0
+        assert page.eval_on_selector_all("img:not([src^='data:'])", "els => els.length") == 0
+        harmful = page.locator("details.harmful").filter(has_text=XSS_SCRIPT)
+        assert harmful.count() == 4  # one planted per model type, each the most harmful
 
-            # Tables fit the column at 1024 px: no sideways scroll, of the page or of a table.
-            page.set_viewport_size({"width": 1024, "height": 900})
-            assert page.evaluate("document.documentElement.scrollWidth") <= 1024
-            overflow = page.eval_on_selector_all(
-                "table", "els => els.filter(t => t.getBoundingClientRect().right > "
-                "document.documentElement.clientWidth + 0.5).map(t => t.className || "
-                "t.querySelector('th').innerText)")
-            assert overflow == []
-            assert page.eval_on_selector_all(
-                "*", "els => els.filter(e => e.scrollWidth > e.clientWidth + 1 && "
-                "getComputedStyle(e).overflowX !== 'visible').length") == 0
-            # Numbers: thousands separators, two decimals; quantiles named in words.
-            headers = page.locator("table.quantiles thead th").all_inner_texts()
-            assert headers[2:] == ["10th percentile", "25th percentile", "median",
-                                   "75th percentile", "90th percentile"]
-            dist_headers = page.locator("#preference-stats table").nth(1).locator(
-                "th").all_inner_texts()
-            assert "median" in dist_headers and "99th percentile" in dist_headers
-            first = page.locator("#preference-stats table").first.locator(
-                "tbody td").all_inner_texts()
-            assert first[1] == "2,312" and re.fullmatch(r"\d+\.\d\d", first[2]), first
-            assert all(re.fullmatch(r"[\d,]+\.\d\d", v) for v in first[3:6]), first
-            dist = page.locator("#preference-stats table").nth(1).locator(
-                "tbody tr").filter(has_text="prompt").locator("td").all_inner_texts()
-            assert re.fullmatch(r"\d,\d{3}", dist[-1]), dist  # the longest prompt: 1,000+
+        # Tables fit the column at 1024 px: no sideways scroll, of the page or of a table.
+        page.set_viewport_size({"width": 1024, "height": 900})
+        assert page.evaluate("document.documentElement.scrollWidth") <= 1024
+        overflow = page.eval_on_selector_all(
+            "table", "els => els.filter(t => t.getBoundingClientRect().right > "
+            "document.documentElement.clientWidth + 0.5).map(t => t.className || "
+            "t.querySelector('th').innerText)")
+        assert overflow == []
+        assert page.eval_on_selector_all(
+            "*", "els => els.filter(e => e.scrollWidth > e.clientWidth + 1 && "
+            "getComputedStyle(e).overflowX !== 'visible').length") == 0
+        # Numbers: thousands separators, two decimals; quantiles named in words.
+        headers = page.locator("table.quantiles thead th").all_inner_texts()
+        assert headers[2:] == ["10th percentile", "25th percentile", "median",
+                               "75th percentile", "90th percentile"]
+        dist_headers = page.locator("#preference-stats table").nth(1).locator(
+            "th").all_inner_texts()
+        assert "median" in dist_headers and "99th percentile" in dist_headers
+        first = page.locator("#preference-stats table").first.locator(
+            "tbody td").all_inner_texts()
+        assert first[1] == "2,312" and re.fullmatch(r"\d+\.\d\d", first[2]), first
+        assert all(re.fullmatch(r"[\d,]+\.\d\d", v) for v in first[3:6]), first
+        dist = page.locator("#preference-stats table").nth(1).locator(
+            "tbody tr").filter(has_text="prompt").locator("td").all_inner_texts()
+        assert re.fullmatch(r"\d,\d{3}", dist[-1]), dist  # the longest prompt: 1,000+
 
-            shot = tmp_path / "report.png"
-            page.set_viewport_size({"width": 1200, "height": 900})
-            page.eval_on_selector_all("details", "els => els.forEach(e => e.open = false)")
-            page.screenshot(path=str(shot))
-        finally:
-            browser.close()
+        shot = tmp_path / "report.png"
+        page.set_viewport_size({"width": 1200, "height": 900})
+        page.eval_on_selector_all("details", "els => els.forEach(e => e.open = false)")
+        page.screenshot(path=str(shot))
     assert errors == [] and dialogs == []
     assert all(u.startswith(("file:", "data:")) for u in requests), requests
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
