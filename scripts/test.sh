@@ -13,8 +13,9 @@ trap 'rm -rf "$site"' EXIT
 .venv/bin/mkdocs build --strict --quiet --site-dir "$site"
 set +e
 # One worker per core (HHRLHF_TEST_WORKERS overrides; 0 runs in this process); a file's tests
-# stay on one worker, so module fixtures (a tiny model trained once) are built once.
-.venv/bin/python -m pytest -n "${HHRLHF_TEST_WORKERS:-auto}" --dist loadfile "$@"
+# stay on one worker, so module fixtures (a tiny model trained once) are built once; the 15
+# slowest tests are listed at the end (the suite is kept under 10 minutes on 2 cores).
+.venv/bin/python -m pytest -n "${HHRLHF_TEST_WORKERS:-auto}" --dist loadfile --durations=15 "$@"
 rc=$?
 # pytest exits 5 when it collected no test: that is a failure here, never a pass.
 [ "$rc" = 5 ] && echo "no tests ran" >&2
