@@ -7,6 +7,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -221,28 +222,36 @@ def test_the_command_serves_with_a_key_from_the_environment(policy: Policy,
     assert "k-123" not in out  # a key given is not printed
 
 
+@contextmanager
+def endless(policy: Policy) -> Iterator[list[int]]:
+    """While it lasts, no sample of ``policy`` can end before its max_tokens (neither EOS nor
+    the Human marker, one token here, can be drawn), and every forward pass is counted (the
+    list's length)."""
+    passes: list[int] = []
+    count = policy.net.get_input_embeddings().register_forward_hook(lambda *_: passes.append(1))
+    ends = torch.tensor([policy.eos_id, *policy.tokenizer(
+        HUMAN_MARKER, add_special_tokens=False)["input_ids"]])
+    no_eos = policy.net.lm_head.register_forward_hook(
+        lambda _m, _i, out: out.index_fill(-1, ends, -1e9))
+    try:
+        yield passes
+    finally:
+        count.remove()
+        no_eos.remove()
+
+
 def test_a_client_gone_mid_stream_frees_the_server(policy: Policy, url: str) -> None:
     """The decode of a stream whose client left stops (far fewer forward passes than its
     max_tokens), and the next request is answered."""
     prompt = "\n\nHuman: hi" + ASSISTANT_MARKER
     body = {"model": MODEL, "prompt": prompt, "max_tokens": 400, "stream": True,
             "temperature": 1.0, "seed": 1}
-    passes: list[int] = []
-    count = policy.net.get_input_embeddings().register_forward_hook(lambda *_: passes.append(1))
-    # neither EOS nor the Human marker (one token here) can end it
-    ends = torch.tensor([policy.eos_id, *policy.tokenizer(
-        HUMAN_MARKER, add_special_tokens=False)["input_ids"]])
-    no_eos = policy.net.lm_head.register_forward_hook(
-        lambda _m, _i, out: out.index_fill(-1, ends, -1e9))
-    try:
+    with endless(policy) as passes:
         with httpx.stream("POST", url + "/completions", json=body, timeout=60) as r:
             assert r.status_code == 200
             assert r.headers["content-type"].startswith("text/event-stream")
             assert next(r.iter_lines()).startswith("data: {")
         got = _client(url).completions.create(model=MODEL, prompt=prompt, max_tokens=3, seed=1)
-    finally:
-        count.remove()
-        no_eos.remove()
     assert len(got.choices) == 1 and got.choices[0].finish_reason == "length"
     assert len(passes) < 200
 
@@ -252,24 +261,14 @@ def test_streams_take_turns_step_by_step(policy: Policy, url: str) -> None:
     the model is held one decode step at a time. A short stream started after a long one
     ends long before the long one's decode could have (counted in forward passes)."""
     prompt = "\n\nHuman: hi" + ASSISTANT_MARKER
-    passes: list[int] = []
-    count = policy.net.get_input_embeddings().register_forward_hook(lambda *_: passes.append(1))
-    ends = torch.tensor([policy.eos_id, *policy.tokenizer(
-        HUMAN_MARKER, add_special_tokens=False)["input_ids"]])
-    no_eos = policy.net.lm_head.register_forward_hook(
-        lambda _m, _i, out: out.index_fill(-1, ends, -1e9))
     long_body = {"model": MODEL, "prompt": prompt, "max_tokens": 400, "stream": True,
                  "temperature": 1.0, "seed": 1}
     short_body = {**long_body, "max_tokens": 3, "seed": 2}
-    try:
-        with httpx.stream("POST", url + "/completions", json=long_body, timeout=120) as slow:
-            assert next(slow.iter_lines()).startswith("data: {")  # then it reads no more
-            with httpx.stream("POST", url + "/completions", json=short_body,
-                              timeout=120) as quick:
-                lines = [x for x in quick.iter_lines() if x.startswith("data:")]
-            at_short_end = len(passes)
-    finally:
-        count.remove()
-        no_eos.remove()
+    with endless(policy) as passes, \
+            httpx.stream("POST", url + "/completions", json=long_body, timeout=120) as slow:
+        assert next(slow.iter_lines()).startswith("data: {")  # then it reads no more
+        with httpx.stream("POST", url + "/completions", json=short_body, timeout=120) as quick:
+            lines = [x for x in quick.iter_lines() if x.startswith("data:")]
+        at_short_end = len(passes)
     assert lines[-1] == "data: [DONE]"
     assert at_short_end < 200  # the long stream (400 steps) was still being decoded

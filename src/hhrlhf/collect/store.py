@@ -356,3 +356,11 @@ def _is_sqlite(path: Path) -> bool:
 def open_store(target: str | Path) -> Store:
     """The store at ``target``: an SQLite file (created when missing) or a postgresql:// URL."""
     return Store(target)
+
+
+def open_existing_store(target: str | Path) -> Store:
+    """The store at ``target`` for a command that reads what was collected: a missing SQLite
+    file is an error, never a new empty database."""
+    if not is_postgres_url(target) and not Path(target).is_file():
+        raise HHRLHFError("no such database file", target)
+    return Store(target)

@@ -48,11 +48,9 @@ def revoke(who: str, db: str) -> None:
     work stays, and is exported; the admin page shows them as revoked. To let them back in,
     invite them again (a new id).
     """
-    from hhrlhf.collect.store import open_store
+    from hhrlhf.collect.store import open_existing_store
 
-    if not db.startswith(("postgres://", "postgresql://")) and not Path(db).is_file():
-        raise HHRLHFError("no such database file", db)
-    store = open_store(db)
+    store = open_existing_store(db)
     try:
         found, ended = store.revoke(who)
     finally:
@@ -74,11 +72,9 @@ def revoke(who: str, db: str) -> None:
 def export(db: str, out: Path, pm_folder: Path | None, card_spelling: bool) -> None:
     """Write the collected work as the official files (DB: an SQLite file or a URL)."""
     from hhrlhf.collect.export import export as run_export
-    from hhrlhf.collect.store import open_store
+    from hhrlhf.collect.store import open_existing_store
 
-    if not db.startswith(("postgres://", "postgresql://")) and not Path(db).is_file():
-        raise HHRLHFError("no such database file", db)
-    store = open_store(db)
+    store = open_existing_store(db)
     try:
         result = run_export(store, out, pm_folder=pm_folder, card_spelling=card_spelling)
     finally:
