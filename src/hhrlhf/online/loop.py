@@ -39,13 +39,16 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from hhrlhf.errors import HHRLHFError
 from hhrlhf.records import Comparison, Dialogue, Turn
 from hhrlhf.runs import CommonConfig
+
+if TYPE_CHECKING:
+    from hhrlhf.policy.model import Policy
 
 LABELS = ("simulated", "collect")
 PAIRS = ("random", "best_vs_random", "active")
@@ -205,9 +208,9 @@ def split_folds(config: OnlineConfig) -> Folds:
 
 
 # -- sampling ----------------------------------------------------------------------------------
-def sample_turns(policy_dir: Path, prompts: Sequence[Dialogue], n: int, config: OnlineConfig,
-                 seed: int) -> list[list[Turn]]:
-    """``n`` responses per prompt from the policy in ``policy_dir`` (seeded)."""
+def sample_turns(policy: Path | Policy, prompts: Sequence[Dialogue], n: int,
+                 config: OnlineConfig, seed: int) -> list[list[Turn]]:
+    """``n`` responses per prompt from ``policy`` (a loaded one, or its folder; seeded)."""
     from hhrlhf.bon import response_turn
     from hhrlhf.policy.encode import PolicyEncoder
     from hhrlhf.policy.model import Policy
@@ -215,7 +218,8 @@ def sample_turns(policy_dir: Path, prompts: Sequence[Dialogue], n: int, config: 
 
     if not prompts:
         return []
-    policy = Policy.load(policy_dir)
+    if not isinstance(policy, Policy):
+        policy = Policy.load(policy)
     encoder = PolicyEncoder(policy.tokenizer, config.max_length)
     ids, _ = encoder.encode_prompts(list(prompts), config.max_prompt_length)
     samples = Sampler(policy.net, policy.tokenizer).sample(
@@ -485,8 +489,8 @@ class Loop:
             prompts = self.folds.eval_prompts
             seed = self.seed(r, 10)
 
-            def reward(policy_dir: Path) -> float:
-                turns = sample_turns(policy_dir, prompts, 1, c, seed)
+            def reward(policy: Policy) -> float:
+                turns = sample_turns(policy, prompts, 1, c, seed)
                 return float(np.mean(pm.score([Dialogue(p.turns + (t[0],), p.preamble)
                                                for p, t in zip(prompts, turns)])))
 
@@ -496,8 +500,7 @@ class Loop:
                                  eval_batch_size=c.batch_size)
             kl = sampled_kl(new.net, old.net, new, list(prompts), settings)
             steps = json.loads((folder / RESULT).read_text()).get("steps", 1)
-            points = [CurvePoint(0, 0.0, reward(Path(start))),
-                      CurvePoint(int(steps), kl, reward(folder / "model"))]
+            points = [CurvePoint(0, 0.0, reward(old)), CurvePoint(int(steps), kl, reward(new))]
             fit = fit_line([p.sqrt_kl for p in points], [p.reward for p in points])
             write_json(path, {"dpo_curve": [asdict(p) for p in points],
                               "dpo_fit": asdict(fit) if fit is not None else None})
@@ -647,20 +650,21 @@ def read_results(folder: str | Path) -> list[dict[str, Any]]:
     return results
 
 
+# a round result's policy-step curve: its key, and the step's name in the report
+CURVES = (("bon_curve", "best-of-n"), ("rl_curve", "rl"), ("dpo_curve", "dpo"))
+
+
 def policy_curve(res: dict[str, Any]) -> list[tuple[float, float]]:
     """The round's policy step as (sqrt(KL), PM reward) points, whatever the method:
     best-of-n (reward_mean per n, KL log n - (n-1)/n), RLOO/PPO (per logged step), DPO (the
     previous and the new policy)."""
-    curve = res.get("bon_curve") or res.get("rl_curve") or res.get("dpo_curve") or []
+    curve: Any = next((res[key] for key, _ in CURVES if res.get(key)), [])
     return [(math.sqrt(max(q["kl"], 0.0)), q.get("reward_mean", q.get("reward")))
             for q in curve]
 
 
 def _method(res: dict[str, Any]) -> str:
-    for key, name in (("bon_curve", "best-of-n"), ("rl_curve", "rl"), ("dpo_curve", "dpo")):
-        if key in res:
-            return name
-    return "-"
+    return next((name for key, name in CURVES if key in res), "-")
 
 
 def format_curves(results: Sequence[dict[str, Any]]) -> str:
