@@ -240,10 +240,6 @@ class DecodeProcess:
         except HHRLHFError as e:
             raise HHRLHFError(str(e), self.folder) from None
 
-    @property
-    def pid(self) -> int | None:
-        return self.child.proc.pid if self.child.proc is not None else None
-
     def close(self) -> None:
         self.child.stop()
 
