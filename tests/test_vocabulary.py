@@ -256,3 +256,14 @@ def test_the_old_positional_spelling_is_one_line(args: list[str], said: str,
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1, err
     assert err.startswith("hhrlhf: error: " + said.format(m=m)), err
+
+
+@pytest.mark.parametrize("path", [("sft",), ("dpo",), ("rl", "train")], ids=" ".join)
+def test_chat_format_choices_are_the_policy_formats(path: tuple[str, ...]) -> None:
+    """--chat-format spells its choices apart from hhrlhf.policy.chat (a core install's CLI
+    loads without torch): they stay the same."""
+    from hhrlhf.policy.chat import CHAT_FORMATS
+
+    opt = option(path, "--chat-format")
+    assert opt is not None and isinstance(opt.type, click.Choice)
+    assert list(opt.type.choices) == list(CHAT_FORMATS)

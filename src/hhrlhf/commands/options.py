@@ -154,6 +154,19 @@ def require_models(ctx: click.Context, **given: str | None) -> None:
             raise click.UsageError(f"missing option '--{name}'", ctx)
 
 
+CHAT_FORMAT_HELP = ("auto: the policy's own chat template, the HH text format when it has "
+                    "none; hh: the HH text format always.")
+
+
+def chat_format_option(config: str) -> Callable[[F], F]:
+    """``--chat-format auto|hh|template``: how a trainer renders dialogues for its policy, the
+    key ``chat_format`` of ``config``. The choices are hhrlhf.policy.chat's CHAT_FORMATS,
+    spelled here: importing hhrlhf.policy needs torch, and a core install's command line
+    must load without it (its `pm` extra is named in one line when a command needs it)."""
+    return click.option("--chat-format", type=click.Choice(["auto", "hh", "template"]),
+                        help=CHAT_FORMAT_HELP, **from_config(config, "chat_format"))
+
+
 # -- earlier names ------------------------------------------------------------------------------
 def alias_option(name: str, dest: str, **kwargs: Any) -> Callable[[F], F]:
     """An option's earlier name, still taken but unlisted (hidden from the help): its value

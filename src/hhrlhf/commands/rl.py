@@ -15,6 +15,7 @@ import click
 from hhrlhf.commands.options import (
     ModelCommand,
     alias_option,
+    chat_format_option,
     cut_note,
     from_config,
     given,
@@ -93,10 +94,7 @@ def rl() -> None:
                    "redteam: the red-team transcripts' opening human turns.",
               **from_config(CONFIG, "prompts"))
 @max_prompts_option(config=CONFIG)
-@click.option("--chat-format", type=click.Choice(["auto", "hh", "template"]),
-              help="auto: the policy's own chat template, the HH text format when it "
-                   "has none; hh: the HH text format always.",
-              **from_config(CONFIG, "chat_format"))
+@chat_format_option(CONFIG)
 @click.option("--n", "samples_per_prompt", type=int, help="Samples per prompt.",
               **from_config(CONFIG, "samples_per_prompt"))
 @alias_option("--k", "samples_per_prompt_alias", type=int)  # --n's earlier name

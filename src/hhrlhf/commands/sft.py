@@ -14,6 +14,7 @@ import click
 
 from hhrlhf.commands.options import (
     ModelCommand,
+    chat_format_option,
     from_config,
     max_rows_option,
     out_dir_option,
@@ -36,10 +37,7 @@ def common_options(config: str, policy_help: str) -> Callable[[Any], Any]:
                          help="Set any configuration key (repeatable), e.g. --set lr=1e-4."),
             out_dir_option(),
             policy_option(policy_help, required=False),
-            click.option("--chat-format", type=click.Choice(["auto", "hh", "template"]),
-                         help="auto: the policy's own chat template, the HH text format "
-                              "when it has none; hh: the HH text format always.",
-                         **from_config(config, "chat_format")),
+            chat_format_option(config),
             click.option("--eval", "eval_data", multiple=True,
                          help="Held-out source (repeatable)."),
             click.option("--max-steps", type=int, help="Optimizer steps (0: one epoch).",
