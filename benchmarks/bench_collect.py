@@ -7,10 +7,14 @@ client processes so that the clients' own interpreter lock does not inflate what
 measure) each loop: write a message (a submit), stream the two responses (model time: timed
 apart), pick one (a submit), and every few turns start a new conversation (a submit). Every
 submit carries its own idempotency key and is retried with the same key until it is
-acknowledged, as the browser does. The annotators start within one second of each other,
-then submit with no pause for thought. Each client logs what was acknowledged, and the server's
-own time of each submit (its ``Server-Timing`` header: from the request's arrival in the app
-to its answer, the durable write included).
+acknowledged, as the browser does. The annotators start within one second of each other.
+Before each message and each pick an annotator pauses for ``--think`` seconds on average
+(0.5 to 1.5 times it; default 1 s: a person reading two responses and choosing takes ten
+seconds or more, so 50 such annotators are a lab of several hundred people). ``--think 0``
+takes no pause at all: every client submits again as soon as it can, which measures the
+server's capacity (saturated, where latency is queueing) rather than its latency. Each client
+logs what was acknowledged, and the server's own time of each submit (its ``Server-Timing``
+header: from the request's arrival in the app to its answer, the durable write included).
 
 Phase 1 runs for ``--seconds``: submit latency (request to acknowledgement, excluding the
 model) is measured here. Phase 2 keeps the load on, kills the server with SIGKILL, starts it
@@ -28,7 +32,7 @@ The last line: ``collect: <A> annotators, <S> submits, lost <L>, duplicated <D>,
 submit p95 <X> ms``.
 
     .venv/bin/python benchmarks/bench_collect.py [--quick] [--annotators 50] [--seconds 60]
-        [--client-processes 4]
+        [--think 1.0] [--client-processes 4]
 """
 
 from __future__ import annotations
@@ -119,8 +123,9 @@ async def wait_up(base: str, server: subprocess.Popen[bytes], log: Path,
 
 
 class Annotator:
-    def __init__(self, base: str, aid: int, token: str, log: Log):
+    def __init__(self, base: str, aid: int, token: str, log: Log, think: float = 0.0):
         self.base, self.aid, self.token, self.log = base, aid, token, log
+        self.think = think
         self.client = httpx.AsyncClient(base_url=base, timeout=120, follow_redirects=True)
         self.csrf = ""
 
@@ -200,13 +205,14 @@ class Annotator:
 
     async def run(self, until: Until) -> None:
         # people do not all start in the same millisecond: each starts within the first
-        # second (after that, no pause: every client submits again as soon as it can)
+        # second
         await asyncio.sleep(random.uniform(0, START_SPREAD_S))
         await self.enter()
         while not until.done:
             state = await self.state()
             item = state.get("item")
             if state["mode"] == "overlap" or item is not None:
+                await self.pause()  # reading the two responses
                 code, _ = await self.submit("/api/judge", {"item_id": item["id"],
                                                            "side": "left", "strength": 1})
                 if code == 200:
@@ -220,12 +226,17 @@ class Annotator:
                                             {"conversation_id": state["conversation_id"]})
                 self.log.finishes += code == 200
                 continue
+            await self.pause()  # writing the message
             text = f"annotator {self.aid} message {self.log.n}"
             code, _answer = await self.submit("/api/message", {
                 "conversation_id": state["conversation_id"], "position": len(state["turns"]),
                 "text": text})
             if code == 200:
                 self.log.messages.append(text)
+
+    async def pause(self) -> None:
+        if self.think > 0:
+            await asyncio.sleep(random.uniform(0.5, 1.5) * self.think)
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -274,8 +285,10 @@ def sampler_first_token(policy: Path, max_new_tokens: int) -> list[float]:
                                 stream=True, temperature=1.0, top_p=1.0, top_k=0,
                                 truncate_prompt_tokens=None)
         t0 = time.monotonic()
-        steps = engine.steps(engine.job([completion_dialogue(prompt)], req, None))
-        engine.next_step(steps)
+        job = engine.job([completion_dialogue(prompt)], req, None)
+        steps = engine.sampler.stream(job.prompts, n=job.n, max_new_tokens=job.max_tokens,
+                                      temperature=job.temperature, seed=job.seed)
+        next(steps)
         out.append(time.monotonic() - t0)
         steps.close()
     return out[2:]  # the first two warm the model up
@@ -285,9 +298,10 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-async def load_here(base: str, tokens: list[tuple[int, str]], logs: list[Log],
-                    stop: Any) -> list[Log]:
-    annotators = [Annotator(base, aid, tok, log) for (aid, tok), log in zip(tokens, logs)]
+async def load_here(base: str, tokens: list[tuple[int, str]], logs: list[Log], stop: Any,
+                    think: float) -> list[Log]:
+    annotators = [Annotator(base, aid, tok, log, think)
+                  for (aid, tok), log in zip(tokens, logs)]
     until = Until()
     tasks = [asyncio.create_task(a.run(until)) for a in annotators]
     while not stop.is_set():  # asked now and then, not by every client on every turn
@@ -314,13 +328,13 @@ def client_started() -> None:
 
 
 def client_process(base: str, tokens: list[tuple[int, str]], logs: list[Log],
-                   stop: Any) -> list[Log]:
+                   stop: Any, think: float) -> list[Log]:
     """One client process: its share of the annotators, until ``stop`` is set."""
-    return asyncio.run(load_here(base, tokens, logs, stop))
+    return asyncio.run(load_here(base, tokens, logs, stop, think))
 
 
 def load(pool: ProcessPoolExecutor, stop: Any, processes: int, base: str,
-         tokens: list[tuple[int, str]], logs: list[Log], seconds: float,
+         tokens: list[tuple[int, str]], logs: list[Log], seconds: float, think: float,
          kill: Any) -> list[Log]:
     """The annotators, spread over ``processes`` client processes, for ``seconds`` (and at
     least a few seconds after ``kill``, if any, which runs here meanwhile and returns when
@@ -329,7 +343,8 @@ def load(pool: ProcessPoolExecutor, stop: Any, processes: int, base: str,
     stop_at = time.monotonic() + seconds
     shares = [list(range(i, len(tokens), processes)) for i in range(processes)]
     futures = [pool.submit(client_process, base, [tokens[j] for j in share],
-                           [logs[j] for j in share], stop) for share in shares if share]
+                           [logs[j] for j in share], stop, think)
+               for share in shares if share]
     if kill is not None:
         asyncio.run(kill())
         stop_at = max(stop_at, time.monotonic() + 5)
@@ -349,6 +364,9 @@ def main() -> None:
     ap.add_argument("--annotators", type=int, default=50)
     ap.add_argument("--seconds", type=float, default=60.0, help="phase 1 (latency)")
     ap.add_argument("--kill-seconds", type=float, default=25.0, help="phase 2 (kill -9)")
+    ap.add_argument("--think", type=float, default=1.0,
+                    help="an annotator's mean pause before a message or a pick, seconds "
+                         "(0: none, the server saturated)")
     ap.add_argument("--client-processes", type=int, default=4,
                     help="processes the simulated annotators are spread over")
     args = ap.parse_args()
@@ -361,7 +379,8 @@ def main() -> None:
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, python "
           f"{platform.python_version()}; {args.annotators} annotators, phase 1 "
           f"{args.seconds:g} s, phase 2 (kill -9 and restart) {args.kill_seconds:g} s; "
-          f"{args.client_processes} client processes")
+          f"{args.client_processes} client processes; a pause of "
+          f"{args.think * 0.5:g}-{args.think * 1.5:g} s before each message and pick")
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
         build_policy(tmp / "policy")
@@ -391,7 +410,7 @@ def main() -> None:
 
         # phase 1: steady load; submit latency
         t_start = time.monotonic()
-        logs = load(pool, stop, processes, base, tokens, logs, args.seconds, None)
+        logs = load(pool, stop, processes, base, tokens, logs, args.seconds, args.think, None)
         phase1_end = time.monotonic()
         lat = [d for log in logs for t0, d in log.latencies if t0 < phase1_end]
         model = [d for log in logs for d in log.model]
@@ -426,7 +445,8 @@ def main() -> None:
             restarted["down_s"] = time.monotonic() - t_kill
 
         retries1 = sum(log.retries for log in logs)
-        logs = load(pool, stop, processes, base, tokens, logs, args.kill_seconds, kill)
+        logs = load(pool, stop, processes, base, tokens, logs, args.kill_seconds, args.think,
+                    kill)
         pool.shutdown()
         manager.shutdown()
         server.send_signal(signal.SIGTERM)

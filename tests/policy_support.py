@@ -62,3 +62,17 @@ def run_cli(args: list[str], capsys: pytest.CaptureFixture[str],
         code = int(e.code or 0)
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+def varied_policy(real_file: Path, folder: Path) -> Policy:
+    """The tiny policy with an untied random LM head (tied random weights make greedy decoding
+    repeat one token) whose EOS logit varies: samples end by EOS and by length."""
+    policy = build_tiny(first_rows(real_file, 300), folder)
+    torch.manual_seed(3)
+    net = policy.net
+    net.config.tie_word_embeddings = False
+    net.lm_head.weight = torch.nn.Parameter(torch.randn_like(net.lm_head.weight) * 0.3)
+    with torch.no_grad():
+        net.lm_head.weight[policy.eos_id].normal_(std=0.6)
+    policy.save(folder)
+    return Policy.load(folder)

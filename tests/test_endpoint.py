@@ -18,8 +18,9 @@ from policy_support import (
     first_rows,
     one_thread,  # noqa: F401  # autouse
     run_cli,
+    varied_policy,
 )
-from serve_support import MODEL, served, varied_policy
+from serve_support import MODEL, served
 from web_support import free_port
 
 from hhrlhf.endpoint import EndpointSampler, base_url, is_endpoint, prompt_text

@@ -18,8 +18,9 @@ from policy_support import (
     ENV,
     first_rows,
     one_thread,  # noqa: F401  # autouse
+    varied_policy,
 )
-from serve_support import MODEL, served, varied_policy
+from serve_support import MODEL, served
 
 from hhrlhf.policy import Policy
 from hhrlhf.policy.encode import PolicyEncoder
@@ -226,9 +227,10 @@ def test_the_command_serves_with_a_key_from_the_environment(policy: Policy,
 def endless(policy: Policy) -> Iterator[list[int]]:
     """While it lasts, no sample of ``policy`` can end before its max_tokens (neither EOS nor
     the Human marker, one token here, can be drawn), and every forward pass is counted (the
-    list's length)."""
+    list's length; each entry is the pass's rows)."""
     passes: list[int] = []
-    count = policy.net.get_input_embeddings().register_forward_hook(lambda *_: passes.append(1))
+    count = policy.net.get_input_embeddings().register_forward_hook(
+        lambda _m, args, _o: passes.append(int(args[0].shape[0])))
     ends = torch.tensor([policy.eos_id, *policy.tokenizer(
         HUMAN_MARKER, add_special_tokens=False)["input_ids"]])
     no_eos = policy.net.lm_head.register_forward_hook(
@@ -256,19 +258,24 @@ def test_a_client_gone_mid_stream_frees_the_server(policy: Policy, url: str) -> 
     assert len(passes) < 200
 
 
-def test_streams_take_turns_step_by_step(policy: Policy, url: str) -> None:
-    """A stream whose client stops reading (it stays connected) holds no other stream up:
-    the model is held one decode step at a time. A short stream started after a long one
-    ends long before the long one's decode could have (counted in forward passes)."""
+def test_streams_in_flight_share_each_decode_step(policy: Policy, url: str) -> None:
+    """Streams in flight are decoded together (a forward pass holds the rows of both), and
+    a stream whose client stops reading (it stays connected) holds no other stream up: a
+    short stream started after a long one ends long before the long one's decode could have
+    (counted in forward passes)."""
     prompt = "\n\nHuman: hi" + ASSISTANT_MARKER
     long_body = {"model": MODEL, "prompt": prompt, "max_tokens": 400, "stream": True,
                  "temperature": 1.0, "seed": 1}
     short_body = {**long_body, "max_tokens": 3, "seed": 2}
     with endless(policy) as passes, \
             httpx.stream("POST", url + "/completions", json=long_body, timeout=120) as slow:
-        assert next(slow.iter_lines()).startswith("data: {")  # then it reads no more
+        # kept: a line iterator dropped half-read closes the connection (the client gone)
+        unread = slow.iter_lines()
+        assert next(unread).startswith("data: {")  # then it reads no more
         with httpx.stream("POST", url + "/completions", json=short_body, timeout=120) as quick:
             lines = [x for x in quick.iter_lines() if x.startswith("data:")]
         at_short_end = len(passes)
+        assert not slow.is_closed
     assert lines[-1] == "data: [DONE]"
     assert at_short_end < 200  # the long stream (400 steps) was still being decoded
+    assert 2 in passes[:at_short_end]  # a decode step of the long and the short stream

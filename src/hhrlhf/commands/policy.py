@@ -32,7 +32,8 @@ def policy() -> None:
 @click.option("--max-new-tokens", type=click.IntRange(1), default=128, show_default=True,
               help="max_tokens for a request that gives none.")
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True,
-              help="Sequences decoded together (prompts x n).")
+              help="Sequences decoded together (prompts x n): a request's, and all the "
+                   "streams' in flight.")
 @threads_option()
 def serve(policy: str, host: str, port: int, model_name: str | None, api_key: str | None,
           max_new_tokens: int, batch_size: int, threads: int) -> None:

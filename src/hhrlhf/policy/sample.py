@@ -92,11 +92,20 @@ def draw(probs: torch.Tensor, gen: torch.Generator, rows: torch.Tensor | None = 
     entry, which dominates a CPU decode step). ``rows``: which of ``total`` rows ``probs``
     holds; the generator still draws ``total`` numbers, so a row's draws do not depend on
     which other rows are still decoding."""
-    cdf = probs.cumsum(-1)
     count = probs.shape[0] if rows is None else total
-    u = torch.rand((count, 1), generator=gen, device=probs.device, dtype=cdf.dtype)
-    if rows is not None:
-        u = u[rows]
+    return pick(probs, uniforms(gen, count, rows, probs.device, probs.dtype))
+
+
+def uniforms(gen: torch.Generator, count: int, rows: torch.Tensor | None,
+             device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`draw`'s random numbers: ``count`` from ``gen``, those of ``rows`` kept, (rows, 1)."""
+    u = torch.rand((count, 1), generator=gen, device=device, dtype=dtype)
+    return u if rows is None else u[rows]
+
+
+def pick(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The inverse CDF of each row of ``probs`` at its uniform number ``u`` (rows, 1)."""
+    cdf = probs.cumsum(-1)
     u = u * cdf[:, -1:]
     # the first index whose cumulative mass exceeds u: a zero-probability entry never is
     return torch.searchsorted(cdf, u, right=True)[:, 0].clamp_(max=probs.shape[-1] - 1)
@@ -120,6 +129,19 @@ class _PreallocatedLayer(DynamicLayer):
         self.is_initialized = True
         self.length = length
         self._expose()
+
+    @classmethod
+    def wrap(cls, key_buffer: torch.Tensor, value_buffer: torch.Tensor,
+             length: int) -> _PreallocatedLayer:
+        """A layer over buffers already laid out, their first ``length`` columns filled."""
+        layer = cls.__new__(cls)
+        DynamicLayer.__init__(layer)
+        layer.key_buffer, layer.value_buffer = key_buffer, value_buffer
+        layer.device = key_buffer.device
+        layer.is_initialized = True
+        layer.length = length
+        layer._expose()
+        return layer
 
     def _expose(self) -> tuple[torch.Tensor, torch.Tensor]:
         keys = self.keys = self.key_buffer[:, :, : self.length]
@@ -189,6 +211,11 @@ class Sampler:
 
         params = inspect.signature(net.forward).parameters
         self.cache_arg = "cache" if "cache" in params else "past_key_values"
+
+    def human_marker_ends(self, tokens: list[int]) -> bool:
+        """Whether ``tokens`` (a sample so far) end with the HH next-turn marker: the last
+        16 tokens' text (they hold its 8 characters), looked at when the last holds ":"."""
+        return HUMAN_MARKER in "".join(self.pieces[t] for t in tokens[-16:])
 
     @property
     def device(self) -> torch.device:
@@ -312,10 +339,8 @@ class Sampler:
             stop.masked_fill_(ended, 1)  # no host sync, unlike stop[ended] = 1
             if stop_at_human:
                 maybe = (running & ~ended & colon[nxt]).nonzero()[:, 0].tolist()
-                for r in maybe:  # the last tokens' text: 16 tokens hold the 8 characters
-                    tail = "".join(self.pieces[t] for t in
-                                   out_ids[r, max(0, step - 15): step + 1].tolist())
-                    if HUMAN_MARKER in tail:
+                for r in maybe:
+                    if self.human_marker_ends(out_ids[r, max(0, step - 15): step + 1].tolist()):
                         ended[r] = True
                         stop[r] = 2
             length.masked_fill_(ended, step + 1)

@@ -9,8 +9,11 @@ Prompts are HH dialogues, encoded as ``hhrlhf generate`` encodes them (:class:`P
 the end kept), and sampled by the shared-prefill :class:`Sampler`: the ``n`` samples of a
 prompt share its prefill, the prompts of one request are decoded together, and a request with
 the same prompts, settings and ``seed`` gives what ``hhrlhf generate`` gives. The model runs
-one thing at a time: a whole request, or one decode step of a streamed one (streams take turns
-step by step, so each sends its first tokens soon, and a stalled client holds no one up).
+one thing at a time: a whole request, or one decode step of the streams in flight. The streams
+share one decode batch (:mod:`hhrlhf.policy.batching`: a stream joins between two steps and
+leaves when it ends or its client goes; a stalled client holds no one up). A stream alone gives
+``generate``'s tokens; beside others its numbers may round differently in the last bits (as in
+vLLM). A model whose KV cache cannot be batched has its streams take turns, step by step.
 
 A sample ends at EOS or at the HH next-turn marker ``"\\n\\nHuman:"`` (``finish_reason``
 ``"stop"``; ``stop_reason`` is the marker, or null for EOS, as vLLM reports it), or after
@@ -29,7 +32,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Generator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -43,6 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hhrlhf.policy.model import ASSISTANT_MARKER, HUMAN_MARKER, Policy
+from hhrlhf.policy.sample import Step
 from hhrlhf.records import ASSISTANT, HUMAN, Dialogue, Turn
 
 log = logging.getLogger("hhrlhf.policy.server")
@@ -178,9 +182,11 @@ class Job:
 
 
 class Engine:
-    """The policy, its sampler, and the lock that makes requests take turns."""
+    """The policy, its sampler, the shared decode batch of the streams, and the lock that
+    makes a whole request and a decode step take turns."""
 
     def __init__(self, policy: Policy, batch_size: int = 64, default_max_tokens: int = 128):
+        from hhrlhf.policy.batching import BatchDecoder, supports
         from hhrlhf.policy.sample import Sampler
 
         self.policy = policy
@@ -189,7 +195,12 @@ class Engine:
         self.batch_size = batch_size
         self.default_max_tokens = default_max_tokens
         self.positions = int(getattr(policy.config, "max_position_embeddings", None) or 1 << 30)
-        self.lock = asyncio.Lock()  # one request samples at a time
+        self.lock = asyncio.Lock()  # the model runs one thing at a time
+        # streams share one decode batch (batch_size rows in all) where the model's cache
+        # allows it; otherwise they take turns step by step
+        self.decoder = BatchDecoder(self.sampler, batch_size) if supports(self.sampler) \
+            else None
+        self._driver: asyncio.Task[None] | None = None
 
     def job(self, dialogues: list[Dialogue], req: _Sampling, max_tokens: int | None) -> Job:
         from hhrlhf.policy.encode import PolicyEncoder
@@ -237,16 +248,82 @@ class Engine:
             out.append((text, finish, reason, len(s.tokens)))
         return out
 
-    def steps(self, job: Job) -> Generator[Any, None, Any]:
-        return self.sampler.stream(job.prompts, **self._args(job))
+    async def stream(self, job: Job) -> AsyncGenerator[list[Step], None]:
+        """The job's decode steps as they are made (a list of :class:`Step` each). Closing
+        the iterator (a client gone, every text stopped) ends the job's decode."""
+        if self.decoder is None:
+            async for step in self._take_turns(job):
+                yield step
+            return
+        from hhrlhf.policy.batching import DecodeStream
 
-    def next_step(self, steps: Generator[Any, None, Any]) -> list[Any] | None:
-        """The next decode step's tokens; None at the end."""
+        stream = DecodeStream(job.prompts, job.n, job.max_tokens, job.temperature, job.top_p,
+                              job.top_k, job.seed, self.batch_size, self.sampler.device)
+        ready = asyncio.Event()
+        stream.deliver = ready.set
+        self.decoder.add(stream)
+        if self._driver is None:
+            self._driver = asyncio.create_task(self._drive())
         try:
+            while True:
+                await ready.wait()
+                ready.clear()
+                items, stream.outbox = stream.outbox, []
+                for item in items:
+                    if item is None:
+                        return
+                    if isinstance(item, BaseException):
+                        raise item
+                    yield item
+        finally:
+            stream.cancelled = True  # out of the batch before the next step
+
+    async def _drive(self) -> None:
+        """Decode steps while any stream is in flight or waiting, each handed to its
+        streams."""
+        decoder = self.decoder
+        assert decoder is not None
+
+        def step() -> list[Any]:
             with self._autocast():
-                return list(next(steps))
-        except StopIteration:
-            return None
+                return decoder.step()
+
+        try:
+            while decoder.busy():
+                async with self.lock:
+                    touched = await anyio.to_thread.run_sync(step)
+                for stream in touched:
+                    stream.deliver()
+        except Exception as e:  # a failed step fails every stream in flight, not the server
+            log.exception("decode step failed")
+            for stream in decoder.streams():
+                stream.outbox.append(e)
+                stream.deliver()
+            decoder.reset()
+        finally:
+            self._driver = None
+
+    async def _take_turns(self, job: Job) -> AsyncGenerator[list[Step], None]:
+        """A policy whose cache cannot be batched: the job's own decode, one step at a time
+        under the lock, so that streams take turns and a stalled client holds no one up."""
+        steps = self.sampler.stream(job.prompts, **self._args(job))
+
+        def next_step() -> list[Step] | None:
+            try:
+                with self._autocast():
+                    return list(next(steps))
+            except StopIteration:
+                return None
+
+        try:
+            while True:
+                async with self.lock:
+                    step = await anyio.to_thread.run_sync(next_step)
+                if step is None:
+                    return
+                yield step
+        finally:
+            steps.close()
 
 
 def _sse(obj: Any) -> str:
@@ -387,16 +464,11 @@ def create_app(policy: Policy, model_name: str, api_key: str | None = None,
                 choice["stop_reason"] = reason
             return _sse({**head, "choices": [choice]})
 
-        # The lock is held one decode step at a time, never across a yield: concurrent
-        # streams take turns step by step (each decode's state is its own), and a client
-        # that reads slowly, or stalls without closing, holds no other stream up.
-        steps = engine.steps(job)
+        # The streams in flight are decoded together, one step at a time; a client that
+        # reads slowly, or stalls without closing, holds no other stream up.
+        steps = engine.stream(job)
         try:
-            while not all(finished):
-                async with engine.lock:
-                    step = await anyio.to_thread.run_sync(engine.next_step, steps)
-                if step is None:
-                    break
+            async for step in steps:
                 out = []
                 for s in step:
                     j = s.prompt_index * job.n + s.sample_index
@@ -419,8 +491,10 @@ def create_app(policy: Policy, model_name: str, api_key: str | None = None,
                         out.append(chunk(j, delta, finish, reason))
                 for text in out:
                     yield text
+                if all(finished):
+                    break
         finally:
-            steps.close()  # a client gone, or every text stopped: the decode ends
+            await steps.aclose()  # a client gone, or every text stopped: the decode ends
         if with_usage:
             yield _sse({**head, "choices": [], "usage": usage(job, tokens)})
         yield "data: [DONE]\n\n"
