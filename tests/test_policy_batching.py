@@ -162,3 +162,32 @@ def test_rows_wait_for_room(policy: Policy, prompts: list[np.ndarray]) -> None:
         hook.remove()
     assert set(got) == {id(big), id(second)}
     assert max(rows) <= 6  # never 6 + 2 rows: the second waited
+
+
+def test_a_burst_is_prefilled_in_waves(policy: Policy, prompts: list[np.ndarray]) -> None:
+    """Streams arriving together are prefilled together up to prefill_tokens (padded), the
+    rest at the next steps: with room for one prompt a pass, three streams take three
+    prefills and the first gets its first token a step before the last."""
+    sampler = Sampler(policy.net, policy.tokenizer)
+    shapes: list[tuple[int, int]] = []
+    hook = policy.net.get_input_embeddings().register_forward_hook(
+        lambda _m, args, _o: shapes.append(tuple(args[0].shape)))
+    try:
+        for budget, prefills in ((1, 3), (10_000, 1)):
+            shapes.clear()
+            streams = [_stream(sampler, [prompts[k]], 2, 4, k) for k in (3, 6, 9)]
+            decoder = BatchDecoder(sampler, prefill_tokens=budget)
+            for st in streams:
+                decoder.add(st)
+            first: dict[int, int] = {}
+            k = 0
+            while decoder.busy():
+                for st in decoder.step():
+                    first.setdefault(id(st), k)
+                    st.outbox = []
+                k += 1
+            assert sum(width > 1 for _, width in shapes) == prefills, budget
+            assert [first[id(st)] for st in streams] == ([0, 1, 2] if prefills == 3
+                                                         else [0, 0, 0])
+    finally:
+        hook.remove()

@@ -201,6 +201,26 @@ def test_seed_and_threads_are_the_shared_options(path: tuple[str, ...]) -> None:
         assert isinstance(seed.type, click.IntRange) and seed.type.min == 0, path
 
 
+# commands with a configuration: --config FILE and --set KEY=VALUE (pm lexical: --set only)
+CONFIGURED = [("sft",), ("dpo",), ("pm", "train"), ("pm", "cv"), ("rl", "train"),
+              ("online", "run"), ("pm", "lexical")]
+
+
+@pytest.mark.parametrize("path", sorted(ALL), ids=" ".join)
+def test_configuration_is_config_and_set(path: tuple[str, ...]) -> None:
+    """--config is a file of keys, --set a repeatable KEY=VALUE, both spelled by
+    options.config_options (their values arrive as config_file and assignments)."""
+    config, assign = option(path, "--config"), option(path, "--set")
+    assert (assign is not None) == (path in CONFIGURED), path
+    assert (config is not None) == (path in CONFIGURED and path != ("pm", "lexical")), path
+    if assign is not None:
+        assert assign.multiple and assign.metavar == "KEY=VALUE", path
+        assert assign.name == "assignments" and (assign.help or "").startswith("Set any "), path
+    if config is not None:
+        assert config.name == "config_file" and isinstance(config.type, click.Path), path
+        assert (config.help or "").startswith("YAML, TOML or JSON file of "), path
+
+
 @pytest.mark.parametrize("path", [("sft",), ("dpo",), ("pm", "train")], ids=" ".join)
 def test_trainers_take_seed_and_threads(path: tuple[str, ...]) -> None:
     assert {"--seed", "--threads"} <= options(*path)

@@ -11,6 +11,8 @@ from typing import Any
 
 import click
 
+from hhrlhf.commands.options import config_options, out_dir_option, quiet_option
+
 
 class OnlineGroup(click.Group):
     """``run`` is the default subcommand (as ``train`` is ``hhrlhf rl``'s)."""
@@ -41,18 +43,15 @@ def online() -> None:
 
 @online.command("run")
 @click.argument("sources", nargs=-1, metavar="[SOURCES]...")
-@click.option("--out", "out_dir", help="Run folder (one round-RR folder per round).")
+@out_dir_option("Run folder (one round-RR folder per round).")
 @click.option("--rounds", type=int, help="Rounds after round 0 (default 3).")
 @click.option("--pairs", type=click.Choice(["random", "best_vs_random", "active"]),
               help="Which pairs are labelled (default random).")
 @click.option("--method", type=click.Choice(["bon_sft", "dpo", "rloo", "ppo"]),
               help="The policy step: best-of-N distillation (default), DPO, RLOO or PPO.")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False),
-              help="YAML, TOML or JSON file of configuration keys.")
-@click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
-              help="Set any configuration key (repeatable), e.g. --set pairs_per_round=128.")
+@config_options(example="pairs_per_round=128")
 @click.option("--resume", is_flag=True, help="Continue the run in --out.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress lines.")
+@quiet_option("No progress lines.")
 def run(sources: tuple[str, ...], config_file: str | None, assignments: tuple[str, ...],
         resume: bool, quiet: bool, **options: Any) -> None:
     """Round 0: SFT a policy and fit a PM on one fold of SOURCES (default helpful-base/train);

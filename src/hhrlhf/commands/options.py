@@ -238,6 +238,21 @@ def output_option(help: str = "Write here (atomically) instead of stdout.",
     return decorate
 
 
+def config_options(key: str = "configuration key", example: str = "lr=1e-4",
+                   file: bool = True) -> Callable[[F], F]:
+    """``--config FILE`` (YAML, TOML or JSON of ``key``s; ``file=False``: none) and ``--set
+    KEY=VALUE`` (repeatable): how every command that has a configuration takes it. Their
+    values arrive as ``config_file`` and ``assignments``."""
+    def decorate(f: F) -> F:
+        f = click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
+                         help=f"Set any {key} (repeatable), e.g. --set {example}.")(f)
+        if file:
+            f = click.option("--config", "config_file", type=click.Path(dir_okay=False),
+                             help=f"YAML, TOML or JSON file of {key}s.")(f)
+        return f
+    return decorate
+
+
 def out_dir_option(help: str = "Run folder (checkpoints, metrics, model).") -> Callable[[F], F]:
     """``--out DIR``: a trainer's run folder."""
     return click.option("--out", "out_dir", metavar="DIR", help=help)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from hhrlhf.commands.options import alias_option, given, seed_option
+from hhrlhf.commands.options import alias_option, given, quiet_option, seed_option
 from hhrlhf.errors import HHRLHFError
 from hhrlhf.registry import REDTEAM_SUBSET
 
@@ -41,7 +41,7 @@ def _check_target(path: Path, option: str, inputs: list[Path]) -> None:
 @click.option("--min-rows", type=click.IntRange(4), default=10, show_default=True,
               help="A group with fewer rows gets its n and no rho.")
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@quiet_option("No progress bars.")
 def agree(model: str, source: str, sample: int | None, sample_alias: int | None, seed: int,
           plot: Path | None, scores: Path | None, as_json: bool, min_rows: int, batch_size: int,
           quiet: bool) -> None:

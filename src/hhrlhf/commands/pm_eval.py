@@ -10,7 +10,13 @@ from pathlib import Path
 import click
 
 from hhrlhf.atomic import write_text
-from hhrlhf.commands.options import given, max_rows_option, quiet_option, seed_option
+from hhrlhf.commands.options import (
+    config_options,
+    given,
+    max_rows_option,
+    quiet_option,
+    seed_option,
+)
 from hhrlhf.errors import HHRLHFError
 from hhrlhf.outputs import check_output_file, check_output_folder, mark_output
 from hhrlhf.records import Comparison
@@ -128,10 +134,7 @@ def eval_(model: str, data: tuple[str, ...], split: str, as_json: bool, plot: st
               help="Split of the named subsets.")
 @click.option("--folds", type=click.IntRange(2), default=5, show_default=True)
 @seed_option("Seed of the fold assignment (folds grouped by prompt).")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
-              help="Training configuration file (YAML, TOML or JSON) for the neural PM.")
-@click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
-              help="Override a training configuration key (repeatable).")
+@config_options("TrainConfig key (the neural PM's training)")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON object.")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None,
               help="Reliability diagram (PNG) of the pooled out-of-fold predictions.")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from hhrlhf.commands.options import given, max_rows_option
+from hhrlhf.commands.options import config_options, given, max_rows_option
 from hhrlhf.errors import HHRLHFError
 
 # The same default data and row filter as `hhrlhf pm train` (its TrainConfig defaults).
@@ -26,9 +26,8 @@ SKIP_FLAGS = ("identical_responses",)  # no preference to learn from
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="The model folder to write (must not exist, or be empty).")
 @max_rows_option(alias="--max-pairs")  # --max-pairs: its earlier name
-@click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
-              help="Set a LexicalConfig key (repeatable): n_features, ngram_max, lowercase, "
-                   "context, length_features, C, max_iter.")
+@config_options("LexicalConfig key (n_features, ngram_max, lowercase, context, "
+                "length_features, C, max_iter)", example="C=0.5", file=False)
 def lexical(sources: tuple[str, ...], out_dir: str, max_rows: int | None,
             max_rows_alias: int | None, assignments: tuple[str, ...]) -> None:
     """Fit a lexical preference model on SOURCES (subsets such as harmless-base/train, or

@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from hhrlhf.commands.options import (
+    config_options,
     from_config,
     given,
     max_rows_option,
@@ -26,10 +27,7 @@ CONFIG = "hhrlhf.pm.config:TrainConfig"
 
 @click.command("train")
 @click.argument("sources", nargs=-1)
-@click.option("--config", "config_file", type=click.Path(dir_okay=False),
-              help="YAML, TOML or JSON file of TrainConfig keys.")
-@click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
-              help="Set any TrainConfig key (repeatable), e.g. --set lr=1e-4.")
+@config_options("TrainConfig key")
 @out_dir_option()
 @click.option("--backbone", help="Model folder or hub id (default: the packaged MiniLM-L6).")
 @click.option("--eval", "eval_data", multiple=True, help="Evaluation source (repeatable).")

@@ -16,6 +16,7 @@ from hhrlhf.commands.options import (
     ModelCommand,
     alias_option,
     chat_format_option,
+    config_options,
     cut_note,
     from_config,
     given,
@@ -108,10 +109,7 @@ def rl() -> None:
 @sampling_options(config=CONFIG, keys=("temperature", "top_p", "top_k", "max_new_tokens"),
                   seed="Seeds prompts, sampling and updates.")
 @threads_option(config=CONFIG)
-@click.option("--config", "config_file", type=click.Path(dir_okay=False),
-              help="YAML, TOML or JSON file of configuration keys.")
-@click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
-              help="Set any configuration key (repeatable), e.g. --set kl_target=6.")
+@config_options(example="kl_target=6")
 @click.option("--resume", is_flag=True, help="Continue the run in --out.")
 @quiet_option()
 def train(sources: tuple[str, ...], config_file: str | None, assignments: tuple[str, ...],

@@ -15,6 +15,7 @@ import click
 from hhrlhf.commands.options import (
     ModelCommand,
     chat_format_option,
+    config_options,
     from_config,
     max_rows_option,
     out_dir_option,
@@ -31,10 +32,7 @@ def common_options(config: str, policy_help: str) -> Callable[[Any], Any]:
     def decorate(fn: Any) -> Any:
         for opt in reversed([
             click.argument("sources", nargs=-1),
-            click.option("--config", "config_file", type=click.Path(dir_okay=False),
-                         help="YAML, TOML or JSON file of configuration keys."),
-            click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
-                         help="Set any configuration key (repeatable), e.g. --set lr=1e-4."),
+            config_options(),
             out_dir_option(),
             policy_option(policy_help, required=False),
             chat_format_option(config),

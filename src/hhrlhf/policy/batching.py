@@ -137,11 +137,15 @@ class BatchDecoder:
     """The shared decode batch. :meth:`add` queues a stream (from any thread); :meth:`step`
     (one thread at a time) runs one decode step for every stream in flight and returns the
     streams that got something in their ``outbox``. ``max_rows``: rows decoded together; a
-    group waits for room, but one group is always admitted when the batch is empty."""
+    group waits for room, but one group is always admitted when the batch is empty.
+    ``prefill_tokens``: the waiting groups admitted at one step are prefilled together up to
+    this many (padded) prompt tokens, the first always; the rest wait for the next step, so a
+    burst of streams gets its first tokens wave by wave instead of all after one long pass."""
 
-    def __init__(self, sampler: Sampler, max_rows: int = 256):
+    def __init__(self, sampler: Sampler, max_rows: int = 256, prefill_tokens: int = 4096):
         self.sampler = sampler
         self.max_rows = max_rows
+        self.prefill_tokens = prefill_tokens
         self._waiting: deque[DecodeStream] = deque()
         self._lock = threading.Lock()
         self.batch: _Batch | None = None
@@ -319,14 +323,19 @@ class BatchDecoder:
     def _admit(self) -> None:
         """Prefill the waiting groups that fit, together, and lay the batch out anew."""
         taken: list[DecodeStream] = []
+        prompts = width = 0  # the wave's prefill: prompts, padded width
         with self._lock:
             rows = 0 if self.batch is None else len(self.batch.owners)
             while self._waiting:
-                need = self._waiting[0].group_rows()
-                if rows and rows + need > self.max_rows:
+                st = self._waiting[0]
+                group = st.groups[st.next_group]
+                wider = max(width, *(len(st.prompts[i]) for i in group))
+                if rows and rows + st.group_rows() > self.max_rows or \
+                        taken and (prompts + len(group)) * wider > self.prefill_tokens:
                     break
                 taken.append(self._waiting.popleft())
-                rows += need
+                rows += st.group_rows()
+                prompts, width = prompts + len(group), wider
         if taken:
             self._merge(*self._prefill(taken))
 
