@@ -379,8 +379,9 @@ def main() -> None:
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, python "
           f"{platform.python_version()}; {args.annotators} annotators, phase 1 "
           f"{args.seconds:g} s, phase 2 (kill -9 and restart) {args.kill_seconds:g} s; "
-          f"{args.client_processes} client processes; a pause of "
-          f"{args.think * 0.5:g}-{args.think * 1.5:g} s before each message and pick")
+          f"{args.client_processes} client processes; " + (
+              f"a pause of {args.think * 0.5:g}-{args.think * 1.5:g} s before each message "
+              "and pick" if args.think > 0 else "no pause (the server saturated)"))
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
         build_policy(tmp / "policy")

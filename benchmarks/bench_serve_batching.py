@@ -94,11 +94,12 @@ def bar_ends(policy: Any) -> Any:
         lambda _m, _i, out: out.index_fill(-1, ends, torch.finfo(out.dtype).min))
 
 
-def batched(sampler: Any, prompts: list[np.ndarray], max_new: int) -> tuple[float, list[float],
-                                                                            int]:
+def batched(sampler: Any, prompts: list[np.ndarray], max_new: int, prefill_tokens: int | None
+            ) -> tuple[float, list[float], int]:
     from hhrlhf.policy.batching import BatchDecoder, DecodeStream
 
-    decoder = BatchDecoder(sampler, max_rows=max(256, 2 * len(prompts)))
+    decoder = BatchDecoder(sampler, max_rows=max(256, 2 * len(prompts)),
+                           prefill_tokens=prefill_tokens)
     streams = [DecodeStream([p], 2, max_new, 1.0, 1.0, 0, i, 64, sampler.device)
                for i, p in enumerate(prompts)]
     first: dict[int, float] = {}
@@ -140,6 +141,8 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=1, help="torch threads on a CPU")
+    ap.add_argument("--prefill-tokens", type=int, default=None,
+                    help="BatchDecoder's prefill wave (default: the server's for the device)")
     args = ap.parse_args()
     counts = [int(k) for k in args.streams.split(",")]
     cuda = args.device.startswith("cuda")
@@ -163,10 +166,11 @@ def main() -> None:
         line = ""
         with autocast:
             for k in sorted({1, min(counts)}):  # warm-up: kernels, the allocator's pools
-                batched(sampler, prompts[:k], args.max_new_tokens)
+                batched(sampler, prompts[:k], args.max_new_tokens, args.prefill_tokens)
                 taking_turns(sampler, prompts[:k], args.max_new_tokens)
             for k in counts:
-                tb, fb, nb = batched(sampler, prompts[:k], args.max_new_tokens)
+                tb, fb, nb = batched(sampler, prompts[:k], args.max_new_tokens,
+                                     args.prefill_tokens)
                 tt, ft, nt = taking_turns(sampler, prompts[:k], args.max_new_tokens)
                 assert nb == nt == k * 2 * args.max_new_tokens, (nb, nt)
                 fb50, ft50 = np.percentile(fb, 50) * 1000, np.percentile(ft, 50) * 1000
@@ -174,7 +178,8 @@ def main() -> None:
                         f"{nb / tb:,.0f} tokens/s batched, {nt / tt:,.0f} taking turns "
                         f"({(nb / tb) / (nt / tt):.1f}x); first token p50 {fb50:.0f} ms "
                         f"batched, {ft50:.0f} ms taking turns")
-                print(f"  {k:>3} streams: batched {tb:6.2f} s, taking turns {tt:6.2f} s; "
+                print(f"  {k:>3} streams: batched {nb / tb:8,.0f} tokens/s ({tb:.2f} s), taking "
+                      f"turns {nt / tt:8,.0f} tokens/s ({tt:.2f} s), {(nb / tb) / (nt / tt):.1f}x; "
                       f"first token p50/max batched {fb50:.0f}/{max(fb) * 1000:.0f} ms, "
                       f"taking turns {ft50:.0f}/{max(ft) * 1000:.0f} ms")
         hook.remove()

@@ -94,6 +94,35 @@ def test_completions_equal_the_local_sampler_and_stream_the_same_text(
     assert a.choices[0].text == b.choices[0].text
 
 
+def test_a_policy_whose_cache_cannot_be_batched_streams_taking_turns(
+        policy: Policy, real_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the KV cache is not plain layers (supports() says no), streams take turns, one
+    decode step each: a stream gives the local sampler's texts, and a stream's decode steps
+    and another's never share a forward pass."""
+    import hhrlhf.policy.batching
+
+    monkeypatch.setattr(hhrlhf.policy.batching, "supports", lambda sampler: False)
+    dialogues = _prompts(real_file, 2)
+    long_body = {"model": MODEL, "prompt": "\n\nHuman: hi" + ASSISTANT_MARKER,
+                 "max_tokens": 400, "stream": True, "temperature": 1.0, "seed": 1}
+    with served(policy) as base, endless(policy) as passes:
+        expected = _local(policy, dialogues, 2, 16, 6)  # under the same bar on EOS
+        passes.clear()
+        with httpx.stream("POST", base + "/completions", json=long_body, timeout=120) as slow:
+            unread = slow.iter_lines()
+            assert next(unread).startswith("data: {")  # then it reads no more
+            chunks = list(_client(base).completions.create(
+                model=MODEL, prompt=[_prompt(d) for d in dialogues], n=2, max_tokens=16,
+                seed=6, stream=True))
+    streamed = {j: "" for j in range(4)}
+    for ch in chunks:
+        for c in ch.choices:
+            streamed[c.index] += c.text
+    assert [streamed[j] for j in range(4)] == [text for text, _ in expected]
+    # the stalled stream's steps (1 row) and the request's (4 rows), never one pass of 5
+    assert {1, 4} <= set(passes) and 5 not in passes
+
+
 def test_chat_completions_render_the_hh_format(policy: Policy, url: str) -> None:
     client = _client(url)
     messages = [{"role": "user", "content": "How do I bake bread?"},

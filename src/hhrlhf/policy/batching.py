@@ -140,12 +140,14 @@ class BatchDecoder:
     group waits for room, but one group is always admitted when the batch is empty.
     ``prefill_tokens``: the waiting groups admitted at one step are prefilled together up to
     this many (padded) prompt tokens, the first always; the rest wait for the next step, so a
-    burst of streams gets its first tokens wave by wave instead of all after one long pass."""
+    burst of streams gets its first tokens wave by wave instead of all after one long pass.
+    None: 4096 on a GPU, where a wider prefill costs little more, and 512 on a CPU, where its
+    cost grows with its tokens."""
 
-    def __init__(self, sampler: Sampler, max_rows: int = 256, prefill_tokens: int = 4096):
+    def __init__(self, sampler: Sampler, max_rows: int = 256, prefill_tokens: int | None = None):
         self.sampler = sampler
         self.max_rows = max_rows
-        self.prefill_tokens = prefill_tokens
+        self.prefill_tokens = prefill_tokens or (512 if sampler.device.type == "cpu" else 4096)
         self._waiting: deque[DecodeStream] = deque()
         self._lock = threading.Lock()
         self.batch: _Batch | None = None
