@@ -64,11 +64,12 @@ def run_cli(args: list[str], capsys: pytest.CaptureFixture[str],
     return code, out.out, out.err
 
 
-def varied_policy(real_file: Path, folder: Path) -> Policy:
+def varied_policy(real_file: Path, folder: Path, seed: int = 3) -> Policy:
     """The tiny policy with an untied random LM head (tied random weights make greedy decoding
-    repeat one token) whose EOS logit varies: samples end by EOS and by length."""
+    repeat one token) whose EOS logit varies: samples end by EOS and by length. ``seed``
+    draws the head."""
     policy = build_tiny(first_rows(real_file, 300), folder)
-    torch.manual_seed(3)
+    torch.manual_seed(seed)
     net = policy.net
     net.config.tie_word_embeddings = False
     net.lm_head.weight = torch.nn.Parameter(torch.randn_like(net.lm_head.weight) * 0.3)

@@ -6,11 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 from policy_support import (
-    build_tiny,
     first_rows,
     one_thread,  # noqa: F401  # autouse
+    varied_policy,
 )
 
 from hhrlhf.policy import Policy
@@ -22,16 +21,8 @@ from hhrlhf.policy.textstream import TextStream, stream_text
 
 @pytest.fixture(scope="module")
 def policy(real_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Policy:
-    policy = build_tiny(first_rows(real_file, 300), tmp_path_factory.mktemp("stream") / "tiny")
-    # an untied LM head whose EOS logit depends on the hidden state: samples end at
-    # different steps, some by EOS, some by length
-    torch.manual_seed(11)
-    net = policy.net
-    net.config.tie_word_embeddings = False
-    net.lm_head.weight = torch.nn.Parameter(torch.randn_like(net.lm_head.weight) * 0.3)
-    with torch.no_grad():
-        net.lm_head.weight[policy.eos_id].normal_(std=0.6)
-    return policy
+    # samples end at different steps, some by EOS, some by length
+    return varied_policy(real_file, tmp_path_factory.mktemp("stream") / "tiny", seed=11)
 
 
 def test_streamed_tokens_are_the_sampled_tokens(policy: Policy, real_file: Path) -> None:

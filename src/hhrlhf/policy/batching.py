@@ -358,16 +358,7 @@ class BatchDecoder:
                                  [[] for _ in range(len(idx) * st.n)]))
             prompts += [st.prompts[i] for i in idx]
             repeats += [st.n] * len(idx)
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), s.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for j, p in enumerate(prompts):  # left padding: every prompt ends at the last column
-            ids[j, width - len(p):] = torch.from_numpy(np.asarray(p, dtype=np.int64))
-            mask[j, width - len(p):] = 1
-        ids, mask = ids.to(dev), mask.to(dev)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = s.net(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
-                    logits_to_keep=1)
+        out, mask, pos = s.prefill(prompts)
         rep = torch.tensor(repeats, dtype=torch.long, device=dev)
         return (groups, _cache_of(out), out.logits[:, -1].float().repeat_interleave(rep, 0),
                 mask.repeat_interleave(rep, 0), (pos[:, -1] + 1).repeat_interleave(rep, 0), rep)

@@ -217,6 +217,23 @@ class Sampler:
         16 tokens' text (they hold its 8 characters), looked at when the last holds ":"."""
         return HUMAN_MARKER in "".join(self.pieces[t] for t in tokens[-16:])
 
+    def prefill(self, prompts: Sequence[np.ndarray]) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        """One forward pass over ``prompts``, left-padded (every prompt ends at the last
+        column), positions counted from each prompt's first token: the model's output (its KV
+        cache, the last column's logits), the attention mask and the positions."""
+        dev = self.device
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for j, p in enumerate(prompts):
+            ids[j, width - len(p):] = torch.from_numpy(np.asarray(p, dtype=np.int64))
+            mask[j, width - len(p):] = 1
+        ids, mask = ids.to(dev), mask.to(dev)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.net(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                       logits_to_keep=1)
+        return out, mask, pos
+
     @property
     def device(self) -> torch.device:
         return next(self.net.parameters()).device
@@ -285,16 +302,8 @@ class Sampler:
         """Decode one batch; with ``emit``, yield each step's (row, token, stop) for the rows
         that were still running; return the samples."""
         dev = self.device
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for j, p in enumerate(prompts):  # left padding: every prompt ends at the last column
-            ids[j, width - len(p):] = torch.from_numpy(np.asarray(p, dtype=np.int64))
-            mask[j, width - len(p):] = 1
-        ids, mask = ids.to(dev), mask.to(dev)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.net(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
-                       logits_to_keep=1)
+        out, mask, pos = self.prefill(prompts)
+        width = mask.shape[1]
         cache = _cache_of(out)
         logits = out.logits[:, -1].float()
         compactable = _preallocate(cache, n, width + max_new_tokens)
