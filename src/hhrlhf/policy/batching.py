@@ -14,9 +14,12 @@ masked, but sums over the wider rows may round differently in the last bits, so 
 decoded beside others can differ from ``hhrlhf generate``'s (as in vLLM's batches).
 
 The KV cache is one preallocated buffer per layer, ``(rows, heads, capacity, head_dim)``, every
-row ending at the same column. A new group is prefilled alone, then the batch is laid out anew
-with its rows added: the columns that no row uses any more are dropped then, so the width
-follows the rows in flight instead of growing while streams keep coming. Models whose cache is
+row ending at the same column. The groups waiting at a step are prefilled together, in waves
+of at most ``prefill_tokens`` padded tokens (a group alone as the sampler prefills it), then
+the batch is laid out anew with their rows added: the columns that no row uses any more are
+dropped then, so the width follows the rows in flight instead of growing while streams keep
+coming. Rows that sample alike (the same temperature, top-k and top-p) are filtered and
+inverted together, each group with its own generator's numbers: one host sync per step. Models whose cache is
 not made of plain ``DynamicLayer``s (sliding windows, ...) are not batched
 (:func:`supports`); their streams take turns.
 """
