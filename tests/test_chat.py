@@ -195,9 +195,10 @@ def test_in_a_terminal_the_two_replies_stand_side_by_side(tiny: Path, tmp_path: 
     os.close(slave)
     seen = b""
 
-    def until(text: str) -> None:
+    def until(text: str, times: int = 1) -> None:
+        """Read the terminal until ``text`` has been shown ``times`` times in all."""
         nonlocal seen
-        while text.encode() not in seen:
+        while seen.count(text.encode()) < times:
             ready, _, _ = select.select([master], [], [], WAIT)
             assert ready, f"waited for {text!r}; the terminal shows {seen.decode()[-500:]!r}"
             seen += os.read(master, 4096)
@@ -211,7 +212,7 @@ def test_in_a_terminal_the_two_replies_stand_side_by_side(tiny: Path, tmp_path: 
         # the two replies in one row of columns: "A", padding, the bar, "B"
         assert any(line.startswith("A ") and "| B" in line
                    for line in _plain(seen).splitlines())
-        until("Human: ")
+        until("Human: ", 2)  # the next turn's prompt (the first is in `seen` already)
         os.kill(proc.pid, signal.SIGINT)  # Ctrl-C at the prompt
         assert proc.wait(timeout=WAIT) == 0
         while select.select([master], [], [], 0.5)[0]:

@@ -34,7 +34,6 @@ from fastapi.templating import Jinja2Templates
 from jinja2 import Environment, FileSystemLoader
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import StreamingResponse
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hhrlhf.collect import work
 from hhrlhf.collect.responder import Event, Responder
@@ -47,7 +46,7 @@ from hhrlhf.collect.store import (
     Store,
 )
 from hhrlhf.errors import HHRLHFError
-from hhrlhf.explorer.app import _SecurityHeaders
+from hhrlhf.explorer.app import ResponseHeaders, security_headers
 from hhrlhf.records import ASSISTANT, Dialogue, Turn
 
 HERE = Path(__file__).parent
@@ -102,28 +101,12 @@ class Denied(Exception):
         self.status, self.message, self.retry_after = status, message, retry_after
 
 
-class _Timing:
-    """``Server-Timing: app;dur=<ms>`` on every answer: the time from the request's arrival
-    in the app to its answer's start (the body read, the wait for a thread, the checks, the
-    durable write), for load tests. Plain ASGI: no task per request."""
-
-    def __init__(self, app: ASGIApp):
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        t0 = time.perf_counter()
-
-        async def timed(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                ms = (time.perf_counter() - t0) * 1000
-                message["headers"] = [*message.get("headers", []),
-                                      (b"server-timing", f"app;dur={ms:.2f}".encode())]
-            await send(message)
-
-        await self.app(scope, receive, timed)
+def server_timing(arrived: float) -> list[tuple[bytes, bytes]]:
+    """``Server-Timing: app;dur=<ms>``: from the request's arrival in the app to its answer's
+    start (the body read, the wait for a thread, the checks, the durable write), for load
+    tests."""
+    ms = (time.perf_counter() - arrived) * 1000
+    return [(b"server-timing", f"app;dur={ms:.2f}".encode())]
 
 
 def _sse(event: str, data: Any) -> bytes:
@@ -149,8 +132,8 @@ def create_app(config: AppConfig) -> FastAPI:
     app = FastAPI(title="hhrlhf collect", version="1", docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.state.config = config
-    app.add_middleware(_SecurityHeaders)
-    app.add_middleware(_Timing)  # the outermost: it times all of the app
+    app.add_middleware(ResponseHeaders, headers=security_headers)
+    app.add_middleware(ResponseHeaders, headers=server_timing)  # the outermost: all the app
     app.mount("/static/explorer", StaticFiles(directory=EXPLORER_STATIC), name="explorer")
     app.mount("/static/collect", StaticFiles(directory=HERE / "static"), name="collect")
 

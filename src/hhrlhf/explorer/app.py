@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 import re
 import sqlite3
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import parse_qs
@@ -77,23 +79,32 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-class _SecurityHeaders:
-    """Adds the security headers to every response (plain ASGI: no per-request task)."""
+class ResponseHeaders:
+    """Plain ASGI middleware (no task per request) that adds ``headers(arrived)`` to every
+    HTTP answer as it starts; ``arrived`` is ``time.perf_counter()`` at the request's arrival.
+    The explorer and the collect app add their security headers with it, the collect app its
+    ``Server-Timing`` too."""
 
-    def __init__(self, app: ASGIApp):
+    def __init__(self, app: ASGIApp, headers: Callable[[float], list[tuple[bytes, bytes]]]):
         self.app = app
+        self.headers = headers
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        arrived = time.perf_counter()
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message["headers"] = list(message.get("headers", [])) + SECURITY_HEADERS
+                message["headers"] = [*message.get("headers", []), *self.headers(arrived)]
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
+
+
+def security_headers(arrived: float) -> list[tuple[bytes, bytes]]:
+    return SECURITY_HEADERS
 
 
 def _validation_message(errors: list[dict[str, Any]]) -> str:
@@ -122,7 +133,7 @@ def create_app(db_path: str | Path | None = None) -> FastAPI:
     app = FastAPI(title="hhrlhf explorer", version="1", description=API_DESCRIPTION,
                   docs_url=None, redoc_url=None)
     app.state.db = db
-    app.add_middleware(_SecurityHeaders)
+    app.add_middleware(ResponseHeaders, headers=security_headers)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
 
     def is_api(request: Request) -> bool:
