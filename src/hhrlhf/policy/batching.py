@@ -99,12 +99,10 @@ class _Group:
 
 @dataclass
 class _Batch:
-    """The rows in flight: KV buffers per layer, each row's mask, next position, first used
-    column, the logits of its next draw, and which group's row it is."""
+    """The rows in flight: the KV cache (its layers' buffers), each row's mask, next
+    position, first used column, the logits of its next draw, and which group's row it is."""
 
-    cache: Any
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
+    cache: Any  # its layers: _PreallocatedLayer
     mask: torch.Tensor  # (rows, capacity): 1 where a row has a token (or will)
     next_pos: torch.Tensor  # (rows,)
     start: list[int]  # each row's first column in use
@@ -222,7 +220,7 @@ class BatchDecoder:
             g.live = live
             g.step += 1
             st.outbox.append(steps)
-            touched.append(st)
+            touched.append(st)  # once: a stream has one group in the batch at a time
             if not live:  # the group is done: the stream's next group waits at the front
                 st.next_group += 1
                 if st.next_group < len(st.groups):
@@ -234,7 +232,7 @@ class BatchDecoder:
         if self.batch is not None:
             self.batch.fed = picked if index is None else picked.index_select(0, index)
             self.batch.logits = None
-        return list(dict.fromkeys(touched))
+        return touched
 
     # -- the steps ---------------------------------------------------------------------------
     def _planned(self) -> _Plan:
@@ -302,10 +300,8 @@ class BatchDecoder:
             self.batch = None
             return None
         index = torch.tensor(rows, dtype=torch.long, device=b.mask.device)
-        b.keys = [k.index_select(0, index) for k in b.keys]
-        b.values = [v.index_select(0, index) for v in b.values]
-        b.cache.layers = [_PreallocatedLayer.wrap(k, v, b.length)
-                          for k, v in zip(b.keys, b.values)]
+        for layer in b.cache.layers:
+            layer.keep(index)
         b.mask = b.mask.index_select(0, index)
         b.next_pos = b.next_pos.index_select(0, index)
         b.start = [b.start[r] for r in rows]
@@ -397,10 +393,9 @@ class BatchDecoder:
             buf[rows_old:, :, length - width: length] = new
             return buf
 
-        keys = [lay_out(k, None if old is None else old.keys[i])
-                for i, k in enumerate(new_keys)]
-        values = [lay_out(v, None if old is None else old.values[i])
-                  for i, v in enumerate(new_values)]
+        old_layers = [None] * len(new_keys) if old is None else old.cache.layers
+        keys = [lay_out(k, o and o.key_buffer) for k, o in zip(new_keys, old_layers)]
+        values = [lay_out(v, o and o.value_buffer) for v, o in zip(new_values, old_layers)]
         full = torch.zeros((rows, capacity), dtype=mask.dtype, device=mask.device)
         full[:, length:] = 1
         full[rows_old:, length - width: length] = mask
@@ -415,4 +410,4 @@ class BatchDecoder:
             cache = old.cache  # one cache object for the batch's life; its layers replaced
             owners = old.owners + owners
         cache.layers = [_PreallocatedLayer.wrap(k, v, length) for k, v in zip(keys, values)]
-        self.batch = _Batch(cache, keys, values, full, next_pos, starts, length, logits, owners)
+        self.batch = _Batch(cache, full, next_pos, starts, length, logits, owners)
